@@ -1,0 +1,38 @@
+"""Data sets as in-memory arrays, batching, and input validation.
+
+Images are always [N, H, W, C] float32 in [0, 1]; labels [N] int32.
+"""
+
+from jfail.data.batching import Batch, batches, epoch_permutation, num_batches
+from jfail.data.checks import check_images, check_labels
+from jfail.data.datasets import (
+    DATA_DIR_ENV,
+    DATASET_NAMES,
+    FASHION_MNIST_CLASS_NAMES,
+    Dataset,
+    fashion_mnist_search_dirs,
+    load,
+    mnist_search_dirs,
+    train_val_split,
+)
+from jfail.data.errors import DatasetNotFoundError
+from jfail.data.idx import read_idx
+
+__all__ = [
+    "DATASET_NAMES",
+    "DATA_DIR_ENV",
+    "FASHION_MNIST_CLASS_NAMES",
+    "Batch",
+    "Dataset",
+    "DatasetNotFoundError",
+    "batches",
+    "check_images",
+    "check_labels",
+    "epoch_permutation",
+    "fashion_mnist_search_dirs",
+    "load",
+    "mnist_search_dirs",
+    "num_batches",
+    "read_idx",
+    "train_val_split",
+]

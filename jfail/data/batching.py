@@ -1,0 +1,134 @@
+"""Mini-batch iteration with per-epoch shuffling that can be resumed exactly.
+
+The order of epoch ``e`` depends only on ``(key, e, N)``: it is
+``jax.random.permutation(jax.random.fold_in(key, e), N)``. A run restarted
+with ``first_epoch=k`` therefore sees exactly the batches that epochs
+``k, k+1, ...`` of an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+
+class Batch(NamedTuple):
+    """One mini-batch.
+
+    images: [B, H, W, C]; labels: [B]; B == batch_size except possibly for
+    the last batch of an epoch when drop_remainder is False.
+    epoch: the epoch this batch belongs to.
+    step: global step index, counting from 0 at the first batch of epoch 0
+      (so ``step == epoch * num_batches(N, batch_size, drop_remainder) + i``).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    epoch: int
+    step: int
+
+
+def batches(
+    images,
+    labels,
+    batch_size: int,
+    *,
+    key=None,
+    epochs: int = 1,
+    first_epoch: int = 0,
+    drop_remainder: bool = False,
+) -> Iterator[Batch]:
+    """Yields mini-batches for ``epochs`` epochs, starting at epoch ``first_epoch``.
+
+    images: [N, ...] and labels: [N], numpy or jax arrays. Batches are
+    gathered with one permutation chunk at a time, so the data set is never
+    copied as a whole.
+    key: a jax PRNG key (or an int seed) to shuffle every epoch; None keeps
+      the stored order.
+    epochs: how many epochs to yield: ``first_epoch, ..., first_epoch +
+      epochs - 1``. Resuming a run of E epochs at epoch k is
+      ``batches(..., epochs=E - k, first_epoch=k)``; one epoch at a time is
+      ``batches(..., epochs=1, first_epoch=epoch)``.
+    drop_remainder: skip the final batch of each epoch if it is smaller than
+      batch_size.
+
+    Arguments are checked when this is called, not on the first ``next``.
+    """
+    num_examples = _num_examples(images, labels)
+    per_epoch = num_batches(num_examples, batch_size, drop_remainder)
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}.")
+    if first_epoch < 0:
+        raise ValueError(f"first_epoch must be >= 0, got {first_epoch}.")
+    if key is not None:
+        key = _as_key(key)
+    return _iterate(images, labels, batch_size, key, per_epoch, first_epoch, epochs)
+
+
+def epoch_permutation(key, epoch: int, n: int) -> np.ndarray:
+    """The order of examples in ``epoch``: int [n], a permutation of range(n).
+
+    Equal to ``jax.random.permutation(jax.random.fold_in(key, epoch), n)``.
+    key: a jax PRNG key or an int seed.
+    """
+    epoch_key = jax.random.fold_in(_as_key(key), epoch)
+    return np.asarray(jax.random.permutation(epoch_key, n))
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+    """Number of batches in one epoch of ``n`` examples."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}.")
+    if drop_remainder:
+        if batch_size > n:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {n} examples, so "
+                "drop_remainder=True would yield no batches; lower batch_size "
+                "or set drop_remainder=False."
+            )
+        return n // batch_size
+    return -(-n // batch_size)
+
+
+def _iterate(images, labels, batch_size, key, per_epoch, first_epoch, epochs):
+    num_examples = len(labels)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        order = None if key is None else epoch_permutation(key, epoch, num_examples)
+        for index in range(per_epoch):
+            start = index * batch_size
+            stop = min(start + batch_size, num_examples)
+            if order is None:
+                chunk = slice(start, stop)
+            else:
+                chunk = order[start:stop]
+            yield Batch(images[chunk], labels[chunk], epoch, epoch * per_epoch + index)
+
+
+def _num_examples(images, labels) -> int:
+    num_images, num_labels = _length(images, "images"), _length(labels, "labels")
+    if num_images != num_labels:
+        raise ValueError(
+            f"images and labels have different lengths: {num_images} vs {num_labels}."
+        )
+    return num_labels
+
+
+def _length(array, name: str) -> int:
+    try:
+        return len(array)
+    except TypeError:
+        raise ValueError(
+            f"{name} needs a leading example axis, got {type(array).__name__} "
+            f"of shape {np.shape(array)}."
+        ) from None
+
+
+def _as_key(key):
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    return key

