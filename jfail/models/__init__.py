@@ -1,0 +1,38 @@
+"""Flax models with feature taps, and the callables jfail's algorithms take."""
+
+from jfail.models.callables import (
+    ModelFns,
+    as_callable,
+    decoder_fn,
+    encoder_fn,
+    linen_apply,
+    logits_fn,
+    model_fns,
+    stateless_apply,
+)
+from jfail.models.cnn import BetaVAE, DefuseCNN, VAEDecoder, VAEEncoder
+from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
+from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
+
+__all__ = [
+    "BasicBlock",
+    "BetaVAE",
+    "Bottleneck",
+    "DefuseCNN",
+    "MODEL_NAMES",
+    "ModelFns",
+    "ResNet",
+    "VAEDecoder",
+    "VAEEncoder",
+    "as_callable",
+    "build_classifier",
+    "decoder_fn",
+    "encoder_fn",
+    "init_classifier",
+    "linen_apply",
+    "logits_fn",
+    "model_fns",
+    "resnet18",
+    "resnet50",
+    "stateless_apply",
+]

@@ -1,0 +1,35 @@
+"""Build classifiers by name, as configs name them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jfail.models.cnn import DefuseCNN
+from jfail.models.resnet import resnet18, resnet50
+
+__all__ = ["MODEL_NAMES", "build_classifier", "init_classifier"]
+
+MODEL_NAMES = ("defuse_cnn", "resnet18", "resnet50")
+
+
+def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """`defuse_cnn`, `resnet18` or `resnet50`; `kwargs` go to the constructor (`stem`, `width`)."""
+    if name == "defuse_cnn":
+        return DefuseCNN(num_classes=num_classes, **kwargs)
+    if name == "resnet18":
+        return resnet18(num_classes=num_classes, **kwargs)
+    if name == "resnet50":
+        return resnet50(num_classes=num_classes, **kwargs)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+
+
+def init_classifier(module: nn.Module, image_shape, key) -> tuple[Any, dict]:
+    """Initialize on a `[1, H, W, C]` dummy input; returns `(params, state)`."""
+    variables = module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+    params = variables.pop("params")
+    return params, variables
