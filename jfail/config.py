@@ -1,0 +1,89 @@
+"""Run configurations: plain dataclasses, loaded from Python files in `configs/`.
+
+A config file defines `get_config()` returning one of the dataclasses here. `load_config(path,
+overrides)` imports it and applies `key=value` overrides (dotted for nested fields, e.g.
+`train.epochs=3`); an unknown key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+from jfail.train.classifier import TrainConfig
+
+__all__ = ["ClassifierRunConfig", "load_config", "apply_overrides", "config_to_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierRunConfig:
+    """Train a classifier on a data set; `jfail train --config` runs it."""
+
+    name: str = "classifier"
+    dataset: str = "fashion_mnist"
+    val_fraction: float = 0.1
+    model: str = "defuse_cnn"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    train: TrainConfig = TrainConfig()
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Import `path`, call its `get_config()`, apply `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"jfail_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} must define get_config()")
+    config = module.get_config()
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"{path}: get_config() must return a dataclass, got {type(config).__name__}")
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """`['train.epochs=3', 'dataset=digits']` applied to a (nested, frozen) dataclass config."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        config = _replace_path(config, key.strip().split("."), _parse_value(raw), key.strip())
+    return config
+
+
+def config_to_dict(config: Any) -> dict:
+    """A JSON-ready dict of a dataclass config."""
+    return dataclasses.asdict(config)
+
+
+def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> Any:
+    names = [f.name for f in dataclasses.fields(config)]
+    head = path[0]
+    if head not in names:
+        raise KeyError(
+            f"unknown config key {full_key!r}: {type(config).__name__} has no field {head!r}; "
+            f"valid keys: {', '.join(names)}"
+        )
+    if len(path) > 1:
+        child = getattr(config, head)
+        if isinstance(child, dict):
+            value = {**child, path[1]: value} if len(path) == 2 else None
+            if value is None:
+                raise KeyError(f"config key {full_key!r} nests too deep inside dict {head!r}")
+        elif dataclasses.is_dataclass(child):
+            value = _replace_path(child, path[1:], value, full_key)
+        else:
+            raise KeyError(f"config key {full_key!r}: {head!r} is a value, not a section")
+    return dataclasses.replace(config, **{head: value})
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw

@@ -1,0 +1,20 @@
+"""Logging set-up shared by the command line and the experiments."""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["quiet_libraries"]
+
+
+def quiet_libraries() -> None:
+    """Silence the INFO chatter of orbax/absl and TFDS so jfail's own log stays readable."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    except ImportError:  # absl comes with orbax; guard anyway
+        pass
+    for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("jfail").setLevel(logging.INFO)

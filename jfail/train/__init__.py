@@ -1,0 +1,27 @@
+"""Training: optax classifiers with orbax checkpoints, data-parallel over devices."""
+
+from jfail.train.checkpoint import RunCheckpointer
+from jfail.train.classifier import (
+    FitResult,
+    TrainConfig,
+    TrainState,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_train_step,
+    predict,
+)
+from jfail.train.parallel import DataParallel
+
+__all__ = [
+    "DataParallel",
+    "FitResult",
+    "RunCheckpointer",
+    "TrainConfig",
+    "TrainState",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "make_train_step",
+    "predict",
+]

@@ -1,0 +1,162 @@
+"""A classifier training run: config in, run directory out.
+
+Run directory layout:
+  config.json     the config that produced it
+  train.log       the log of the run
+  checkpoints/    per-epoch orbax checkpoints (a restarted run resumes from the latest)
+  model/          orbax checkpoint of the selected weights (`{'params', 'state'}`)
+  metrics.json    history per epoch, best epoch, validation and test accuracy
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jfail.config import ClassifierRunConfig, config_to_dict
+from jfail.data import Dataset, load, train_val_split
+from jfail.models import build_classifier, init_classifier, linen_apply
+from jfail.train.classifier import evaluate, fit
+from jfail.train.parallel import DataParallel
+
+__all__ = ["run_classifier", "load_trained_classifier", "write_json"]
+
+log = logging.getLogger("jfail.train")
+
+
+def run_classifier(
+    config: ClassifierRunConfig, run_dir: str | Path, *, progress: bool = True
+) -> dict:
+    """Train `config.model` on `config.dataset`, select by validation accuracy, test; returns metrics.
+
+    Starting again on the same `run_dir` resumes an interrupted run; a different config there is
+    an error rather than a silent mix of two runs.
+    """
+    run_dir = Path(run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = config_to_dict(config)
+    _claim_run_dir(run_dir, config_dict)
+    handler = _attach_log_file(run_dir / "train.log")
+    try:
+        started = time.perf_counter()
+        train_full = load(config.dataset, "train")
+        test = load(config.dataset, "test")
+        train, val = train_val_split(train_full, config.val_fraction, seed=config.train.seed)
+        log.info(
+            "data %s: train %d, val %d, test %d, image %s",
+            config.dataset, len(train.labels), len(val.labels), len(test.labels),
+            train.images.shape[1:],
+        )
+        module = build_classifier(config.model, len(train_full.class_names), **config.model_kwargs)
+        params, state = init_classifier(
+            module, train.images.shape[1:], jax.random.key(config.train.seed)
+        )
+        apply_fn = linen_apply(module)
+        parallel = DataParallel()
+        result = fit(
+            apply_fn, params, state, train, val, config.train,
+            checkpoint_dir=run_dir / "checkpoints", progress=progress, parallel=parallel,
+        )
+        scores = {
+            split: evaluate(
+                apply_fn, result.params, result.state, data,
+                batch_size=config.train.eval_batch_size, parallel=parallel,
+            )
+            for split, data in (("val", val), ("test", test))
+        }
+        _save_weights(run_dir / "model", result.params, result.state)
+        metrics = {
+            "name": config.name,
+            "dataset": config.dataset,
+            "model": config.model,
+            "model_kwargs": config.model_kwargs,
+            "num_params": sum(x.size for x in jax.tree_util.tree_leaves(result.params)),
+            "best_epoch": result.best_epoch,
+            "val_accuracy": scores["val"]["accuracy"],
+            "test_accuracy": scores["test"]["accuracy"],
+            "test_loss": scores["test"]["loss"],
+            "history": result.history,
+            "train_seconds": sum(r["seconds"] for r in result.history),
+            "wall_seconds_this_process": time.perf_counter() - started,
+            "devices": [str(d) for d in jax.devices()],
+            "host": platform.processor() or platform.machine(),
+        }
+        write_json(run_dir / "metrics.json", metrics)
+        log.info("test accuracy %.4f (best epoch %d)", metrics["test_accuracy"], result.best_epoch)
+        return metrics
+    finally:
+        logging.getLogger("jfail").removeHandler(handler)
+        handler.close()
+
+
+def load_trained_classifier(run_dir: str | Path) -> tuple[Any, Any, Any, ClassifierRunConfig]:
+    """`(module, params, state, config)` of a finished `run_classifier` run directory."""
+    run_dir = Path(run_dir).absolute()
+    raw = json.loads((run_dir / "config.json").read_text())
+    from jfail.train.classifier import TrainConfig
+
+    config = ClassifierRunConfig(**{**raw, "train": TrainConfig(**raw["train"])})
+    data = load(config.dataset, "test")
+    module = build_classifier(config.model, len(data.class_names), **config.model_kwargs)
+    params, state = init_classifier(module, data.images.shape[1:], jax.random.key(0))
+    abstract = jax.tree_util.tree_map(
+        ocp.utils.to_shape_dtype_struct, {"params": params, "state": state}
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(run_dir / "model", abstract)
+    return module, restored["params"], restored["state"], config
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _claim_run_dir(run_dir: Path, config_dict: dict) -> None:
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if previous != json.loads(json.dumps(config_dict, default=_json_default)):
+            raise ValueError(
+                f"{run_dir} holds a run with a different config; choose another --workdir "
+                "or delete it"
+            )
+    else:
+        write_json(config_path, config_dict)
+
+
+def _save_weights(path: Path, params: Any, state: Any) -> None:
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, {"params": params, "state": state})
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("jfail")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Dataset):
+        return None
+    return str(value)
