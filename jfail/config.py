@@ -10,12 +10,19 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from jfail.train.classifier import TrainConfig
 
-__all__ = ["ClassifierRunConfig", "load_config", "apply_overrides", "config_to_dict"]
+__all__ = [
+    "ClassifierRunConfig",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,26 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
 def config_to_dict(config: Any) -> dict:
     """A JSON-ready dict of a dataclass config."""
     return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, values: dict) -> Any:
+    """Rebuild a (nested) dataclass config from `config_to_dict`'s output; unknown keys fail."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise KeyError(f"unknown config keys {unknown} for {cls.__name__}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        target = _dataclass_in(hints[name])
+        kwargs[name] = config_from_dict(target, value) if target and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass named by a type hint (`X`, `X | None`, `Optional[X]`), else None."""
+    candidates = typing.get_args(hint) or (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
 def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> Any:

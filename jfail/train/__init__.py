@@ -1,5 +1,6 @@
 """Training: optax classifiers with orbax checkpoints, data-parallel over devices."""
 
+from jfail.train.adversarial import Attack, pgd_attack, robust_accuracy
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.classifier import (
     FitResult,
@@ -14,6 +15,9 @@ from jfail.train.classifier import (
 from jfail.train.parallel import DataParallel
 
 __all__ = [
+    "Attack",
+    "pgd_attack",
+    "robust_accuracy",
     "DataParallel",
     "FitResult",
     "RunCheckpointer",

@@ -21,6 +21,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, check_images, check_labels, num_batches
+from jfail.train.adversarial import Attack, pgd_attack
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.parallel import DataParallel
 
@@ -53,6 +54,7 @@ class TrainConfig:
     epochs: int = 5
     eval_batch_size: int = 1000
     seed: int = 0
+    attack: Attack | None = None  # adversarial training: each batch replaced by its PGD attack
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -101,12 +103,20 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     return tx
 
 
-def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(
+    apply_fn: Callable,
+    tx: optax.GradientTransformation,
+    attack: Attack | None = None,
+    seed: int = 0,
+) -> Callable:
     """`step(train_state, x [B,H,W,C], y [B], weight [B]) -> (train_state, metrics)`, jitted.
 
     `weight` masks padding rows (0) so a batch padded to a multiple of the device count gives
-    the same loss and gradient as the unpadded batch.
+    the same loss and gradient as the unpadded batch. With `attack`, the batch is first replaced
+    by its PGD attack against the current weights (BatchNorm in training mode, running statistics
+    left untouched by the attack), with noise keyed by `(seed, step)`.
     """
+    attack_key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
 
     def loss_fn(params, state, x, y, weight):
         logits, new_state = apply_fn(params, state, x, True)
@@ -118,6 +128,12 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation) -> Cal
 
     @jax.jit
     def step(train_state: TrainState, x, y, weight):
+        if attack is not None:
+            model = lambda images: apply_fn(  # noqa: E731
+                train_state.params, train_state.state, images, True
+            )[0]
+            key = jax.random.fold_in(attack_key, train_state.step)
+            x = pgd_attack(model, x, y, key, attack)
         (loss, (new_state, correct, total)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             train_state.params, train_state.state, x, y, weight
         )
@@ -201,7 +217,7 @@ def fit(
     parallel = parallel or DataParallel()
     steps_per_epoch = num_batches(len(train.labels), config.batch_size, drop_remainder=False)
     tx = make_optimizer(config, steps_per_epoch)
-    train_step = make_train_step(apply_fn, tx)
+    train_step = make_train_step(apply_fn, tx, config.attack, config.seed)
     current = TrainState(params, state, tx.init(params), jnp.zeros((), jnp.int32))
     best = (params, state)
     best_epoch, best_accuracy, history, first_epoch = -1, -math.inf, [], 0

@@ -10,6 +10,7 @@ Run directory layout:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,9 +22,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jfail.config import ClassifierRunConfig, config_to_dict
+from jfail.config import ClassifierRunConfig, config_from_dict, config_to_dict
 from jfail.data import Dataset, load, train_val_split
 from jfail.models import build_classifier, init_classifier, linen_apply
+from jfail.train.adversarial import robust_accuracy
 from jfail.train.classifier import evaluate, fit
 from jfail.train.parallel import DataParallel
 
@@ -72,6 +74,12 @@ def run_classifier(
             )
             for split, data in (("val", val), ("test", test))
         }
+        if config.train.attack is not None:
+            strong = dataclasses.replace(config.train.attack, steps=10, step_size=None)
+            scores["test_pgd"] = robust_accuracy(
+                apply_fn, result.params, result.state, test, strong,
+                jax.random.key(config.train.seed + 1), parallel=parallel,
+            )
         _save_weights(run_dir / "model", result.params, result.state)
         metrics = {
             "name": config.name,
@@ -83,6 +91,8 @@ def run_classifier(
             "val_accuracy": scores["val"]["accuracy"],
             "test_accuracy": scores["test"]["accuracy"],
             "test_loss": scores["test"]["loss"],
+            "test_robust_accuracy": scores.get("test_pgd", {}).get("robust"),
+            "eval_attack": dataclasses.asdict(strong) if config.train.attack else None,
             "history": result.history,
             "train_seconds": sum(r["seconds"] for r in result.history),
             "wall_seconds_this_process": time.perf_counter() - started,
@@ -101,9 +111,7 @@ def load_trained_classifier(run_dir: str | Path) -> tuple[Any, Any, Any, Classif
     """`(module, params, state, config)` of a finished `run_classifier` run directory."""
     run_dir = Path(run_dir).absolute()
     raw = json.loads((run_dir / "config.json").read_text())
-    from jfail.train.classifier import TrainConfig
-
-    config = ClassifierRunConfig(**{**raw, "train": TrainConfig(**raw["train"])})
+    config = config_from_dict(ClassifierRunConfig, raw)
     data = load(config.dataset, "test")
     module = build_classifier(config.model, len(data.class_names), **config.model_kwargs)
     params, state = init_classifier(module, data.images.shape[1:], jax.random.key(0))
