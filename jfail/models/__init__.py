@@ -11,6 +11,15 @@ from jfail.models.callables import (
     stateless_apply,
 )
 from jfail.models.cnn import BetaVAE, DefuseCNN, VAEDecoder, VAEEncoder
+from jfail.models.convert import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalizer,
+    load_robustness_checkpoint,
+    load_torchvision_resnet,
+    normalized_model_fns,
+    resnet_variables_from_torch,
+)
 from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
 
@@ -19,8 +28,11 @@ __all__ = [
     "BetaVAE",
     "Bottleneck",
     "DefuseCNN",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "MODEL_NAMES",
     "ModelFns",
+    "Normalizer",
     "ResNet",
     "VAEDecoder",
     "VAEEncoder",
@@ -30,9 +42,13 @@ __all__ = [
     "encoder_fn",
     "init_classifier",
     "linen_apply",
+    "load_robustness_checkpoint",
+    "load_torchvision_resnet",
     "logits_fn",
     "model_fns",
+    "normalized_model_fns",
     "resnet18",
     "resnet50",
+    "resnet_variables_from_torch",
     "stateless_apply",
 ]
