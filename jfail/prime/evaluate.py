@@ -1,0 +1,290 @@
+"""Evaluating failure modes: generalization to held-out data (section 4.1, Figure 4, A.5), the
+number of tags (section 5.1, Tables 1 and 2), description quality (section 4.3, A.8) and, on
+synthetic data, recovery of planted modes.
+
+A found mode is re-evaluated on held-out data by its description alone: I'_S is every held-out
+image of the same class that shows all tags of S. Description quality embeds images and the
+description "class: tag + tag" in a shared image-text space (any
+:class:`~jfail.prime.vlm.ImageTextEmbedder`) and reports the mean and standard deviation of the
+similarities of the mode's images to its description, and the AUROC separating them from as many
+images of the same class outside the mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jfail.prime._random import numpy_generator
+from jfail.prime.search import FailureMode
+from jfail.prime.tags import TagMatrix, as_tag_array
+
+__all__ = [
+    "DescriptionQuality",
+    "HeldOutMode",
+    "SubsetAccuracy",
+    "auroc",
+    "describe",
+    "description_quality",
+    "evaluate_on_heldout",
+    "generalization_summary",
+    "mode_members",
+    "recovery_scores",
+    "subset_accuracies",
+    "subset_drop_table",
+]
+
+
+class HeldOutMode(NamedTuple):
+    """A found mode on held-out data: size = |I'_S|, accuracy = A'_S (NaN when I'_S is empty),
+    class_accuracy = A'_c."""
+
+    mode: FailureMode
+    size: int
+    accuracy: float
+    class_accuracy: float
+
+    @property
+    def drop(self) -> float:
+        return self.class_accuracy - self.accuracy
+
+
+class SubsetAccuracy(NamedTuple):
+    """Accuracy of the images of a class that show all of `tags` (NaN when there are none)."""
+
+    tags: tuple[str, ...]
+    size: int
+    accuracy: float
+
+
+class DescriptionQuality(NamedTuple):
+    """Section 4.3 over all modes: similarity (mean of sim(x, T_j) over every mode j and x in
+    I_j), similarity_std (their standard deviation: low is coherent), auroc (inside vs outside
+    images, pooled over modes) and mean_auroc (the mean of per-mode AUROCs); per_mode: one dict
+    per mode with its similarity, similarity_std, auroc, size and num_outside."""
+
+    similarity: float
+    similarity_std: float
+    auroc: float
+    mean_auroc: float
+    per_mode: list[dict]
+
+
+def describe(mode: FailureMode, class_names: Sequence[str] | None = None,
+             template: str = "a photo of a {cls}, {tags}") -> str:
+    """A mode's description as a text prompt: its class name and all its tags (section 3.2)."""
+    name = class_names[mode.label] if class_names is not None else f"class {mode.label}"
+    return template.format(cls=name, tags=", ".join(mode.tags))
+
+
+def mode_members(mode: FailureMode, tags, labels, tag_names: Sequence[str]) -> np.ndarray:
+    """[N] bool: the images of the mode's class that show all its tags (looked up by name)."""
+    tags = as_tag_array(tags)
+    columns = _columns(mode.tags, tag_names)
+    return (np.asarray(labels) == mode.label) & tags[:, columns].all(axis=1)
+
+
+def evaluate_on_heldout(
+    modes: Sequence[FailureMode], tags, correct, labels, *, tag_names: Sequence[str] | None = None
+) -> list[HeldOutMode]:
+    """Each mode on other data, by its tags alone (section 4.1).
+
+    tags: [N', T'] bool (or a TagMatrix) of the held-out images, whose columns are found by the
+    modes' tag names; correct: [N'] bool; labels: [N'] int.
+    """
+    tags, tag_names, correct, labels = _check_data(tags, correct, labels, tag_names)
+    results = []
+    for mode in modes:
+        in_class = labels == mode.label
+        members = in_class & tags[:, _columns(mode.tags, tag_names)].all(axis=1)
+        results.append(HeldOutMode(mode, int(members.sum()), _mean(correct[members]),
+                                   _mean(correct[in_class])))
+    return results
+
+
+def generalization_summary(heldout: Sequence[HeldOutMode], drop_thresholds=(0.2, 0.25, 0.3)) -> dict:
+    """Figure 4's numbers: how many modes keep a drop of at least each threshold on held-out
+    data, the correlation of search and held-out accuracy, and the mean drops."""
+    valid = [h for h in heldout if h.size > 0]
+    search_acc = np.array([h.mode.accuracy for h in valid])
+    heldout_acc = np.array([h.accuracy for h in valid])
+    summary = {
+        "modes": len(heldout),
+        "modes_with_heldout_images": len(valid),
+        "mean_search_drop": _mean([h.mode.drop for h in valid]),
+        "mean_heldout_drop": _mean([h.drop for h in valid]),
+        "mean_search_accuracy": _mean(search_acc),
+        "mean_heldout_accuracy": _mean(heldout_acc),
+        "accuracy_correlation": (float(np.corrcoef(search_acc, heldout_acc)[0, 1])
+                                 if len(valid) > 2 and search_acc.std() > 0 and heldout_acc.std() > 0
+                                 else float("nan")),
+    }
+    for threshold in drop_thresholds:
+        share = np.mean([h.drop >= threshold for h in valid]) if valid else float("nan")
+        summary[f"share_heldout_drop_at_least_{threshold:g}"] = float(share)
+    return summary
+
+
+def subset_accuracies(mode: FailureMode, tags, correct, labels, *,
+                      tag_names: Sequence[str] | None = None) -> list[SubsetAccuracy]:
+    """Table 1: the accuracy of the mode's class on images showing each non-empty subset of its
+    tags, from all tags down to single tags."""
+    tags, tag_names, correct, labels = _check_data(tags, correct, labels, tag_names)
+    in_class = labels == mode.label
+    rows = []
+    for size in range(len(mode.tags), 0, -1):
+        for subset in itertools.combinations(mode.tags, size):
+            members = in_class & tags[:, _columns(subset, tag_names)].all(axis=1)
+            rows.append(SubsetAccuracy(subset, int(members.sum()), _mean(correct[members])))
+    return rows
+
+
+def subset_drop_table(modes: Sequence[FailureMode], tags, correct, labels, *,
+                      tag_names: Sequence[str] | None = None, min_images: int = 1) -> dict:
+    """Table 2: for modes of k tags, the mean accuracy drop (A'_c - A') of the full tag set and
+    of its subsets of k-1, ..., 1 tags, all on the given (held-out) data.
+
+    Returns {k: {"modes": count, "drop": {j: mean drop over the modes' j-subsets}}}; a subset
+    (or a mode) with fewer than `min_images` images is left out of the mean.
+    """
+    tags, tag_names, correct, labels = _check_data(tags, correct, labels, tag_names)
+    table: dict[int, dict] = {}
+    for k in sorted({len(m.tags) for m in modes}):
+        if k < 2:
+            continue
+        drops: dict[int, list[float]] = {j: [] for j in range(k, 0, -1)}
+        used = 0
+        for mode in (m for m in modes if len(m.tags) == k):
+            rows = subset_accuracies(mode, tags, correct, labels, tag_names=tag_names)
+            if rows[0].size < min_images:
+                continue
+            used += 1
+            class_accuracy = _mean(correct[labels == mode.label])
+            per_size: dict[int, list[float]] = {}
+            for row in rows:
+                if row.size >= min_images:
+                    per_size.setdefault(len(row.tags), []).append(class_accuracy - row.accuracy)
+            for j, values in per_size.items():
+                drops[j].append(float(np.mean(values)))
+        table[k] = {"modes": used, "drop": {j: _mean(v) for j, v in drops.items()}}
+    return table
+
+
+def description_quality(
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    members: np.ndarray,
+    labels: np.ndarray,
+    mode_labels: Sequence[int],
+    key: jax.Array,
+    *,
+    num_outside: int | None = None,
+) -> DescriptionQuality:
+    """Section 4.3's three metrics.
+
+    image_embeddings: [N, D] unit rows; text_embeddings: [M, D] unit rows, one per mode;
+    members: [M, N] bool, the images of each mode; labels: [N]; mode_labels: [M], each mode's
+    class. Outside images are drawn (with `key`) from the mode's class but not the mode:
+    `num_outside` of them, by default as many as the mode has images.
+    """
+    image_embeddings = np.asarray(image_embeddings, np.float32)
+    text_embeddings = np.asarray(text_embeddings, np.float32)
+    members = np.asarray(members, bool)
+    labels = np.asarray(labels)
+    if members.shape != (len(text_embeddings), len(image_embeddings)):
+        raise ValueError(f"members must be [M, N] = [{len(text_embeddings)}, {len(image_embeddings)}], "
+                         f"got {members.shape}")
+    if len(mode_labels) != len(text_embeddings):
+        raise ValueError(f"{len(mode_labels)} mode labels for {len(text_embeddings)} descriptions")
+    similarity = text_embeddings @ image_embeddings.T  # [M, N]
+    inside_all, outside_all, per_mode = [], [], []
+    rng = numpy_generator(key)
+    for j, label in enumerate(mode_labels):
+        inside = np.flatnonzero(members[j])
+        pool = np.flatnonzero((labels == label) & ~members[j])
+        if len(inside) == 0:
+            raise ValueError(f"mode {j} has no images")
+        count = min(len(pool), num_outside if num_outside is not None else len(inside))
+        outside = rng.choice(pool, count, replace=False)
+        inside_scores, outside_scores = similarity[j, inside], similarity[j, outside]
+        inside_all.append(inside_scores)
+        outside_all.append(outside_scores)
+        per_mode.append({
+            "similarity": float(inside_scores.mean()),
+            "similarity_std": float(inside_scores.std()),
+            "auroc": auroc(inside_scores, outside_scores),
+            "size": int(len(inside)),
+            "num_outside": int(count),
+        })
+    if not per_mode:
+        nan = float("nan")
+        return DescriptionQuality(nan, nan, nan, nan, [])
+    inside_all, outside_all = np.concatenate(inside_all), np.concatenate(outside_all)
+    return DescriptionQuality(
+        similarity=float(inside_all.mean()),
+        similarity_std=float(inside_all.std()),
+        auroc=auroc(inside_all, outside_all),
+        mean_auroc=_mean([m["auroc"] for m in per_mode]),
+        per_mode=per_mode,
+    )
+
+
+def auroc(positive_scores, negative_scores) -> float:
+    """Area under the ROC curve: P(positive > negative) + P(tie) / 2 (NaN if a side is empty)."""
+    positive = np.asarray(positive_scores, np.float64).ravel()
+    negative = np.asarray(negative_scores, np.float64).ravel()
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    negative = np.sort(negative)
+    below = np.searchsorted(negative, positive, side="left")
+    at_most = np.searchsorted(negative, positive, side="right")
+    return float((below + 0.5 * (at_most - below)).sum() / (len(positive) * len(negative)))
+
+
+def recovery_scores(modes: Sequence[FailureMode], planted: Sequence[tuple[int, Sequence[str]]]) -> dict:
+    """Precision and recall of found modes against planted ones, as (label, tag-name set) pairs."""
+    found = {(m.label, frozenset(m.tags)) for m in modes}
+    truth = {(int(label), frozenset(tags)) for label, tags in planted}
+    hits = found & truth
+    return {
+        "found": len(found),
+        "planted": len(truth),
+        "recovered": len(hits),
+        "precision": len(hits) / len(found) if found else float("nan"),
+        "recall": len(hits) / len(truth) if truth else float("nan"),
+        "missed": sorted((label, tuple(sorted(tags))) for label, tags in truth - found),
+        "spurious": sorted((label, tuple(sorted(tags))) for label, tags in found - truth),
+    }
+
+
+def _check_data(tags, correct, labels, tag_names):
+    if isinstance(tags, TagMatrix) and tag_names is None:
+        tag_names = tags.names
+    tags = as_tag_array(tags)
+    if tag_names is None:
+        tag_names = tuple(f"tag{i}" for i in range(tags.shape[1]))
+    tag_names = tuple(tag_names)
+    if len(tag_names) != tags.shape[1]:
+        raise ValueError(f"{len(tag_names)} tag names for {tags.shape[1]} tag columns")
+    correct = np.asarray(correct).astype(bool)
+    labels = np.asarray(labels)
+    if correct.shape != (len(tags),) or labels.shape != (len(tags),):
+        raise ValueError(f"tags has {len(tags)} rows but correct has shape {correct.shape} and "
+                         f"labels {labels.shape}")
+    return tags, tag_names, correct, labels
+
+
+def _columns(names: Sequence[str], tag_names: Sequence[str]) -> list[int]:
+    index = {name: i for i, name in enumerate(tag_names)}
+    missing = [name for name in names if name not in index]
+    if missing:
+        raise KeyError(f"tags {missing} are not among the data's tag names")
+    return [index[name] for name in names]
+
+
+def _mean(values) -> float:
+    values = np.asarray(values, np.float64)
+    return float(values.mean()) if values.size else float("nan")
