@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from jfail.train.classifier import TrainConfig
 
 __all__ = [
+    "BarlowConfig",
     "ClassifierRunConfig",
     "load_config",
     "apply_overrides",
@@ -35,6 +36,35 @@ class ClassifierRunConfig:
     model: str = "defuse_cnn"
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     train: TrainConfig = TrainConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class BarlowConfig:
+    """Barlow on a data set: explain a classifier's errors with robust and standard features.
+
+    Each network is a classifier config plus the run directory that holds (or will hold) its
+    trained weights; a missing run is trained first. Defaults are the paper's (δ = 0.1, τ = 0.2,
+    50 features by mutual information, trees of depth 1 and 3, grouping by label and by
+    prediction, failure analysis on the training split).
+    """
+
+    name: str = "barlow_fmnist"
+    dataset: str = "fashion_mnist"
+    split: str = "train"
+    classifier_config: str = "configs/resnet18_fmnist.py"
+    classifier_run: str = "runs/classifiers/resnet18_fmnist"
+    robust_config: str = "configs/resnet18_fmnist_robust_l2.py"
+    robust_run: str = "runs/barlow/resnet18_fmnist_robust_l2"
+    num_features: int = 50
+    depths: tuple = (1, 3)
+    groupings: tuple = ("label", "prediction")
+    delta: float = 0.1
+    tau: float = 0.2
+    attack_epsilon: float | None = None  # None: the paper's regime scaled to the image size
+    attack_step_size: float | None = None
+    attack_steps: int | None = None
+    panel_images: int = 6
+    seed: int = 0
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
