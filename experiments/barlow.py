@@ -154,7 +154,11 @@ def _panel(fns, data, tree, leaf, feature_index, config, key, path, title):
     members = tree.indices
     values = np.asarray(barlow.features(fns.features, data.images[members]))[:, feature_index]
     top = members[np.argsort(-values)[: config.panel_images]]
-    heatmaps = barlow.heatmap(fns.feature_map, data.images[top], feature_index)
+    channels = np.shape(fns.feature_map(data.images[top[:1]]))[-1]
+    if channels == np.shape(fns.features(data.images[top[:1]]))[-1]:
+        heatmaps = barlow.heatmap(fns.feature_map, data.images[top], feature_index)
+    else:  # features are not a pooled feature map (e.g. a dense layer): no spatial map to show
+        heatmaps = np.zeros(data.images[top].shape[:3], np.float32)
     attacked = barlow.feature_attack(
         fns.features, data.images[top], feature_index, epsilon=config.attack_epsilon,
         step_size=config.attack_step_size, steps=config.attack_steps,
