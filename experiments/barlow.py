@@ -88,16 +88,18 @@ def main(argv: list[str] | None = None) -> None:
                 })
 
     # Tables 2-5: depth-1 rules with robust features, for each analysed model and grouping.
-    robust_groupings = {"label": data.labels, "prediction": predictions["robust"]}
+    groupings_of = {
+        "standard": groupings,
+        "robust": {"label": data.labels, "prediction": predictions["robust"]},
+    }
     tables = {}
     for analysed in ("standard", "robust"):
         for grouping in ("label", "prediction"):
-            if (analysed, grouping) == ("standard", grouping) and ("robust", 1, grouping) in trees:
-                result = trees[("robust", 1, grouping)]
+            if analysed == "standard" and ("robust", 1, grouping) in trees:
+                result = trees[("robust", 1, grouping)]  # already fitted for Table 1
             else:
                 result = barlow.failure_trees(
-                    features["robust"], errors[analysed],
-                    robust_groupings[grouping] if analysed == "robust" else groupings[grouping],
+                    features["robust"], errors[analysed], groupings_of[analysed][grouping],
                     num_features=config.num_features, max_depth=1, delta=config.delta,
                     tau=config.tau, seed=config.seed, progress=progress,
                 )

@@ -253,10 +253,10 @@ def fit(
                     f"training loss became {metrics['loss']} at epoch {epoch}, step {batch.step}; "
                     "lower the learning rate or check the inputs"
                 )
-            for name in sums:
-                sums[name] += float(metrics[name]) * (
-                    float(metrics["count"]) if name == "loss" else 1.0
-                )
+            count = float(metrics["count"])
+            sums["loss"] += float(metrics["loss"]) * count  # batch mean -> sum over examples
+            sums["correct"] += float(metrics["correct"])
+            sums["count"] += count
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         record = {
             "epoch": epoch,

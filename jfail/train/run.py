@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jfail.config import ClassifierRunConfig, config_from_dict, config_to_dict
-from jfail.data import Dataset, load, train_val_split
+from jfail.data import load, train_val_split
 from jfail.models import build_classifier, init_classifier, linen_apply
 from jfail.train.adversarial import robust_accuracy
 from jfail.train.classifier import evaluate, fit
@@ -146,8 +147,6 @@ def _claim_run_dir(run_dir: Path, config_dict: dict) -> None:
 
 def _save_weights(path: Path, params: Any, state: Any) -> None:
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, {"params": params, "state": state})
@@ -165,6 +164,4 @@ def _attach_log_file(path: Path) -> logging.Handler:
 def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, Dataset):
-        return None
     return str(value)
