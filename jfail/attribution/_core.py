@@ -1,0 +1,218 @@
+"""What every attribution method shares: input checks, the model as a traced pytree, chunking.
+
+Each method is a jitted kernel `kernel(model, x, target, key, **hparams) -> [b, H, W, C]` for one
+chunk of examples. `run_chunked` checks the inputs, splits the batch into chunks of `batch_size`
+(the last one padded, so one program serves every chunk), and calls the jitted kernel with the
+model's array leaves as traced arguments: weights are never baked into the program as constants,
+and new weights of the same shapes reuse it. Noise keys are split per example before chunking, so
+results do not depend on `batch_size`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "check_inputs", "run_chunked", "split_model", "num_classes", "map_over_samples", "pick_logits",
+]
+
+
+def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
+    """Validate `x: [B, H, W, C]` (float, finite) and `target` (None, an int, or `[B]` ints).
+
+    Returns `(x, target)` as float32 `[B, H, W, C]` and int32 `[B]`; `target=None` means the
+    model's predicted class.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be a callable model(x) -> logits, got {type(model).__name__}.")
+    x_array = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if x_array.ndim != 4:
+        raise ValueError(f"x must be a batch of images [B, H, W, C], got shape {x_array.shape}.")
+    if not jnp.issubdtype(x_array.dtype, jnp.floating):
+        raise TypeError(
+            f"x must hold floating-point images, got dtype {x_array.dtype}; convert integer "
+            "images first, e.g. x.astype(np.float32) / 255."
+        )
+    x = jnp.asarray(x_array, jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("x contains NaN or infinite values.")
+    logits = jax.eval_shape(model, x)
+    if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}."
+        )
+    classes = logits.shape[1]
+    if target is None:
+        target = jnp.argmax(_predict(model, x), axis=-1)
+    target_array = np.asarray(target)
+    if target_array.ndim == 0:
+        target_array = np.full((x.shape[0],), target_array)
+    if target_array.shape != (x.shape[0],):
+        raise ValueError(
+            f"target must be one class index per example, shape ({x.shape[0]},), got shape "
+            f"{target_array.shape}."
+        )
+    if not np.issubdtype(target_array.dtype, np.integer):
+        raise TypeError(f"target must hold integer class indices, got dtype {target_array.dtype}.")
+    if target_array.size and (target_array.min() < 0 or target_array.max() >= classes):
+        raise ValueError(
+            f"target indices must lie in [0, {classes}), got range "
+            f"[{target_array.min()}, {target_array.max()}]."
+        )
+    return x, jnp.asarray(target_array, jnp.int32)
+
+
+def num_classes(model: Callable, x: jax.Array) -> int:
+    """Number of logits `model` returns for inputs shaped like `x`."""
+    return jax.eval_shape(model, x).shape[-1]
+
+
+def split_model(model: Any) -> tuple[list, "_StaticModel"]:
+    """The model's array leaves (traced under jit) and a hashable rest to rebuild it with."""
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    dynamic = [leaf if _is_array(leaf) else None for leaf in leaves]
+    static = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
+    return dynamic, _StaticModel(treedef, static)
+
+
+def run_chunked(
+    kernel: Callable,
+    model: Callable,
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    key: jax.Array | None = None,
+    batch_size: int | None = None,
+    per_example: tuple = (),
+    shared: tuple = (),
+    **hparams,
+) -> jax.Array:
+    """`kernel(model, x, target, keys, *per_example, *shared, **hparams)` per `batch_size` chunk.
+
+    x: `[B, H, W, C]`; target: `[B]`; keys: `[b]` per-example keys (None when `key` is None);
+    per_example: extra `[B, ...]` arrays chunked along with x; shared: arrays every chunk gets
+    whole (e.g. `[N, H, W, C]` baselines), traced like the weights. Hyperparameters must be
+    hashable (they are static in the compiled program). Returns the concatenated `[B, ...]` output.
+    """
+    batch = x.shape[0]
+    if batch_size is None:
+        batch_size = batch
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    keys = None if key is None else jax.random.split(_as_key(key), batch)
+    shared = tuple(jnp.asarray(a) for a in shared)
+    dynamic, static = split_model(model)
+    call = _jitted(kernel, static, tuple(sorted(hparams.items())))
+    chunk = min(batch_size, batch)
+    outputs = []
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        args = [x, target] + ([] if keys is None else [keys]) + list(per_example)
+        args = [_pad_rows(a[start:stop], chunk) for a in args]
+        if keys is None:
+            args.insert(2, None)
+        out = call(dynamic, *args, *shared)
+        outputs.append(out[: stop - start])
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
+
+
+def map_over_samples(fn, samples, group):
+    """`fn` over the leading (sample) axis of the pytree `samples` in groups of `group` rows.
+
+    `fn` maps `[m, ...] -> [m, ...]`. None evaluates all rows at once; otherwise the rows are
+    padded to a multiple of `group` (repeating the last) and run through `jax.lax.map`.
+    """
+    leaves = jax.tree_util.tree_leaves(samples)
+    count = leaves[0].shape[0]
+    if group is None or group >= count:
+        return fn(samples)
+    groups = -(-count // group)
+    missing = groups * group - count
+
+    def to_groups(a):
+        if missing:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], missing, axis=0)])
+        return a.reshape((groups, group) + a.shape[1:])
+
+    out = jax.lax.map(fn, jax.tree_util.tree_map(to_groups, samples))
+    return jax.tree_util.tree_map(lambda a: a.reshape((groups * group,) + a.shape[2:])[:count], out)
+
+
+def pick_logits(logits, target):
+    """`logits[i, target[i]]` for `logits: [N, K]`, `target: [N]` -> `[N]`."""
+    return jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+@functools.lru_cache(maxsize=256)
+def _jitted(kernel, static, hparams):
+    def run(dynamic, x, target, keys, *arrays):  # arrays: the per-example chunks, then shared
+        model = static.rebuild(dynamic)
+        return kernel(model, x, target, keys, *arrays, **dict(hparams))
+
+    return jax.jit(run)
+
+
+@jax.jit
+def _predict(model, x):
+    return model(x)
+
+
+class _StaticModel:
+    """Tree structure plus non-array leaves of a model; hashable for jit's cache."""
+
+    def __init__(self, treedef, static_leaves):
+        self.treedef = treedef
+        self.static_leaves = static_leaves
+        try:
+            self._hash = hash((treedef, static_leaves))
+        except TypeError:  # unhashable static leaves: fall back to identity
+            self._hash = hash((treedef, tuple(id(leaf) for leaf in static_leaves)))
+
+    def rebuild(self, dynamic):
+        leaves = [s if d is None else d for d, s in zip(dynamic, self.static_leaves)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, _StaticModel) or self.treedef != other.treedef:
+            return False
+        if len(self.static_leaves) != len(other.static_leaves):
+            return False
+        return all(a is b or _safe_equal(a, b) for a, b in zip(self.static_leaves, other.static_leaves))
+
+
+def _safe_equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects whose == is not a plain bool are compared by identity
+        return False
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or hasattr(leaf, "aval")
+
+
+def _as_key(key) -> jax.Array:
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    return key
+
+
+def _pad_rows(array, rows: int):
+    missing = rows - array.shape[0]
+    if missing == 0:
+        return array
+    pad = jnp.repeat(array[-1:], missing, axis=0)
+    return jnp.concatenate([array, pad], axis=0)
