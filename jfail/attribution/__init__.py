@@ -1,0 +1,144 @@
+"""Attribution methods of "Debugging Tests for Model Explanations" (seed 002, §2.2, appendix B).
+
+Every method is `method(model, x, target, *, key=None, batch_size=None, **hparams)` and returns
+raw signed attributions shaped like `x: [B, H, W, C]`; `target` is one class index per example
+(`[B]`, an int for all, or None for the predicted class). `model(x) -> logits` is any JAX
+callable; a pytree callable (`jax.tree_util.Partial(apply_fn, params)`, an NNX or Equinox
+module) keeps its weights as traced arguments of the compiled program. Work is jitted per chunk
+of `batch_size` examples and vmapped over examples and noise samples.
+
+- Gradient family (`gradients.py`): `gradient`, `smoothgrad`, `smoothgrad_squared`, `vargrad`,
+  `input_x_gradient`, `integrated_gradients`, `expected_gradients`.
+- Surrogates (`surrogates.py`): `lime`, `kernel_shap` over SLIC superpixels.
+- Modified back-propagation (`propagation.py`, by jaxpr rewriting): `guided_backprop`,
+  `deconvnet`, `lrp_epsilon`, `lrp_z`, `lrp_alpha_beta`, `lrp_sequential_preset_flat`,
+  `deep_taylor`, `pattern_net`, `pattern_attribution` (after `fit_patterns`).
+- What the paper compares and shows (`postprocess.py`): `absolute`, `reduce_channels`,
+  `normalize_unit` ([0, 1]), `normalize_signed` ([-1, 1]).
+
+`METHODS` maps each name to its function; `method_kwargs(name, train_images, patterns, key)`
+gives the extra arguments a method needs (baselines, patterns, a key) so that code can loop over
+all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from jfail.attribution._jaxpr import UnsupportedPrimitiveError
+from jfail.attribution.gradients import (
+    completeness_error,
+    expected_gradients,
+    gradient,
+    input_x_gradient,
+    integrated_gradients,
+    smoothgrad,
+    smoothgrad_squared,
+    vargrad,
+)
+from jfail.attribution.postprocess import (
+    absolute,
+    normalize_signed,
+    normalize_unit,
+    reduce_channels,
+)
+from jfail.attribution.propagation import (
+    deconvnet,
+    deep_taylor,
+    fit_patterns,
+    guided_backprop,
+    lrp_alpha_beta,
+    lrp_epsilon,
+    lrp_sequential_preset_flat,
+    lrp_z,
+    pattern_attribution,
+    pattern_net,
+    propagate,
+)
+from jfail.attribution.surrogates import kernel_shap, lime, segment, segments
+
+METHODS: dict[str, Callable] = {
+    "gradient": gradient,
+    "smoothgrad": smoothgrad,
+    "smoothgrad_squared": smoothgrad_squared,
+    "vargrad": vargrad,
+    "input_x_gradient": input_x_gradient,
+    "integrated_gradients": integrated_gradients,
+    "expected_gradients": expected_gradients,
+    "lime": lime,
+    "kernel_shap": kernel_shap,
+    "guided_backprop": guided_backprop,
+    "deconvnet": deconvnet,
+    "lrp_epsilon": lrp_epsilon,
+    "lrp_z": lrp_z,
+    "lrp_alpha_beta": lrp_alpha_beta,
+    "lrp_sequential_preset_flat": lrp_sequential_preset_flat,
+    "pattern_net": pattern_net,
+    "pattern_attribution": pattern_attribution,
+    "deep_taylor": deep_taylor,
+}
+
+RANDOMIZED = ("smoothgrad", "smoothgrad_squared", "vargrad", "expected_gradients", "lime",
+              "kernel_shap")
+NEEDS_TRAINING_DATA = ("expected_gradients", "pattern_net", "pattern_attribution")
+
+
+def method_kwargs(name: str, *, train_images=None, patterns=None, key=None,
+                  num_baselines: int = 200) -> dict:
+    """Extra keyword arguments `METHODS[name]` needs: a `key` for randomized methods, the
+    paper's 200 training `baselines` for expected gradients, `patterns` for PatternNet/-Attribution.
+    """
+    if name not in METHODS:
+        raise KeyError(f"unknown attribution method {name!r}; known: {sorted(METHODS)}")
+    kwargs: dict = {}
+    if name in RANDOMIZED:
+        if key is None:
+            raise ValueError(f"{name} draws random samples: pass key=jax.random.key(...).")
+        kwargs["key"] = key
+    if name == "expected_gradients":
+        if train_images is None:
+            raise ValueError("expected_gradients needs train_images for its baselines.")
+        kwargs["baselines"] = np.asarray(train_images[:num_baselines])
+    if name in ("pattern_net", "pattern_attribution"):
+        if patterns is None:
+            raise ValueError(f"{name} needs patterns = fit_patterns(model, train_images).")
+        kwargs["patterns"] = patterns
+    return kwargs
+
+
+__all__ = [
+    "METHODS",
+    "RANDOMIZED",
+    "NEEDS_TRAINING_DATA",
+    "method_kwargs",
+    "UnsupportedPrimitiveError",
+    "absolute",
+    "completeness_error",
+    "deconvnet",
+    "deep_taylor",
+    "expected_gradients",
+    "fit_patterns",
+    "gradient",
+    "guided_backprop",
+    "input_x_gradient",
+    "integrated_gradients",
+    "kernel_shap",
+    "lime",
+    "lrp_alpha_beta",
+    "lrp_epsilon",
+    "lrp_sequential_preset_flat",
+    "lrp_z",
+    "normalize_signed",
+    "normalize_unit",
+    "pattern_attribution",
+    "pattern_net",
+    "propagate",
+    "reduce_channels",
+    "segment",
+    "segments",
+    "smoothgrad",
+    "smoothgrad_squared",
+    "vargrad",
+]
