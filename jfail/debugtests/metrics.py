@@ -1,0 +1,124 @@
+"""Similarity of attribution maps, as the debugging-tests paper compares them (seed 002, §2.3).
+
+- `ssim(a, b)`: the structural similarity of scikit-image's `structural_similarity` with
+  `gaussian_weights=True, sigma=1.5, use_sample_covariance=False` (an 11x11 Gaussian window
+  truncated at 3.5 σ, 'reflect' borders, K1 = 0.01, K2 = 0.03, the mean taken over the interior
+  that the window fits without padding, 5 pixels from each border). The paper normalizes maps to
+  [0, 1] first (`jfail.attribution.normalize_unit`), hence `data_range = 1` by default.
+- `spearman(a, b)`: Spearman's rank correlation of the flattened maps, ties given their average
+  rank (as `scipy.stats.spearmanr`); `absolute=True` ranks |a| and |b|.
+
+Both take batches `[B, H, W]` (or `[B, H, W, C]`, compared per channel and averaged for SSIM,
+flattened for Spearman) and return `[B]`, jitted and vmapped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ssim", "spearman"]
+
+_SIGMA = 1.5
+_TRUNCATE = 3.5
+_K1, _K2 = 0.01, 0.03
+
+
+def ssim(a, b, *, data_range: float = 1.0) -> jax.Array:
+    """Mean structural similarity per example. a, b: `[B, H, W]` or `[B, H, W, C]`. Returns `[B]`."""
+    a, b = _paired(a, b, "ssim")
+    if a.ndim == 3:
+        a, b = a[..., None], b[..., None]
+    if a.ndim != 4:
+        raise ValueError(f"ssim takes [B, H, W] or [B, H, W, C] maps, got shape {a.shape}.")
+    window = 2 * int(_TRUNCATE * _SIGMA + 0.5) + 1
+    if min(a.shape[1:3]) < window:
+        raise ValueError(f"ssim needs maps of at least {window}x{window} pixels, got {a.shape[1:3]}.")
+    if not data_range > 0:
+        raise ValueError(f"data_range must be > 0, got {data_range!r}.")
+    return _ssim(a, b, float(data_range))
+
+
+def spearman(a, b, *, absolute: bool = False) -> jax.Array:
+    """Spearman rank correlation per example of the flattened maps. a, b: `[B, ...]`. `[B]`."""
+    a, b = _paired(a, b, "spearman")
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if absolute:
+        a, b = jnp.abs(a), jnp.abs(b)
+    return _spearman(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+def _paired(a, b, name):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"{name} compares maps of one shape, got {a.shape} and {b.shape}.")
+    if a.ndim < 2:
+        raise ValueError(f"{name} takes a batch of maps [B, ...], got shape {a.shape}.")
+    return a, b
+
+
+def _gaussian_kernel() -> np.ndarray:
+    radius = int(_TRUNCATE * _SIGMA + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (offsets / _SIGMA) ** 2)
+    return (weights / weights.sum()).astype(np.float32)
+
+
+def _blur(images):
+    """Separable Gaussian filter of `[B, H, W, C]` with scipy's 'reflect' (symmetric) borders."""
+    kernel = jnp.asarray(_gaussian_kernel())
+    radius = (kernel.shape[0] - 1) // 2
+    for axis in (1, 2):
+        pad = [(0, 0)] * images.ndim
+        pad[axis] = (radius, radius)
+        padded = jnp.pad(images, pad, mode="symmetric")
+        length = images.shape[axis]
+        images = sum(
+            kernel[i] * jax.lax.slice_in_dim(padded, i, i + length, axis=axis)
+            for i in range(kernel.shape[0])
+        )
+    return images
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _ssim(a, b, data_range):
+    c1, c2 = (_K1 * data_range) ** 2, (_K2 * data_range) ** 2
+    mean_a, mean_b = _blur(a), _blur(b)
+    var_a = _blur(a * a) - mean_a * mean_a
+    var_b = _blur(b * b) - mean_b * mean_b
+    cov = _blur(a * b) - mean_a * mean_b
+    numerator = (2 * mean_a * mean_b + c1) * (2 * cov + c2)
+    denominator = (mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2)
+    similarity = numerator / denominator
+    pad = int(_TRUNCATE * _SIGMA + 0.5)
+    interior = similarity[:, pad:-pad, pad:-pad, :]
+    return interior.mean(axis=(1, 2, 3))
+
+
+@jax.jit
+def _spearman(a, b):
+    return jax.vmap(_pearson)(jax.vmap(_average_ranks)(a), jax.vmap(_average_ranks)(b))
+
+
+def _average_ranks(values):
+    """Ranks 1..n of `values: [n]`, ties sharing their average rank."""
+    order = jnp.argsort(values)
+    ordered = values[order]
+    first = jnp.searchsorted(ordered, ordered, side="left")
+    last = jnp.searchsorted(ordered, ordered, side="right")
+    average = (first + last + 1) / 2.0  # mean of the 1-based ranks first+1 .. last
+    return jnp.zeros_like(values).at[order].set(average)
+
+
+def _pearson(x, y):
+    x, y = x - x.mean(), y - y.mean()
+    denominator = jnp.sqrt((x * x).sum() * (y * y).sum())
+    return jnp.where(denominator > 0, (x * y).sum() / jnp.where(denominator > 0, denominator, 1.0),
+                     jnp.nan)
