@@ -33,12 +33,14 @@ BACKGROUNDS = ("brick", "grass", "gravel", "moon", "camera", "cell", "coins", "t
 @dataclasses.dataclass(frozen=True)
 class SpuriousData:
     """Composited images `[N, H, W, 1]` in [0, 1], their labels `[N]`, object masks
-    `[N, H, W]` (True on the object) and the index of the background each image got `[N]`."""
+    `[N, H, W]` (True on the object), the index of the background each image got `[N]` and the
+    (top, left) corner of its crop in that background `[N, 2]`."""
 
     images: np.ndarray
     labels: np.ndarray
     object_masks: np.ndarray
     background_ids: np.ndarray
+    crop_offsets: np.ndarray
 
 
 def load_backgrounds(names: Sequence[str] = BACKGROUNDS[:2]) -> list[np.ndarray]:
@@ -83,10 +85,10 @@ def spurious_backgrounds(
     swap = np.asarray(jax.random.uniform(key_swap, labels.shape) >= correlation)
     shift = np.asarray(jax.random.randint(key_other, labels.shape, 1, max(classes, 2)))
     background_ids = np.where(swap & (classes > 1), (labels + shift) % classes, labels)
-    crops = _random_crops(backgrounds, background_ids, (height, width), key_crop)
+    crops, offsets = _random_crops(backgrounds, background_ids, (height, width), key_crop)
     masks = images[..., 0] > threshold
     composite = np.where(masks[..., None], images, crops[..., None])
-    return SpuriousData(composite.astype(np.float32), labels, masks, background_ids)
+    return SpuriousData(composite.astype(np.float32), labels, masks, background_ids, offsets)
 
 
 def background_only(
@@ -94,7 +96,7 @@ def background_only(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`count` background crops `[count, H, W, 1]` and the class each background stands for."""
     ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 0), (count,), 0, len(backgrounds)))
-    crops = _random_crops(backgrounds, ids, size, jax.random.fold_in(key, 1))
+    crops, _ = _random_crops(backgrounds, ids, size, jax.random.fold_in(key, 1))
     return crops[..., None].astype(np.float32), ids
 
 
@@ -123,7 +125,8 @@ def flip_labels(labels, fraction: float, num_classes: int, key: jax.Array):
 
 
 def _random_crops(backgrounds, ids, size, key):
-    """`[N, H, W]` crops, crop i from `backgrounds[ids[i]]` at a uniformly random offset."""
+    """`[N, H, W]` crops, crop i from `backgrounds[ids[i]]` at a uniformly random offset, and
+    the offsets `[N, 2]`."""
     height, width = size
     shapes = np.array([np.shape(b)[:2] for b in backgrounds])
     if np.any(shapes[:, 0] < height) or np.any(shapes[:, 1] < width):
@@ -134,4 +137,4 @@ def _random_crops(backgrounds, ids, size, key):
     crops = np.empty((len(ids), height, width), np.float32)
     for index, (background_id, (top, left)) in enumerate(zip(ids, offsets)):
         crops[index] = backgrounds[background_id][top:top + height, left:left + width]
-    return crops
+    return crops, offsets
