@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 
-__all__ = ["quiet_libraries"]
+__all__ = ["quiet_libraries", "progress_disabled"]
 
 
 def quiet_libraries() -> None:
@@ -18,3 +19,10 @@ def quiet_libraries() -> None:
     for name in ("absl", "orbax", "tensorflow_datasets", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("jfail").setLevel(logging.INFO)
+
+
+def progress_disabled(progress: bool | None) -> bool:
+    """tqdm's `disable` for a `progress` argument: None shows a bar only when stderr is a terminal."""
+    if progress is None:
+        return not sys.stderr.isatty()
+    return not progress

@@ -33,6 +33,7 @@ from jfail.attribution._jaxpr import (
     linear_blocks,
     modified_forward,
 )
+from jfail.logs import progress_disabled
 
 __all__ = [
     "guided_backprop",
@@ -146,7 +147,7 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
     totals = None
     weights = None
     for start in tqdm(range(0, len(images), chunk), desc="fit patterns", unit="batch", leave=False,
-                      disable=_progress_disabled(progress)):
+                      disable=progress_disabled(progress)):
         batch = jnp.asarray(images[start:start + chunk], jnp.float32)
         stats, block_weights = stats_fn(dynamic, batch)
         stats = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), stats)
@@ -236,7 +237,3 @@ def _pattern_from_statistics(block, weight, stats):
 def _check_nonnegative(name, value):
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}.")
-
-
-def _progress_disabled(progress):
-    return not progress if progress is not None else None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 
@@ -74,10 +72,3 @@ def check_groups(groups, num_rows: int) -> list[np.ndarray]:
     if not checked:
         raise ValueError("there are no groups to analyse.")
     return checked
-
-
-def progress_disabled(progress: bool | None) -> bool:
-    """`progress=None` shows a bar only when stderr is a terminal."""
-    if progress is None:
-        return not sys.stderr.isatty()
-    return not progress

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.barlow._checks import progress_disabled
+from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
 from jfail.train.parallel import DataParallel
 

@@ -40,7 +40,8 @@ import numpy as np
 from scipy.special import digamma as _scipy_digamma
 from tqdm.auto import tqdm
 
-from jfail.barlow._checks import check_features_and_errors, check_groups, progress_disabled
+from jfail.barlow._checks import check_features_and_errors, check_groups
+from jfail.logs import progress_disabled
 from jfail.train.parallel import DataParallel
 
 __all__ = ["FeatureRanking", "mutual_information", "rank_features"]

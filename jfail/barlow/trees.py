@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.barlow._checks import check_features_and_errors, check_groups, progress_disabled
+from jfail.barlow._checks import check_features_and_errors, check_groups
+from jfail.logs import progress_disabled
 from jfail.barlow.mutual_info import FeatureRanking, rank_groups
 
 if TYPE_CHECKING:  # scikit-learn is imported when a tree is fitted: it is slow to import

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from typing import NamedTuple, Sequence
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jfail.logs import progress_disabled
 from jfail.prime.tags import TagMatrix, as_tag_array, frequent_tags
 
 __all__ = [
@@ -147,7 +147,7 @@ def find_failure_modes(
     )
 
     modes: list[FailureMode] = []
-    bar = tqdm(classes, desc="PRIME search", unit="class", disable=_no_progress(progress))
+    bar = tqdm(classes, desc="PRIME search", unit="class", disable=progress_disabled(progress))
     for label in bar:
         members = labels == label
         columns = np.flatnonzero(keep[label])
@@ -488,9 +488,3 @@ def _as_label_vector(labels) -> np.ndarray:
     if len(array) and array.min() < 0:
         raise ValueError(f"labels must be >= 0, got {array.min()}")
     return array.astype(np.int64)
-
-
-def _no_progress(progress: bool | None) -> bool:
-    if progress is None:
-        return not sys.stderr.isatty()
-    return not progress
