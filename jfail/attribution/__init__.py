@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from jfail.attribution._core import require_key
 from jfail.attribution._jaxpr import UnsupportedPrimitiveError
 from jfail.attribution.gradients import (
     completeness_error,
@@ -94,8 +95,7 @@ def method_kwargs(name: str, *, train_images=None, patterns=None, key=None,
         raise KeyError(f"unknown attribution method {name!r}; known: {sorted(METHODS)}")
     kwargs: dict = {}
     if name in RANDOMIZED:
-        if key is None:
-            raise ValueError(f"{name} draws random samples: pass key=jax.random.key(...).")
+        require_key(name, key)
         kwargs["key"] = key
     if name == "expected_gradients":
         if train_images is None:

@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "check_inputs", "run_chunked", "split_model", "num_classes", "map_over_samples", "pick_logits",
+    "require_key", "check_positive_int", "sample_group_size",
 ]
 
 
@@ -120,6 +121,28 @@ def run_chunked(
         out = call(dynamic, *args, *shared)
         outputs.append(out[: stop - start])
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
+
+
+def require_key(name: str, key, drawn: str = "samples") -> None:
+    """Raise a clear error when a method that draws random `drawn` got no PRNG key."""
+    if key is None:
+        raise ValueError(
+            f"{name} draws random {drawn} and needs a PRNG key, e.g. key=jax.random.key(0)."
+        )
+
+
+def check_positive_int(name: str, what: str, value, minimum: int = 1) -> None:
+    """Raise unless `value` is an integer (not a bool) of at least `minimum`."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}: {what} must be an integer >= {minimum}, got {value!r}.")
+
+
+def sample_group_size(sample_batch_size) -> int | None:
+    """A checked `sample_batch_size` (None: all samples at once) as a static int."""
+    if sample_batch_size is None:
+        return None
+    check_positive_int("sample_batch_size", "sample_batch_size", sample_batch_size)
+    return int(sample_batch_size)
 
 
 def map_over_samples(fn, samples, group):

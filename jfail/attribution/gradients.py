@@ -25,7 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.attribution._core import check_inputs, map_over_samples, pick_logits, run_chunked
+from jfail.attribution._core import (
+    check_inputs,
+    check_positive_int,
+    map_over_samples,
+    pick_logits,
+    require_key,
+    run_chunked,
+    sample_group_size,
+)
 
 __all__ = [
     "gradient",
@@ -160,13 +168,13 @@ def integrated_gradients(
     if method not in IG_RULES:
         raise ValueError(f"integrated_gradients: method must be one of {IG_RULES}, got {method!r}.")
     minimum_steps = 2 if method == "riemann_trapezoid" else 1
-    _check_positive_int("integrated_gradients", "steps", steps, minimum=minimum_steps)
+    check_positive_int("integrated_gradients", "steps", steps, minimum=minimum_steps)
     x, target = check_inputs(model, x, target)
     baseline = _resolve_baseline("integrated_gradients", x, baseline)
     return run_chunked(
         _integrated_gradients_kernel, model, x, target, batch_size=batch_size,
         per_example=(baseline,), steps=int(steps), method=method,
-        sample_batch_size=_optional_group(sample_batch_size),
+        sample_batch_size=sample_group_size(sample_batch_size),
     )
 
 
@@ -213,8 +221,8 @@ def expected_gradients(
     images; the paper uses 200) and `a ~ U(0, 1)`, and average `(x - x') * grad f(x' + a (x - x'))`.
     In expectation, for a linear model, this is `(x - mean(baselines)) * w`. Needs a PRNG `key`.
     """
-    _require_key("expected_gradients", key)
-    _check_positive_int("expected_gradients", "num_samples", num_samples)
+    require_key("expected_gradients", key)
+    check_positive_int("expected_gradients", "num_samples", num_samples)
     x, target = check_inputs(model, x, target)
     if baselines is None:
         raise ValueError(
@@ -232,7 +240,7 @@ def expected_gradients(
     return run_chunked(
         _expected_gradients_kernel, model, x, target, key=key, batch_size=batch_size,
         shared=(baselines,), num_samples=int(num_samples),
-        sample_batch_size=_optional_group(sample_batch_size),
+        sample_batch_size=sample_group_size(sample_batch_size),
     )
 
 
@@ -287,15 +295,15 @@ def _expected_gradients_kernel(model, x, target, keys, baselines, *, num_samples
 
 def _noisy_gradients(name, statistic, model, x, target, key, batch_size, num_samples,
                      noise_scale, sample_batch_size):
-    _require_key(name, key)
-    _check_positive_int(name, "num_samples", num_samples)
+    require_key(name, key)
+    check_positive_int(name, "num_samples", num_samples)
     if not np.isscalar(noise_scale) or not np.isfinite(noise_scale) or noise_scale < 0:
         raise ValueError(f"{name}: noise_scale must be a finite float >= 0, got {noise_scale!r}.")
     x, target = check_inputs(model, x, target)
     mean_and_variance = run_chunked(
         _noisy_gradient_kernel, model, x, target, key=key, batch_size=batch_size,
         per_example=(_noise_std(x, jnp.float32(noise_scale)),), num_samples=int(num_samples),
-        sample_batch_size=_optional_group(sample_batch_size),
+        sample_batch_size=sample_group_size(sample_batch_size),
     )
     if statistic == "variance":
         return mean_and_variance[:, 1]
@@ -367,22 +375,3 @@ def _resolve_baseline(name: str, x: jax.Array, baseline) -> jax.Array:
 def _minimum_baseline(x):
     """Each example's minimum value broadcast over it: the paper's IG baseline, `[B, H, W, C]`."""
     return jnp.broadcast_to(jnp.min(x, axis=(1, 2, 3), keepdims=True), x.shape)
-
-
-def _require_key(name: str, key) -> None:
-    if key is None:
-        raise ValueError(
-            f"{name} draws random samples and needs a PRNG key, e.g. key=jax.random.key(0)."
-        )
-
-
-def _check_positive_int(name: str, what: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}: {what} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _optional_group(sample_batch_size):
-    if sample_batch_size is None:
-        return None
-    _check_positive_int("sample_batch_size", "sample_batch_size", sample_batch_size)
-    return int(sample_batch_size)

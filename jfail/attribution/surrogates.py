@@ -24,7 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 from skimage.segmentation import slic
 
-from jfail.attribution._core import check_inputs, map_over_samples, pick_logits, run_chunked
+from jfail.attribution._core import (
+    check_inputs,
+    check_positive_int,
+    map_over_samples,
+    pick_logits,
+    require_key,
+    run_chunked,
+    sample_group_size,
+)
 
 __all__ = ["segment", "segments", "lime", "kernel_shap"]
 
@@ -43,7 +51,7 @@ def segment(image, num_segments: int = 50, *, compactness: float | None = None) 
     image = np.asarray(image, np.float64)
     if image.ndim != 3:
         raise ValueError(f"segment: image must be [H, W, C], got shape {image.shape}.")
-    _check_count("segment", "num_segments", num_segments)
+    check_positive_int("segment", "num_segments", num_segments)
     spread = image.max() - image.min()
     scaled = (image - image.min()) / spread if spread > 0 else np.zeros_like(image)
     if compactness is None:
@@ -104,7 +112,7 @@ def lime(
     return run_chunked(
         _lime_kernel, model, x, target, key=key, batch_size=batch_size,
         per_example=(segment_map, fill), num_segments=count, num_samples=int(num_samples),
-        kernel_width=float(kernel_width), sample_batch_size=_optional_group(sample_batch_size),
+        kernel_width=float(kernel_width), sample_batch_size=sample_group_size(sample_batch_size),
     )
 
 
@@ -150,7 +158,7 @@ def kernel_shap(
     return run_chunked(
         _kernel_shap_kernel, model, x, target, key=key, batch_size=batch_size,
         per_example=(segment_map, fill), num_segments=count, num_samples=int(num_samples),
-        sample_batch_size=_optional_group(sample_batch_size),
+        sample_batch_size=sample_group_size(sample_batch_size),
     )
 
 
@@ -200,12 +208,9 @@ def _kernel_shap_kernel(model, x, target, keys, segment_map, fill, *, num_segmen
 def _prepare(name, model, x, target, key, num_samples, num_segments, segment_map, baseline, *,
              per_segment_mean):
     """Checked inputs, `[B, H, W]` int32 labels, the static segment count S, `[B, H, W, C]` fill."""
-    if key is None:
-        raise ValueError(
-            f"{name} draws random perturbations and needs a PRNG key, e.g. key=jax.random.key(0)."
-        )
-    _check_count(name, "num_samples", num_samples)
-    _check_count(name, "num_segments", num_segments)
+    require_key(name, key, "perturbations")
+    check_positive_int(name, "num_samples", num_samples)
+    check_positive_int(name, "num_segments", num_segments)
     x, target = check_inputs(model, x, target)
     if segment_map is None:
         segment_map = segments(np.asarray(x), num_segments)
@@ -342,15 +347,3 @@ def _paint(values, segment_map, channels):
     """Per-segment values `[b, S]` painted over `[b, H, W]` labels -> `[b, H, W, C]`."""
     painted = jax.vmap(lambda v, labels: v[labels])(values, segment_map)
     return jnp.broadcast_to(painted[..., None], painted.shape + (channels,))
-
-
-def _check_count(name, what, value):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: {what} must be a positive integer, got {value!r}.")
-
-
-def _optional_group(sample_batch_size):
-    if sample_batch_size is None:
-        return None
-    _check_count("sample_batch_size", "sample_batch_size", sample_batch_size)
-    return int(sample_batch_size)
