@@ -147,10 +147,10 @@ def modified_forward(model: Callable, rules: Rules, patterns: Sequence[jax.Array
         depends = [False] * len(dynamic) + [True]
         sinks = [None] * len(dynamic) + [sink if rules.relevance else None]
         interpreter = _Interpreter(rules, patterns)
-        outs, _, _ = interpreter.run(closed.jaxpr, closed.consts, args, depends, sinks)
-        if patterns is not None and interpreter.block_count != len(patterns):
+        outs, _ = interpreter.run(closed.jaxpr, closed.consts, args, depends, sinks)
+        if patterns is not None and len(interpreter.blocks) != len(patterns):
             raise ValueError(
-                f"{len(patterns)} patterns were given but the model has {interpreter.block_count} "
+                f"{len(patterns)} patterns were given but the model has {len(interpreter.blocks)} "
                 "linear blocks: fit the patterns on this model with fit_patterns."
             )
         return outs[0]
@@ -182,7 +182,7 @@ _LINEAR = {"dot_general": "dense", "conv_general_dilated": "conv"}
 _AFFINE = {"add", "sub", "mul", "div", "neg"}
 _STRUCTURAL = {
     "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "pad",
-    "concatenate", "convert_element_type", "copy", "copy_p", "rev", "dynamic_slice", "gather",
+    "concatenate", "convert_element_type", "copy", "rev", "dynamic_slice", "gather",
     "select_and_gather_add",
 }
 _POOLING = {"reduce_window_max", "reduce_window_sum", "reduce_sum", "reduce_max", "reduce_window"}
@@ -198,7 +198,6 @@ class _Interpreter:
         self.rules = rules
         self.patterns = patterns
         self.collect = collect
-        self.block_count = 0
         self.blocks: list[LinearBlock] = []
         self.collected: list = []
 
@@ -222,18 +221,19 @@ class _Interpreter:
 
         # Dependence on the image, then every image-independent equation first, so that the
         # constants of an affine chain exist when its linear block is evaluated.
+        image_dependent = []
         for eqn in jaxpr.eqns:
-            d = any(is_dep(v) for v in eqn.invars)
+            image_dependent.append(any(is_dep(v) for v in eqn.invars))
             for out in eqn.outvars:
-                dep[out] = d
-        for eqn in jaxpr.eqns:
-            if not any(is_dep(v) for v in eqn.invars):
+                dep[out] = image_dependent[-1]
+        for eqn, dependent in zip(jaxpr.eqns, image_dependent):
+            if not dependent:
                 self._write(env, eqn, _bind(eqn, [read(v) for v in eqn.invars]))
 
         consumers = _consumers(jaxpr)
         fused: set = set()
         for index, eqn in enumerate(jaxpr.eqns):
-            if index in fused or not any(is_dep(v) for v in eqn.invars):
+            if index in fused or not image_dependent[index]:
                 continue
             name = eqn.primitive.name
             dep_mask = [is_dep(v) for v in eqn.invars]
@@ -259,7 +259,7 @@ class _Interpreter:
                 inner, inner_consts = (
                     (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") else (closed, ())
                 )
-                outs, _, out_sinks = self.run(inner, inner_consts, values, dep_mask, in_sinks)
+                outs, out_sinks = self.run(inner, inner_consts, values, dep_mask, in_sinks)
                 self._write(env, eqn, outs)
                 for var, s in zip(eqn.outvars, out_sinks):
                     if s is not None:
@@ -267,9 +267,6 @@ class _Interpreter:
                 continue
             if name == "add" and all(dep_mask):
                 env[eqn.outvars[0]] = _residual_add(values[0], values[1], self.rules)
-                continue
-            if name in ("sub",) and all(dep_mask) and not self.rules.strict:
-                self._write(env, eqn, _bind(eqn, values))
                 continue
             known = name in _STRUCTURAL or name in _POOLING or (
                 name in _AFFINE and sum(dep_mask) == 1 and not (name == "div" and dep_mask[1])
@@ -287,11 +284,10 @@ class _Interpreter:
                 sink_env[eqn.outvars[0]] = _follow_sink(eqn, values, dep_mask, in_sinks, outs)
 
         outs = [read(v) for v in jaxpr.outvars]
-        out_deps = [is_dep(v) for v in jaxpr.outvars]
         out_sinks = [
             None if isinstance(v, jcore.Literal) else sink_env.get(v) for v in jaxpr.outvars
         ]
-        return outs, out_deps, out_sinks
+        return outs, out_sinks
 
     @staticmethod
     def _write(env, eqn, outs):
@@ -328,9 +324,8 @@ class _Interpreter:
 
         block = LinearBlock(kind, tuple(weight.shape), tuple(eqn.outvars[0].aval.shape),
                             relu_gated, on_input, *_unit_axes(eqn, position))
+        block_index = len(self.blocks)
         self.blocks.append(block)
-        block_index = self.block_count
-        self.block_count += 1
         if self.collect is not None:
             lin_out = lin(u, weight)
             self.collected.append(
