@@ -153,7 +153,7 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
         stats = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), stats)
         totals = stats if totals is None else jax.tree_util.tree_map(np.add, totals, stats)
         weights = block_weights
-    blocks, _ = linear_blocks(model, jnp.asarray(images[:1], jnp.float32))
+    blocks = _block_layout(model, jnp.asarray(images[:1], jnp.float32))
     return tuple(
         jnp.asarray(_pattern_from_statistics(block, np.asarray(w, np.float64), stat), jnp.float32)
         for block, w, stat in zip(blocks, weights, totals)
@@ -199,6 +199,13 @@ def _pattern_statistics_fn(static):
         return stats, weights
 
     return jax.jit(statistics)
+
+
+def _block_layout(model, x):
+    """The model's `LinearBlock`s, read off an abstract trace: nothing is computed."""
+    blocks = []
+    jax.eval_shape(lambda images: blocks.extend(linear_blocks(model, images)[0]), x)
+    return blocks
 
 
 def _block_statistics(block, u, weight, lin_out, z, lin):
