@@ -117,11 +117,19 @@ def test_alpha_one_beta_zero_is_nonnegative_on_nonnegative_inputs():
         lrp_alpha_beta(model, x, TARGET, alpha=2.0, beta=0.5)
 
 
-def test_guided_backprop_and_deconvnet_match_the_hand_written_rules():
+def _mlp_apply(params, x):
+    return jax.nn.relu(x.reshape(x.shape[0], -1) @ params[0]) @ params[1]
+
+
+def _two_layer_mlp():
+    """16 inputs, 5 hidden ReLUs, 3 logits, no biases: (weights, model)."""
     w1 = jax.random.normal(jax.random.key(0), (16, 5))
     w2 = jax.random.normal(jax.random.key(1), (5, 3))
-    model = jax.tree_util.Partial(
-        lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p[0]) @ p[1], (w1, w2))
+    return (w1, w2), jax.tree_util.Partial(_mlp_apply, (w1, w2))
+
+
+def test_guided_backprop_and_deconvnet_match_the_hand_written_rules():
+    (w1, w2), model = _two_layer_mlp()
     x = jax.random.normal(jax.random.key(2), (4, 4, 4, 1))
     target = jnp.array([0, 1, 2, 0])
     pre = x.reshape(4, -1) @ w1                       # [B, 5]
@@ -175,10 +183,7 @@ def test_batchnorm_is_folded_into_the_preceding_layer():
 
 
 def test_flat_input_rule_spreads_relevance_uniformly():
-    w1 = jax.random.normal(jax.random.key(0), (16, 5))
-    w2 = jax.random.normal(jax.random.key(1), (5, 3))
-    model = jax.tree_util.Partial(
-        lambda p, x: jax.nn.relu(x.reshape(x.shape[0], -1) @ p[0]) @ p[1], (w1, w2))
+    _, model = _two_layer_mlp()
     x = jax.random.uniform(jax.random.key(2), (3, 4, 4, 1))
     relevance = np.asarray(lrp_sequential_preset_flat(model, x, TARGET, epsilon=0.0))
     # One dense input layer: every pixel gets the same share of the hidden layer's relevance.
