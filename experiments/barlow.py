@@ -28,7 +28,7 @@ from jfail.data import load
 from jfail.logs import quiet_libraries
 from jfail.models import linen_apply, model_fns
 from jfail.train import predict
-from jfail.train.run import load_trained_classifier, run_classifier, write_json
+from jfail.train.run import trained_classifier, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     progress = sys.stderr.isatty()
 
     data = load(config.dataset, config.split)
-    networks = {
-        "standard": _trained(config.classifier_config, config.classifier_run),
-        "robust": _trained(config.robust_config, config.robust_run),
+    runs = {  # (module, params, state, config, metrics), trained first when missing
+        "standard": trained_classifier(load_config(config.classifier_config),
+                                       config.classifier_run, progress=progress),
+        "robust": trained_classifier(load_config(config.robust_config), config.robust_run,
+                                     progress=progress),
     }
+    networks = {name: run[:3] for name, run in runs.items()}
     fns = {name: model_fns(module, {"params": p, **s}) for name, (module, p, s) in networks.items()}
     predictions = {
         name: predict(linen_apply(module), p, s, data.images).argmax(-1)
@@ -128,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": json.loads(json.dumps(config.__dict__, default=str)),
         "data": {"name": config.dataset, "split": config.split, "images": len(data.labels)},
         "error_rates": {name: float(e.mean()) for name, e in errors.items()},
-        "test_metrics": {name: _test_metrics(run) for name, run in
-                         (("standard", config.classifier_run), ("robust", config.robust_run))},
+        "test_metrics": {name: _test_metrics(run[4]) for name, run in runs.items()},
         "table1": table1,
         "extractor_comparison": extractor_rows,
         "tables": {
@@ -146,17 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     print((out / f"{config.name}.md").read_text())
 
 
-def _trained(config_path: str, run_dir: str):
-    """(module, params, state) of a finished run, training it first when it is missing."""
-    if not (Path(run_dir) / "metrics.json").exists():
-        run_classifier(load_config(config_path), run_dir, progress=sys.stderr.isatty())
-    module, params, state, _ = load_trained_classifier(run_dir)
-    return module, params, state
-
-
-def _test_metrics(run_dir: str) -> dict:
-    """Clean and PGD test accuracy recorded by the classifier's run."""
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+def _test_metrics(metrics: dict) -> dict:
+    """Clean and PGD test accuracy recorded by a classifier's run."""
     keys = ("test_accuracy", "test_robust_accuracy", "eval_attack", "train_seconds")
     return {key: metrics.get(key) for key in keys}
 

@@ -51,7 +51,7 @@ from jfail.prime import (  # noqa: E402
     subset_drop_table,
 )
 from jfail.train import predict  # noqa: E402
-from jfail.train.run import load_trained_classifier, run_classifier, write_json  # noqa: E402
+from jfail.train.run import trained_classifier, write_json  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -204,17 +204,12 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
 
 
 def _classifier(config: PrimeConfig, progress: bool):
-    run_dir = Path(config.classifier_run)
-    if not (run_dir / "metrics.json").exists():
-        print(f"no trained classifier in {run_dir}: training {config.classifier_config}", file=sys.stderr)
-        run_classifier(load_config(config.classifier_config), run_dir, progress=progress)
-    module, params, state, classifier_config = load_trained_classifier(run_dir)
+    module, params, state, classifier_config, metrics = trained_classifier(
+        load_config(config.classifier_config), config.classifier_run, progress=progress
+    )
     if classifier_config.dataset != config.dataset:
-        raise ValueError(f"the classifier in {run_dir} was trained on {classifier_config.dataset}, "
-                         f"not {config.dataset}")
-    import json
-
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+        raise ValueError(f"the classifier in {config.classifier_run} was trained on "
+                         f"{classifier_config.dataset}, not {config.dataset}")
     return module, params, state, classifier_config, metrics
 
 

@@ -141,12 +141,15 @@ def test_cli_trains_writes_a_run_directory_and_rejects_bad_configs(tmp_path):
     assert metrics["test_accuracy"] > 0.6 and (run_dir / "train.log").stat().st_size > 0
     assert (run_dir / "model").is_dir() and (run_dir / "checkpoints").is_dir()
 
-    from jfail.train.run import load_trained_classifier
+    from jfail.train.run import load_trained_classifier, trained_classifier
 
     module, params, state, config = load_trained_classifier(run_dir)
     test = load(config.dataset, "test")
     scores = evaluate(linen_apply(module), params, state, test)
     assert scores["accuracy"] == pytest.approx(metrics["test_accuracy"])
+    # A finished run is loaded as it is, not trained again.
+    *_, loaded_config, loaded_metrics = trained_classifier(config, run_dir)
+    assert loaded_metrics == metrics and loaded_config == config
 
     bad = subprocess.run(cmd[:-3] + ["--set", "train.epohcs=1"], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)

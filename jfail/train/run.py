@@ -30,7 +30,7 @@ from jfail.train.adversarial import robust_accuracy
 from jfail.train.classifier import evaluate, fit
 from jfail.train.parallel import DataParallel
 
-__all__ = ["run_classifier", "load_trained_classifier", "write_json"]
+__all__ = ["run_classifier", "load_trained_classifier", "trained_classifier", "write_json"]
 
 log = logging.getLogger("jfail.train")
 
@@ -122,6 +122,20 @@ def load_trained_classifier(run_dir: str | Path) -> tuple[Any, Any, Any, Classif
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(run_dir / "model", abstract)
     return module, restored["params"], restored["state"], config
+
+
+def trained_classifier(
+    config: ClassifierRunConfig, run_dir: str | Path, *, progress: bool = False
+) -> tuple[Any, Any, Any, ClassifierRunConfig, dict]:
+    """`(module, params, state, config, metrics)` of `run_dir`, training `config` there first
+    when the directory holds no finished run (no `metrics.json`)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists():
+        log.info("no finished run in %s: training %s", run_dir, config.name)
+        run_classifier(config, run_dir, progress=progress)
+    module, params, state, run_config = load_trained_classifier(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return module, params, state, run_config, metrics
 
 
 def write_json(path: str | Path, payload: Any) -> None:
