@@ -334,3 +334,15 @@ def test_agrees_with_captum(method):
     scale = np.abs(expected).max()
     assert scale > 0
     assert np.abs(np.asarray(got) - expected).max() <= 1e-4 * scale
+
+
+def test_bad_hyperparameters_and_pattern_data_are_refused():
+    model, x = _cnn(), _images()
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        lrp_epsilon(model, x, TARGET, epsilon=-1.0)
+    with pytest.raises(ValueError, match="low < high"):
+        deep_taylor(model, x, TARGET, low=1.0, high=0.0)
+    with pytest.raises(ValueError, match="must be float"):
+        fit_patterns(model, np.zeros((4, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        fit_patterns(model, np.zeros((4, 8, 8, 1), np.float32), batch_size=0)

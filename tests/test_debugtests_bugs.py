@@ -72,3 +72,20 @@ def test_a_planted_background_shortcut_is_learned():
     test, test_labels = background_only(backgrounds, 200, (16, 16), jax.random.key(5))
     accuracy = (model.predict(texture_features(test)) == test_labels).mean()
     assert accuracy > 0.9
+
+
+def test_bad_bug_parameters_are_refused():
+    images, _, labels = _objects(4)
+    backgrounds = load_backgrounds(("brick", "grass"))
+    with pytest.raises(ValueError, match="fraction must lie in"):
+        flip_labels(labels, 1.5, 2, jax.random.key(0))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        flip_labels(labels, 0.1, 1, jax.random.key(0))
+    with pytest.raises(ValueError, match="correlation must lie in"):
+        spurious_backgrounds(images, labels, backgrounds, jax.random.key(0), correlation=2.0)
+    with pytest.raises(ValueError, match=r"grey \[N, H, W, 1\]"):
+        spurious_backgrounds(images[..., 0], labels, backgrounds, jax.random.key(0))
+    with pytest.raises(ValueError, match="unknown background"):
+        load_backgrounds(("marble",))
+    with pytest.raises(ValueError, match="at least"):
+        background_only([np.zeros((8, 8))], 2, (16, 16), jax.random.key(0))
