@@ -20,6 +20,7 @@ from jfail.models.convert import (
     normalized_model_fns,
     resnet_variables_from_torch,
 )
+from jfail.models.mlp import MLP
 from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
 
@@ -30,6 +31,7 @@ __all__ = [
     "DefuseCNN",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MLP",
     "MODEL_NAMES",
     "ModelFns",
     "Normalizer",

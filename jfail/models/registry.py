@@ -9,17 +9,21 @@ import jax
 import jax.numpy as jnp
 
 from jfail.models.cnn import DefuseCNN
+from jfail.models.mlp import MLP
 from jfail.models.resnet import resnet18, resnet50
 
 __all__ = ["MODEL_NAMES", "build_classifier", "init_classifier"]
 
-MODEL_NAMES = ("defuse_cnn", "resnet18", "resnet50")
+MODEL_NAMES = ("defuse_cnn", "mlp", "resnet18", "resnet50")
 
 
 def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """`defuse_cnn`, `resnet18` or `resnet50`; `kwargs` go to the constructor (`stem`, `width`)."""
+    """`defuse_cnn`, `mlp`, `resnet18` or `resnet50`; `kwargs` go to the constructor
+    (`hidden` for `mlp`, `stem` and `width` for the ResNets)."""
     if name == "defuse_cnn":
         return DefuseCNN(num_classes=num_classes, **kwargs)
+    if name == "mlp":
+        return MLP(num_classes=num_classes, **kwargs)
     if name == "resnet18":
         return resnet18(num_classes=num_classes, **kwargs)
     if name == "resnet50":
