@@ -1,0 +1,161 @@
+"""β-VAE training (seed 001, appendix B): Bernoulli reconstruction plus β·KL, KL annealed linearly.
+
+The loss per image is `BCE(x, decoder(z)) summed over pixels + β·w(t)·KL(q(z|x) || N(0, I))` with
+`w(t) = min(1, t / anneal_steps)` at optimization step `t`. Adam 1e-3 as in the paper. Training
+checkpoints every epoch with orbax; a restarted run resumes and ends with the weights of an
+uninterrupted run (the batch order of epoch e depends only on `(seed, e)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jfail.data import batches, check_images, num_batches
+from jfail.logs import progress_disabled
+from jfail.train.checkpoint import RunCheckpointer
+
+__all__ = ["VAEConfig", "VAEResult", "vae_loss", "train_vae", "encode"]
+
+log = logging.getLogger("jfail.defuse")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """β-VAE optimization; defaults are appendix B.2 (MNIST) except `epochs` (the paper runs 800)."""
+
+    beta: float = 4.0
+    learning_rate: float = 1e-3
+    batch_size: int = 2048
+    epochs: int = 800
+    anneal_steps: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("beta", "learning_rate", "batch_size", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.anneal_steps < 0:
+            raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps!r}")
+
+
+class VAEResult(NamedTuple):
+    """Trained variables (`{'params': ...}`) and the per-epoch history."""
+
+    variables: Any
+    history: list[dict]
+
+
+def vae_loss(vae, variables, x, key, beta, kl_weight):
+    """Mean over the batch of `(reconstruction + β·kl_weight·KL, reconstruction, KL)`.
+
+    x: [B, H, W, C] in [0, 1] (Bernoulli targets); key draws the reparameterized z.
+    """
+    logits, mu, logvar = vae.apply(variables, x, key)
+    reconstruction = optax.sigmoid_binary_cross_entropy(logits, x).reshape(len(x), -1).sum(-1)
+    kl = 0.5 * jnp.sum(jnp.exp(logvar) + mu**2 - 1.0 - logvar, axis=-1)
+    loss = reconstruction + beta * kl_weight * kl
+    return loss.mean(), (reconstruction.mean(), kl.mean())
+
+
+def train_vae(
+    vae,
+    images: np.ndarray,
+    config: VAEConfig = VAEConfig(),
+    *,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool | None = None,
+) -> VAEResult:
+    """Train `vae` (a `jfail.models.BetaVAE` or any module with `__call__(x, key) -> (logits, mu,
+    logvar)`) on `images: [N, H, W, C]` in [0, 1]; resumes from `checkpoint_dir` when it holds a run.
+    """
+    check_images(images, name="images")
+    images = np.asarray(images, np.float32)
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(
+            f"images must lie in [0, 1] for the Bernoulli likelihood, got [{images.min():.3g}, "
+            f"{images.max():.3g}]"
+        )
+    key = jax.random.key(config.seed)
+    init_key, noise_key = jax.random.split(key)
+    variables = vae.init(init_key, jnp.zeros((1, *images.shape[1:]), jnp.float32), init_key)
+    step_fn, tx = _make_step(vae, config.learning_rate, config.beta, config.anneal_steps)
+    train_state = (variables, tx.init(variables), jnp.zeros((), jnp.int32))
+    history: list[dict] = []
+    first_epoch = 0
+    checkpointer = RunCheckpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        train_state, record = checkpointer.restore(train_state)
+        history, first_epoch = record["history"], record["epoch"] + 1
+        log.info("resumed β-VAE training at epoch %d", first_epoch)
+
+    per_epoch = num_batches(len(images), config.batch_size)
+    bar = tqdm(
+        total=(config.epochs - first_epoch) * per_epoch,
+        desc="β-VAE",
+        disable=progress_disabled(progress),
+        leave=False,
+    )
+    for epoch in range(first_epoch, config.epochs):
+        started = time.perf_counter()
+        sums = np.zeros(3)
+        for batch in batches(images, images[:, 0, 0, 0], config.batch_size, key=key,
+                             epochs=1, first_epoch=epoch):
+            train_state, metrics = step_fn(
+                train_state, batch.images, jax.random.fold_in(noise_key, batch.step)
+            )
+            metrics = np.asarray(jax.device_get(metrics))
+            if not np.all(np.isfinite(metrics)):
+                raise FloatingPointError(f"β-VAE loss became {metrics[0]} at step {batch.step}")
+            sums += metrics * len(batch.images)
+            bar.update()
+            bar.set_postfix(loss=f"{metrics[0]:.1f}")
+        loss, reconstruction, kl = sums / len(images)
+        record = {"epoch": epoch, "loss": loss, "reconstruction": reconstruction, "kl": kl,
+                  "seconds": time.perf_counter() - started}
+        history.append(record)
+        log.info("β-VAE epoch %d: loss %.2f, reconstruction %.2f, KL %.2f", epoch, loss,
+                 reconstruction, kl)
+        if checkpointer is not None:
+            checkpointer.save(epoch, train_state, {"epoch": epoch, "history": history})
+    bar.close()
+    if checkpointer is not None:
+        checkpointer.close()
+    return VAEResult(jax.device_get(train_state[0]), history)
+
+
+def encode(encoder, images: np.ndarray, *, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """`(mu [N, Z], logvar [N, Z])` of `images: [N, H, W, C]` through `encoder(x) -> (mu, logvar)`."""
+    run = jax.jit(lambda enc, x: enc(x))
+    parts = [jax.device_get(run(encoder, images[i : i + batch_size]))
+             for i in range(0, len(images), batch_size)]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+@functools.lru_cache(maxsize=4)
+def _make_step(vae, learning_rate: float, beta: float, anneal_steps: int):
+    """The jitted step and its optimizer, cached so repeated runs of one model compile once."""
+    tx = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(train_state, x, key):
+        variables, opt_state, t = train_state
+        kl_weight = jnp.minimum(1.0, t / anneal_steps) if anneal_steps else jnp.float32(1.0)
+        (loss, (reconstruction, kl)), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(
+            vae, variables, x, key, beta, kl_weight
+        )
+        updates, opt_state = tx.update(grads, opt_state, variables)
+        variables = optax.apply_updates(variables, updates)
+        return (variables, opt_state, t + 1), jnp.stack([loss, reconstruction, kl])
+
+    return step, tx
