@@ -1,0 +1,53 @@
+"""Defuse (seeds 001, 003): identify failures in a β-VAE's latent space, distil them into
+scenarios, annotate the scenarios and correct the classifier by fine-tuning."""
+
+from jfail.defuse.annotate import (
+    NONE_OF_THE_ABOVE,
+    Annotator,
+    FileAnnotator,
+    MajorityVote,
+    Review,
+    annotator_agreement,
+    majority_label,
+    review_scenarios,
+    reviews_from_labels,
+)
+from jfail.defuse.correct import (
+    CorrectionConfig,
+    FinetuneResult,
+    SweepResult,
+    correct,
+    finetune,
+)
+from jfail.defuse.distill import Scenarios, distill, sample_latents, sample_scenarios
+from jfail.defuse.identify import NOISE_MODES, Failures, identify
+from jfail.defuse.vae import VAEConfig, VAEResult, encode, train_vae, vae_loss
+
+__all__ = [
+    "CorrectionConfig",
+    "FinetuneResult",
+    "SweepResult",
+    "VAEConfig",
+    "VAEResult",
+    "correct",
+    "encode",
+    "finetune",
+    "train_vae",
+    "vae_loss",
+    "NOISE_MODES",
+    "Failures",
+    "Scenarios",
+    "distill",
+    "identify",
+    "sample_latents",
+    "sample_scenarios",
+    "NONE_OF_THE_ABOVE",
+    "Annotator",
+    "FileAnnotator",
+    "MajorityVote",
+    "Review",
+    "annotator_agreement",
+    "majority_label",
+    "review_scenarios",
+    "reviews_from_labels",
+]
