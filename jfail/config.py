@@ -14,11 +14,13 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+from jfail.defuse.vae import VAEConfig
 from jfail.train.classifier import TrainConfig
 
 __all__ = [
     "BarlowConfig",
     "ClassifierRunConfig",
+    "DefuseConfig",
     "load_config",
     "apply_overrides",
     "config_to_dict",
@@ -64,6 +66,49 @@ class BarlowConfig:
     attack_step_size: float | None = None
     attack_steps: int | None = None
     panel_images: int = 6
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DefuseConfig:
+    """Defuse end to end: β-VAE, identification, distillation, review, correction.
+
+    Defaults are seed 001's MNIST settings (appendix B.2): z = 10, β = 4, Adam 1e-3, KL annealed
+    over 500 steps; Beta(50, 50) noise, Q = 500 draws, at most 100 failures per image; K = 100
+    components, weight threshold 0.01, down-sampling to 50,000; τ = 0.5; 10 reviewed samples per
+    scenario, ρ = 0.5; 256 fine-tuning and 256 test samples per scenario; Adam 1e-3, minibatch
+    256, 3 epochs per λ over the paper's 17 values of λ.
+    """
+
+    name: str = "defuse_fmnist"
+    dataset: str = "fashion_mnist"
+    classifier_config: str = "configs/defuse_cnn_fmnist.py"
+    classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"
+    annotator_config: str = "configs/annotator_mlp_fmnist.py"
+    annotator_runs: str = "runs/defuse/annotators_fmnist"  # one sub-directory per annotator
+    num_annotators: int = 5
+    latent_dim: int = 10
+    vae: VAEConfig = VAEConfig()
+    vae_run: str = "runs/defuse/vae_fmnist"
+    identify_images: int | None = None  # None: the whole training split, as in the paper
+    num_draws: int = 500
+    a: float = 50.0
+    b: float = 50.0
+    max_per_image: int = 100
+    noise: str = "paper"
+    compare_noise: bool = True  # also identify with centred noise and report both
+    max_components: int = 100
+    min_weight: float = 0.01
+    max_points: int = 50_000
+    tau: float = 0.5
+    review_samples: int = 10
+    rho: float = 0.5
+    samples_per_scenario: int = 256
+    lambdas: tuple = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1,
+                      1.0, 2.0, 5.0, 10.0, 20.0, 100.0, 1000.0)
+    finetune_epochs: int = 3
+    finetune_batch_size: int = 256
+    finetune_learning_rate: float = 1e-3
     seed: int = 0
 
 
