@@ -84,7 +84,7 @@ def identify(
     """
     mu, labels = _check_inputs(mu, labels, num_draws, a, b, max_per_image, noise)
     parallel = DataParallel()
-    images_per_chunk = max(1, draws_per_chunk // num_draws)
+    images_per_chunk = min(max(1, draws_per_chunk // num_draws), len(mu))
     images_per_chunk = -(-images_per_chunk // parallel.num_devices) * parallel.num_devices
     keep = min(max_per_image, num_draws)
     shift = a / (a + b) if noise == "centred" else 0.0
