@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     failing = [s for s, r in enumerate(reviews) if r.is_failure]
     review_predictions = np.stack([r.predictions for r in reviews])
     plots.scenario_grid(review_images, review_predictions,
-                        np.array([max(r.label, 0) for r in reviews]), full.class_names,
+                        np.array([r.label for r in reviews]), full.class_names,
                         figures / "review_all_scenarios.png", columns=config.review_samples,
                         title="every distilled scenario, as reviewed (title: classifier)")
     summary = {

@@ -13,7 +13,7 @@ __all__ = ["scenario_grid", "tradeoff_plot", "novelty_figure", "tsne_figure"]
 def scenario_grid(samples, predictions, labels, class_names: Sequence[str], path, *,
                   columns: int = 8, title: str = "") -> Path:
     """One row per scenario: `samples [S, n, H, W, C]`, the classifier's `predictions [S, n]`
-    over each image, the scenario's annotated label `labels [S]` on the left."""
+    over each image, the scenario's annotated label `labels [S]` on the left (-1: none)."""
     plt = _pyplot()
     rows, columns = len(samples), min(columns, samples.shape[1])
     fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows + 0.4),
@@ -24,7 +24,8 @@ def scenario_grid(samples, predictions, labels, class_names: Sequence[str], path
             _show(ax, samples[s, c])
             ax.set_title(class_names[predictions[s, c]], fontsize=7, pad=2,
                          color="crimson" if predictions[s, c] != labels[s] else "black")
-        axes[s, 0].set_ylabel(f"S{s}: {class_names[labels[s]]}", fontsize=7)
+        name = class_names[labels[s]] if labels[s] >= 0 else "none"
+        axes[s, 0].set_ylabel(f"S{s}: {name}", fontsize=7)
     fig.suptitle(title or "failure scenarios (row: annotated label; title: prediction)",
                  fontsize=9)
     return _save(fig, path)
