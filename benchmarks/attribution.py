@@ -3,10 +3,13 @@
     python benchmarks/attribution.py
     python benchmarks/attribution.py --quick                      # smoke run, tiny sizes
     python benchmarks/attribution.py --models defuse_cnn --methods gradient,lime --repeats 5
+    python benchmarks/attribution.py --torch-device cuda --out-name attribution_h200   # on a GPU
 
 What is measured: images per second of one attribution call (a whole batch, attributions for
 every image of it) for each method in `jfail.attribution.METHODS` and, where Captum has the
-method, of the Captum counterpart, on the CPU, in one process, for two classifiers:
+method, of the Captum counterpart, in one process, for two classifiers. torch and Captum run on
+`--torch-device` (`cpu` by default, or `cuda`); jfail runs on JAX's default device (the GPU where
+jaxlib has CUDA), and the report names both:
 
 - `defuse_cnn`: `jfail.models.DefuseCNN` (seed 001's Fashion-MNIST classifier, four 4x4/2
   convolutions, two dense layers of 256, a linear classifier);
@@ -62,19 +65,25 @@ Timing, per model and method: jfail's first call (tracing, XLA compilation and t
 as `compile+first call`) and Captum's first (warm-up) call are made and timed separately; then
 each of `--repeats` repeats times jfail, then Captum, each running back-to-back calls until
 `--min-repeat-seconds` have passed (at least one call); a jfail call ends with
-`jax.block_until_ready` on its output. Throughput is batch size x calls / seconds, the median over
+`jax.block_until_ready` on its output, and with `--torch-device cuda` a Captum call ends with
+`torch.cuda.synchronize()` (and one precedes its first call). Throughput is batch size x calls / seconds, the median over
 repeats; jfail/Captum is the ratio of the medians. jfail's calls include its input checks (one
 host sync) and its eager pre-processing (LIME's fill image); segmentation is outside both. XLA
 uses all cores; torch uses `--torch-threads` (all cores by default). For deterministic methods the
 last outputs of both are compared (max |difference| / max |Captum|) as a check that both compute
-the same thing. The 1/5/15-minute load average before and after the run and each model, and the
+the same thing. On a GPU both sides compute in full float32: TF32 is switched off in torch
+(cuBLAS and cuDNN) and JAX's default matmul and convolution precision is set to `highest`, since
+TF32 alone would break the 1e-4 logit check and the two would not compute the same thing.
+The 1/5/15-minute load average before and after the run and each model, and the
 1-minute load before each method, are recorded: other processes distort both sides (torch's
 multithreaded kernels most), so run it on an otherwise idle machine.
 
 The issue's target: at least Captum's speed for every method, and at least 2x for SmoothGrad,
 VarGrad, Integrated Gradients and Expected Gradients; the report marks every miss.
 
-Writes `<out-dir>/attribution.json` and `<out-dir>/attribution.md` and prints the Markdown.
+Writes `<out-dir>/<out-name>.json` and `<out-dir>/<out-name>.md` (`--out-name`, `attribution` by
+default), rewrites them after every method (marked partial until the run ends, so that an
+interrupted run leaves what it measured), and prints the Markdown at the end.
 """
 
 from __future__ import annotations
@@ -167,10 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     command = shlex.join(["python", "benchmarks/attribution.py", *_argv(argv)])
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.torch_device)
+    float32 = _full_float32(device)
     warnings.filterwarnings("ignore", message="You are providing multiple inputs for Lime")
     warnings.filterwarnings("ignore", message=".*Setting forward, backward hooks.*")
     warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require")
-    environment = _environment(args.torch_threads, load_before)
+    environment = _environment(args.torch_threads, load_before, device)
+    if float32:
+        environment["float32_precision"] = float32
     test, train, dataset_name = load_images()
     order = np.random.default_rng(args.seed).permutation(len(test))
     largest = max(args.batch_size, args.sampling_batch_size)
@@ -192,17 +205,25 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
     }
-    for model_name in args.models:
-        print(f"== {model_name}", file=sys.stderr)
-        results["models"][model_name] = bench_model(
-            model_name, args, images, baselines, pattern_images
-        )
-    results["environment"]["load_average_after_1_5_15_min"] = list(os.getloadavg())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "attribution.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = format_markdown(results)
-    (out_dir / "attribution.md").write_text(report)
+
+    def write(partial: bool) -> str:
+        report = format_markdown({**results, "partial": True} if partial else results)
+        (out_dir / f"{args.out_name}.json").write_text(
+            json.dumps({**results, "partial": True} if partial else results, indent=2) + "\n"
+        )
+        (out_dir / f"{args.out_name}.md").write_text(report)
+        return report
+
+    for model_name in args.models:
+        print(f"== {model_name}", file=sys.stderr)
+        record: dict = {}
+        results["models"][model_name] = record
+        bench_model(model_name, args, images, baselines, pattern_images, device, record,
+                    on_method=lambda: write(partial=True))
+    results["environment"]["load_average_after_1_5_15_min"] = list(os.getloadavg())
+    report = write(partial=False)
     print(report)
     return results
 
@@ -221,11 +242,16 @@ def load_images() -> tuple[np.ndarray, np.ndarray, str]:
 # One model: build both, check the logits, then every method.
 
 
-def bench_model(model_name, args, images, baselines, pattern_images) -> dict:
+def bench_model(model_name, args, images, baselines, pattern_images, device, record=None,
+                on_method=None) -> dict:
+    """Benchmark every method on one model; fills and returns `record`, calling `on_method()`
+    after each method."""
+    record = {} if record is None else record
     torch_model, jfail_model = build_models(model_name, images.shape[1:], seed=args.seed)
+    torch_model.to(device)
     logit_error = check_logits(torch_model, jfail_model, images[:64], model_name)
-    record: dict = {"logit_max_relative_error": logit_error, "methods": {},
-                    "load_average_before_1_5_15_min": list(os.getloadavg())}
+    record.update({"logit_max_relative_error": logit_error, "methods": {},
+                   "load_average_before_1_5_15_min": list(os.getloadavg())})
 
     patterns = None
     if any(name.startswith("pattern_") for name in args.methods):
@@ -240,7 +266,7 @@ def bench_model(model_name, args, images, baselines, pattern_images) -> dict:
     for batch in sorted({args.batch_size, args.sampling_batch_size}):
         x = images[:batch]
         target = np.asarray(jnp.argmax(jfail_model(jnp.asarray(x)), axis=-1), np.int32)
-        inputs[batch] = BatchInputs(x, target)
+        inputs[batch] = BatchInputs(x, target, device)
     sampling = inputs[args.sampling_batch_size]
     if any(name in ("lime", "kernel_shap") for name in args.methods):
         started = time.perf_counter()
@@ -261,8 +287,10 @@ def bench_model(model_name, args, images, baselines, pattern_images) -> dict:
                                                     model_name)
         load_1min = os.getloadavg()[0]
         record["methods"][name] = bench_method(name, jfail_call, captum_call, captum_note,
-                                               len(batch.x), args)
+                                               len(batch.x), args, device)
         record["methods"][name]["load_average_1min_before"] = load_1min
+        if on_method is not None:
+            on_method()
     record["load_average_after_1_5_15_min"] = list(os.getloadavg())
     return record
 
@@ -270,24 +298,30 @@ def bench_model(model_name, args, images, baselines, pattern_images) -> dict:
 class BatchInputs:
     """One batch in both layouts: `x` NHWC numpy, `x_jax`, `x_torch` NCHW, targets."""
 
-    def __init__(self, x: np.ndarray, target: np.ndarray):
+    def __init__(self, x: np.ndarray, target: np.ndarray, device=None):
         self.x = x
         self.target = target
         self.x_jax = jax.device_put(jnp.asarray(x))
         self.target_jax = jax.device_put(jnp.asarray(target))
-        self.x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        self.target_torch = torch.from_numpy(target.astype(np.int64))
+        device = torch.device("cpu") if device is None else device
+        self.x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+        self.target_torch = torch.from_numpy(target.astype(np.int64)).to(device)
         self.segments: np.ndarray | None = None
 
 
-def bench_method(name, jfail_call, captum_call, captum_note, batch_size, args) -> dict:
+def bench_method(name, jfail_call, captum_call, captum_note, batch_size, args,
+                 device=None) -> dict:
     """First calls, then `--repeats` interleaved timed repeats; see the module docstring."""
     started = time.perf_counter()
     jfail_out = jax.block_until_ready(jfail_call())
     jfail_first = time.perf_counter() - started
     captum_first = None
+    if captum_call is not None and device is not None and device.type == "cuda":
+        captum_call = _synchronized(captum_call, device)
     if captum_call is not None:
         try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
             started = time.perf_counter()
             captum_out = captum_call()
             captum_first = time.perf_counter() - started
@@ -318,7 +352,7 @@ def bench_method(name, jfail_call, captum_call, captum_note, batch_size, args) -
             record["jfail"]["images_per_second"] / record["captum"]["images_per_second"]
         )
         if name in DETERMINISTIC:
-            want = captum_out.detach().numpy().transpose(0, 2, 3, 1)
+            want = captum_out.detach().cpu().numpy().transpose(0, 2, 3, 1)
             got = np.asarray(jfail_out)
             record["max_relative_difference"] = float(
                 np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30)
@@ -333,6 +367,17 @@ def bench_method(name, jfail_call, captum_call, captum_note, batch_size, args) -
           + ("" if captum_ips is None else f", Captum {captum_ips:.1f} img/s"),
           file=sys.stderr, flush=True)
     return record
+
+
+def _synchronized(call: Callable, device) -> Callable:
+    """`call`, then `torch.cuda.synchronize` before returning its output."""
+
+    def synchronized():
+        out = call()
+        torch.cuda.synchronize(device)
+        return out
+
+    return synchronized
 
 
 def _time_calls(call: Callable, min_seconds: float) -> tuple[float, int, object]:
@@ -393,12 +438,14 @@ def make_captum_call(name, model, batch: BatchInputs, args, baselines, model_nam
     if name == "expected_gradients":
         shap = GradientShap(model)
         references = torch.from_numpy(np.ascontiguousarray(baselines.transpose(0, 3, 1, 2)))
+        references = references.to(x.device)
         return (lambda: shap.attribute(x, baselines=references, n_samples=args.eg_samples,
                                        stdevs=0.0, target=target)), None
     if name in ("lime", "kernel_shap"):
         mask = torch.from_numpy(batch.segments.astype(np.int64))[:, None]  # [B, 1, H, W]
+        mask = mask.to(x.device)
         fill = _segment_mean_fill(batch.x, batch.segments, per_segment=name == "lime")
-        fill = torch.from_numpy(np.ascontiguousarray(fill.transpose(0, 3, 1, 2)))
+        fill = torch.from_numpy(np.ascontiguousarray(fill.transpose(0, 3, 1, 2))).to(x.device)
         if name == "lime":
             explainer = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0),
                              similarity_func=_mask_cosine_kernel(LIME_KERNEL_WIDTH))
@@ -564,8 +611,11 @@ def build_models(model_name: str, image_shape, seed: int):
 
 def check_logits(torch_model, jfail_model, x: np.ndarray, model_name: str) -> float:
     """Max |jfail - torch| / max |torch| of the logits on `x`; exits if it exceeds 1e-4."""
+    device = next(torch_model.parameters()).device
     with torch.no_grad():
-        want = torch_model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+        want = torch_model(
+            torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+        ).cpu().numpy()
     got = np.asarray(jax.jit(lambda model, images: model(images))(jfail_model, jnp.asarray(x)))
     error = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
     if not error <= LOGIT_RTOL:
@@ -604,13 +654,15 @@ def format_markdown(results: dict) -> str:
     lines = [
         "# Attribution throughput: jfail vs. Captum",
         "",
+        *(["**Partial results**: the run had not finished when this was written.", ""]
+          if results.get("partial") else []),
         f"{results['dataset']} test images {tuple(results['image_shape'])}, {results['weights']}; "
         f"targets are the predicted classes. Batch {settings['batch_size']} for gradient and "
         f"propagation methods, {settings['sampling_batch_size']} for the sampling methods "
         f"({', '.join(SAMPLING_METHODS)}). Images/s is the median over {settings['repeats']} "
         f"repeats of at least {settings['min_repeat_seconds']:g} s each after a first "
         f"(compile / warm-up) call; {env['device']}, {env['cpu_count']} CPUs, torch threads "
-        f"{env['torch_threads']}.",
+        f"{env['torch_threads']}." + _devices_sentence(env),
         "",
         f"Hyperparameters: SmoothGrad/SmoothGrad²/VarGrad {settings['noise_samples']} samples, "
         f"noise {NOISE_SCALE} x range; Integrated Gradients {settings['ig_steps']} Gauss-Legendre "
@@ -744,10 +796,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pattern-images", type=int, default=None,
                         help="training images for fit_patterns (1000)")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--torch-device", default="cpu",
+                        help="device of the torch models and Captum: cpu or cuda[:N] (cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and one repeat, for a smoke run (explicit options win)")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
+    parser.add_argument("--out-name", default="attribution",
+                        help="file name (no suffix) of the .json and .md results (attribution)")
     args = parser.parse_args(argv)
     defaults = {"batch_size": 32, "sampling_batch_size": 4, "repeats": 3,
                 "min_repeat_seconds": 0.5, "noise_samples": 50, "ig_steps": 128,
@@ -771,15 +827,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.min_repeat_seconds < 0:
         parser.error("--min-repeat-seconds must be non-negative")
+    try:
+        device = torch.device(args.torch_device)
+    except RuntimeError:
+        parser.error(f"unknown --torch-device {args.torch_device!r}; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--torch-device must be cpu or cuda, got {args.torch_device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--torch-device cuda: torch sees no CUDA device")
+    if not args.out_name or Path(args.out_name).name != args.out_name:
+        parser.error("--out-name must be a plain file name")
     return args
 
 
 def _model_load(record: dict) -> str:
     """The load average while one model ran: 1/5/15 min at its start and end, 1-min range."""
-    if "load_average_before_1_5_15_min" not in record:
+    if "load_average_before_1_5_15_min" not in record or not record["methods"]:
         return ""
     loads = [row["load_average_1min_before"] for row in record["methods"].values()]
     before = ", ".join(f"{v:.2f}" for v in record["load_average_before_1_5_15_min"])
+    if "load_average_after_1_5_15_min" not in record:
+        return (f" Load average (1, 5, 15 min) {before} at the start of this model; 1-minute load "
+                f"before each method {min(loads):.2f}-{max(loads):.2f} (in the JSON).")
     after = ", ".join(f"{v:.2f}" for v in record["load_average_after_1_5_15_min"])
     return (f" Load average (1, 5, 15 min) {before} at the start of this model, {after} at its "
             f"end; 1-minute load before each method {min(loads):.2f}-{max(loads):.2f} (in the JSON).")
@@ -812,10 +881,13 @@ def _summary(runs: list[tuple[float, int]], batch_size: int) -> dict:
     }
 
 
-def _environment(torch_threads: int, load_before: list[float]) -> dict:
-    return {
+def _environment(torch_threads: int, load_before: list[float], torch_device=None) -> dict:
+    torch_device = torch.device("cpu") if torch_device is None else torch_device
+    env = {
         "device": _cpu_name(),
         "jax_devices": [str(device) for device in jax.devices()],
+        "jax_backend": jax.default_backend(),
+        "torch_device": str(torch_device),
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15_min": load_before,
         "torch_threads": torch_threads,
@@ -830,6 +902,36 @@ def _environment(torch_threads: int, load_before: list[float]) -> dict:
         "scikit-learn": importlib.metadata.version("scikit-learn"),
         "platform": platform.platform(),
     }
+    if torch_device.type == "cuda":
+        env["torch_gpu"] = torch.cuda.get_device_name(torch_device)
+    return env
+
+
+def _full_float32(device) -> str | None:
+    """On a GPU, full float32 in both frameworks (no TF32); returns what was set, or None."""
+    settings = []
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        settings.append("torch: TF32 off (cuBLAS and cuDNN)")
+    if jax.default_backend() != "cpu":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        settings.append("jax: default matmul/conv precision 'highest'")
+    return "; ".join(settings) or None
+
+
+def _devices_sentence(env: dict) -> str:
+    """Where torch and jax ran, when either is not the CPU (empty on the CPU)."""
+    torch_device = env.get("torch_device", "cpu")
+    jax_backend = env.get("jax_backend", "cpu")
+    if torch_device == "cpu" and jax_backend == "cpu":
+        return ""
+    torch_where = torch_device + (f" ({env['torch_gpu']})" if env.get("torch_gpu") else "")
+    sentence = (f" torch and Captum ran on {torch_where}, jfail on JAX's {jax_backend} backend "
+                f"({', '.join(env.get('jax_devices', []))})")
+    if env.get("float32_precision"):
+        sentence += f"; full float32 on both sides ({env['float32_precision']})"
+    return sentence + "."
 
 
 def _cpu_name() -> str:
