@@ -6,16 +6,23 @@
   the shortcut; `ground_truth_background` is the paper's GT-1 mask (all relevance belongs on the
   background when the model uses the shortcut).
 - `flip_labels`: a stated fraction of labels, exactly, moved to another class.
+- `ground_truth_weighted`: the paper's GT-2, GT-1 weighted by the attribution of the background
+  alone.
+- `frozen_layer_mask`, `freeze` (Table 4, frozen layers): an optax transformation that keeps the
+  named layers at their initialization while the others train.
+- `preprocessing_mismatch` (Table 4, test-time pre-processing mismatch) and `ood_pairs`
+  (out-of-distribution inputs, §5): contaminated test inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 __all__ = [
     "BACKGROUNDS",
@@ -25,9 +32,16 @@ __all__ = [
     "background_only",
     "ground_truth_background",
     "flip_labels",
+    "ground_truth_weighted",
+    "frozen_layer_mask",
+    "freeze",
+    "PREPROCESSING_KINDS",
+    "preprocessing_mismatch",
+    "ood_pairs",
 ]
 
 BACKGROUNDS = ("brick", "grass", "gravel", "moon", "camera", "cell", "coins", "text")
+PREPROCESSING_KINDS = ("inverted", "unnormalized", "standardized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +137,99 @@ def flip_labels(labels, fraction: float, num_classes: int, key: jax.Array):
     new_labels[flipped] = (labels[flipped] + shift) % num_classes
     return new_labels, flipped
 
+
+def ground_truth_weighted(background_attributions, object_masks) -> np.ndarray:
+    """GT-2 of §3.1: GT-1 weighted by the attribution of the spurious background alone.
+
+    background_attributions: `[B, H, W]` or `[B, H, W, C]`, the method's attribution for the
+    background-only input (the same crop without the object); object_masks: `[B, H, W]`, True on
+    the object. The attribution is made a grey map `|a|` (summed over channels), multiplied by
+    GT-1 (so the object gets 0) and, as the paper scales every map it compares by SSIM, brought to
+    [0, 1] per example: divided by its largest value, which equals min-max scaling since the
+    object pixels are 0. A map with no attribution on the background stays 0. `[B, H, W]` float32.
+    """
+    attributions = np.abs(np.asarray(background_attributions, np.float32))
+    masks = np.asarray(object_masks)
+    if attributions.ndim == 4:
+        attributions = attributions.sum(axis=-1)
+    if attributions.ndim != 3:
+        raise ValueError(
+            f"background attributions must be [B, H, W] or [B, H, W, C], got {attributions.shape}.")
+    if masks.shape != attributions.shape:
+        raise ValueError(f"object masks must be [B, H, W] like the attributions "
+                         f"{attributions.shape}, got {masks.shape}.")
+    weighted = ground_truth_background(masks) * attributions
+    scale = weighted.max(axis=(1, 2), keepdims=True)
+    return np.where(scale > 0, weighted / np.where(scale > 0, scale, 1.0), 0.0).astype(np.float32)
+
+
+def frozen_layer_mask(params: Mapping[str, Any], layer_names: Sequence[str]):
+    """A pytree of bools shaped like `params`: True on every parameter of the named layers
+    (top-level keys of a Flax `params` dict, e.g. 'conv0'), False elsewhere."""
+    frozen = _checked_layer_names(params, layer_names)
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key in frozen, params)
+
+
+def freeze(
+    tx: optax.GradientTransformation, params: Mapping[str, Any], layer_names: Sequence[str],
+) -> optax.GradientTransformation:
+    """Table 4's frozen-layer bug: `tx` on every layer but the named ones, whose updates are zero,
+    so they keep their initial values (bit for bit) however long the model trains."""
+    mask = frozen_layer_mask(params, layer_names)
+    labels = jax.tree_util.tree_map(lambda is_frozen: "frozen" if is_frozen else "trained", mask)
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def preprocessing_mismatch(images, kind: str) -> np.ndarray:
+    """Test inputs pre-processed unlike the training data (Table 4, PM).
+
+    images: `[N, H, W, C]` in [0, 1], as the model was trained on. kind: "inverted" (1 - x),
+    "unnormalized" (x * 255, the raw pixel values) or "standardized" ((x - mean) / std over each
+    image's pixels and channels; a constant image becomes 0). Same shape, float32.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}.")
+    if kind not in PREPROCESSING_KINDS:
+        raise ValueError(f"unknown pre-processing {kind!r}; kinds: {PREPROCESSING_KINDS}")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise ValueError(f"images must lie in [0, 1], got [{images.min()}, {images.max()}].")
+    if kind == "inverted":
+        return 1.0 - images
+    if kind == "unnormalized":
+        return images * np.float32(255.0)
+    mean = images.mean(axis=(1, 2, 3), keepdims=True)
+    std = images.std(axis=(1, 2, 3), keepdims=True)
+    return np.where(std > 0, (images - mean) / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+
+
+def ood_pairs(in_images, ood_images, num: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`num` in-distribution and `num` out-of-distribution inputs, each drawn uniformly without
+    replacement, to attribute through the same model (§5). Both sets must share the input shape
+    `[H, W, C]`; returns `(in_subset [num, ...], ood_subset [num, ...])`, pair i at index i."""
+    in_images, ood_images = np.asarray(in_images), np.asarray(ood_images)
+    if in_images.shape[1:] != ood_images.shape[1:]:
+        raise ValueError(
+            f"in-distribution and OOD inputs must share one input shape for one model, got "
+            f"{in_images.shape[1:]} and {ood_images.shape[1:]}.")
+    largest = min(len(in_images), len(ood_images))
+    if not 1 <= num <= largest:
+        raise ValueError(f"num must lie in [1, {largest}] (the smaller set), got {num}.")
+    key_in, key_ood = jax.random.split(key)
+    in_index = np.asarray(jax.random.permutation(key_in, len(in_images))[:num])
+    ood_index = np.asarray(jax.random.permutation(key_ood, len(ood_images))[:num])
+    return in_images[in_index], ood_images[ood_index]
+
+
+def _checked_layer_names(params, layer_names):
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must map layer names to parameters, got {type(params).__name__}.")
+    if isinstance(layer_names, str):
+        layer_names = [layer_names]
+    unknown = [name for name in layer_names if name not in params]
+    if unknown:
+        raise ValueError(f"unknown layers {unknown}; layers: {list(params)}")
+    return set(layer_names)
 
 def _random_crops(backgrounds, ids, size, key):
     """`[N, H, W]` crops, crop i from `backgrounds[ids[i]]` at a uniformly random offset, and
