@@ -6,16 +6,37 @@
   planted data bugs (class-correlated backgrounds with exact object masks, flipped labels).
 - `cascading_randomization`, `independent_randomization`: parameters with re-initialized layers,
   from the output layer down (Figure 7) or one at a time.
+- `tcav` and its parts (concept activation vectors, directional derivatives, TCAV scores) and
+  `influence_scores`, `self_influence`, with the rankings' summaries (§G, other methods).
 """
 
 from jfail.debugtests.bugs import (
     BACKGROUNDS,
+    PREPROCESSING_KINDS,
     SpuriousData,
     background_only,
     flip_labels,
+    freeze,
+    frozen_layer_mask,
     ground_truth_background,
+    ground_truth_weighted,
     load_backgrounds,
+    ood_pairs,
+    preprocessing_mismatch,
     spurious_backgrounds,
+)
+from jfail.debugtests.concepts import (
+    TCAVResult,
+    concept_activation_vector,
+    directional_derivatives,
+    tcav,
+    tcav_score,
+)
+from jfail.debugtests.influence import (
+    fraction_checked_to_find,
+    influence_scores,
+    self_influence,
+    top_fraction_flagged,
 )
 from jfail.debugtests.metrics import spearman, ssim
 from jfail.debugtests.randomization import (
@@ -27,5 +48,9 @@ from jfail.debugtests.randomization import (
 __all__ = [
     "BACKGROUNDS", "SpuriousData", "background_only", "flip_labels", "ground_truth_background",
     "load_backgrounds", "spurious_backgrounds",
+    "ground_truth_weighted", "frozen_layer_mask", "freeze", "PREPROCESSING_KINDS",
+    "preprocessing_mismatch", "ood_pairs",
     "ssim", "spearman", "layer_order", "cascading_randomization", "independent_randomization",
+    "TCAVResult", "concept_activation_vector", "directional_derivatives", "tcav_score", "tcav",
+    "influence_scores", "self_influence", "fraction_checked_to_find", "top_fraction_flagged",
 ]

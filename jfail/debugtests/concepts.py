@@ -1,0 +1,268 @@
+"""Testing with Concept Activation Vectors (TCAV, Kim et al. 2018), as assessed in seed 002, §G.
+
+The model is split at a layer into `features(x) -> activations [B, ...]` and
+`head(activations) -> logits [B, K]`, both JAX callables (plain functions, or
+`jax.tree_util.Partial` to carry parameters through `jax.jit` without recompiling).
+
+- `concept_activation_vector`: a linear classifier (scikit-learn, as in TCAV) separates the
+  flattened activations of concept examples from those of random examples; the CAV is the unit
+  normal of its decision boundary, pointing toward the concept.
+- `directional_derivatives`: gradient of the target logit with respect to the activations,
+  dotted with the CAV, one value per input.
+- `tcav_score`: the fraction of inputs whose directional derivative is positive.
+- `tcav`: CAVs of the concept against several random sets, and random-vs-random CAVs as the
+  null; a two-sided t-test says whether the concept's scores differ from the null's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "TCAVResult",
+    "concept_activation_vector",
+    "directional_derivatives",
+    "tcav_score",
+    "tcav",
+]
+
+Features = Callable[[jax.Array], jax.Array]
+Head = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TCAVResult:
+    """Outcome of `tcav` for one (concept, target, layer).
+
+    scores `[R]`: TCAV score of each concept-vs-random CAV; null_scores `[R]`: TCAV scores of
+    random-vs-random CAVs; accuracies `[R]`: held-out accuracy of each concept CAV's classifier;
+    cavs `[R, D]`: the concept CAVs; mean, std: of `scores` (population std, ddof=0); p_value:
+    two-sided t-test of `scores` against `null_scores` (NaN if both are constant);
+    significant: `p_value < alpha`.
+    """
+
+    scores: np.ndarray
+    null_scores: np.ndarray
+    accuracies: np.ndarray
+    cavs: np.ndarray
+    mean: float
+    std: float
+    p_value: float
+    significant: bool
+
+
+def concept_activation_vector(
+    concept_acts, random_acts, *, seed: int = 0, classifier: str = "sgd",
+    test_fraction: float = 1 / 3,
+) -> tuple[jax.Array, float]:
+    """CAV of a concept at one layer.
+
+    concept_acts: `[Nc, ...]`, random_acts: `[Nr, ...]` activations (flattened to `[., D]`).
+    A linear classifier (`classifier="sgd"`: `SGDClassifier(alpha=0.01, max_iter=1000,
+    tol=1e-3)`, TCAV's default; `"logistic"`: `LogisticRegression`) is fit on a stratified
+    split, seeded by `seed`. Returns `(cav [D], accuracy)`: the unit normal of its boundary,
+    pointing toward the concept, and its accuracy on the held-out `test_fraction`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    concept_acts = _flat(concept_acts, "concept_acts")
+    random_acts = _flat(random_acts, "random_acts")
+    if concept_acts.shape[1] != random_acts.shape[1]:
+        raise ValueError(
+            f"concept and random activations differ in size: {concept_acts.shape[1]} vs "
+            f"{random_acts.shape[1]}."
+        )
+    if min(len(concept_acts), len(random_acts)) < 3:
+        raise ValueError("a CAV needs at least 3 concept and 3 random examples.")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+    inputs = np.concatenate([concept_acts, random_acts]).astype(np.float64)
+    labels = np.concatenate([np.ones(len(concept_acts), int), np.zeros(len(random_acts), int)])
+    x_train, x_test, y_train, y_test = train_test_split(
+        inputs, labels, test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    model = _linear_classifier(classifier, seed)
+    model.fit(x_train, y_train)
+    accuracy = float(np.mean(model.predict(x_test) == y_test))
+    # scikit-learn's binary coefficient points toward class 1, the concept.
+    normal = jnp.asarray(model.coef_[0], jnp.float32)
+    norm = jnp.linalg.norm(normal)
+    if not bool(norm > 0):
+        raise ValueError("the linear classifier learned a zero weight vector: no CAV.")
+    return normal / norm, accuracy
+
+
+def directional_derivatives(
+    features: Features, head: Head, x, target: int, cav, *, batch_size: int | None = None
+) -> jax.Array:
+    """`[N]`: d logit_target / d activations at `features(x)`, dotted with `cav [D]`.
+
+    x: `[N, ...]` inputs; the gradient is taken per example (vmap), so the head may mix nothing
+    across the batch. `batch_size` bounds how many inputs go through the model at once.
+    """
+    cav = jnp.asarray(cav)
+    if cav.ndim != 1:
+        raise ValueError(f"cav must be a vector [D], got shape {cav.shape}.")
+    grads = _target_gradients(features, head, x, target, cav.shape[0], batch_size)
+    return grads @ cav.astype(grads.dtype)
+
+
+def tcav_score(
+    features: Features, head: Head, x, target: int, cav, *, batch_size: int | None = None
+) -> float:
+    """Fraction of inputs `x [N, ...]` whose target logit increases along `cav [D]`."""
+    derivatives = directional_derivatives(features, head, x, target, cav, batch_size=batch_size)
+    return float(_positive_fraction(derivatives))
+
+
+def tcav(
+    features: Features, head: Head, x, target: int, concept_images,
+    random_image_sets: Sequence, key: jax.Array, *, num_runs: int | None = None,
+    alpha: float = 0.05, classifier: str = "sgd", batch_size: int | None = None,
+) -> TCAVResult:
+    """TCAV of one concept for class `target`, with a random-vs-random null.
+
+    x: `[N, ...]` inputs of the target class; concept_images: `[Nc, ...]`; random_image_sets:
+    a list of `[Nr_i, ...]` arrays (at least 2). Run r trains the concept against one random
+    set (`num_runs` distinct sets, chosen with `key`; default all of them) and, for the null,
+    one random set against another. A two-sided t-test of the concept's scores against the
+    null's gives the p-value; the result is significant when `p < alpha`.
+    """
+    from scipy.stats import ttest_ind
+
+    if len(random_image_sets) < 2:
+        raise ValueError("tcav needs at least 2 random image sets (for the null).")
+    num_runs = len(random_image_sets) if num_runs is None else int(num_runs)
+    if not 2 <= num_runs <= len(random_image_sets):
+        raise ValueError(
+            f"num_runs must lie in [2, {len(random_image_sets)}] (one random set per run, "
+            f"at least 2 runs for the t-test), got {num_runs}."
+        )
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
+    key_sets, key_bits = jax.random.split(key)
+    count = len(random_image_sets)
+    chosen = np.asarray(jax.random.permutation(key_sets, count))[:num_runs]
+    bits = np.asarray(jax.random.bits(key_bits, (3, num_runs), jnp.uint32)).astype(np.int64)
+    seeds = bits[:2] % 2**31  # scikit-learn seeds of the concept and null classifiers
+    # A null pair (a, b), a != b: random set a plays the concept, b the random counterpart.
+    shift = 1 + bits[2] % (count - 1)
+
+    def acts(images):
+        images = jnp.asarray(images)
+        return _map_batches(lambda chunk: _flat_jax(features(chunk)), images, batch_size)
+
+    concept_acts = acts(concept_images)
+    random_acts = [acts(images) for images in random_image_sets]
+    # The gradient does not depend on the CAV: one pass over x serves every run.
+    grads = _target_gradients(features, head, x, target, concept_acts.shape[1], batch_size)
+    scores, null_scores, accuracies, cavs = [], [], [], []
+    for run, index in enumerate(chosen):
+        cav, accuracy = concept_activation_vector(
+            concept_acts, random_acts[index], seed=int(seeds[0, run]), classifier=classifier
+        )
+        null_cav, _ = concept_activation_vector(
+            random_acts[index], random_acts[(index + shift[run]) % count],
+            seed=int(seeds[1, run]), classifier=classifier,
+        )
+        scores.append(float(_positive_fraction(grads @ cav)))
+        null_scores.append(float(_positive_fraction(grads @ null_cav)))
+        accuracies.append(accuracy)
+        cavs.append(np.asarray(cav))
+    scores, null_scores = np.asarray(scores), np.asarray(null_scores)
+    with warnings.catch_warnings():  # constant scores (e.g. all 1) trip a precision warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p_value = float(ttest_ind(scores, null_scores).pvalue)
+    return TCAVResult(
+        scores=scores, null_scores=null_scores, accuracies=np.asarray(accuracies),
+        cavs=np.stack(cavs), mean=float(scores.mean()), std=float(scores.std()),
+        p_value=p_value, significant=bool(p_value < alpha),
+    )
+
+
+def _target_gradients(features, head, x, target, dim, batch_size):
+    """`[N, D]` gradients of the target logit with respect to the flattened activations."""
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch [N, ...], got shape {x.shape}.")
+    target = _checked_target(head, features, x, target, dim)
+    features, head = _as_partial(features), _as_partial(head)
+    return _map_batches(
+        lambda chunk: _batch_gradients(features, head, chunk, target), x, batch_size
+    )
+
+
+@functools.partial(jax.jit, static_argnames="target")
+def _batch_gradients(features, head, x, target):
+    """`[B, D]` per-example gradients of one batch; features and head are `Partial`s."""
+
+    def target_logit(one):
+        return head(one[None])[0, target]
+
+    return _flat_jax(jax.vmap(jax.grad(target_logit))(features(x)))
+
+
+@jax.jit
+def _positive_fraction(derivatives):
+    return jnp.mean(derivatives > 0)
+
+
+def _checked_target(head, features, x, target, dim):
+    """Check the activation size and the target index against shapes (no computation)."""
+    acts = jax.eval_shape(features, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
+    size = int(np.prod(acts.shape[1:]))
+    if size != dim:
+        raise ValueError(f"cav has {dim} entries but the layer has {size} activations.")
+    logits = jax.eval_shape(head, jax.ShapeDtypeStruct(acts.shape, acts.dtype))
+    if len(logits.shape) != 2:
+        raise ValueError(f"head must return logits [B, K], got shape {logits.shape}.")
+    if not isinstance(target, (int, np.integer)) or not 0 <= target < logits.shape[1]:
+        raise ValueError(f"target must be a class index in [0, {logits.shape[1]}), got {target!r}.")
+    return int(target)
+
+
+def _linear_classifier(name, seed):
+    """TCAV's linear models: SGD on the hinge loss (its default settings) or logistic regression."""
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+
+    if name == "sgd":
+        return SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3, random_state=seed)
+    if name == "logistic":
+        return LogisticRegression(max_iter=1000, random_state=seed)
+    raise ValueError(f"classifier must be 'sgd' or 'logistic', got {name!r}.")
+
+
+def _as_partial(fn):
+    """Wrap a callable so it can be a `jax.jit` argument (arrays traced, function static)."""
+    if not callable(fn):
+        raise ValueError(f"expected a callable, got {type(fn).__name__}.")
+    return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+
+
+def _map_batches(fn, x, batch_size):
+    """`fn` over `x` in chunks of `batch_size` along axis 0 (all at once if None)."""
+    if batch_size is None or batch_size >= x.shape[0]:
+        return fn(x)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    return jnp.concatenate([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+def _flat(acts, name):
+    acts = np.asarray(acts)
+    if acts.ndim < 2:
+        raise ValueError(f"{name} must be activations [N, ...], got shape {acts.shape}.")
+    if not np.all(np.isfinite(acts)):
+        raise ValueError(f"{name} contains non-finite values.")
+    return acts.reshape(acts.shape[0], -1)
+
+
+def _flat_jax(acts):
+    return acts.reshape(acts.shape[0], -1)

@@ -1,0 +1,305 @@
+"""Influence functions for training-point ranking (seed 002, §G; Koh & Liang 2017).
+
+The user passes `loss_fn(params, x, y) -> per-example losses [B]` and the parameters to
+differentiate: a small subset, such as the final linear layer (`D x K`), with the rest of the
+network folded into `loss_fn` (or into precomputed features `x`). The mean of `loss_fn` over
+the training set is taken as the objective those parameters minimize: put any L2 term in
+`loss_fn`; `damping` adds `damping * I` to its Hessian, which is formed explicitly
+(`jax.hessian` over the flattened subset) and solved. `loss_fn` is a static argument of the
+jitted kernels: pass the same function object across calls to reuse their compilation.
+
+- `influence_scores`: Koh & Liang's `I_up,loss(z_train, z_test) = -g_test^T H^-1 g_train`.
+- `self_influence`: `g^T H^-1 g` per point, or TracIn's `sum_c lr_c |g(theta_c)|^2` (Pruthi
+  et al. 2020), to surface mislabelled examples.
+- `fraction_checked_to_find`: how much of the training set, checked in decreasing score
+  order, one must read to find the flagged (e.g. flipped) points.
+- `top_fraction_flagged`: per test point, the fraction of the top 1 % most influential
+  training points that are flagged (e.g. have a spurious background).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+__all__ = [
+    "influence_scores",
+    "self_influence",
+    "fraction_checked_to_find",
+    "top_fraction_flagged",
+]
+
+LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+
+def influence_scores(
+    loss_fn: LossFn, params, train_x, train_y, test_x, test_y, *, damping: float = 0.01,
+    batch_size: int | None = None, max_params: int = 10_000,
+) -> jax.Array:
+    """`[n_test, n_train]` influence of up-weighting each training point on each test loss.
+
+    Koh & Liang's `I_up,loss = -g_test^T (H + damping I)^-1 g_train`, with gradients of the
+    per-example losses and `H` the Hessian of the mean training loss, all with respect to
+    `params` (a pytree, flattened; at most `max_params` entries). Positive: the training point
+    raises the test loss (harmful); removing training point i changes test loss j by about
+    `-scores[j, i] / n_train`. train_x `[n_train, ...]`, train_y `[n_train, ...]`, likewise test.
+    """
+    _checked_params(loss_fn, params, max_params)
+    train_x, train_y = _checked_data(loss_fn, params, train_x, train_y, "train")
+    test_x, test_y = _checked_data(loss_fn, params, test_x, test_y, "test")
+    _check_damping(damping)
+    hessian = _hessian(loss_fn, params, train_x, train_y, damping, batch_size)
+    test_grads = _per_example_grads(loss_fn, params, test_x, test_y, batch_size)
+    train_grads = _per_example_grads(loss_fn, params, train_x, train_y, batch_size)
+    return _finite(_influence_matrix(hessian, test_grads, train_grads))
+
+
+def self_influence(
+    loss_fn: LossFn, params, x, y, *, method: str = "influence", damping: float = 0.01,
+    params_list: Sequence | None = None, learning_rates: Sequence[float] | None = None,
+    batch_size: int | None = None, max_params: int = 10_000,
+) -> jax.Array:
+    """`[N]` self-influence of each training point `(x [N, ...], y [N, ...])`.
+
+    `method="influence"`: `g_i^T (H + damping I)^-1 g_i` at `params`, `H` the Hessian of the
+    mean loss over `(x, y)` (Koh & Liang's `-I_up,loss(z, z)`). `method="tracin"`: TracIn-CP
+    self-influence, `sum_c learning_rates[c] * |g_i(params_list[c])|^2` over checkpoints
+    (default: `[params]`, rates 1; `params` is unused when `params_list` is given; no Hessian,
+    so no size limit). Large values mark points the model finds hard to fit, such
+    as mislabelled ones.
+    """
+    if method == "influence":
+        if params_list is not None or learning_rates is not None:
+            raise ValueError("params_list and learning_rates belong to method='tracin'.")
+        _check_damping(damping)
+        _checked_params(loss_fn, params, max_params)
+        x, y = _checked_data(loss_fn, params, x, y, "x/y")
+        hessian = _hessian(loss_fn, params, x, y, damping, batch_size)
+        grads = _per_example_grads(loss_fn, params, x, y, batch_size)
+        return _finite(_quadratic_forms(hessian, grads))
+    if method == "tracin":
+        checkpoints = [params] if params_list is None else list(params_list)
+        if not checkpoints:
+            raise ValueError("params_list must hold at least one checkpoint.")
+        rates = [1.0] * len(checkpoints) if learning_rates is None else list(learning_rates)
+        if len(rates) != len(checkpoints):
+            raise ValueError(
+                f"learning_rates has {len(rates)} entries for {len(checkpoints)} checkpoints."
+            )
+        total = None
+        for checkpoint, rate in zip(checkpoints, rates):
+            _checked_params(loss_fn, checkpoint, max_params=None)
+            x, y = _checked_data(loss_fn, checkpoint, x, y, "x/y")
+            norms = _per_example_squared_norms(loss_fn, checkpoint, x, y, batch_size)
+            total = rate * norms if total is None else total + rate * norms
+        return total
+    raise ValueError(f"method must be 'influence' or 'tracin', got {method!r}.")
+
+
+def fraction_checked_to_find(scores, flagged) -> dict[str, float | int]:
+    """Check training points in decreasing `scores [N]`: how much must be read to find the
+    `flagged [N]` (bool) points.
+
+    Returns `fraction_to_find_all` (rank of the last flagged point / N), `mean_fraction` (mean
+    over flagged points of rank / N: the "average fraction of the training set checked") and
+    `num_flagged`. Ranks start at 1; ties count against the ranking: a point's rank is the
+    number of points scoring at least as high.
+    """
+    scores, flagged = np.asarray(scores), np.asarray(flagged)
+    if scores.ndim != 1 or flagged.shape != scores.shape:
+        raise ValueError(
+            f"scores and flagged must be vectors [N] of one shape, got {scores.shape} and "
+            f"{flagged.shape}."
+        )
+    if flagged.dtype != np.bool_:
+        raise ValueError(f"flagged must be a boolean mask, got dtype {flagged.dtype}.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contains non-finite values.")
+    num_flagged = int(flagged.sum())
+    if num_flagged == 0:
+        raise ValueError("no point is flagged: nothing to find.")
+    ranks = np.asarray(_descending_ranks(jnp.asarray(scores)))[flagged].astype(np.int64)
+    count = scores.shape[0]
+    return {
+        "fraction_to_find_all": int(ranks.max()) / count,
+        "mean_fraction": int(ranks.sum()) / (count * num_flagged),
+        "num_flagged": num_flagged,
+    }
+
+
+def top_fraction_flagged(
+    influence, flagged, top: float = 0.01, *, by: str = "absolute"
+) -> jax.Array:
+    """`[n_test]`: of the `k = ceil(top * n_train)` (at least 1) most influential training points
+    for each test point, the fraction that is `flagged [n_train]` (bool).
+
+    influence: `[n_test, n_train]`, e.g. from `influence_scores`. "Most influential" is by
+    `by="absolute"` value (most helpful and most harmful together, the default), `"harmful"`
+    (largest influence: up-weighting raises the test loss) or `"helpful"` (most negative).
+    """
+    influence, flagged = jnp.asarray(influence), np.asarray(flagged)
+    if influence.ndim != 2 or flagged.shape != influence.shape[1:]:
+        raise ValueError(
+            f"influence must be [n_test, n_train] and flagged [n_train], got {influence.shape} "
+            f"and {flagged.shape}."
+        )
+    if flagged.dtype != np.bool_:
+        raise ValueError(f"flagged must be a boolean mask, got dtype {flagged.dtype}.")
+    if not 0.0 < top <= 1.0:
+        raise ValueError(f"top must lie in (0, 1], got {top}.")
+    if by not in _RANKING_KEYS:
+        raise ValueError(f"by must be one of {sorted(_RANKING_KEYS)}, got {by!r}.")
+    count = max(1, math.ceil(top * influence.shape[1] - 1e-9))
+    return _top_flagged(influence, jnp.asarray(flagged), count, by)
+
+
+def _checked_params(loss_fn, params, max_params):
+    """Check `loss_fn` and the parameter pytree; returns the number of parameters."""
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("params holds no arrays to differentiate.")
+    if not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating) for leaf in leaves):
+        raise ValueError("params must be floating point.")
+    size = sum(int(jnp.size(leaf)) for leaf in leaves)
+    if max_params is not None and size > max_params:
+        raise ValueError(
+            f"params has {size} entries; the explicit Hessian is limited to max_params="
+            f"{max_params}: pass a smaller subset (e.g. the final layer) or raise max_params."
+        )
+    return size
+
+
+def _checked_data(loss_fn, params, x, y, name):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} inputs and targets must be non-empty batches of one length, got shapes "
+            f"{x.shape} and {y.shape}."
+        )
+    size = min(2, x.shape[0])
+    out = jax.eval_shape(loss_fn, params, *(_head_spec(v, size) for v in (x, y)))
+    if getattr(out, "shape", None) != (size,):
+        raise ValueError(
+            f"loss_fn must return per-example losses [B]; for B={size} it returned "
+            f"{getattr(out, 'shape', out)}."
+        )
+    return x, y
+
+
+def _head_spec(array, size):
+    """Shape and dtype of `array[:size]`, for shape checks that compute nothing."""
+    return jax.ShapeDtypeStruct((size,) + array.shape[1:], array.dtype)
+
+
+def _check_damping(damping):
+    if not damping >= 0.0:
+        raise ValueError(f"damping must be non-negative, got {damping}.")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _example_grads(loss_fn, params, x, y):
+    """`[B, P]` gradients of each example's loss, with respect to the flattened params."""
+    theta, unravel = ravel_pytree(params)
+
+    def one(flat, xi, yi):
+        return loss_fn(unravel(flat), xi[None], yi[None])[0]
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(theta, x, y)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _summed_hessian(loss_fn, params, x, y):
+    """`[P, P]` Hessian of the summed loss of one batch, over the flattened params."""
+    theta, unravel = ravel_pytree(params)
+    return jax.hessian(lambda flat: jnp.sum(loss_fn(unravel(flat), x, y)))(theta)
+
+
+def _per_example_grads(loss_fn, params, x, y, batch_size):
+    return _map_batches(lambda xb, yb: _example_grads(loss_fn, params, xb, yb), x, y, batch_size)
+
+
+def _per_example_squared_norms(loss_fn, params, x, y, batch_size):
+    return _map_batches(
+        lambda xb, yb: _example_squared_norms(loss_fn, params, xb, yb), x, y, batch_size
+    )
+
+
+def _hessian(loss_fn, params, x, y, damping, batch_size):
+    """`[P, P]` Hessian of the mean loss over `(x, y)`, plus `damping * I`."""
+    if batch_size is None or batch_size >= x.shape[0]:
+        total = _summed_hessian(loss_fn, params, x, y)
+    else:
+        _check_batch_size(batch_size)
+        total = sum(
+            _summed_hessian(loss_fn, params, x[i:i + batch_size], y[i:i + batch_size])
+            for i in range(0, x.shape[0], batch_size)
+        )
+    return _damped_mean(total, x.shape[0], damping)
+
+
+@jax.jit
+def _damped_mean(total, count, damping):
+    return total / count + damping * jnp.eye(total.shape[0], dtype=total.dtype)
+
+
+@jax.jit
+def _influence_matrix(hessian, test_grads, train_grads):
+    """`-g_test^T H^-1 g_train`: `[n_test, n_train]`."""
+    return -(jnp.linalg.solve(hessian, test_grads.T).T @ train_grads.T)
+
+
+@jax.jit
+def _quadratic_forms(hessian, grads):
+    """`g_i^T H^-1 g_i`: `[N]`."""
+    return jnp.sum(grads * jnp.linalg.solve(hessian, grads.T).T, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _example_squared_norms(loss_fn, params, x, y):
+    return jnp.sum(_example_grads(loss_fn, params, x, y) ** 2, axis=1)
+
+
+@jax.jit
+def _descending_ranks(scores):
+    """`[N]` rank of each score from the top, ties counted against: #{j: s_j >= s_i}."""
+    return scores.shape[0] - jnp.searchsorted(jnp.sort(scores), scores, side="left")
+
+
+_RANKING_KEYS = {"absolute": jnp.abs, "harmful": lambda v: v, "helpful": lambda v: -v}
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _top_flagged(influence, flagged, count, by):
+    _, indices = jax.lax.top_k(_RANKING_KEYS[by](influence), count)
+    return jnp.mean(flagged[indices].astype(jnp.float32), axis=1)
+
+
+def _finite(result):
+    if not np.all(np.isfinite(np.asarray(result))):
+        raise ValueError(
+            "non-finite influence: the Hessian is singular (increase damping) or the losses "
+            "are not finite."
+        )
+    return result
+
+
+def _map_batches(fn, x, y, batch_size):
+    if batch_size is None or batch_size >= x.shape[0]:
+        return fn(x, y)
+    _check_batch_size(batch_size)
+    return jnp.concatenate(
+        [fn(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    )
+
+
+def _check_batch_size(batch_size):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
