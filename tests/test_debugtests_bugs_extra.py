@@ -120,3 +120,23 @@ def test_ood_pairs_are_equal_sized_random_subsets():
         ood_pairs(in_images, ood_images, 7, jax.random.key(0))
     with pytest.raises(ValueError, match="share one input shape"):
         ood_pairs(in_images, ood_images[:, :1], 2, jax.random.key(0))
+
+
+def test_forward_layer_order_follows_the_forward_pass_not_the_names():
+    from flax import linen as nn
+
+    from jfail.debugtests import forward_layer_order, layer_order
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(4, name="z_first")(x))
+            x = nn.relu(nn.Dense(4, name="m_middle")(x))
+            return nn.Dense(2, name="a_output")(x)
+
+    x = np.zeros((1, 3), np.float32)
+    params = jax.tree_util.tree_map(np.asarray, Net().init(jax.random.key(0), x)["params"])
+    assert list(params) == ["a_output", "m_middle", "z_first"]  # sorted: names say nothing
+    assert layer_order(params) == ["z_first", "m_middle", "a_output"]
+    order = forward_layer_order(lambda p, v: Net().apply({"params": p}, v), params, x)
+    assert order == ["a_output", "m_middle", "z_first"]

@@ -40,6 +40,7 @@ from jfail.debugtests.influence import (
 )
 from jfail.debugtests.metrics import spearman, ssim
 from jfail.debugtests.randomization import (
+    forward_layer_order,
     cascading_randomization,
     independent_randomization,
     layer_order,
@@ -50,7 +51,8 @@ __all__ = [
     "load_backgrounds", "spurious_backgrounds",
     "ground_truth_weighted", "frozen_layer_mask", "freeze", "PREPROCESSING_KINDS",
     "preprocessing_mismatch", "ood_pairs",
-    "ssim", "spearman", "layer_order", "cascading_randomization", "independent_randomization",
+    "ssim", "spearman", "layer_order", "forward_layer_order", "cascading_randomization",
+    "independent_randomization",
     "TCAVResult", "concept_activation_vector", "directional_derivatives", "tcav_score", "tcav",
     "influence_scores", "self_influence", "fraction_checked_to_find", "top_fraction_flagged",
 ]
