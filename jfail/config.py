@@ -20,6 +20,7 @@ from jfail.train.classifier import TrainConfig
 __all__ = [
     "BarlowConfig",
     "ClassifierRunConfig",
+    "DebugTestsConfig",
     "DefuseConfig",
     "load_config",
     "apply_overrides",
@@ -109,6 +110,38 @@ class DefuseConfig:
     finetune_epochs: int = 3
     finetune_batch_size: int = 256
     finetune_learning_rate: float = 1e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugTestsConfig:
+    """The debugging tests for explanations (seed 002) on Fashion-MNIST-sized data.
+
+    Every attribution method in `methods` (default: all of `jfail.attribution.METHODS`, with the
+    paper's hyperparameters) is tested against four planted bugs: a spurious background (Table 2,
+    SSIM to GT-1 and GT-2), mislabelled training examples (a model trained with
+    `mislabel_fraction` of labels flipped against the model trained on correct labels),
+    cascading re-initialization from the top layer down (Figure 7) and out-of-distribution inputs
+    (Table 3, SSIM and Spearman rank correlation). Missing models are trained first.
+    """
+
+    name: str = "debug_tests"
+    dataset: str = "fashion_mnist"
+    classifier_config: str = "configs/defuse_cnn_fmnist.py"
+    classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"
+    ood_dataset: str = "mnist5k"
+    ood_config: str = "configs/defuse_cnn_mnist5k.py"
+    ood_run: str = "runs/classifiers/defuse_cnn_mnist5k"
+    spurious_classes: tuple = (0, 6)  # T-shirt/top, Shirt
+    backgrounds: tuple = ("brick", "grass")
+    spurious_epochs: int = 5
+    mislabel_fraction: float = 0.1
+    mislabel_epochs: int | None = None  # None: the classifier config's own epochs
+    workdir: str = "runs/debug_tests"
+    methods: tuple | None = None
+    num_inputs: int = 200
+    randomization_inputs: int = 40
+    batch_size: int = 40
     seed: int = 0
 
 
