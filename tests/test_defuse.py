@@ -176,14 +176,14 @@ def _blobs(n=96):
 
 def test_vae_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     images = _blobs()
-    config = VAEConfig(epochs=4, batch_size=32, anneal_steps=6, learning_rate=3e-3)
+    config = VAEConfig(epochs=2, batch_size=16, anneal_steps=6, learning_rate=3e-3)
     straight = train_vae(_tiny_vae(), images, config, progress=False)
     assert straight.history[-1]["loss"] < straight.history[0]["loss"]
-    # an interrupted run (2 epochs) continued to 4 ends with the same weights
-    train_vae(_tiny_vae(), images, VAEConfig(**{**config.__dict__, "epochs": 2}),
+    # an interrupted run (1 epoch) continued to 2 ends with the same weights
+    train_vae(_tiny_vae(), images, VAEConfig(**{**config.__dict__, "epochs": 1}),
               checkpoint_dir=tmp_path, progress=False)
     resumed = train_vae(_tiny_vae(), images, config, checkpoint_dir=tmp_path, progress=False)
-    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in resumed.history] == [0, 1]
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                            straight.variables, resumed.variables)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
