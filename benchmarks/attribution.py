@@ -129,6 +129,11 @@ from captum.attr import (
 )
 from captum.attr._utils.lrp_rules import EpsilonRule
 
+try:
+    from benchmarks._machine import cpu_name
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
+    from _machine import cpu_name
+
 from jfail.attribution import METHODS, fit_patterns, method_kwargs, segments
 from jfail.data import DatasetNotFoundError, load
 from jfail.models import DefuseCNN, logits_fn, resnet18, resnet_variables_from_torch
@@ -884,7 +889,7 @@ def _summary(runs: list[tuple[float, int]], batch_size: int) -> dict:
 def _environment(torch_threads: int, load_before: list[float], torch_device=None) -> dict:
     torch_device = torch.device("cpu") if torch_device is None else torch_device
     env = {
-        "device": _cpu_name(),
+        "device": cpu_name(),
         "jax_devices": [str(device) for device in jax.devices()],
         "jax_backend": jax.default_backend(),
         "torch_device": str(torch_device),
@@ -932,16 +937,6 @@ def _devices_sentence(env: dict) -> str:
     if env.get("float32_precision"):
         sentence += f"; full float32 on both sides ({env['float32_precision']})"
     return sentence + "."
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

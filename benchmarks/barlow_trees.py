@@ -65,6 +65,11 @@ from jfail.barlow import (
 )
 from jfail.barlow.trees import Condition
 
+try:
+    from benchmarks._machine import write_atomic
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
+    from _machine import write_atomic
+
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 NUM_FEATURES_SELECTED = 50
 DELTA, TAU = 0.1, 0.2
@@ -236,9 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "barlow_trees.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out_dir / "barlow_trees.json", json.dumps(result, indent=2) + "\n")
     markdown = _markdown(result)
-    _write_atomic(out_dir / "barlow_trees.md", markdown)
+    write_atomic(out_dir / "barlow_trees.md", markdown)
     print(markdown)
     return result
 
@@ -403,12 +408,6 @@ def _markdown(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _parse_args(argv):

@@ -93,6 +93,10 @@ from jfail.defuse import identify
 from jfail.models import BetaVAE, DefuseCNN, decoder_fn, logits_fn
 
 try:
+    from benchmarks._machine import cpu_name, write_atomic
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
+    from _machine import cpu_name, write_atomic
+try:
     from benchmarks._torch_defuse import random_variables, torch_classifier, torch_decoder
 except ModuleNotFoundError:  # run as `python benchmarks/identify.py`: this folder is on the path
     from _torch_defuse import random_variables, torch_classifier, torch_decoder
@@ -225,9 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["environment"]["load_average_after_1_5_15_min"] = list(os.getloadavg())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, json.dumps(results, indent=2) + "\n")
+    write_atomic(out, json.dumps(results, indent=2) + "\n")
     report = format_markdown(results)
-    _write_atomic(out.with_suffix(".md"), report)
+    write_atomic(out.with_suffix(".md"), report)
     print(report)
     return results
 
@@ -498,7 +502,7 @@ def _argv(argv: list[str] | None) -> list[str]:
 
 def _environment(args: argparse.Namespace, load_before: list[float]) -> dict:
     env = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "jax_devices": [str(device) for device in jax.devices()],
         "jax_device_kind": jax.devices()[0].device_kind,
@@ -516,22 +520,6 @@ def _environment(args: argparse.Namespace, load_before: list[float]) -> dict:
     if args.torch_device.startswith("cuda"):
         env["torch_cuda_device"] = torch.cuda.get_device_name()
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

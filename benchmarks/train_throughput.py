@@ -54,6 +54,11 @@ from jfail.data import Dataset, DatasetNotFoundError, load
 from jfail.models import DefuseCNN, init_classifier, linen_apply
 from jfail.train import DataParallel, TrainConfig, TrainState, make_optimizer, make_train_step
 
+try:
+    from benchmarks._machine import cpu_name
+except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
+    from _machine import cpu_name
+
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MAX_DISTINCT_BATCHES = 256  # batches are cycled through after this many (bounds memory)
 
@@ -322,7 +327,7 @@ def _summary(records: list[dict], batch_size: int, steps: int) -> dict:
 
 def _environment(torch_threads: int) -> dict:
     return {
-        "device": _cpu_name(),
+        "device": cpu_name(),
         "jax_devices": [str(device) for device in jax.devices()],
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15_min": list(os.getloadavg()),
@@ -336,16 +341,6 @@ def _environment(torch_threads: int) -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _tensor(array) -> torch.Tensor:
