@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.defuse._batched import map_batches
+
 __all__ = ["Scenarios", "distill", "sample_latents", "sample_scenarios"]
 
 
@@ -121,10 +123,7 @@ def sample_scenarios(
     """Sample and decode every scenario: `(z [S, n, Z], images [S, n, H, W, C])`."""
     z = sample_latents(scenarios, key, num_samples, tau)
     flat = z.reshape(-1, z.shape[-1])
-    decode = jax.jit(lambda dec, batch: dec(batch))
-    images = np.concatenate(
-        [np.asarray(decode(decoder, flat[i : i + batch_size])) for i in range(0, len(flat), batch_size)]
-    )
+    images = map_batches(decoder, flat, batch_size)
     return z, images.reshape(*z.shape[:2], *images.shape[1:])
 
 

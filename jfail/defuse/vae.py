@@ -22,6 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jfail.data import batches, check_images, num_batches
+from jfail.defuse._batched import map_batches
 from jfail.logs import progress_disabled
 from jfail.train.checkpoint import RunCheckpointer
 
@@ -136,10 +137,8 @@ def train_vae(
 
 def encode(encoder, images: np.ndarray, *, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """`(mu [N, Z], logvar [N, Z])` of `images: [N, H, W, C]` through `encoder(x) -> (mu, logvar)`."""
-    run = jax.jit(lambda enc, x: enc(x))
-    parts = [jax.device_get(run(encoder, images[i : i + batch_size]))
-             for i in range(0, len(images), batch_size)]
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    mu, logvar = map_batches(encoder, images, batch_size)
+    return mu, logvar
 
 
 @functools.lru_cache(maxsize=4)
