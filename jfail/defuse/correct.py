@@ -10,6 +10,7 @@ Figure 5 trade-off.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable, NamedTuple
@@ -81,8 +82,7 @@ def finetune(
     with images `[N, H, W, C]`; `failures` holds the failure instances with their annotated labels.
     """
     _check(train, failures, val, lam)
-    tx = optax.adam(config.learning_rate)
-    step = _make_step(apply_fn, tx)
+    step, tx = _make_step(apply_fn, config.learning_rate)
     current = (params, state, tx.init(params))
     best, best_epoch, best_accuracy, history = (params, state), -1, -math.inf, []
     key = jax.random.key(config.seed)
@@ -144,7 +144,11 @@ def correct(
     return SweepResult(best[2], best[3], best[1], per_lambda)
 
 
-def _make_step(apply_fn, tx):
+@functools.lru_cache(maxsize=8)
+def _make_step(apply_fn, learning_rate: float):
+    """The jitted step and its Adam, cached so every λ of a sweep reuses one compiled program."""
+    tx = optax.adam(learning_rate)
+
     def loss_fn(params, state, x, y, x_fail, y_fail, lam):
         logits, new_state = apply_fn(params, state, x, True)
         data_loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -161,7 +165,7 @@ def _make_step(apply_fn, tx):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), new_state, opt_state), loss
 
-    return step
+    return step, tx
 
 
 def _failure_order(seed: int, epoch: int, num_failures: int, length: int) -> np.ndarray:
