@@ -254,15 +254,8 @@ def _novelty(apply_fn, params, state, train, test_images, figures, class_names) 
     wrong = np.flatnonzero(train_pred != train.labels)
     queries = test_images[:, 0][:10]
     query_pred = _predict(apply_fn, params, state, queries)
-    pool = train.images[wrong].reshape(len(wrong), -1)
-    d2 = (jnp.sum(queries.reshape(len(queries), -1) ** 2, 1)[:, None]
-          - 2 * queries.reshape(len(queries), -1) @ pool.T + jnp.sum(pool**2, 1)[None])
-    nearest = np.asarray(jnp.argmin(d2, 1))
-    distances = np.sqrt(np.maximum(np.asarray(d2)[np.arange(len(queries)), nearest], 0))
-    all_train = train.images.reshape(len(train.images), -1)
-    d2_all = (jnp.sum(queries.reshape(len(queries), -1) ** 2, 1)[:, None]
-              - 2 * queries.reshape(len(queries), -1) @ all_train.T + jnp.sum(all_train**2, 1)[None])
-    nearest_any = np.sqrt(np.maximum(np.asarray(jnp.min(d2_all, 1)), 0))
+    nearest, distances = _nearest(queries, train.images[wrong])
+    _, nearest_any = _nearest(queries, train.images)
     plots.novelty_figure(queries, query_pred, train.images[wrong][nearest], train_pred[wrong][nearest],
                          distances, class_names, figures / "novelty.png")
     same_error = train_pred[wrong][nearest] == query_pred
@@ -270,6 +263,14 @@ def _novelty(apply_fn, params, state, train, test_images, figures, class_names) 
             "distance_to_nearest_train_error": distances.tolist(),
             "distance_to_nearest_train_image": nearest_any.tolist(),
             "nearest_error_has_same_prediction": same_error.tolist()}
+
+
+def _nearest(queries, pool) -> tuple[np.ndarray, np.ndarray]:
+    """Per query image, the index of the nearest `pool` image by ℓ2 and that distance."""
+    q, p = jnp.asarray(queries.reshape(len(queries), -1)), jnp.asarray(pool.reshape(len(pool), -1))
+    squared = jnp.sum(q**2, 1)[:, None] - 2 * q @ p.T + jnp.sum(p**2, 1)[None]
+    index = jnp.argmin(squared, 1)
+    return np.asarray(index), np.sqrt(np.maximum(np.asarray(squared[jnp.arange(len(q)), index]), 0))
 
 
 def _tsne(failures, scenarios, figures, seed: int, max_points: int = 3000) -> dict:
