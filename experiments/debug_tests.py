@@ -102,12 +102,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def attribute(name, model, x, target, patterns_from=None):
         kwargs = attribution.method_kwargs(
-            name, train_images=train.images, key=jax.random.fold_in(keys["methods"], list(attribution.METHODS).index(name)),
+            name, train_images=train.images,
+            key=jax.random.fold_in(keys["methods"], list(attribution.METHODS).index(name)),
             patterns=patterns_from if name in ("pattern_net", "pattern_attribution") else None)
         maps = attribution.METHODS[name](model, jnp.asarray(x), jnp.asarray(target),
                                          batch_size=config.batch_size, **kwargs)
         return np.asarray(attribution.normalize_unit(
             attribution.reduce_channels(attribution.absolute(maps))))
+
+    predict_fn = jax.jit(lambda m, v: jnp.argmax(m(v), -1))
 
     def needs_patterns(model, images):
         if {"pattern_net", "pattern_attribution"} & set(methods):
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     summary["spurious"] = spurious["report"]
     spurious_model, data, background = spurious["model"], spurious["test"], spurious["background"]
     x, masks = data.images[:n], data.object_masks[:n]
-    target = np.argmax(np.asarray(jax.jit(lambda m, v: m(v))(spurious_model, x)), -1)
+    target = np.asarray(predict_fn(spurious_model, x))
     patterns = needs_patterns(spurious_model, spurious["train_images"])
     gt1 = ground_truth_background(masks)
     rows = {}
@@ -144,7 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     summary["mislabel"] = mislabel["report"]
     patterns_clean = needs_patterns(normal, train.images)
     patterns_mis = needs_patterns(mis_model, train.images)
-    predict_fn = jax.jit(lambda m, v: jnp.argmax(m(v), -1))
     target_clean, target_mis = np.asarray(predict_fn(normal, xs)), np.asarray(predict_fn(mis_model, xs))
     summary["mislabel_ssim"] = {
         name: _mean_sem(ssim(attribute(name, normal, xs, target_clean, patterns_clean),
