@@ -158,6 +158,8 @@ def test_sampling_follows_the_scaled_component_covariance():
     np.testing.assert_allclose(images[:, :, 0, 0, :], z_small, rtol=1e-6)
     with pytest.raises(ValueError, match="tau"):
         sample_latents(scenarios, jax.random.key(0), 4, tau=0.0)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        sample_latents(scenarios, jax.random.key(0), 0)
 
 
 def _tiny_vae():
@@ -234,3 +236,32 @@ def test_correction_fixes_a_planted_failure_and_the_sweep_selects_by_validation(
     empty = Dataset(fail_train.images[:0], fail_train.labels[:0], ("neg", "pos"))
     with pytest.raises(ValueError, match="failure set is empty"):
         finetune(_linear_apply, params, {}, train, empty, val, 1.0, config)
+
+
+def test_settings_out_of_range_are_refused_with_the_setting_named():
+    decoder, classifier = _toy_models()
+    mu, labels, key = np.zeros((1, 2)), np.array([0]), jax.random.key(0)
+    with pytest.raises(ValueError, match="noise must be one of"):
+        identify(decoder, classifier, mu, labels, key, noise="uniform")
+    with pytest.raises(ValueError, match="num_draws must be a positive integer"):
+        identify(decoder, classifier, mu, labels, key, num_draws=0)
+    with pytest.raises(ValueError, match="max_per_image must be a positive integer"):
+        identify(decoder, classifier, mu, labels, key, max_per_image=-1)
+    with pytest.raises(ValueError, match="min_weight must be in"):
+        distill(np.zeros((20, 2)), key, max_components=2, min_weight=1.0)
+    with pytest.raises(ValueError, match="beta must be positive"):
+        VAEConfig(beta=0.0)
+    with pytest.raises(ValueError, match="anneal_steps must be >= 0"):
+        VAEConfig(anneal_steps=-1)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        CorrectionConfig(batch_size=0)
+    rng = np.random.default_rng(0)
+    train, val, fail = _bulk(rng, 8), _bulk(rng, 8), _failure_region(rng, 4)
+    params = {"w": jnp.zeros((3, 2))}
+    with pytest.raises(ValueError, match="λ must be a finite non-negative number"):
+        finetune(_linear_apply, params, {}, train, fail, val, -1.0)
+    with pytest.raises(ValueError, match="lambdas is empty"):
+        correct(_linear_apply, params, {}, train, fail, val, [])
+    shifted = Dataset(np.zeros((4, 2, 2, 1), np.float32), fail.labels, fail.class_names)
+    with pytest.raises(ValueError, match="differ in shape from train images"):
+        finetune(_linear_apply, params, {}, train, shifted, val, 1.0)
