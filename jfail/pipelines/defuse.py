@@ -1,0 +1,439 @@
+"""Defuse end to end (seeds 001, 003): Figure 4, Figure 5, scenario grids, novelty and t-SNE.
+
+    python experiments/defuse.py --config configs/defuse_fmnist.py
+
+Trains (or reloads) the classifier, the simulated annotators and the β-VAE; identifies
+unrestricted adversarial examples with Beta latent noise (as written, and centred for
+comparison); distils them with a Dirichlet-process GMM; has the annotators review 10 samples of
+every scenario; samples 256 fine-tuning and 256 test images from each failure scenario; corrects
+the classifier with `L(D) + λ·CE(D_f)` over the λ sweep, against the baseline that fine-tunes on
+the individually identified mistakes labelled by the annotators. Intermediate stages are cached
+in the run directory (`--workdir`, default `runs/defuse/<name>`), so a rerun only repeats what
+changed. Writes `results/<name>.md`, `.json` and PNGs under `results/<name>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import pickle
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfail.config import DefuseConfig, config_to_dict, load_config
+from jfail.data import Dataset, load, train_val_split
+from jfail.defuse import (
+    CorrectionConfig,
+    MajorityVote,
+    correct,
+    distill,
+    encode,
+    identify,
+    review_scenarios,
+    sample_scenarios,
+    train_vae,
+)
+from jfail.defuse import plots
+from jfail.logs import quiet_libraries
+from jfail.models import BetaVAE, decoder_fn, encoder_fn, linen_apply, logits_fn
+from jfail.train import predict
+from jfail.train.run import trained_classifier, write_json
+
+
+def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.py") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--workdir", default=None, help="run directory (default runs/defuse/<name>)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    config: DefuseConfig = load_config(args.config, args.set)
+    if not isinstance(config, DefuseConfig):
+        parser.error(f"{args.config} is not a Defuse config")
+    command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    workdir = Path(args.workdir or f"runs/defuse/{config.name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    out = Path(args.out_dir)
+    figures = out / config.name
+    figures.mkdir(parents=True, exist_ok=True)
+    progress = sys.stderr.isatty()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    keys = dict(zip(("identify", "compare", "distill", "review", "tune", "test", "subset"),
+                    jax.random.split(jax.random.key(config.seed), 7)))
+
+    # --- models ---------------------------------------------------------------------------------
+    classifier_config = load_config(config.classifier_config)
+    full = load(config.dataset, "train")
+    test = load(config.dataset, "test")
+    train, val = train_val_split(full, classifier_config.val_fraction,
+                                 seed=classifier_config.train.seed)
+    module, params, state, _, classifier_metrics = trained_classifier(
+        classifier_config, config.classifier_run, progress=progress)
+    apply_fn = linen_apply(module)
+    classifier = logits_fn(module, {"params": params, **state})
+    annotators, annotator_accuracy = _annotators(config, progress)
+    annotator = MajorityVote(annotators)
+
+    tick = time.perf_counter()
+    vae = BetaVAE(image_shape=full.images.shape[1:], latent_dim=config.latent_dim)
+    vae_result = train_vae(vae, full.images, config.vae,
+                           checkpoint_dir=Path(config.vae_run).absolute() / "checkpoints",
+                           progress=progress)
+    timings["vae_seconds_this_run"] = time.perf_counter() - tick
+    decoder = decoder_fn(vae, vae_result.variables)
+    encoder = encoder_fn(vae, vae_result.variables)
+
+    # --- identification -------------------------------------------------------------------------
+    if config.identify_images is None or config.identify_images >= len(train.labels):
+        subset = np.arange(len(train.labels))
+    else:
+        subset = np.sort(np.asarray(jax.random.choice(
+            keys["subset"], len(train.labels), (config.identify_images,), replace=False)))
+    identify_kwargs = dict(num_draws=config.num_draws, a=config.a, b=config.b,
+                           max_per_image=config.max_per_image)
+    stage_key = {"vae": config_to_dict(config.vae), "subset": len(subset), **identify_kwargs,
+                 "classifier": config.classifier_run, "seed": config.seed}
+
+    def run_identify(noise, key, keep_images):
+        mu, _ = encode(encoder, train.images[subset])
+        tick = time.perf_counter()
+        found = identify(decoder, classifier, mu, train.labels[subset], key, noise=noise,
+                         keep_images=keep_images, progress=progress, **identify_kwargs)
+        return found, time.perf_counter() - tick
+
+    failures, timings["identify_seconds"] = _cached(
+        workdir / f"identify_{config.noise}.pkl", {**stage_key, "noise": config.noise},
+        lambda: run_identify(config.noise, keys["identify"], True))
+    noise_report = {config.noise: _noise_record(failures)}
+    if config.compare_noise:
+        other = "centred" if config.noise == "paper" else "paper"
+        other_failures, _ = _cached(workdir / f"identify_{other}.pkl", {**stage_key, "noise": other},
+                                    lambda: run_identify(other, keys["compare"], False))
+        noise_report[other] = _noise_record(other_failures)
+
+    # --- distillation and review ----------------------------------------------------------------
+    distill_kwargs = dict(max_components=config.max_components, min_weight=config.min_weight,
+                          max_points=config.max_points)
+    (scenarios, timings["distill_seconds"]) = _cached(
+        workdir / "distill.pkl", {**stage_key, "noise": config.noise, **distill_kwargs},
+        lambda: _timed(lambda: distill(failures.latents, keys["distill"], **distill_kwargs)))
+    _, review_images = sample_scenarios(decoder, scenarios, keys["review"],
+                                        num_samples=config.review_samples, tau=config.tau)
+    reviews = review_scenarios(annotator, classifier, review_images, rho=config.rho)
+    failing = [s for s, r in enumerate(reviews) if r.is_failure]
+    review_predictions = np.stack([r.predictions for r in reviews])
+    plots.scenario_grid(review_images, review_predictions,
+                        np.array([r.label for r in reviews]), full.class_names,
+                        figures / "review_all_scenarios.png", columns=config.review_samples,
+                        title="every distilled scenario, as reviewed (title: classifier)")
+    summary = {
+        "config": config_to_dict(config),
+        "command": command,
+        "classifier": {"run": config.classifier_run,
+                       "test_accuracy": classifier_metrics["test_accuracy"]},
+        "annotators": {"test_accuracy": annotator_accuracy,
+                       "majority_test_accuracy": _accuracy(annotator.label(test.images),
+                                                           test.labels)},
+        "vae": {"epochs": len(vae_result.history), "history": vae_result.history},
+        "identification": {"images": int(len(subset)), "draws": int(len(subset) * config.num_draws),
+                           "noise": noise_report},
+        "distillation": {"components_kept": len(scenarios), "weights": scenarios.weights.tolist(),
+                         "converged": scenarios.converged},
+        "review": [_review_record(s, r, full.class_names) for s, r in enumerate(reviews)],
+        "failure_scenarios": failing,
+    }
+    if not failing:
+        summary["outcome"] = "the annotators judged no scenario a failure; nothing to correct"
+        _write(out, config, summary, timings, started)
+        return
+
+    # --- failure instances, baseline set, correction ----------------------------------------------
+    chosen = _select(scenarios, failing)
+    labels = np.array([reviews[s].label for s in failing])
+    n = config.samples_per_scenario
+    _, tune_images = sample_scenarios(decoder, chosen, keys["tune"], num_samples=n, tau=config.tau)
+    _, test_images = sample_scenarios(decoder, chosen, keys["test"], num_samples=n, tau=config.tau)
+    d_f = Dataset(tune_images.reshape(-1, *tune_images.shape[2:]), np.repeat(labels, n),
+                  full.class_names)
+    scenario_test = Dataset(test_images.reshape(-1, *test_images.shape[2:]),
+                            np.repeat(labels, n), full.class_names)
+    baseline_set, baseline_info = _baseline_set(annotator, failures, len(d_f.labels), config.seed,
+                                                full.class_names)
+    correction = CorrectionConfig(learning_rate=config.finetune_learning_rate,
+                                  batch_size=config.finetune_batch_size,
+                                  epochs=config.finetune_epochs, seed=config.seed)
+    evaluate_on = {"test": test, "scenario": scenario_test}
+    before = _scores(apply_fn, params, state, evaluate_on, val)
+    sweeps = {}
+    for method, failure_set in (("defuse", d_f), ("baseline", baseline_set)):
+        tick = time.perf_counter()
+        sweeps[method] = _cached(
+            workdir / f"correct_{method}.pkl",
+            {**stage_key, "distill": distill_kwargs, "tau": config.tau, "rho": config.rho,
+             "lambdas": list(config.lambdas), "correction": dataclasses.asdict(correction),
+             "samples": n, "annotators": config.num_annotators},
+            lambda fs=failure_set: correct(apply_fn, params, state, train, fs, val,
+                                           config.lambdas, correction, evaluate_on=evaluate_on,
+                                           progress=progress))
+        timings[f"correct_{method}_seconds"] = time.perf_counter() - tick
+
+    after = {method: _scores(apply_fn, sweep.params, sweep.state, evaluate_on, val)
+             | {"lambda": sweep.best_lambda} for method, sweep in sweeps.items()}
+    per_scenario = {
+        name: _per_scenario(apply_fn, p, s, scenario_test.images, labels, n)
+        for name, (p, s) in {"before": (params, state),
+                             **{m: (sw.params, sw.state) for m, sw in sweeps.items()}}.items()
+    }
+    # --- figures ----------------------------------------------------------------------------------
+    predictions = {name: _predict(apply_fn, p, s, test_images[:, :8].reshape(-1, *test_images.shape[2:]))
+                   .reshape(len(failing), -1)
+                   for name, (p, s) in (("before", (params, state)),
+                                        ("defuse", (sweeps["defuse"].params, sweeps["defuse"].state)))}
+    for name, preds in predictions.items():
+        plots.scenario_grid(test_images[:, :8], preds, labels, full.class_names,
+                            figures / f"scenarios_{name}.png",
+                            title=f"failure scenarios, classifier {name} correction")
+    plots.tradeoff_plot({m: sw.per_lambda for m, sw in sweeps.items()}, figures / "tradeoff.png")
+    summary["novelty"] = _novelty(apply_fn, params, state, train, test_images, figures,
+                                  full.class_names)
+    summary["tsne"] = _tsne(failures, scenarios, figures, config.seed)
+    summary.update(
+        failure_instances=int(len(d_f.labels)), baseline=baseline_info, before=before,
+        after=after, per_scenario=per_scenario,
+        sweeps={m: sw.per_lambda for m, sw in sweeps.items()},
+        scenario_labels=[full.class_names[c] for c in labels],
+    )
+    _write(out, config, summary, timings, started)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def _annotators(config: DefuseConfig, progress: bool):
+    base = load_config(config.annotator_config)
+    models, accuracies = [], []
+    for i in range(config.num_annotators):
+        run_config = dataclasses.replace(
+            base, name=f"{base.name}_seed{i + 1}", train=dataclasses.replace(base.train, seed=i + 1))
+        module, p, s, _, metrics = trained_classifier(
+            run_config, Path(config.annotator_runs) / f"seed{i + 1}", progress=progress)
+        models.append(logits_fn(module, {"params": p, **s}))
+        accuracies.append(metrics["test_accuracy"])
+    return models, accuracies
+
+
+def _baseline_set(annotator, failures, count: int, seed: int, class_names):
+    """The individually identified mistakes, each labelled by the annotators (none-of-the-above
+    dropped), down-sampled to the size of Defuse's failure set."""
+    labels = annotator.label(failures.images)
+    keep = np.flatnonzero(labels >= 0)
+    rng = np.random.default_rng(seed)
+    if len(keep) > count:
+        keep = np.sort(rng.choice(keep, count, replace=False))
+    info = {"identified": int(len(failures)), "labelled": int(np.sum(labels >= 0)),
+            "used": int(len(keep)),
+            "annotator_agrees_with_classifier": float(np.mean(labels[keep] == failures.predictions[keep]))
+            if len(keep) else None}
+    return Dataset(failures.images[keep], labels[keep].astype(np.int32), class_names), info
+
+
+def _novelty(apply_fn, params, state, train, test_images, figures, class_names) -> dict:
+    """Seed 003 §4.3: nearest misclassified training image (ℓ2) of one sample per scenario."""
+    train_pred = _predict(apply_fn, params, state, train.images)
+    wrong = np.flatnonzero(train_pred != train.labels)
+    queries = test_images[:, 0][:10]
+    query_pred = _predict(apply_fn, params, state, queries)
+    nearest, distances = _nearest(queries, train.images[wrong])
+    _, nearest_any = _nearest(queries, train.images)
+    plots.novelty_figure(queries, query_pred, train.images[wrong][nearest], train_pred[wrong][nearest],
+                         distances, class_names, figures / "novelty.png")
+    same_error = train_pred[wrong][nearest] == query_pred
+    return {"queries": int(len(queries)), "train_errors": int(len(wrong)),
+            "distance_to_nearest_train_error": distances.tolist(),
+            "distance_to_nearest_train_image": nearest_any.tolist(),
+            "nearest_error_has_same_prediction": same_error.tolist()}
+
+
+def _nearest(queries, pool) -> tuple[np.ndarray, np.ndarray]:
+    """Per query image, the index of the nearest `pool` image by ℓ2 and that distance."""
+    q, p = jnp.asarray(queries.reshape(len(queries), -1)), jnp.asarray(pool.reshape(len(pool), -1))
+    squared = jnp.sum(q**2, 1)[:, None] - 2 * q @ p.T + jnp.sum(p**2, 1)[None]
+    index = jnp.argmin(squared, 1)
+    return np.asarray(index), np.sqrt(np.maximum(np.asarray(squared[jnp.arange(len(q)), index]), 0))
+
+
+def _tsne(failures, scenarios, figures, seed: int, max_points: int = 3000) -> dict:
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(failures), min(max_points, len(failures)), replace=False))
+    embedding = TSNE(n_components=2, random_state=seed, init="pca").fit_transform(
+        failures.latents[rows])
+    plots.tsne_figure(embedding, scenarios.assignments[rows], figures / "tsne.png")
+    return {"points": int(len(rows))}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _scores(apply_fn, params, state, datasets: dict, val) -> dict:
+    scores = {f"{name}_accuracy": _accuracy(_predict(apply_fn, params, state, d.images), d.labels)
+              for name, d in datasets.items()}
+    scores["val_accuracy"] = _accuracy(_predict(apply_fn, params, state, val.images), val.labels)
+    return scores
+
+
+def _per_scenario(apply_fn, params, state, images, labels, n) -> list[float]:
+    correct_ = _predict(apply_fn, params, state, images) == np.repeat(labels, n)
+    return correct_.reshape(len(labels), n).mean(1).round(4).tolist()
+
+
+def _predict(apply_fn, params, state, images) -> np.ndarray:
+    return np.argmax(predict(apply_fn, params, state, np.asarray(images)), -1)
+
+
+def _accuracy(predictions, labels) -> float:
+    return float(np.mean(np.asarray(predictions) == np.asarray(labels)))
+
+
+def _select(scenarios, rows):
+    rows = np.asarray(rows)
+    return dataclasses.replace(scenarios, means=scenarios.means[rows],
+                               covariances=scenarios.covariances[rows],
+                               weights=scenarios.weights[rows],
+                               components=scenarios.components[rows])
+
+
+def _noise_record(failures) -> dict:
+    return {"kept": int(len(failures)), "misclassified_draws": failures.misclassified_draws,
+            "failure_rate": failures.failure_rate,
+            "images_with_a_failure": int(np.sum(failures.per_image > 0))}
+
+
+def _review_record(index, review, class_names) -> dict:
+    return {"scenario": index,
+            "label": class_names[review.label] if review.label >= 0 else "none of the above",
+            "disagreement": review.disagreement, "is_failure": bool(review.is_failure),
+            "agreement": review.agreement,
+            "predictions": [class_names[p] for p in review.predictions]}
+
+
+def _timed(fn):
+    tick = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - tick
+
+
+def _cached(path: Path, key: dict, compute):
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    if path.exists():
+        stored = pickle.loads(path.read_bytes())
+        if stored["key"] == digest:
+            return stored["value"]
+    value = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps({"key": digest, "value": jax.device_get(value)}))
+    tmp.replace(path)
+    return value
+
+
+def _write(out: Path, config, summary: dict, timings: dict, started: float) -> None:
+    summary["timings"] = {**timings, "total_seconds_this_run": time.perf_counter() - started}
+    write_json(out / f"{config.name}.json", summary)
+    (out / f"{config.name}.md").write_text(_markdown(summary, config))
+    print(f"wrote {out / config.name}.md")
+
+
+def _markdown(s: dict, config) -> str:
+    lines = [f"# Defuse on {config.dataset}", "", "Produced by:", "", "```bash", s["command"], "```", ""]
+    ident = s["identification"]
+    lines += [
+        f"Classifier test accuracy {s['classifier']['test_accuracy']:.4f}. Annotators: "
+        f"{len(s['annotators']['test_accuracy'])} MLPs, test accuracy "
+        + ", ".join(f"{a:.3f}" for a in s["annotators"]["test_accuracy"])
+        + f"; their majority vote {s['annotators']['majority_test_accuracy']:.4f}.",
+        f"β-VAE: {s['vae']['epochs']} epochs, final loss {s['vae']['history'][-1]['loss']:.1f} "
+        f"(reconstruction {s['vae']['history'][-1]['reconstruction']:.1f}, "
+        f"KL {s['vae']['history'][-1]['kl']:.2f}).", "",
+        "## Identification", "",
+        f"{ident['images']} training images × {config.num_draws} draws = {ident['draws']:,} decodes.", "",
+        "| noise | misclassified draws | rate | kept (≤ 100 per image) | images with a failure |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for noise, r in ident["noise"].items():
+        name = "Beta(a, b) as written (μ + ε)" if noise == "paper" else "centred (μ + ε − a/(a+b))"
+        lines.append(f"| {name} | {r['misclassified_draws']:,} | {r['failure_rate']:.4f} | "
+                     f"{r['kept']:,} | {r['images_with_a_failure']} |")
+    failing = s["failure_scenarios"]
+    lines += ["", "## Distillation and review", "",
+              f"The Dirichlet-process GMM kept {s['distillation']['components_kept']} components "
+              f"(weight > {config.min_weight}); the annotators judged {len(failing)} of them failures "
+              f"(more than ρ = {config.rho} of {config.review_samples} samples disagree with the "
+              "classifier).", "",
+              "| scenario | weight | annotated label | disagreement | annotator agreement | failure |",
+              "| ---: | ---: | --- | ---: | ---: | :---: |"]
+    for r, w in zip(s["review"], s["distillation"]["weights"]):
+        lines.append(f"| {r['scenario']} | {w:.3f} | {r['label']} | {r['disagreement']:.1f} | "
+                     f"{r['agreement']:.2f} | {'yes' if r['is_failure'] else ''} |")
+    lines += ["", f"![all scenarios]({config.name}/review_all_scenarios.png)", ""]
+    if not failing:
+        lines += [s["outcome"], ""]
+        return "\n".join(lines)
+    b, a = s["before"], s["after"]
+    lines += [
+        "## Figure 4: correction", "",
+        f"{len(failing)} failure scenarios, {s['failure_instances']:,} fine-tuning images "
+        f"({config.samples_per_scenario} per scenario) and as many held-out scenario test images. "
+        f"Baseline: {s['baseline']['used']:,} of the {s['baseline']['identified']:,} identified "
+        f"mistakes, labelled one by one by the annotators.", "",
+        "| model | λ | test accuracy | failure-scenario accuracy | val accuracy |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| before | | {b['test_accuracy']:.4f} | {b['scenario_accuracy']:.4f} | {b['val_accuracy']:.4f} |",
+    ]
+    for method in ("baseline", "defuse"):
+        r = a[method]
+        lines.append(f"| {method} | {r['lambda']:g} | {r['test_accuracy']:.4f} | "
+                     f"{r['scenario_accuracy']:.4f} | {r['val_accuracy']:.4f} |")
+    lines += ["", "Per scenario (accuracy on its held-out samples):", "",
+              "| scenario | label | before | baseline | defuse |", "| ---: | --- | ---: | ---: | ---: |"]
+    for i, (scenario, label) in enumerate(zip(failing, s["scenario_labels"])):
+        ps = s["per_scenario"]
+        lines.append(f"| {scenario} | {label} | {ps['before'][i]:.3f} | {ps['baseline'][i]:.3f} | "
+                     f"{ps['defuse'][i]:.3f} |")
+    lines += ["", "## Figure 5: λ sweep", "", "| method | λ | epoch kept | val | test | failure scenarios |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for method, records in s["sweeps"].items():
+        for r in records:
+            lines.append(f"| {method} | {r['lambda']:g} | {r['best_epoch']} | {r['val_accuracy']:.4f} | "
+                         f"{r['test_accuracy']:.4f} | {r['scenario_accuracy']:.4f} |")
+    nov = s["novelty"]
+    lines += [
+        "", f"![trade-off]({config.name}/tradeoff.png)", "",
+        "## Samples", "",
+        f"![before]({config.name}/scenarios_before.png)", "",
+        f"![after]({config.name}/scenarios_defuse.png)", "",
+        "## Novelty (seed 003, §4.3)", "",
+        f"One sample from each of {nov['queries']} scenarios against the {nov['train_errors']} "
+        "misclassified training images: median ℓ2 distance to the nearest training error "
+        f"{np.median(nov['distance_to_nearest_train_error']):.2f}, to the nearest training image "
+        f"of any kind {np.median(nov['distance_to_nearest_train_image']):.2f}; the nearest error "
+        f"has the same prediction in {sum(nov['nearest_error_has_same_prediction'])} of "
+        f"{nov['queries']} cases.", "",
+        f"![novelty]({config.name}/novelty.png)", "",
+        "## Latent space", "", f"![t-SNE]({config.name}/tsne.png)", "",
+        "## Timings (seconds)", "",
+    ]
+    lines += [f"- {k}: {v:.1f}" for k, v in s["timings"].items()]
+    return "\n".join(lines) + "\n"
+
