@@ -526,3 +526,36 @@ def test_check_labels():
         data.check_labels(np.array([0, 3, 1]), 3, num_classes=3)
     with pytest.raises(ValueError, match=r"one-hot labels\? use labels.argmax\(-1\)"):
         data.check_labels(np.eye(3, dtype=np.int32), 3)
+
+
+def test_percent_modifier_keeps_a_fixed_stratified_subset_of_the_split():
+    full = data.load("digits", "train")
+    subset = data.load("digits[:25%]", "train")
+    assert len(subset.labels) == round(0.25 * len(full.labels))
+    # Each class keeps its share (largest-remainder quotas: within one image).
+    np.testing.assert_allclose(np.bincount(subset.labels), 0.25 * np.bincount(full.labels), atol=1)
+    # Every kept image is one of the split's own, in the split's order, and the choice is fixed.
+    flat_full = full.images.reshape(len(full.labels), -1)
+    rows = [int(np.flatnonzero((flat_full == image.ravel()).all(1))[0]) for image in subset.images]
+    assert rows == sorted(rows)
+    np.testing.assert_array_equal(full.labels[rows], subset.labels)
+    np.testing.assert_array_equal(data.load("digits[:25%]", "train").images, subset.images)
+    assert data.load("digits[:100%]", "test").images.shape == data.load("digits", "test").images.shape
+
+
+def test_size_modifier_resizes_bilinearly_within_unit_range():
+    small = data.load("digits", "test")
+    large = data.load("digits@28", "test")
+    assert large.images.shape == (len(small.labels), 28, 28, 1)
+    np.testing.assert_array_equal(large.labels, small.labels)
+    assert 0.0 <= large.images.min() and large.images.max() <= 1.0
+    # Bilinear up-sampling keeps each image's mean brightness (up to edge effects).
+    np.testing.assert_allclose(large.images.mean((1, 2, 3)), small.images.mean((1, 2, 3)), atol=0.03)
+    both = data.load("digits@28[:50%]", "test")
+    assert both.images.shape[1:] == (28, 28, 1) and len(both.labels) == round(len(small.labels) / 2)
+
+
+@pytest.mark.parametrize("name", ["digits@0", "digits[:0%]", "digits[:150%]", "nosuch@28"])
+def test_bad_modifiers_are_refused(name):
+    with pytest.raises(ValueError, match="size|percentage|Unknown data set"):
+        data.load(name, "train")

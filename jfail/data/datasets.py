@@ -13,6 +13,11 @@ in [0, 1] and labels: [N] int32. Data sets:
   0..16 are divided by 16). Same fixed split as mnist5k.
 - ``tfds:<name>``: any TensorFlow Datasets image classification data set
   that has been prepared locally.
+
+A built-in name takes two optional modifiers, for quick runs and for pairing
+data sets of different sizes: ``@S`` resizes every image to SxS (bilinear),
+``[:P%]`` keeps a fixed class-stratified P percent of each split, e.g.
+``"fashion_mnist[:10%]"`` (6,000 train / 1,000 test) or ``"digits@28"``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -52,6 +58,9 @@ sorted by class.
 """
 
 FIXED_TEST_FRACTION = 0.2
+
+SUBSET_SEED = FIXED_SPLIT_SEED + 1
+"""Seed of the class-stratified subset that a ``[:P%]`` modifier keeps."""
 
 FASHION_MNIST_CLASS_NAMES = (
     "T-shirt/top",
@@ -91,7 +100,9 @@ def load(
 ) -> Dataset:
     """Loads one split of a data set into memory.
 
-    name: one of DATASET_NAMES or ``"tfds:<name>"``.
+    name: one of DATASET_NAMES or ``"tfds:<name>"``; a built-in name may
+      end with ``@S`` (resize to SxS) and then ``[:P%]`` (a fixed stratified
+      P percent of the split), e.g. ``"digits@28[:50%]"``.
     split: ``"train"`` or ``"test"``; mnist5k and digits also accept
       ``"all"``; ``tfds:`` names accept any TFDS split (``"train[:10%]"``).
     data_dir: for fashion_mnist and mnist, a directory with the IDX files,
@@ -111,6 +122,15 @@ def load(
         raise TypeError(f"name must be a string, got {type(name).__name__}.")
     if name.startswith("tfds:"):
         return _load_tfds(name[len("tfds:"):], split, data_dir, image_key, label_key)
+    modified = _MODIFIED_NAME.match(name)
+    if modified and (modified["size"] or modified["percent"]):
+        data = load(modified["base"], split, data_dir=data_dir, image_key=image_key,
+                    label_key=label_key)
+        if modified["size"]:
+            data = _resized(data, int(modified["size"]), name)
+        if modified["percent"]:
+            data = _percent_subset(data, float(modified["percent"]), name)
+        return data
     if name not in DATASET_NAMES:
         raise ValueError(
             f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)}, "
@@ -251,6 +271,34 @@ def _dataset_from_idx(image_path: str, label_path: str, class_names) -> Dataset:
             f"{len(class_names)} classes."
         )
     return Dataset(_uint8_to_unit_float(images[..., None]), labels.astype(np.int32), class_names)
+
+
+_MODIFIED_NAME = re.compile(
+    r"^(?P<base>[a-z0-9_]+)(?:@(?P<size>\d+))?(?:\[:(?P<percent>\d+(?:\.\d+)?)%\])?$"
+)
+
+
+def _resized(data: Dataset, size: int, name: str) -> Dataset:
+    """Every image bilinearly resized to [size, size], values kept in [0, 1]."""
+    import jax
+    import jax.numpy as jnp
+
+    if not 1 <= size <= 4096:
+        raise ValueError(f"{name!r}: the size after '@' must be in [1, 4096], got {size}.")
+    shape = (len(data.images), size, size, data.images.shape[-1])
+    images = jax.image.resize(jnp.asarray(data.images), shape, method="bilinear")
+    images = np.asarray(jnp.clip(images, 0.0, 1.0), dtype=np.float32)
+    return Dataset(images, data.labels, data.class_names)
+
+
+def _percent_subset(data: Dataset, percent: float, name: str) -> Dataset:
+    """A fixed class-stratified `percent` of `data`, in the original order."""
+    if not 0 < percent <= 100:
+        raise ValueError(f"{name!r}: the percentage must be in (0, 100], got {percent}.")
+    if percent == 100:
+        return data
+    keep = _split_mask(np.asarray(data.labels), percent / 100, seed=SUBSET_SEED, stratified=True)
+    return _take(data, keep)
 
 
 def _fixed_split(images, labels, class_names, split: str) -> Dataset:
