@@ -23,6 +23,7 @@ __all__ = [
     "DebugTestsConfig",
     "DefuseConfig",
     "load_config",
+    "write_config",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
@@ -161,6 +162,30 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     return apply_overrides(config, overrides)
 
 
+def write_config(path: str | Path, config: Any, *, doc: str = "") -> Path:
+    """Write `config` (a dataclass) as a config file that `load_config` reads back equal.
+
+    The file imports every dataclass the config nests and returns the config's `repr`, so a run
+    directory keeps the exact settings of each stage as a file that reruns it. doc: the file's
+    docstring.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
+    imports = sorted({(type(c).__module__, type(c).__qualname__) for c in _nested_dataclasses(config)})
+    doc = (doc or f"{type(config).__name__}, written by jfail.").replace('"""', "'''")
+    lines = [f'"""{doc}"""', ""]
+    lines += [f"from {module} import {name}" for module, name in imports]
+    lines += ["", "", "def get_config():", f"    return {config!r}", ""]
+    source = "\n".join(lines)
+    ast.parse(source)  # a repr that is not valid Python fails here, not when the file is read
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source)
+    if load_config(path) != config:
+        raise ValueError(f"{path} does not read back equal to the config it was written from")
+    return path
+
+
 def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     """`['train.epochs=3', 'dataset=digits']` applied to a (nested, frozen) dataclass config."""
     for item in overrides:
@@ -188,6 +213,20 @@ def config_from_dict(cls: type, values: dict) -> Any:
         target = _dataclass_in(hints[name])
         kwargs[name] = config_from_dict(target, value) if target and isinstance(value, dict) else value
     return cls(**kwargs)
+
+
+def _nested_dataclasses(value: Any):
+    """`value` and every dataclass instance inside it (fields, tuples, lists, dict values)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield value
+        for field in dataclasses.fields(value):
+            yield from _nested_dataclasses(getattr(value, field.name))
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _nested_dataclasses(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _nested_dataclasses(item)
 
 
 def _dataclass_in(hint: Any) -> type | None:

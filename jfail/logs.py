@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
-__all__ = ["quiet_libraries", "progress_disabled"]
+__all__ = ["quiet_libraries", "progress_disabled", "log_to_file"]
 
 
 def quiet_libraries() -> None:
@@ -26,3 +27,13 @@ def progress_disabled(progress: bool | None) -> bool:
     if progress is None:
         return not sys.stderr.isatty()
     return not progress
+
+
+def log_to_file(path: str | Path) -> logging.Handler:
+    """Copy jfail's log (INFO and above) into `path`; remove the returned handler to stop."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("jfail")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler

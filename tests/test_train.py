@@ -129,6 +129,25 @@ def test_config_overrides_and_unknown_keys():
         apply_overrides(config, ["train.optimizer=rmsprop"])
 
 
+def test_write_config_reads_back_equal_with_every_nested_dataclass(tmp_path):
+    from jfail.config import DefuseConfig, write_config
+    from jfail.defuse.vae import VAEConfig
+    from jfail.prime import PrimeConfig
+    from jfail.train import Attack
+
+    robust = ClassifierRunConfig(
+        name="robust", dataset="digits@28[:50%]", model_kwargs={"width": 16},
+        train=TrainConfig(epochs=2, attack=Attack(norm="l2", epsilon=0.5, steps=2)))
+    for config in (robust, DefuseConfig(vae=VAEConfig(epochs=3), lambdas=(1e-10, 1.0)),
+                   PrimeConfig(min_gain=(0.1, 0.05))):
+        path = write_config(tmp_path / f"{config.name}.py", config, doc='quotes """ survive')
+        assert load_config(path) == config
+        assert load_config(path, ["name=renamed"]).name == "renamed"
+    assert "from jfail.train.adversarial import Attack" in (tmp_path / "robust.py").read_text()
+    with pytest.raises(TypeError, match="dataclass instance"):
+        write_config(tmp_path / "bad.py", {"name": "x"})
+
+
 def test_cli_trains_writes_a_run_directory_and_rejects_bad_configs(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "jfail.cli", "train", "--config",

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from jfail.config import ClassifierRunConfig, config_from_dict, config_to_dict
 from jfail.data import load, train_val_split
+from jfail.logs import log_to_file
 from jfail.models import build_classifier, init_classifier, linen_apply
 from jfail.train.adversarial import robust_accuracy
 from jfail.train.classifier import evaluate, fit
@@ -47,7 +48,7 @@ def run_classifier(
     run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = config_to_dict(config)
     _claim_run_dir(run_dir, config_dict)
-    handler = _attach_log_file(run_dir / "train.log")
+    handler = log_to_file(run_dir / "train.log")
     try:
         started = time.perf_counter()
         train_full = load(config.dataset, "train")
@@ -164,15 +165,6 @@ def _save_weights(path: Path, params: Any, state: Any) -> None:
         shutil.rmtree(path)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, {"params": params, "state": state})
-
-
-def _attach_log_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("jfail")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    return handler
 
 
 def _json_default(value: Any) -> Any:
