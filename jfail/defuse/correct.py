@@ -128,7 +128,7 @@ def correct(
         raise ValueError("lambdas is empty: pass at least one regularization weight")
     evaluate_on = evaluate_on or {}
     per_lambda, best = [], None
-    for lam in lambdas:
+    for lam in tqdm(lambdas, desc="λ sweep", unit="λ", disable=progress_disabled(progress)):
         result = finetune(apply_fn, params, state, train, failures, val, lam, config,
                           progress=progress)
         record = {"lambda": lam, "best_epoch": result.best_epoch,

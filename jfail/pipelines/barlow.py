@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     quiet_libraries()
     config: BarlowConfig = load_config(args.config, args.set)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     figures = out / config.name
     figures.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    progress = sys.stderr.isatty()
+    progress = not args.quiet and sys.stderr.isatty()
 
     data = load(config.dataset, config.split)
     runs = {  # (module, params, state, config, metrics), trained first when missing

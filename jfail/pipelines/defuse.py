@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out-dir", default="results")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--workdir", default=None, help="run directory (default runs/defuse/<name>)")
     args = parser.parse_args(argv)
     quiet_libraries()
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     out = Path(args.out_dir)
     figures = out / config.name
     figures.mkdir(parents=True, exist_ok=True)
-    progress = sys.stderr.isatty()
+    progress = not args.quiet and sys.stderr.isatty()
     started = time.perf_counter()
     timings: dict[str, float] = {}
     keys = dict(zip(("identify", "compare", "distill", "review", "tune", "test", "subset"),
