@@ -1,4 +1,4 @@
-"""Barlow on Fashion-MNIST: Table 1, Tables 2-5 and the visual panels of seed 000's appendix.
+"""Barlow (seed 000): Table 1, Tables 2-5 and the visual panels of seed 000's appendix.
 
     python experiments/barlow.py --config configs/barlow_fmnist.py
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
         "command": command,
         "config": json.loads(json.dumps(config.__dict__, default=str)),
         "data": {"name": config.dataset, "split": config.split, "images": len(data.labels)},
+        "models": {name: _ARCHITECTURES.get(run[3].model, run[3].model) for name, run in runs.items()},
         "error_rates": {name: float(e.mean()) for name, e in errors.items()},
         "test_metrics": {name: _test_metrics(run[4]) for name, run in runs.items()},
         "table1": table1,
@@ -197,10 +198,15 @@ def _tree_record(group, tree, class_names) -> dict:
     }
 
 
+_ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "defuse_cnn": "Defuse CNN",
+                  "mlp": "MLP"}
+
+
 def _markdown(summary, tables, class_names, figures, out) -> str:
     names = dict(enumerate(class_names))
+    arch = summary["models"]
     lines = [
-        "# Barlow on Fashion-MNIST",
+        f"# Barlow on {summary['data']['name']}",
         "",
         "Produced by:",
         "",
@@ -209,8 +215,8 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
         "```",
         "",
         f"Data: {summary['data']['name']} {summary['data']['split']} split, "
-        f"{summary['data']['images']:,} images. Error rates: standard ResNet-18 "
-        f"{100 * summary['error_rates']['standard']:.2f} %, robust ResNet-18 "
+        f"{summary['data']['images']:,} images. Error rates: standard {arch['standard']} "
+        f"{100 * summary['error_rates']['standard']:.2f} %, robust {arch['robust']} "
         f"{100 * summary['error_rates']['robust']:.2f} %. Run time {summary['seconds']:.0f} s.",
         "",
         "| model | test accuracy | test accuracy under PGD | attack |",
@@ -220,7 +226,7 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
         attack = metrics.get("eval_attack")
         robust = metrics.get("test_robust_accuracy")
         lines.append(
-            f"| {name} ResNet-18 | {100 * metrics['test_accuracy']:.2f} % | "
+            f"| {name} {arch[name]} | {100 * metrics['test_accuracy']:.2f} % | "
             + (f"{100 * robust:.2f} % |" if robust is not None else "- |")
             + (f" ℓ{attack['norm'][1:]} ε = {attack['epsilon']}, {attack['steps']} steps |"
                if attack else " - |")
@@ -247,10 +253,12 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
     ]
     lines += _fraction_table(summary["extractor_comparison"])
     titles = {
-        ("standard", "label"): "Table 2 analogue: standard ResNet-18, grouping by label",
-        ("standard", "prediction"): "Table 3 analogue: standard ResNet-18, grouping by prediction",
-        ("robust", "label"): "Table 4 analogue: robust ResNet-18, grouping by label",
-        ("robust", "prediction"): "Table 5 analogue: robust ResNet-18, grouping by prediction",
+        ("standard", "label"): f"Table 2 analogue: standard {arch['standard']}, grouping by label",
+        ("standard", "prediction"): f"Table 3 analogue: standard {arch['standard']}, grouping by "
+                                    "prediction",
+        ("robust", "label"): f"Table 4 analogue: robust {arch['robust']}, grouping by label",
+        ("robust", "prediction"): f"Table 5 analogue: robust {arch['robust']}, grouping by "
+                                  "prediction",
     }
     for key, title in titles.items():
         lines += ["", f"## {title}", "", "Depth-1 trees on robust features.", "",

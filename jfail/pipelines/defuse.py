@@ -369,7 +369,8 @@ def _markdown(s: dict, config) -> str:
         f"KL {s['vae']['history'][-1]['kl']:.2f}).", "",
         "## Identification", "",
         f"{ident['images']} training images × {config.num_draws} draws = {ident['draws']:,} decodes.", "",
-        "| noise | misclassified draws | rate | kept (≤ 100 per image) | images with a failure |",
+        f"| noise | misclassified draws | rate | kept (≤ {config.max_per_image} per image) "
+        "| images with a failure |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for noise, r in ident["noise"].items():
