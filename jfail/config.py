@@ -89,6 +89,7 @@ class DefuseConfig:
     annotator_config: str = "configs/annotator_mlp_fmnist.py"
     annotator_runs: str = "runs/defuse/annotators_fmnist"  # one sub-directory per annotator
     num_annotators: int = 5
+    annotations: str = "simulated"  # or "page": the votes given on `jfail annotate`'s page
     latent_dim: int = 10
     vae: VAEConfig = VAEConfig()
     vae_run: str = "runs/defuse/vae_fmnist"
@@ -112,6 +113,12 @@ class DefuseConfig:
     finetune_batch_size: int = 256
     finetune_learning_rate: float = 1e-3
     seed: int = 0
+
+    def __post_init__(self):
+        if self.annotations not in ("simulated", "page"):
+            raise ValueError(
+                f"annotations must be 'simulated' (annotator classifiers) or 'page' (votes from "
+                f"`jfail annotate`), got {self.annotations!r}")
 
 
 @dataclasses.dataclass(frozen=True)

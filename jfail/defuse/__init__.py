@@ -12,6 +12,15 @@ from jfail.defuse.annotate import (
     review_scenarios,
     reviews_from_labels,
 )
+from jfail.defuse.annotation_server import (
+    AnnotationServer,
+    agreement_figure,
+    annotation_reviews,
+    load_votes,
+    prepare_annotation,
+    run_annotation_server,
+    serve,
+)
 from jfail.defuse.correct import (
     CorrectionConfig,
     FinetuneResult,
@@ -50,4 +59,11 @@ __all__ = [
     "majority_label",
     "review_scenarios",
     "reviews_from_labels",
+    "AnnotationServer",
+    "agreement_figure",
+    "annotation_reviews",
+    "load_votes",
+    "prepare_annotation",
+    "run_annotation_server",
+    "serve",
 ]

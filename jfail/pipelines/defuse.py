@@ -15,6 +15,7 @@ changed. Writes `results/<name>.md`, `.json` and PNGs under `results/<name>/`.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import hashlib
 import json
@@ -33,12 +34,15 @@ from jfail.data import Dataset, load, train_val_split
 from jfail.defuse import (
     CorrectionConfig,
     MajorityVote,
+    agreement_figure,
+    annotation_reviews,
     correct,
     distill,
     encode,
     identify,
     review_scenarios,
     sample_scenarios,
+    prepare_annotation,
     train_vae,
 )
 from jfail.defuse import plots
@@ -132,8 +136,13 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     _, review_images = sample_scenarios(decoder, scenarios, keys["review"],
                                         num_samples=config.review_samples, tau=config.tau)
     reviews = review_scenarios(annotator, classifier, review_images, rho=config.rho)
-    failing = [s for s, r in enumerate(reviews) if r.is_failure]
     review_predictions = np.stack([r.predictions for r in reviews])
+    annotation = _annotation_folder(workdir, review_images, review_predictions, full.class_names)
+    if config.annotations == "page":  # people's votes from `jfail annotate` replace the simulation
+        reviews = annotation_reviews(workdir, review_predictions, rho=config.rho)
+    agreement_figure(reviews, figures / "agreement.png",
+                     title=f"annotator agreement ({config.annotations} annotators)")
+    failing = [s for s, r in enumerate(reviews) if r.is_failure]
     plots.scenario_grid(review_images, review_predictions,
                         np.array([r.label for r in reviews]), full.class_names,
                         figures / "review_all_scenarios.png", columns=config.review_samples,
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
         "distillation": {"components_kept": len(scenarios), "weights": scenarios.weights.tolist(),
                          "converged": scenarios.converged},
         "review": [_review_record(s, r, full.class_names) for s, r in enumerate(reviews)],
+        "annotations": {"source": config.annotations, "folder": str(annotation)},
         "failure_scenarios": failing,
     }
     if not failing:
@@ -178,12 +188,15 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     before = _scores(apply_fn, params, state, evaluate_on, val)
     sweeps = {}
     for method, failure_set in (("defuse", d_f), ("baseline", baseline_set)):
+        if not len(failure_set.labels):  # the annotators gave every mistake "none of the above"
+            continue
         tick = time.perf_counter()
         sweeps[method] = _cached(
             workdir / f"correct_{method}.pkl",
             {**stage_key, "distill": distill_kwargs, "tau": config.tau, "rho": config.rho,
              "lambdas": list(config.lambdas), "correction": dataclasses.asdict(correction),
-             "samples": n, "annotators": config.num_annotators},
+             "samples": n, "annotators": config.num_annotators,
+             "failing": failing, "labels": labels.tolist()},
             lambda fs=failure_set: correct(apply_fn, params, state, train, fs, val,
                                            config.lambdas, correction, evaluate_on=evaluate_on,
                                            progress=progress))
@@ -232,6 +245,23 @@ def _annotators(config: DefuseConfig, progress: bool):
         models.append(logits_fn(module, {"params": p, **s}))
         accuracies.append(metrics["test_accuracy"])
     return models, accuracies
+
+
+def _annotation_folder(workdir: Path, samples, predictions, class_names) -> Path:
+    """The reviewed samples as `workdir/annotation/` for `jfail annotate`, kept once voted on."""
+    folder = workdir / "annotation"
+    stored = folder / "labels.csv"
+    if stored.is_file() and (folder / "votes.sqlite").is_file():
+        with open(stored, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        names = [class_names[p] for p in np.asarray(predictions).ravel()]
+        if [row["prediction"] for row in rows] == names:
+            return folder  # the same samples: keep the votes people gave
+    try:
+        return prepare_annotation(workdir, samples, predictions, class_names, overwrite=True)
+    except FileExistsError as error:
+        raise ValueError(f"{folder} holds votes on other samples than this run's; move it away "
+                         "to start a new annotation round") from error
 
 
 def _baseline_set(annotator, failures, count: int, seed: int, class_names):
@@ -388,7 +418,15 @@ def _markdown(s: dict, config) -> str:
     for r, w in zip(s["review"], s["distillation"]["weights"]):
         lines.append(f"| {r['scenario']} | {w:.3f} | {r['label']} | {r['disagreement']:.1f} | "
                      f"{r['agreement']:.2f} | {'yes' if r['is_failure'] else ''} |")
-    lines += ["", f"![all scenarios]({config.name}/review_all_scenarios.png)", ""]
+    source = s["annotations"]
+    who = ("people on the annotation page" if source["source"] == "page"
+           else f"{config.num_annotators} simulated annotators (independently trained MLPs)")
+    lines += ["", f"![all scenarios]({config.name}/review_all_scenarios.png)", "",
+              f"Labels from {who}. Figure 6 analogue, the annotators' agreement per scenario:", "",
+              f"![agreement]({config.name}/agreement.png)", "",
+              f"To label the samples yourself: `jfail annotate {Path(source['folder']).parent}` "
+              "serves them on 127.0.0.1 to any number of people at once; rerun with "
+              "`--set annotations=page` to correct with their majority labels.", ""]
     if not failing:
         lines += [s["outcome"], ""]
         return "\n".join(lines)
@@ -398,12 +436,14 @@ def _markdown(s: dict, config) -> str:
         f"{len(failing)} failure scenarios, {s['failure_instances']:,} fine-tuning images "
         f"({config.samples_per_scenario} per scenario) and as many held-out scenario test images. "
         f"Baseline: {s['baseline']['used']:,} of the {s['baseline']['identified']:,} identified "
-        f"mistakes, labelled one by one by the annotators.", "",
+        f"mistakes, labelled one by one by the annotators"
+        + (" (none kept a class label, so there is no baseline)." if not s["baseline"]["used"]
+           else "."), "",
         "| model | λ | test accuracy | failure-scenario accuracy | val accuracy |",
         "| --- | ---: | ---: | ---: | ---: |",
         f"| before | | {b['test_accuracy']:.4f} | {b['scenario_accuracy']:.4f} | {b['val_accuracy']:.4f} |",
     ]
-    for method in ("baseline", "defuse"):
+    for method in [m for m in ("baseline", "defuse") if m in a]:
         r = a[method]
         lines.append(f"| {method} | {r['lambda']:g} | {r['test_accuracy']:.4f} | "
                      f"{r['scenario_accuracy']:.4f} | {r['val_accuracy']:.4f} |")
@@ -411,8 +451,9 @@ def _markdown(s: dict, config) -> str:
               "| scenario | label | before | baseline | defuse |", "| ---: | --- | ---: | ---: | ---: |"]
     for i, (scenario, label) in enumerate(zip(failing, s["scenario_labels"])):
         ps = s["per_scenario"]
-        lines.append(f"| {scenario} | {label} | {ps['before'][i]:.3f} | {ps['baseline'][i]:.3f} | "
-                     f"{ps['defuse'][i]:.3f} |")
+        lines.append(f"| {scenario} | {label} | {ps['before'][i]:.3f} | "
+                     + (f"{ps['baseline'][i]:.3f}" if "baseline" in ps else "–")
+                     + f" | {ps['defuse'][i]:.3f} |")
     lines += ["", "## Figure 5: λ sweep", "", "| method | λ | epoch kept | val | test | failure scenarios |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for method, records in s["sweeps"].items():
