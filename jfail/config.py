@@ -130,7 +130,8 @@ class DebugTestsConfig:
     SSIM to GT-1 and GT-2), mislabelled training examples (a model trained with
     `mislabel_fraction` of labels flipped against the model trained on correct labels),
     cascading re-initialization from the top layer down (Figure 7) and out-of-distribution inputs
-    (Table 3, SSIM and Spearman rank correlation). Missing models are trained first.
+    (Table 3, SSIM and Spearman rank correlation). Appendix G runs TCAV and influence functions
+    on the same bugged models. `parts` picks what runs. Missing models are trained first.
     """
 
     name: str = "debug_tests"
@@ -151,6 +152,27 @@ class DebugTestsConfig:
     randomization_inputs: int = 40
     batch_size: int = 40
     seed: int = 0
+    # which parts run (`--parts` overrides): "table2", "mislabel", "table3", "figure7", "appendix_g"
+    parts: tuple = ("table2", "mislabel", "table3", "figure7", "appendix_g")
+    grid_inputs: int = 3  # input columns of the per-bug attribution grids
+    # Appendix G, TCAV on the spurious model: concept = crops of a spurious background alone;
+    # random concepts = data-set images on crops of the other textures; t-test against
+    # random-vs-random CAVs. `tcav_control`: also on the spurious architecture re-initialized.
+    tcav_layers: tuple = ("conv1", "conv2", "dense0")
+    tcav_concept_images: int = 100
+    tcav_random_sets: int = 10
+    tcav_inputs: int = 100  # spurious test inputs per class
+    tcav_alpha: float = 0.05
+    tcav_control: bool = True
+    # Appendix G, influence functions (Koh & Liang, last-layer Hessian): a pool of the spurious
+    # model's training images and test inputs; top `influence_top` of the pool per input.
+    influence_train: int = 2000
+    influence_test: int = 50
+    influence_top: float = 0.01
+    influence_damping: float = 0.01
+    # Appendix G, self-influence on the mislabelled model: a subset of its training set (with
+    # the flipped labels in it) ranked by self-influence.
+    self_influence_train: int = 5000
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
