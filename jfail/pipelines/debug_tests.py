@@ -48,6 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 import optax
 
 from jfail import attribution
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     parser.add_argument("--parts", default=None, metavar="PART[,PART...]",
                         help=f"run only these parts (default: the config's `parts`): "
                              f"{', '.join(PARTS)}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     quiet_libraries()
     config: DebugTestsConfig = load_config(args.config, args.set)
@@ -111,9 +113,13 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     figures = out / config.name
     figures.mkdir(parents=True, exist_ok=True)
     workdir = Path(config.workdir)
-    progress = sys.stderr.isatty()
+    progress = not args.quiet and sys.stderr.isatty()
     started = time.perf_counter()
     methods = tuple(config.methods or attribution.METHODS)
+
+    def each(items, desc):  # a progress bar over one part's loop
+        return tqdm(items, desc=desc, leave=False, disable=not progress)
+
     unknown = sorted(set(methods) - set(attribution.METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {sorted(attribution.METHODS)}")
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
         gt1 = ground_truth_background(masks)
         rows, panel = {}, {}
         calibration = np.asarray(jax.random.normal(keys["calibration"], gt1.shape))
-        for name in methods:
+        for name in each(methods, "Table 2"):
             maps = attribute(name, spurious_model, x, target, patterns)
             background_maps = attribute(name, spurious_model, background[:n], target, patterns)
             gt2 = ground_truth_weighted(background_maps, masks)
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
         target_clean = np.asarray(predict_fn(normal, xs))
         target_mis = np.asarray(predict_fn(mis_model, xs))
         summary["mislabel_ssim"], panel = {}, {}
-        for name in methods:
+        for name in each(methods, "mislabelled"):
             clean_maps = attribute(name, normal, xs, target_clean, patterns_clean)
             mis_maps = attribute(name, mis_model, xs, target_mis, patterns_mis)
             summary["mislabel_ssim"][name] = _mean_sem(ssim(clean_maps, mis_maps))
@@ -257,7 +263,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
                                         spurious["model"], patterns),
         }
         table3 = {}
-        for setting, (inputs, in_model, in_patterns, out_model, out_patterns) in settings.items():
+        for setting, bundle in each(settings.items(), "Table 3"):
+            inputs, in_model, in_patterns, out_model, out_patterns = bundle
             t_in = np.asarray(predict_fn(in_model, inputs))
             t_out = np.asarray(predict_fn(out_model, inputs))
             table3[setting], panel = {}, {}
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
         inputs = test.images[pick[: config.randomization_inputs]]
         target = np.asarray(predict_fn(normal, inputs))
         curves, cascade = {name: {"ssim": [], "rank": []} for name in methods}, {}
-        for step, (layer, step_params) in enumerate(steps):
+        for step, (layer, step_params) in enumerate(each(steps, "Figure 7")):
             model = logits_fn(module, {"params": step_params, **state})
             step_patterns = needs_patterns(model, train.images)
             for name in methods:
