@@ -125,7 +125,9 @@ def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
             ood_dataset=_SUBSET[ood], ood_config=paths["ood_classifier"],
             ood_run=str(models / "ood_classifier"), spurious_epochs=15, mislabel_epochs=1,
             workdir=str(work / "debug_tests"), methods=DEMO_ATTRIBUTION_METHODS, num_inputs=8,
-            randomization_inputs=4, batch_size=8),
+            randomization_inputs=4, batch_size=8, tcav_layers=("conv2", "dense0"),
+            tcav_concept_images=40, tcav_random_sets=5, tcav_inputs=20, tcav_control=False,
+            influence_train=500, influence_test=10, self_influence_train=1000),
         "prime": PrimeConfig(
             name="prime", dataset=data,
             classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
@@ -180,7 +182,7 @@ def run_demo(
             argv += ["--out-dir", str(out)]
         if command == "defuse":
             argv += ["--workdir", str(run_dir / "work" / "defuse")]
-        argv += quiet if command != "debugtests" else []
+        argv += quiet
         pipeline = importlib.import_module(module_name)
         log.info("%s: running", title)
         started = time.perf_counter()
@@ -225,6 +227,10 @@ def _overview(reason: str, configs: dict, timings: dict, commands: dict) -> str:
     titles = {command: title for command, title, _ in METHODS}
     for command, seconds in timings.items():
         lines.append(f"| {titles[command]} | {seconds:.0f} | `{commands[command]}` |")
+    methods = configs["debugtests"].methods or ()
+    if "debugtests" in timings and methods:
+        lines += ["", f"The debugging tests ran {len(methods)} attribution methods "
+                  f"({', '.join(methods)}); the full run has all 18."]
     lines += ["", f"Total: {sum(timings.values()):.0f} s. Each stage's config is a file under "
               "`configs/` in this run directory; the log is `jfail.log`.", ""]
     return "\n".join(lines)

@@ -33,7 +33,9 @@ def _tiny(configs: dict) -> dict:
         lambdas=(1.0,))
     out["debugtests"] = dataclasses.replace(
         configs["debugtests"], methods=("gradient", "guided_backprop"), num_inputs=4,
-        randomization_inputs=2, spurious_epochs=2)
+        randomization_inputs=2, spurious_epochs=2, tcav_layers=("dense0",),
+        tcav_concept_images=10, tcav_random_sets=2, tcav_inputs=5, influence_train=100,
+        influence_test=4, self_influence_train=200)
     out["prime"] = dataclasses.replace(configs["prime"], sweep_min_sizes=(10,),
                                        sweep_min_drops=(0.3,))
     return out
