@@ -123,7 +123,7 @@ def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
             name="debug_tests", dataset=data,
             classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
             ood_dataset=_SUBSET[ood], ood_config=paths["ood_classifier"],
-            ood_run=str(models / "ood_classifier"), spurious_epochs=15, mislabel_epochs=1,
+            ood_run=str(models / "ood_classifier"), spurious_epochs=30, mislabel_epochs=1,
             workdir=str(work / "debug_tests"), methods=DEMO_ATTRIBUTION_METHODS, num_inputs=8,
             randomization_inputs=4, batch_size=8, tcav_layers=("conv2", "dense0"),
             tcav_concept_images=40, tcav_random_sets=5, tcav_inputs=20, tcav_control=False,
