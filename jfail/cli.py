@@ -154,7 +154,8 @@ def _method(parser, args, run_dir: Path) -> int:
     from jfail.logs import stdout_to_file
 
     with stdout_to_file(run_dir / "jfail.log"):
-        importlib.import_module(module_name).main(argv, prog=f"jfail {args.command}")
+        # the pipeline records the command that reruns exactly this step
+        importlib.import_module(module_name).main(argv, prog=f"python -m {module_name}")
     report = write_report(run_dir, [(title, run_dir / f"{config.name}.md")], title=f"jfail {title}")
     print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
     return 0

@@ -123,7 +123,7 @@ def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
             name="debug_tests", dataset=data,
             classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
             ood_dataset=_SUBSET[ood], ood_config=paths["ood_classifier"],
-            ood_run=str(models / "ood_classifier"), spurious_epochs=30, mislabel_epochs=1,
+            ood_run=str(models / "ood_classifier"), spurious_epochs=15, mislabel_epochs=1,
             workdir=str(work / "debug_tests"), methods=DEMO_ATTRIBUTION_METHODS, num_inputs=8,
             randomization_inputs=4, batch_size=8, tcav_layers=("conv2", "dense0"),
             tcav_concept_images=40, tcav_random_sets=5, tcav_inputs=20, tcav_control=False,
@@ -187,9 +187,9 @@ def run_demo(
         log.info("%s: running", title)
         started = time.perf_counter()
         with stdout_to_file(run_dir / "jfail.log"):
-            pipeline.main(argv, prog=f"jfail {command}")
+            pipeline.main(argv, prog=f"python -m {module_name}")
         timings[command] = time.perf_counter() - started
-        commands[command] = f"jfail {command} " + " ".join(argv)
+        commands[command] = f"python -m {module_name} " + " ".join(argv)
         log.info("%s: done in %.0f s", title, timings[command])
         sections.append((title, out / f"{config.name}.md"))
     overview = run_dir / "demo.md"

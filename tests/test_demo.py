@@ -68,7 +68,8 @@ def test_demo_writes_every_method_configs_and_one_report(demo_run):
     for command, md in (("barlow", "barlow"), ("defuse", "defuse"),
                         ("debugtests", "debug_tests"), ("prime", "prime")):
         text = (run_dir / command / f"{md}.md").read_text()
-        assert f"jfail {command} --config {run_dir}/configs/{command}.py" in text
+        pipeline = dict((c, m) for c, _, m in demo.METHODS)[command]
+        assert f"python -m {pipeline} --config {run_dir}/configs/{command}.py" in text
         config = load_config(run_dir / "configs" / f"{command}.py")
         assert config.dataset == "digits@28"
     recorded = json.loads((run_dir / "report.json").read_text())

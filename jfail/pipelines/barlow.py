@@ -283,3 +283,6 @@ def _fraction_table(rows) -> list[str]:
         )
     return lines
 
+
+if __name__ == "__main__":
+    main(prog="python -m jfail.pipelines.barlow")

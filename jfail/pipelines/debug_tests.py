@@ -1037,3 +1037,7 @@ def _appendix_g_markdown(s: dict, config) -> list[str]:
     if findings:
         lines += ["### Findings", ""] + [f"- {f}" for f in findings] + [""]
     return lines
+
+
+if __name__ == "__main__":
+    main(prog="python -m jfail.pipelines.debug_tests")

@@ -480,3 +480,6 @@ def _markdown(s: dict, config) -> str:
     lines += [f"- {k}: {v:.1f}" for k, v in s["timings"].items()]
     return "\n".join(lines) + "\n"
 
+
+if __name__ == "__main__":
+    main(prog="python -m jfail.pipelines.defuse")

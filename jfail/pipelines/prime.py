@@ -661,3 +661,6 @@ def _pct(value) -> str:
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
+
+if __name__ == "__main__":
+    main(prog="python -m jfail.pipelines.prime")
