@@ -10,6 +10,7 @@ from jfail.models.callables import (
     model_fns,
     stateless_apply,
 )
+from jfail.models.cpu_gradients import cpu_friendly_gradients, strided_conv
 from jfail.models.cnn import BetaVAE, DefuseCNN, VAEDecoder, VAEEncoder
 from jfail.models.convert import (
     IMAGENET_MEAN,
@@ -40,6 +41,7 @@ __all__ = [
     "VAEEncoder",
     "as_callable",
     "build_classifier",
+    "cpu_friendly_gradients",
     "decoder_fn",
     "encoder_fn",
     "init_classifier",
@@ -53,4 +55,5 @@ __all__ = [
     "resnet50",
     "resnet_variables_from_torch",
     "stateless_apply",
+    "strided_conv",
 ]

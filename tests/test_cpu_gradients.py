@@ -1,0 +1,128 @@
+"""Strided convolutions differentiated through space-to-depth: the same values and gradients as
+JAX's own rule, the slow dilated convolution gone from the program, custom derivatives kept."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jfail.models import cpu_friendly_gradients, strided_conv
+from jfail.models.cpu_gradients import eligible
+
+# (x shape, kernel shape, strides, padding, dimension numbers)
+CASES = [
+    ((2, 28, 28, 3), (4, 4, 3, 5), (2, 2), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 7, 7, 3), (4, 4, 3, 5), (2, 2), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),  # crops
+    ((2, 3, 9, 10), (5, 3, 6, 2), (3, 2), ((2, 0), (0, 1)), ("NCHW", "OIHW", "NCHW")),
+    ((3, 11, 9, 2), (4, 2, 2, 4), (2, 1), ((0, 3), (1, 1)), ("NHWC", "HWIO", "NCHW")),
+    ((1, 12, 12, 1), (6, 6, 1, 2), (3, 3), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
+]
+
+
+def _conv(strides, padding, numbers):
+    return lambda x, w: jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=numbers, precision="highest")
+
+
+def _params(fn, x, w):
+    return jax.make_jaxpr(fn)(x, w).jaxpr.eqns[0].params
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[0]}-{case[1]}-{case[2]}")
+def test_strided_conv_matches_lax_in_value_and_both_gradients(case):
+    x_shape, w_shape, strides, padding, numbers = case
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    conv = _conv(strides, padding, numbers)
+    params = _params(conv, x, w)
+    assert eligible(params, w.shape)
+    expected, expected_vjp = jax.vjp(conv, x, w)
+    got, got_vjp = jax.vjp(lambda a, b: strided_conv(a, b, **params), x, w)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    for ours, theirs in zip(got_vjp(g), expected_vjp(g)):
+        scale = float(jnp.abs(theirs).max())
+        assert float(jnp.abs(ours - theirs).max()) <= 1e-5 * scale
+
+
+def test_only_overlapping_windows_that_tile_the_stride_are_eligible():
+    x, w4, w3, w1 = (jnp.zeros((1, 8, 8, 2)), jnp.zeros((4, 4, 2, 3)), jnp.zeros((3, 3, 2, 3)),
+                     jnp.zeros((1, 1, 2, 3)))
+    numbers = ("NHWC", "HWIO", "NHWC")
+    assert eligible(_params(_conv((2, 2), ((1, 1), (1, 1)), numbers), x, w4), w4.shape)
+    assert not eligible(_params(_conv((1, 1), ((1, 1), (1, 1)), numbers), x, w4), w4.shape)
+    assert not eligible(_params(_conv((2, 2), ((1, 1), (1, 1)), numbers), x, w3), w3.shape)
+    assert not eligible(_params(_conv((2, 2), ((0, 0), (0, 0)), numbers), x, w1), w1.shape)
+    dilated = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+        a, b, (2, 2), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=numbers)
+    assert not eligible(_params(dilated, x, w4), w4.shape)
+    grouped = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+        a, b, (2, 2), ((1, 1), (1, 1)), feature_group_count=2, dimension_numbers=numbers)
+    w_grouped = jnp.zeros((4, 4, 1, 4))
+    assert not eligible(_params(grouped, x, w_grouped), w_grouped.shape)
+
+
+class _StridedNet(nn.Module):
+    """Written here: 4x4/2 convolutions (rewritten), a 3x3/2 one (kept), BatchNorm, a jitted
+    inner function, a Python flag."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.relu(nn.Conv(6, (4, 4), strides=2, padding=1)(x))
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = jax.jit(lambda h: nn.relu(h))(nn.Conv(8, (4, 4), strides=2, padding=1)(x))
+        x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def _dilated_convs(fn, *args) -> int:
+    """Number of convolutions with input (lhs) dilation in the jaxpr of `fn`, nested included."""
+    def count(jaxpr):
+        total = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                total += any(d > 1 for d in eqn.params["lhs_dilation"])
+            for value in eqn.params.values():
+                for inner in (value if isinstance(value, (list, tuple)) else [value]):
+                    if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
+                        total += count(inner.jaxpr if hasattr(inner, "jaxpr") else inner)
+        return total
+
+    return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_gradients_of_a_flax_model_equal_and_lose_their_dilated_convolutions():
+    module = _StridedNet()
+    x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    variables = module.init(jax.random.key(1), x, False)
+
+    def loss(apply):
+        def value(params, images):
+            logits, updates = apply({**variables, "params": params}, images, True,
+                                    mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits, jnp.arange(4) % 5).mean() + 0.0 * sum(
+                    jnp.sum(v) for v in jax.tree_util.tree_leaves(updates))
+        return jax.grad(value, argnums=(0, 1))
+
+    plain = loss(module.apply)
+    rewritten = loss(cpu_friendly_gradients(module.apply, platform="cpu"))
+    expected = plain(variables["params"], x)
+    got = jax.jit(rewritten)(variables["params"], x)
+    for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        assert float(jnp.abs(ours - theirs).max()) <= 1e-5 * float(jnp.abs(theirs).max()) + 1e-7
+    # JAX differentiates each strided convolution into one with lhs dilation (the 3x3/2 kept):
+    assert _dilated_convs(plain, variables["params"], x) == 3
+    assert _dilated_convs(rewritten, variables["params"], x) == 1
+
+
+def test_custom_derivatives_are_kept_and_other_platforms_untouched():
+    def f(x):  # jax.nn.relu's custom JVP makes the derivative at 0 zero; max(x, 0)'s is 1/2
+        return jnp.sum(jax.nn.relu(x))
+
+    x = jnp.zeros((3,))
+    np.testing.assert_array_equal(jax.grad(cpu_friendly_gradients(f, platform="cpu"))(x), 0.0)
+    assert cpu_friendly_gradients(f, platform="gpu") is f
