@@ -519,12 +519,13 @@ def test_bad_inputs_raise_clear_errors(mlp):
 # Agreement with Captum on the same weights.
 
 
-def _torch_and_jax_conv_net(torch):
-    """A tiny NCHW torch conv net and the same function in JAX on NHWC images."""
+def _torch_and_jax_conv_net(torch, strided_kernel=3):
+    """A tiny NCHW torch conv net and the same function in JAX on NHWC images; its strided
+    convolution is `strided_kernel` wide (4: differentiated through space-to-depth on CPU)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(CHANNELS, 4, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 6, strided_kernel, stride=2, padding=1), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(6 * (HEIGHT // 2) * (WIDTH // 2), CLASSES),
     ).eval()
 
@@ -569,10 +570,11 @@ def _assert_close_relative(ours, theirs, tolerance=1e-4):
         np.abs(ours - theirs).max(), np.abs(theirs).max())
 
 
-def test_agrees_with_captum_on_the_same_weights():
+@pytest.mark.parametrize("strided_kernel", [3, 4])
+def test_agrees_with_captum_on_the_same_weights(strided_kernel):
     torch = pytest.importorskip("torch")
     captum_attr = pytest.importorskip("captum.attr")
-    net, model = _torch_and_jax_conv_net(torch)
+    net, model = _torch_and_jax_conv_net(torch, strided_kernel)
     x = _images(22, batch=3) * 2.0 - 1.0
     target = [1, 4, 0]
     target_tensor = torch.tensor(target)

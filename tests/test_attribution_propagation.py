@@ -271,7 +271,7 @@ def _rules_of_lrp_epsilon():
 # Agreement with Captum on the same weights.
 
 
-def _torch_pair(seed=0):
+def _torch_pair(seed=0, strided_kernel=3):
     torch = pytest.importorskip("torch")
     tnn = torch.nn
     torch.manual_seed(seed)
@@ -283,7 +283,7 @@ def _torch_pair(seed=0):
             super().__init__()
             self.features = tnn.Sequential(
                 tnn.Conv2d(1, 4, 3, padding=1), tnn.ReLU(),
-                tnn.Conv2d(4, 6, 3, stride=2, padding=1), tnn.ReLU(),
+                tnn.Conv2d(4, 6, strided_kernel, stride=2, padding=1), tnn.ReLU(),
                 tnn.MaxPool2d(2),
             )
             self.classifier = tnn.Sequential(tnn.Linear(6 * 3 * 3, 8), tnn.ReLU(), tnn.Linear(8, 3))
@@ -310,11 +310,12 @@ def _torch_pair(seed=0):
     return reference, jax.tree_util.Partial(apply, [jnp.asarray(w) for w in weights])
 
 
+@pytest.mark.parametrize("strided_kernel", [3, 4])  # 4: space-to-depth backward on CPU
 @pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "lrp_epsilon"])
-def test_agrees_with_captum(method):
+def test_agrees_with_captum(method, strided_kernel):
     torch = pytest.importorskip("torch")
     captum_attr = pytest.importorskip("captum.attr")
-    reference, model = _torch_pair()
+    reference, model = _torch_pair(strided_kernel=strided_kernel)
     x = np.asarray(jax.random.uniform(jax.random.key(4), (4, 12, 12, 1)))
     target = np.array([0, 1, 2, 1])
     inputs = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)

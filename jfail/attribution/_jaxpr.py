@@ -34,6 +34,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jfail.attribution._core import split_model
+from jfail.models.cpu_gradients import eligible, on_cpu, strided_conv
 
 __all__ = [
     "Rules",
@@ -310,8 +311,13 @@ class _Interpreter:
             chain_consts.append([read(v) for i, v in enumerate(c.invars) if i != dep_pos])
             carried = c.outvars[0]
 
+        space_to_depth = kind == "conv" and on_cpu() and eligible(eqn.params, weight.shape if
+                                                                  position == 0 else u.shape)
+
         def lin(inp, w):
             args = [inp, w] if position == 0 else [w, inp]
+            if space_to_depth:  # a fast input gradient on XLA:CPU (models/cpu_gradients.py)
+                return strided_conv(*args, **eqn.params)
             return eqn.primitive.bind(*args, **eqn.params)
 
         def affine(lin_out, consts):
