@@ -1,9 +1,11 @@
-"""What the benchmarks share: the processor's name and atomic result files."""
+"""What the benchmarks share: the processor's name, atomic result files, and how much of the
+machine other processes took during a run."""
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -23,3 +25,28 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def cpu_snapshot() -> dict:
+    """Wall clock, busy CPU seconds of the whole machine (all cores, from /proc/stat, stolen time
+    included) and CPU seconds of this process; None where /proc/stat is unreadable."""
+    times = os.times()
+    snapshot = {"wall": time.monotonic(), "own": times.user + times.system, "machine": None}
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return snapshot
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    ticks = os.sysconf("SC_CLK_TCK")
+    snapshot["machine"] = (user + nice + system + irq + softirq + steal) / ticks
+    return snapshot
+
+
+def other_cpu_share(start: dict, end: dict, cpu_count: int) -> float | None:
+    """Fraction of the machine's CPU capacity between two `cpu_snapshot`s that other processes
+    (or the hypervisor) used: (machine busy - own) / (wall x CPUs); None without /proc/stat."""
+    if start["machine"] is None or end["machine"] is None:
+        return None
+    wall = end["wall"] - start["wall"]
+    others = (end["machine"] - start["machine"]) - (end["own"] - start["own"])
+    return max(0.0, others) / max(wall * cpu_count, 1e-9)
