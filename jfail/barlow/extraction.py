@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
 
 __all__ = [
@@ -221,6 +222,8 @@ def _apply_heatmap(feature_map_fn, x, index, *, size):
 
 @functools.partial(jax.jit, static_argnames=("steps",))
 def _apply_attack(features_fn, x, index, epsilon, step_size, *, steps):
+    features_fn = cpu_friendly_gradients(features_fn)  # fast strided-conv gradients on CPU
+
     def activation(image, feature):
         return features_fn(image[None])[0, feature]
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, num_batches
 from jfail.logs import progress_disabled
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.classifier import evaluate
 
 __all__ = ["CorrectionConfig", "FinetuneResult", "SweepResult", "finetune", "correct"]
@@ -148,6 +149,7 @@ def correct(
 def _make_step(apply_fn, learning_rate: float):
     """The jitted step and its Adam, cached so every λ of a sweep reuses one compiled program."""
     tx = optax.adam(learning_rate)
+    apply_fn = cpu_friendly_gradients(apply_fn)  # fast strided-convolution gradients on CPU
 
     def loss_fn(params, state, x, y, x_fail, y_fail, lam):
         logits, new_state = apply_fn(params, state, x, True)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from jfail.data import batches, check_images, num_batches
 from jfail.defuse._batched import map_batches
 from jfail.logs import progress_disabled
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.checkpoint import RunCheckpointer
 
 __all__ = ["VAEConfig", "VAEResult", "vae_loss", "train_vae", "encode"]
@@ -145,12 +146,13 @@ def encode(encoder, images: np.ndarray, *, batch_size: int = 4096) -> tuple[np.n
 def _make_step(vae, learning_rate: float, beta: float, anneal_steps: int):
     """The jitted step and its optimizer, cached so repeated runs of one model compile once."""
     tx = optax.adam(learning_rate)
+    loss_fn = cpu_friendly_gradients(vae_loss)  # fast strided-convolution gradients on CPU
 
     @jax.jit
     def step(train_state, x, key):
         variables, opt_state, t = train_state
         kl_weight = jnp.minimum(1.0, t / anneal_steps) if anneal_steps else jnp.float32(1.0)
-        (loss, (reconstruction, kl)), grads = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)(
+        (loss, (reconstruction, kl)), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(
             vae, variables, x, key, beta, kl_weight
         )
         updates, opt_state = tx.update(grads, opt_state, variables)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from jfail.data import Dataset
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
 
 __all__ = ["Attack", "pgd_attack", "robust_accuracy"]
@@ -57,6 +58,7 @@ def pgd_attack(model: Callable, x: jax.Array, labels: jax.Array, key: jax.Array,
     Returns the adversarial images `[B, H, W, C]`; every `‖x_adv − x‖ ≤ ε` in the attack's norm.
     """
     alpha = attack.alpha
+    model = cpu_friendly_gradients(model)  # fast strided-convolution gradients on CPU
 
     def loss(x_adv):
         logits = model(x_adv)

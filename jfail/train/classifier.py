@@ -21,6 +21,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, check_images, check_labels, num_batches
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.adversarial import Attack, pgd_attack
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.parallel import DataParallel
@@ -117,6 +118,7 @@ def make_train_step(
     left untouched by the attack), with noise keyed by `(seed, step)`.
     """
     attack_key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
+    apply_fn = cpu_friendly_gradients(apply_fn)  # fast strided-convolution gradients on CPU
 
     def loss_fn(params, state, x, y, weight):
         logits, new_state = apply_fn(params, state, x, True)
