@@ -44,8 +44,8 @@ def test_strided_conv_matches_lax_in_value_and_both_gradients(case):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     g = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
     for ours, theirs in zip(got_vjp(g), expected_vjp(g)):
-        scale = float(jnp.abs(theirs).max())
-        assert float(jnp.abs(ours - theirs).max()) <= 1e-5 * scale
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
 
 
 def test_only_overlapping_windows_that_tile_the_stride_are_eligible():
@@ -96,8 +96,8 @@ def _dilated_convs(fn, *args) -> int:
 
 def test_gradients_of_a_flax_model_equal_and_lose_their_dilated_convolutions():
     module = _StridedNet()
-    x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
-    variables = module.init(jax.random.key(1), x, False)
+    x = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype(np.float32)
+    variables = jax.jit(module.init, static_argnums=2)(jax.random.key(1), x, False)
 
     def loss(apply):
         def value(params, images):
@@ -110,10 +110,11 @@ def test_gradients_of_a_flax_model_equal_and_lose_their_dilated_convolutions():
 
     plain = loss(module.apply)
     rewritten = loss(cpu_friendly_gradients(module.apply, platform="cpu"))
-    expected = plain(variables["params"], x)
+    expected = jax.jit(plain)(variables["params"], x)
     got = jax.jit(rewritten)(variables["params"], x)
     for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-        assert float(jnp.abs(ours - theirs).max()) <= 1e-5 * float(jnp.abs(theirs).max()) + 1e-7
+        ours, theirs = np.asarray(ours), np.asarray(theirs)  # numpy: no compile per leaf shape
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max() + 1e-7
     # JAX differentiates each strided convolution into one with lhs dilation (the 3x3/2 kept):
     assert _dilated_convs(plain, variables["params"], x) == 3
     assert _dilated_convs(rewritten, variables["params"], x) == 1
