@@ -64,19 +64,14 @@ METHODS = (
 
 def choose_dataset(preferred: str | None = None) -> tuple[str, str]:
     """(name, reason): the first of `DATA_PREFERENCE` (or `preferred`) whose files load here."""
-    candidates = (preferred,) if preferred else DATA_PREFERENCE
-    skipped = []
-    for name in candidates:
-        try:
-            load(name, "test")
-        except (DatasetNotFoundError, ImportError, FileNotFoundError) as error:
-            skipped.append(f"{name} is not available ({str(error).splitlines()[0]})")
-            continue
-        if preferred:
-            return name, f"{name} was asked for with --data"
-        reason = "it is the best data set reachable here" if not skipped else "; ".join(skipped)
-        return name, f"{name}: {reason}"
-    raise DatasetNotFoundError("no data set the demo can use is reachable: " + "; ".join(skipped))
+    name, skipped = _first_loadable((preferred,) if preferred else DATA_PREFERENCE)
+    if name is None:
+        raise DatasetNotFoundError(
+            "no data set the demo can use is reachable: " + "; ".join(skipped))
+    if preferred:
+        return name, f"{name} was asked for with --data"
+    reason = "; ".join(skipped) if skipped else "it is the best data set reachable here"
+    return name, f"{name}: {reason}"
 
 
 def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
@@ -86,7 +81,8 @@ def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
     """
     run_dir = Path(run_dir)
     data = _SUBSET[dataset]
-    ood = _reachable(_OOD_PARTNER[dataset])
+    partners = _OOD_PARTNER[dataset]
+    ood = _first_loadable(partners)[0] or partners[-1]
     models, work, configs = run_dir / "models", run_dir / "work", run_dir / "configs"
     fast = TrainConfig(optimizer="adadelta", learning_rate=1.0, batch_size=64, epochs=5)
     classifier = ClassifierRunConfig(name="classifier", dataset=data, model="defuse_cnn", train=fast)
@@ -204,14 +200,18 @@ def run_demo(
 # Private helpers.
 
 
-def _reachable(names: tuple[str, ...]) -> str:
+def _first_loadable(names) -> tuple[str | None, list[str]]:
+    """The first of `names` whose test split loads (None if none does), and why each one before
+    it did not."""
+    skipped = []
     for name in names:
         try:
             load(name, "test")
-            return name
-        except (DatasetNotFoundError, ImportError, FileNotFoundError):
+        except (DatasetNotFoundError, ImportError, FileNotFoundError) as error:
+            skipped.append(f"{name} is not available ({str(error).splitlines()[0]})")
             continue
-    return names[-1]
+        return name, skipped
+    return None, skipped
 
 
 def _overview(reason: str, configs: dict, timings: dict, commands: dict) -> str:
