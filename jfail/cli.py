@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report(run_dir) if args.command == "report" else _annotate(run_dir, args)
 
     run_dir = Path(args.workdir or f"runs/{args.command}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = run_dir.absolute()  # the report resolves relative Markdown paths against run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet and sys.stderr.isatty()
     with _logging_to(run_dir / "jfail.log"):

@@ -151,7 +151,7 @@ def run_demo(
 
     from jfail.report import write_report
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # section paths below are handed to the report as is
     run_dir.mkdir(parents=True, exist_ok=True)
     chosen = [m for m in METHODS if methods is None or m[0] in methods]
     if methods is not None and len(chosen) != len(set(methods)):

@@ -106,16 +106,16 @@ def test_method_command_rebuild_and_bad_config(demo_run, tmp_path):
     run_dir, _ = demo_run
     command = [sys.executable, "-m", "jfail.cli"]
     prime_dir = tmp_path / "prime_run"
-    done = subprocess.run(
+    done = subprocess.run(  # a relative run directory, like the default runs/<command>-<time>
         command + ["prime", "--config", str(run_dir / "configs" / "prime.py"),
-                   "--workdir", str(prime_dir), "--quiet", "--set", "min_drop=0.2"],
+                   "--workdir", "prime_run", "--quiet", "--set", "min_drop=0.2"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["report"] == str(prime_dir / "report.html")
     assert "min_drop=0.2" in (prime_dir / "prime.md").read_text()
     assert (prime_dir / "jfail.log").stat().st_size > 0
     (prime_dir / "report.html").unlink()
-    rebuilt = subprocess.run(command + ["report", str(prime_dir)], capture_output=True, text=True,
+    rebuilt = subprocess.run(command + ["report", "prime_run"], capture_output=True, text=True,
                              timeout=120, cwd=tmp_path)
     assert rebuilt.returncode == 0 and (prime_dir / "report.html").is_file()
     wrong = subprocess.run(
