@@ -118,10 +118,10 @@ def make_train_step(
     left untouched by the attack), with noise keyed by `(seed, step)`.
     """
     attack_key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
-    apply_fn = cpu_friendly_gradients(apply_fn)  # fast strided-convolution gradients on CPU
+    differentiable_apply = cpu_friendly_gradients(apply_fn)  # fast strided-conv gradients on CPU
 
     def loss_fn(params, state, x, y, weight):
-        logits, new_state = apply_fn(params, state, x, True)
+        logits, new_state = differentiable_apply(params, state, x, True)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         total = jnp.maximum(weight.sum(), 1.0)
         loss = jnp.sum(losses * weight) / total
@@ -131,7 +131,7 @@ def make_train_step(
     @jax.jit
     def step(train_state: TrainState, x, y, weight):
         if attack is not None:
-            model = lambda images: apply_fn(  # noqa: E731
+            model = lambda images: apply_fn(  # noqa: E731 (pgd_attack applies the rewrite itself)
                 train_state.params, train_state.state, images, True
             )[0]
             key = jax.random.fold_in(attack_key, train_state.step)
