@@ -311,8 +311,8 @@ class _Interpreter:
             chain_consts.append([read(v) for i, v in enumerate(c.invars) if i != dep_pos])
             carried = c.outvars[0]
 
-        space_to_depth = kind == "conv" and on_cpu() and eligible(eqn.params, weight.shape if
-                                                                  position == 0 else u.shape)
+        space_to_depth = (kind == "conv" and on_cpu()
+                          and eligible(eqn.params, eqn.invars[1].aval.shape))
 
         def lin(inp, w):
             args = [inp, w] if position == 0 else [w, inp]

@@ -132,7 +132,7 @@ def _evaluate(jaxpr, consts, args):
             outs = _evaluate(inner, inner_consts, values)
         else:
             outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-        if not eqn.primitive.multiple_results and not (name in _CALLS and isinstance(outs, list)):
+        if not eqn.primitive.multiple_results:
             outs = [outs]
         for var, value in zip(eqn.outvars, outs):
             if not isinstance(var, jcore.DropVar):
