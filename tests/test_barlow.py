@@ -372,4 +372,5 @@ def test_sharding_over_eight_devices_changes_nothing():
     assert (one["devices"], eight["devices"]) == (jax.device_count(), 8)
     assert one["indices"] == eight["indices"]
     np.testing.assert_allclose(one["mi"], eight["mi"], atol=2e-6)  # summation order
-    np.testing.assert_allclose(one["features"], eight["features"], rtol=1e-5, atol=1e-6)
+    # 64-term float32 dot products of values near 1, summed in a shape-dependent order
+    np.testing.assert_allclose(one["features"], eight["features"], rtol=1e-5, atol=1e-5)

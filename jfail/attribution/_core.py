@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.xla import jit
+
 __all__ = [
     "check_inputs", "run_chunked", "split_model", "num_classes", "map_over_samples", "pick_logits",
     "require_key", "check_positive_int", "sample_group_size",
@@ -182,10 +184,10 @@ def _jitted(kernel, static, hparams):
         model = static.rebuild(dynamic)
         return kernel(model, x, target, keys, *arrays, **dict(hparams))
 
-    return jax.jit(run)
+    return jit(run)
 
 
-@jax.jit
+@jit
 def _predict(model, x):
     return model(x)
 

@@ -35,6 +35,7 @@ from jfail.attribution._core import (
     sample_group_size,
 )
 from jfail.models.cpu_gradients import cpu_friendly_gradients
+from jfail.xla import jit
 
 __all__ = [
     "gradient",
@@ -312,7 +313,7 @@ def _noisy_gradients(name, statistic, model, x, target, key, batch_size, num_sam
     return mean * mean if statistic == "mean_squared" else mean
 
 
-@jax.jit
+@jit
 def _noise_std(x, noise_scale):
     """`[B]`: `noise_scale` times the input range (max - min) of each example of `x`."""
     return noise_scale * (jnp.max(x, axis=(1, 2, 3)) - jnp.min(x, axis=(1, 2, 3)))
@@ -376,7 +377,7 @@ def _resolve_baseline(name: str, x: jax.Array, baseline) -> jax.Array:
     return baseline
 
 
-@jax.jit
+@jit
 def _minimum_baseline(x):
     """Each example's minimum value broadcast over it: the paper's IG baseline, `[B, H, W, C]`."""
     return jnp.broadcast_to(jnp.min(x, axis=(1, 2, 3), keepdims=True), x.shape)

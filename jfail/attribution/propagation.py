@@ -34,6 +34,7 @@ from jfail.attribution._jaxpr import (
     modified_forward,
 )
 from jfail.logs import progress_disabled
+from jfail.xla import jit
 
 __all__ = [
     "guided_backprop",
@@ -198,7 +199,7 @@ def _pattern_statistics_fn(static):
         weights = [c[1] for c in collected]
         return stats, weights
 
-    return jax.jit(statistics)
+    return jit(statistics)
 
 
 def _block_layout(model, x):

@@ -16,7 +16,6 @@ counted in distances or coalition sizes, and gets coefficient 0.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -33,6 +32,7 @@ from jfail.attribution._core import (
     run_chunked,
     sample_group_size,
 )
+from jfail.xla import jit
 
 __all__ = ["segment", "segments", "lime", "kernel_shap"]
 
@@ -238,7 +238,7 @@ def _prepare(name, model, x, target, key, num_samples, num_segments, segment_map
     return x, target, segment_map, count, fill
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@jit(static_argnums=2)
 def _mean_fill(x, segment_map, count):
     """Each pixel painted with the mean colour of its segment (count=1: of the whole image)."""
 

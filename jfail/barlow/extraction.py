@@ -31,6 +31,7 @@ from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
+from jfail.xla import jit
 
 __all__ = [
     "AttackSettings",
@@ -203,12 +204,12 @@ def most_activating(activations, feature_index: int, k: int, *, among=None) -> n
 # Jitted kernels; the model callable is an argument, so its weights are traced, not baked in.
 
 
-@jax.jit
+@jit
 def _apply_features(feature_fn, x):
     return feature_fn(x)
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
+@jit(static_argnames=("size",))
 def _apply_heatmap(feature_map_fn, x, index, *, size):
     feature_map = feature_map_fn(x)  # [B, h, w, C]
     channel = jnp.take_along_axis(feature_map, index[:, None, None, None], axis=-1)[..., 0]
@@ -220,7 +221,7 @@ def _apply_heatmap(feature_map_fn, x, index, *, size):
     return jnp.clip(resized, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
+@jit(static_argnames=("steps",))
 def _apply_attack(features_fn, x, index, epsilon, step_size, *, steps):
     features_fn = cpu_friendly_gradients(features_fn)  # fast strided-conv gradients on CPU
 

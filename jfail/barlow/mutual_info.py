@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from jfail.barlow._checks import check_features_and_errors, check_groups
 from jfail.logs import progress_disabled
 from jfail.train.parallel import DataParallel
+from jfail.xla import jit
 
 __all__ = ["FeatureRanking", "mutual_information", "rank_features"]
 
@@ -210,7 +211,7 @@ def rank_groups(
 # The jitted estimator.
 
 
-@functools.partial(jax.jit, static_argnames=("candidates", "n_neighbors"))
+@jit(static_argnames=("candidates", "n_neighbors"))
 def _estimate_chunk(x, is_error, valid, seed, digamma_table, *, candidates, n_neighbors):
     """x: [G, n, D]; is_error, valid: [G, n]; seed: uint32; digamma_table: [n + 1], psi(0..n)
     (psi(0) unused) -> ([G, M] candidate features, [G, M] MI)."""

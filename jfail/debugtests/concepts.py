@@ -17,13 +17,14 @@ The model is split at a layer into `features(x) -> activations [B, ...]` and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jfail.xla import jit
 
 __all__ = [
     "TCAVResult",
@@ -199,7 +200,7 @@ def _target_gradients(features, head, x, target, dim, batch_size):
     )
 
 
-@functools.partial(jax.jit, static_argnames="target")
+@jit(static_argnames="target")
 def _batch_gradients(features, head, x, target):
     """`[B, D]` per-example gradients of one batch; features and head are `Partial`s."""
 
@@ -209,7 +210,7 @@ def _batch_gradients(features, head, x, target):
     return _flat_jax(jax.vmap(jax.grad(target_logit))(features(x)))
 
 
-@jax.jit
+@jit
 def _positive_fraction(derivatives):
     return jnp.mean(derivatives > 0)
 

@@ -19,7 +19,6 @@ jitted kernels: pass the same function object across calls to reuse their compil
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -27,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from jfail.xla import jit
 
 __all__ = [
     "influence_scores",
@@ -204,7 +205,7 @@ def _check_damping(damping):
         raise ValueError(f"damping must be non-negative, got {damping}.")
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _example_grads(loss_fn, params, x, y):
     """`[B, P]` gradients of each example's loss, with respect to the flattened params."""
     theta, unravel = ravel_pytree(params)
@@ -215,7 +216,7 @@ def _example_grads(loss_fn, params, x, y):
     return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(theta, x, y)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _summed_hessian(loss_fn, params, x, y):
     """`[P, P]` Hessian of the summed loss of one batch, over the flattened params."""
     theta, unravel = ravel_pytree(params)
@@ -245,29 +246,29 @@ def _hessian(loss_fn, params, x, y, damping, batch_size):
     return _damped_mean(total, x.shape[0], damping)
 
 
-@jax.jit
+@jit
 def _damped_mean(total, count, damping):
     return total / count + damping * jnp.eye(total.shape[0], dtype=total.dtype)
 
 
-@jax.jit
+@jit
 def _influence_matrix(hessian, test_grads, train_grads):
     """`-g_test^T H^-1 g_train`: `[n_test, n_train]`."""
     return -(jnp.linalg.solve(hessian, test_grads.T).T @ train_grads.T)
 
 
-@jax.jit
+@jit
 def _quadratic_forms(hessian, grads):
     """`g_i^T H^-1 g_i`: `[N]`."""
     return jnp.sum(grads * jnp.linalg.solve(hessian, grads.T).T, axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit(static_argnums=0)
 def _example_squared_norms(loss_fn, params, x, y):
     return jnp.sum(_example_grads(loss_fn, params, x, y) ** 2, axis=1)
 
 
-@jax.jit
+@jit
 def _descending_ranks(scores):
     """`[N]` rank of each score from the top, ties counted against: #{j: s_j >= s_i}."""
     return scores.shape[0] - jnp.searchsorted(jnp.sort(scores), scores, side="left")
@@ -276,7 +277,7 @@ def _descending_ranks(scores):
 _RANKING_KEYS = {"absolute": jnp.abs, "harmful": lambda v: v, "helpful": lambda v: -v}
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@jit(static_argnums=(2, 3))
 def _top_flagged(influence, flagged, count, by):
     _, indices = jax.lax.top_k(_RANKING_KEYS[by](influence), count)
     return jnp.mean(flagged[indices].astype(jnp.float32), axis=1)

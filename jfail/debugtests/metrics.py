@@ -14,11 +14,12 @@ flattened for Spearman) and return `[B]`, jitted and vmapped.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jfail.xla import jit
 
 __all__ = ["ssim", "spearman"]
 
@@ -87,7 +88,7 @@ def _blur(images):
     return images
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@jit(static_argnums=2)
 def _ssim(a, b, data_range):
     c1, c2 = (_K1 * data_range) ** 2, (_K2 * data_range) ** 2
     mean_a, mean_b = _blur(a), _blur(b)
@@ -102,7 +103,7 @@ def _ssim(a, b, data_range):
     return interior.mean(axis=(1, 2, 3))
 
 
-@jax.jit
+@jit
 def _spearman(a, b):
     return jax.vmap(_pearson)(jax.vmap(_average_ranks)(a), jax.vmap(_average_ranks)(b))
 

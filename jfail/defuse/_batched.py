@@ -7,6 +7,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jfail.xla import jit
+
 
 def map_batches(fn: Callable, x, batch_size: int) -> Any:
     """`fn(x)` computed `batch_size` rows at a time; the outputs (any pytree of `[b, ...]` arrays)
@@ -16,6 +18,6 @@ def map_batches(fn: Callable, x, batch_size: int) -> Any:
     return jax.tree_util.tree_map(lambda *chunks: np.concatenate(chunks), *parts)
 
 
-@jax.jit
+@jit
 def _call(fn, x):
     return fn(x)

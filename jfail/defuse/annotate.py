@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfail.data.checks import check_images
+from jfail.xla import jit
 
 __all__ = [
     "NONE_OF_THE_ABOVE",
@@ -383,17 +384,17 @@ def _majority(votes: jax.Array) -> jax.Array:
     return jnp.where(strict, label, NONE_OF_THE_ABOVE)
 
 
-@jax.jit
+@jit
 def _vote_kernel(models, x):
     return jnp.stack([jnp.argmax(model(x), axis=-1) for model in models], axis=-1)
 
 
-@jax.jit
+@jit
 def _label_kernel(models, x):
     return _majority(_vote_kernel(models, x))
 
 
-@jax.jit
+@jit
 def _predict_kernel(model, x):
     return jnp.argmax(model(x), axis=-1)
 

@@ -25,6 +25,7 @@ from jfail.data import Dataset, batches, num_batches
 from jfail.logs import progress_disabled
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.classifier import evaluate
+from jfail.xla import jit
 
 __all__ = ["CorrectionConfig", "FinetuneResult", "SweepResult", "finetune", "correct"]
 
@@ -158,7 +159,7 @@ def _make_step(apply_fn, learning_rate: float):
         fail_loss = optax.softmax_cross_entropy_with_integer_labels(fail_logits, y_fail).mean()
         return data_loss + lam * fail_loss, new_state
 
-    @jax.jit
+    @jit
     def step(current, x, y, x_fail, y_fail, lam):
         params, state, opt_state = current
         (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfail.defuse._batched import map_batches
+from jfail.xla import jit
 
 __all__ = ["Scenarios", "distill", "sample_latents", "sample_scenarios"]
 
@@ -127,7 +128,7 @@ def sample_scenarios(
     return z, images.reshape(*z.shape[:2], *images.shape[1:])
 
 
-@jax.jit(static_argnums=(3, 4))
+@jit(static_argnums=(3, 4))
 def _sample_latents(means, covariances, key, num_samples, tau):
     # a tiny ridge keeps the Cholesky factor real for a covariance that lost rank in float32
     ridge = 1e-6 * jnp.eye(means.shape[-1], dtype=means.dtype)

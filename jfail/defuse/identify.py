@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jfail.logs import progress_disabled
 from jfail.train.parallel import DataParallel, _pad_rows
+from jfail.xla import jit
 
 __all__ = ["Failures", "identify", "NOISE_MODES"]
 
@@ -122,7 +123,7 @@ def identify(
 
 @functools.lru_cache(maxsize=8)
 def _identify_kernel(num_draws, a, b, keep, shift, keep_images):
-    @jax.jit
+    @jit
     def kernel(decoder, classifier, mu, labels, index, key):
         def noise(i):
             eps = jax.random.beta(jax.random.fold_in(key, i), a, b, (num_draws, mu.shape[-1]))

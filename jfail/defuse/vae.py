@@ -26,6 +26,7 @@ from jfail.defuse._batched import map_batches
 from jfail.logs import progress_disabled
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.checkpoint import RunCheckpointer
+from jfail.xla import jit
 
 __all__ = ["VAEConfig", "VAEResult", "vae_loss", "train_vae", "encode"]
 
@@ -148,7 +149,7 @@ def _make_step(vae, learning_rate: float, beta: float, anneal_steps: int):
     tx = optax.adam(learning_rate)
     loss_fn = cpu_friendly_gradients(vae_loss)  # fast strided-convolution gradients on CPU
 
-    @jax.jit
+    @jit
     def step(train_state, x, key):
         variables, opt_state, t = train_state
         kl_weight = jnp.minimum(1.0, t / anneal_steps) if anneal_steps else jnp.float32(1.0)

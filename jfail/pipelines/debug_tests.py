@@ -83,6 +83,7 @@ from jfail.models import (
 )
 from jfail.train import evaluate, fit, predict
 from jfail.train.run import trained_classifier, write_json
+from jfail.xla import jit
 
 
 PARTS = ("table2", "mislabel", "table3", "figure7", "appendix_g")
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
         return np.asarray(attribution.normalize_unit(
             attribution.reduce_channels(attribution.absolute(maps))))
 
-    predict_fn = jax.jit(lambda m, v: jnp.argmax(m(v), -1))
+    predict_fn = jit(lambda m, v: jnp.argmax(m(v), -1))
     fitted_patterns: dict = {}
 
     def needs_patterns(model, images, cache_key=None):
@@ -660,7 +661,7 @@ def _check_head(model, head, x, features):
         raise RuntimeError("the last layer on the features does not reproduce the logits")
 
 
-@jax.jit
+@jit
 def _apply_features(features, x):
     return features(x)
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from jfail.logs import progress_disabled
 from jfail.prime.tags import TagMatrix, as_tag_array, frequent_tags
+from jfail.xla import jit
 
 __all__ = [
     "ACCURACY_TOLERANCE",
@@ -378,7 +379,7 @@ def _count_sets(packed: _PackedClass, sets: np.ndarray, block_size: int):
     return np.concatenate(size_parts).astype(np.int64), np.concatenate(hit_parts).astype(np.int64)
 
 
-@jax.jit
+@jit
 def _count_kernel(tag_bits: jax.Array, correct_bits: jax.Array, sets: jax.Array):
     """tag_bits [T + 1, W] uint32, correct_bits [W] uint32, sets [Q, k] int32 row indices
     -> sizes, hits: [Q] int32 (popcounts of the AND of each set's rows, alone and with correct)."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from jfail.data import check_images
 from jfail.prime.tags import TagMatrix
+from jfail.xla import jit
 
 __all__ = [
     "SHAPE_MEASURES",
@@ -190,7 +191,7 @@ def shape_measurements(
 # ----------------------------------------------------------------------------- measurements
 
 
-@jax.jit
+@jit
 def _measure_chunks(chunks: jax.Array, ink_threshold: jax.Array) -> jax.Array:
     return jax.lax.map(jax.vmap(lambda image: _measure(image, ink_threshold)), chunks)
 

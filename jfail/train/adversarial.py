@@ -16,6 +16,7 @@ import optax
 from jfail.data import Dataset
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
+from jfail.xla import jit
 
 __all__ = ["Attack", "pgd_attack", "robust_accuracy"]
 
@@ -108,7 +109,7 @@ def robust_accuracy(
     return {"clean": clean / n, "robust": robust / n, "count": n}
 
 
-@jax.jit(static_argnums=(0, 1))
+@jit(static_argnums=(0, 1))
 def _attack_counts(apply_fn, attack, params, state, x, y, weight, key):
     model = lambda images: apply_fn(params, state, images, False)[0]  # noqa: E731
     x_adv = pgd_attack(model, x, y, key, attack)

@@ -25,6 +25,7 @@ from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.adversarial import Attack, pgd_attack
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.parallel import DataParallel
+from jfail.xla import jit
 
 __all__ = [
     "TrainConfig",
@@ -128,7 +129,7 @@ def make_train_step(
         correct = jnp.sum((jnp.argmax(logits, -1) == y) * weight)
         return loss, (new_state, correct, total)
 
-    @jax.jit
+    @jit
     def step(train_state: TrainState, x, y, weight):
         if attack is not None:
             model = lambda images: apply_fn(  # noqa: E731 (pgd_attack applies the rewrite itself)
@@ -296,7 +297,7 @@ def fit(
     return FitResult(params_best, state_best, best_epoch, history, jax.device_get(current))
 
 
-@jax.jit(static_argnums=0)
+@jit(static_argnums=0)
 def _eval_logits(apply_fn: Callable, params: Any, state: Any, x: jax.Array) -> jax.Array:
     return apply_fn(params, state, x, False)[0]
 
