@@ -42,9 +42,8 @@ def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
             "images first, e.g. x.astype(np.float32) / 255."
         )
     x = jnp.asarray(x_array, jnp.float32)
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError("x contains NaN or infinite values.")
-    logits = jax.eval_shape(model, x)
+    dynamic, static = split_model(model)
+    logits = _model_output.eval_shape(dynamic, static, x)  # traced once per shapes, not per call
     if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(
             f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
@@ -52,28 +51,31 @@ def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
         )
     classes = logits.shape[1]
     if target is None:
-        target = jnp.argmax(_predict(model, x), axis=-1)
-    target_array = np.asarray(target)
-    if target_array.ndim == 0:
-        target_array = np.full((x.shape[0],), target_array)
-    if target_array.shape != (x.shape[0],):
+        target = jnp.argmax(_model_output(dynamic, static, x), axis=-1)
+    target = target if isinstance(target, jax.Array) else np.asarray(target)
+    if target.ndim == 0:
+        target = (jnp if isinstance(target, jax.Array) else np).full((x.shape[0],), target)
+    if target.shape != (x.shape[0],):
         raise ValueError(
             f"target must be one class index per example, shape ({x.shape[0]},), got shape "
-            f"{target_array.shape}."
+            f"{target.shape}."
         )
-    if not np.issubdtype(target_array.dtype, np.integer):
-        raise TypeError(f"target must hold integer class indices, got dtype {target_array.dtype}.")
-    if target_array.size and (target_array.min() < 0 or target_array.max() >= classes):
-        raise ValueError(
-            f"target indices must lie in [0, {classes}), got range "
-            f"[{target_array.min()}, {target_array.max()}]."
-        )
-    return x, jnp.asarray(target_array, jnp.int32)
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
+    if not isinstance(target, jax.Array) and target.size:  # on the host, before int32 wraps any
+        _check_target_range(target.min(), target.max(), classes)
+    target_int32 = jnp.asarray(target, jnp.int32)
+    finite, low, high = jax.device_get(_input_summary(x, target_int32))  # one transfer
+    if not finite:
+        raise ValueError("x contains NaN or infinite values.")
+    _check_target_range(low, high, classes)
+    return x, target_int32
 
 
 def num_classes(model: Callable, x: jax.Array) -> int:
     """Number of logits `model` returns for inputs shaped like `x`."""
-    return jax.eval_shape(model, x).shape[-1]
+    dynamic, static = split_model(model)
+    return _model_output.eval_shape(dynamic, static, x).shape[-1]
 
 
 def split_model(model: Any) -> tuple[list, "_StaticModel"]:
@@ -117,11 +119,12 @@ def run_chunked(
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
         args = [x, target] + ([] if keys is None else [keys]) + list(per_example)
-        args = [_pad_rows(a[start:stop], chunk) for a in args]
+        if chunk < batch:  # one chunk of the whole batch needs no slicing
+            args = [_pad_rows(a[start:stop], chunk) for a in args]
         if keys is None:
             args.insert(2, None)
         out = call(dynamic, *args, *shared)
-        outputs.append(out[: stop - start])
+        outputs.append(out if chunk == batch else out[: stop - start])
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
 
 
@@ -187,9 +190,22 @@ def _jitted(kernel, static, hparams):
     return jit(run)
 
 
+@jit(static_argnums=1)
+def _model_output(dynamic, static, x):
+    return static.rebuild(dynamic)(x)
+
+
+def _check_target_range(low, high, classes: int) -> None:
+    if low < 0 or high >= classes:
+        raise ValueError(f"target indices must lie in [0, {classes}), got range [{low}, {high}].")
+
+
 @jit
-def _predict(model, x):
-    return model(x)
+def _input_summary(x, target):
+    """Whether `x` is all finite, and the smallest and largest target (0 and 0 when empty)."""
+    if target.size == 0:
+        return jnp.all(jnp.isfinite(x)), jnp.int32(0), jnp.int32(0)
+    return jnp.all(jnp.isfinite(x)), jnp.min(target), jnp.max(target)
 
 
 class _StaticModel:
