@@ -81,10 +81,12 @@ process's own CPU time; the load average cannot tell the benchmark's own threads
 other processes distort both sides (torch's multithreaded kernels most), so run it on an
 otherwise idle machine; the report flags a run where they took over 10 %.
 
-On CPU, jfail differentiates the Defuse CNN's 4x4/2 convolutions through space-to-depth
-(`jfail.models.cpu_gradients`); the ResNet's 3x3/2 and 1x1/2 ones keep JAX's own rule.
+jfail's programs are compiled with `jfail.xla.OPTIONS` (XLA:CPU's YNNPACK fusions off, see
+`jfail.xla`). On CPU, jfail differentiates the Defuse CNN's 4x4/2 convolutions through
+space-to-depth (`jfail.models.cpu_gradients`); the ResNet's 3x3/2 and 1x1/2 ones keep JAX's own
+rule.
 
-The issue's target: at least Captum's speed for every method, and at least 2x for SmoothGrad,
+The targets: at least Captum's speed for every method, and at least 2x for SmoothGrad,
 VarGrad, Integrated Gradients and Expected Gradients; the report marks every miss.
 
 Writes `<out-dir>/<out-name>.json` and `<out-dir>/<out-name>.md` (`--out-name`, `attribution` by
