@@ -65,8 +65,7 @@ def gradient(model: Callable, x, target=None, *, key=None, batch_size: int | Non
 def input_x_gradient(model: Callable, x, target=None, *, key=None, batch_size: int | None = None):
     """Element-wise `x * gradient(x)`, signed: `[B, H, W, C]` (Shrikumar et al., 2016)."""
     x, target = check_inputs(model, x, target)
-    grads = run_chunked(_gradient_kernel, model, x, target, batch_size=batch_size)
-    return x * grads
+    return run_chunked(_input_x_gradient_kernel, model, x, target, batch_size=batch_size)
 
 
 def smoothgrad(
@@ -252,6 +251,10 @@ def expected_gradients(
 
 def _gradient_kernel(model, x, target, keys):
     return _target_logit_gradients(model, x, target)
+
+
+def _input_x_gradient_kernel(model, x, target, keys):
+    return x * _target_logit_gradients(model, x, target)
 
 
 def _noisy_gradient_kernel(model, x, target, keys, noise_std, *, num_samples, sample_batch_size):
