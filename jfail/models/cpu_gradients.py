@@ -3,9 +3,10 @@
 JAX differentiates a strided convolution into a convolution with `lhs_dilation` (the output
 cotangent spread out with zeros). XLA:CPU has no fast kernel for that and runs it as a generic
 loop: on the 4x4/2 layers of the Defuse CNN (batch 200) the input gradient took 31-62 ms against
-1-13 ms for the forward pass (XLA's Eigen convolutions, which `jfail.xla.jit` selects). A stride-s convolution is also a stride-1 convolution of the
-space-to-depth rearranged input (s x s blocks stacked into channels) with a rearranged kernel, and
-the transpose of that is an ordinary convolution (4-8x faster on those layers).
+1-13 ms for the forward pass (XLA's Eigen convolutions, which `jfail.xla.jit` selects). A
+stride-s convolution is also a stride-1 convolution of the space-to-depth rearranged input (s x s
+blocks stacked into channels) with a rearranged kernel, and the transpose of that is an ordinary
+convolution (4-8x faster on those layers).
 
 `strided_conv(lhs, rhs, **params)` is the primitive in the forward pass, with the lhs (input)
 cotangent computed through that rearrangement (the same sums in another order: agreement to
