@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from jfail import attribution
 from jfail.config import (
     BarlowConfig,
     ClassifierRunConfig,
@@ -230,7 +231,7 @@ def _overview(reason: str, configs: dict, timings: dict, commands: dict) -> str:
     methods = configs["debugtests"].methods or ()
     if "debugtests" in timings and methods:
         lines += ["", f"The debugging tests ran {len(methods)} attribution methods "
-                  f"({', '.join(methods)}); the full run has all 18."]
+                  f"({', '.join(methods)}); the full run has all {len(attribution.METHODS)}."]
     lines += ["", f"Total: {sum(timings.values()):.0f} s. Each stage's config is a file under "
               "`configs/` in this run directory; the log is `jfail.log`.", ""]
     return "\n".join(lines)

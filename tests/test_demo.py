@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _browser import chromium  # noqa: E402
 
-from jfail import demo  # noqa: E402
+from jfail import attribution, demo  # noqa: E402
 from jfail.config import load_config  # noqa: E402
 from jfail.data import datasets  # noqa: E402
 
@@ -79,7 +79,9 @@ def test_demo_writes_every_method_configs_and_one_report(demo_run):
     for anchor in ("overview", "barlow", "defuse", "debugging-tests-for-explanations", "prime"):
         assert f'href="#{anchor}"' in html and f'id="{anchor}"' in html
     assert 'src="data:image/png;base64,' in html and "<img src=\"/" not in html
-    assert "Data: digits@28" in (run_dir / "demo.md").read_text()
+    overview = (run_dir / "demo.md").read_text()
+    assert "Data: digits@28" in overview
+    assert f"the full run has all {len(attribution.METHODS)}." in overview
 
 
 def test_demo_report_opens_in_chromium_with_every_image(demo_run, tmp_path):
