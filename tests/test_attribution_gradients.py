@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -491,6 +492,16 @@ def test_bad_inputs_raise_clear_errors(mlp):
         grads.gradient(mlp, x, np.array([0, 1, 2]))
     with pytest.raises(TypeError, match="floating-point"):
         grads.gradient(mlp, np.zeros((2, HEIGHT, WIDTH, CHANNELS), np.uint8), 0)
+    with pytest.raises(TypeError, match="integer class indices"):
+        grads.gradient(mlp, x, np.array([0.0, 1.0]))
+    # out of range, checked on the host (numpy, before an int32 conversion could wrap the value)
+    # and on the device (a jax.Array target)
+    for target, shown in ((np.array([0, CLASSES]), f"[0, {CLASSES}]"), (-1, "[-1, -1]"),
+                          (np.array([0, 2**40]), f"[0, {2**40}]"),
+                          (jnp.array([1, CLASSES + 3]), f"[1, {CLASSES + 3}]")):
+        with pytest.raises(ValueError, match=rf"must lie in \[0, {CLASSES}\), got range "
+                                             rf"{re.escape(shown)}"):
+            grads.gradient(mlp, x, target)
     with_nan = x.copy()
     with_nan[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
