@@ -526,6 +526,44 @@ def test_bad_inputs_raise_clear_errors(mlp):
             method(mlp, x, 0, key=jax.random.key(0), segments=np.zeros((3, 3), np.int32))
 
 
+def test_checks_made_inside_the_program_raise_for_every_family_and_chunking(mlp):
+    """Finiteness of x and of baselines, and a device-held target's range, are computed in the
+    method's own program (one wait for the device per call); they must still raise, whether
+    the batch runs as one chunk or several."""
+    from jfail.attribution import propagation
+
+    x = _images(22, batch=3)
+    with_nan = x.copy()
+    with_nan[2, 1, 1, 0] = np.inf  # in the last chunk when chunks are single images
+    key = jax.random.key(0)
+    calls = {
+        "gradient": lambda images, **kw: grads.gradient(mlp, images, 0, **kw),
+        "vargrad": lambda images, **kw: grads.vargrad(mlp, images, 0, key=key, num_samples=2,
+                                                      **kw),
+        "expected_gradients": lambda images, **kw: grads.expected_gradients(
+            mlp, images, 0, key=key, baselines=x, num_samples=2, **kw),
+        "lrp_epsilon": lambda images, **kw: propagation.lrp_epsilon(mlp, images, 0, **kw),
+    }
+    for name, call in calls.items():
+        for batch_size in (None, 1):
+            with pytest.raises(ValueError, match="x contains NaN or infinite"):
+                call(with_nan, batch_size=batch_size)
+    for batch_size in (None, 1):
+        with pytest.raises(ValueError, match=rf"must lie in \[0, {CLASSES}\), got range \[0, 12\]"):
+            grads.smoothgrad(mlp, x, jnp.array([0, 12, 3]), key=key, num_samples=2,
+                             batch_size=batch_size)
+        with pytest.raises(ValueError, match="expected_gradients: baselines contain NaN"):
+            grads.expected_gradients(mlp, x, 0, key=key, baselines=with_nan, num_samples=2,
+                                     batch_size=batch_size)
+        with pytest.raises(ValueError, match="integrated_gradients: baseline contains NaN"):
+            grads.integrated_gradients(mlp, x, 0, baseline=with_nan, steps=2,
+                                       batch_size=batch_size)
+    # the same calls on clean inputs go through, and the paper's baseline is still the minimum
+    minimum = x.min(axis=(1, 2, 3), keepdims=True) * np.ones_like(x)
+    _assert_same(grads.integrated_gradients(mlp, x, 0, steps=4, batch_size=1),
+                 grads.integrated_gradients(mlp, x, 0, steps=4, baseline=minimum))
+
+
 # --------------------------------------------------------------------------------------------
 # Agreement with Captum on the same weights.
 

@@ -253,7 +253,7 @@ def test_weights_are_traced_arguments_not_constants():
     dynamic, static = _core.split_model(first)
     compiled = _core._jitted(
         __import__("jfail.attribution.propagation", fromlist=["x"])._propagation_kernel, static,
-        tuple(sorted({"rules": _rules_of_lrp_epsilon()}.items())),
+        tuple(sorted({"rules": _rules_of_lrp_epsilon()}.items())), False, (),
     )
     before = compiled._cache_size()
     b = lrp_epsilon(second, x, TARGET)

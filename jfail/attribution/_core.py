@@ -1,11 +1,14 @@
 """What every attribution method shares: input checks, the model as a traced pytree, chunking.
 
 Each method is a jitted kernel `kernel(model, x, target, key, **hparams) -> [b, H, W, C]` for one
-chunk of examples. `run_chunked` checks the inputs, splits the batch into chunks of `batch_size`
-(the last one padded, so one program serves every chunk), and calls the jitted kernel with the
-model's array leaves as traced arguments: weights are never baked into the program as constants,
-and new weights of the same shapes reuse it. Noise keys are split per example before chunking, so
-results do not depend on `batch_size`.
+chunk of examples. `run_chunked` splits the batch into chunks of `batch_size` (the last one
+padded, so one program serves every chunk), and calls the jitted kernel with the model's array
+leaves as traced arguments: weights are never baked into the program as constants, and new weights
+of the same shapes reuse it. Noise keys are split per example as for the whole batch, so results
+do not depend on `batch_size`. Shapes and dtypes are checked on the host first
+(`check_host_inputs`), finiteness and target ranges in the same program as the attributions: a
+call with one chunk is one program and one wait for the device. On an accelerator, where a small
+batch takes well under a millisecond, each further dispatch or transfer is a visible share.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import numpy as np
 from jfail.xla import jit
 
 __all__ = [
-    "check_inputs", "run_chunked", "split_model", "num_classes", "map_over_samples", "pick_logits",
-    "require_key", "check_positive_int", "sample_group_size",
+    "check_inputs", "check_host_inputs", "run_chunked", "split_model", "num_classes",
+    "map_over_samples", "pick_logits", "require_key", "check_positive_int", "sample_group_size",
 ]
 
 
@@ -29,47 +32,22 @@ def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
     """Validate `x: [B, H, W, C]` (float, finite) and `target` (None, an int, or `[B]` ints).
 
     Returns `(x, target)` as float32 `[B, H, W, C]` and int32 `[B]`; `target=None` means the
-    model's predicted class.
+    model's predicted class. Waits for the device once (finiteness, target range); methods that
+    go straight on to `run_chunked` use `check_host_inputs`, whose device checks `run_chunked`
+    makes inside the method's own program.
     """
-    if not callable(model):
-        raise TypeError(f"model must be a callable model(x) -> logits, got {type(model).__name__}.")
-    x_array = np.asarray(x) if not isinstance(x, jax.Array) else x
-    if x_array.ndim != 4:
-        raise ValueError(f"x must be a batch of images [B, H, W, C], got shape {x_array.shape}.")
-    if not jnp.issubdtype(x_array.dtype, jnp.floating):
-        raise TypeError(
-            f"x must hold floating-point images, got dtype {x_array.dtype}; convert integer "
-            "images first, e.g. x.astype(np.float32) / 255."
-        )
-    x = jnp.asarray(x_array, jnp.float32)
-    dynamic, static = split_model(model)
-    logits = _model_output.eval_shape(dynamic, static, x)  # traced once per shapes, not per call
-    if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
-            f"{getattr(logits, 'shape', type(logits).__name__)}."
-        )
-    classes = logits.shape[1]
-    if target is None:
-        target = jnp.argmax(_model_output(dynamic, static, x), axis=-1)
-    target = target if isinstance(target, jax.Array) else np.asarray(target)
-    if target.ndim == 0:
-        target = (jnp if isinstance(target, jax.Array) else np).full((x.shape[0],), target)
-    if target.shape != (x.shape[0],):
-        raise ValueError(
-            f"target must be one class index per example, shape ({x.shape[0]},), got shape "
-            f"{target.shape}."
-        )
-    if not jnp.issubdtype(target.dtype, jnp.integer):
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
-    if not isinstance(target, jax.Array) and target.size:  # on the host, before int32 wraps any
-        _check_target_range(target.min(), target.max(), classes)
-    target_int32 = jnp.asarray(target, jnp.int32)
-    finite, low, high = jax.device_get(_input_summary(x, target_int32))  # one transfer
-    if not finite:
-        raise ValueError("x contains NaN or infinite values.")
-    _check_target_range(low, high, classes)
-    return x, target_int32
+    x, target, classes = _checked_on_host(model, x, target)
+    finite, low, high = jax.device_get(_input_summary(x, target))  # one transfer
+    _raise_for_summary(finite, low, high, classes)
+    return x, target
+
+
+def check_host_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
+    """`check_inputs` without waiting for the device: shapes, dtypes and host-held targets are
+    checked here; whether `x` is finite and a device-held target in range is checked by
+    `run_chunked`, which computes both in the same program as the attributions."""
+    x, target, _ = _checked_on_host(model, x, target)
+    return x, target
 
 
 def num_classes(model: Callable, x: jax.Array) -> int:
@@ -96,6 +74,7 @@ def run_chunked(
     batch_size: int | None = None,
     per_example: tuple = (),
     shared: tuple = (),
+    nonfinite_errors: tuple = (),
     **hparams,
 ) -> jax.Array:
     """`kernel(model, x, target, keys, *per_example, *shared, **hparams)` per `batch_size` chunk.
@@ -104,27 +83,45 @@ def run_chunked(
     per_example: extra `[B, ...]` arrays chunked along with x; shared: arrays every chunk gets
     whole (e.g. `[N, H, W, C]` baselines), traced like the weights. Hyperparameters must be
     hashable (they are static in the compiled program). Returns the concatenated `[B, ...]` output.
+
+    The program that computes a chunk also reports whether its `x` is finite and its target's
+    range; a NaN or an out-of-range target raises a ValueError once the batch is done, so a call
+    waits for the device once. `nonfinite_errors`: one entry per `per_example` then `shared`
+    array, None or the error message raised when that array holds NaN or infinite values.
+    With one chunk the per-example keys are split inside that program.
     """
     batch = x.shape[0]
     if batch_size is None:
         batch_size = batch
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-    keys = None if key is None else jax.random.split(_as_key(key), batch)
-    shared = tuple(jnp.asarray(a) for a in shared)
-    dynamic, static = split_model(model)
-    call = _jitted(kernel, static, tuple(sorted(hparams.items())))
+    arrays = tuple(per_example) + tuple(shared)
+    nonfinite_errors = tuple(nonfinite_errors) + (None,) * (len(arrays) - len(nonfinite_errors))
+    if len(nonfinite_errors) != len(arrays):
+        raise ValueError("nonfinite_errors has more entries than per_example and shared arrays.")
+    shared = tuple(a if isinstance(a, (jax.Array, np.generic)) else jnp.asarray(a) for a in shared)
     chunk = min(batch_size, batch)
-    outputs = []
+    split_inside = key is not None and chunk == batch
+    keys = None if key is None else _as_key(key)
+    if key is not None and not split_inside:
+        keys = jax.random.split(keys, batch)  # before chunking: results do not depend on chunks
+    dynamic, static = split_model(model)
+    checked = tuple(message is not None for message in nonfinite_errors)
+    call = _jitted(kernel, static, tuple(sorted(hparams.items())), split_inside, checked)
+    outputs, summaries = [], []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
-        args = [x, target] + ([] if keys is None else [keys]) + list(per_example)
+        args = [x, target] + ([] if keys is None or split_inside else [keys]) + list(per_example)
         if chunk < batch:  # one chunk of the whole batch needs no slicing
             args = [_pad_rows(a[start:stop], chunk) for a in args]
         if keys is None:
             args.insert(2, None)
-        out = call(dynamic, *args, *shared)
+        elif split_inside:
+            args.insert(2, keys)
+        out, summary = call(dynamic, *args, *shared)
         outputs.append(out if chunk == batch else out[: stop - start])
+        summaries.append(summary)
+    _raise_for_chunks(jax.device_get(summaries), nonfinite_errors)
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
 
 
@@ -182,10 +179,20 @@ def pick_logits(logits, target):
 
 
 @functools.lru_cache(maxsize=256)
-def _jitted(kernel, static, hparams):
+def _jitted(kernel, static, hparams, split_key: bool = False, checked: tuple = ()):
+    """The jitted chunk program: `(attributions, summary)`, summary an int32 vector `[x finite,
+    lowest target, highest target, number of classes, one finiteness flag per array of
+    checked]` (`checked`: static flags over per_example + shared), one transfer for all."""
+
     def run(dynamic, x, target, keys, *arrays):  # arrays: the per-example chunks, then shared
         model = static.rebuild(dynamic)
-        return kernel(model, x, target, keys, *arrays, **dict(hparams))
+        if split_key:
+            keys = jax.random.split(keys, x.shape[0])
+        out = kernel(model, x, target, keys, *arrays, **dict(hparams))
+        classes = jax.eval_shape(model, x).shape[-1]  # a constant of the program
+        finite = [jnp.all(jnp.isfinite(a)) for a, check in zip(arrays, checked) if check]
+        flags = [*_input_summary(x, target), classes, *finite]
+        return out, jnp.stack([jnp.asarray(flag, jnp.int32) for flag in flags])
 
     return jit(run)
 
@@ -193,6 +200,61 @@ def _jitted(kernel, static, hparams):
 @jit(static_argnums=1)
 def _model_output(dynamic, static, x):
     return static.rebuild(dynamic)(x)
+
+
+def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, int]:
+    """The checks that need no device result: `(x float32, target int32, number of classes)`."""
+    if not callable(model):
+        raise TypeError(f"model must be a callable model(x) -> logits, got {type(model).__name__}.")
+    x_array = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if x_array.ndim != 4:
+        raise ValueError(f"x must be a batch of images [B, H, W, C], got shape {x_array.shape}.")
+    if not jnp.issubdtype(x_array.dtype, jnp.floating):
+        raise TypeError(
+            f"x must hold floating-point images, got dtype {x_array.dtype}; convert integer "
+            "images first, e.g. x.astype(np.float32) / 255."
+        )
+    x = jnp.asarray(x_array, jnp.float32)
+    dynamic, static = split_model(model)
+    logits = _model_output.eval_shape(dynamic, static, x)  # traced once per shapes, not per call
+    if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}."
+        )
+    classes = logits.shape[1]
+    if target is None:
+        target = jnp.argmax(_model_output(dynamic, static, x), axis=-1)
+    target = target if isinstance(target, jax.Array) else np.asarray(target)
+    if target.ndim == 0:
+        target = (jnp if isinstance(target, jax.Array) else np).full((x.shape[0],), target)
+    if target.shape != (x.shape[0],):
+        raise ValueError(
+            f"target must be one class index per example, shape ({x.shape[0]},), got shape "
+            f"{target.shape}."
+        )
+    if not jnp.issubdtype(target.dtype, jnp.integer):
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
+    if not isinstance(target, jax.Array) and target.size:  # on the host, before int32 wraps any
+        _check_target_range(target.min(), target.max(), classes)
+    return x, jnp.asarray(target, jnp.int32), classes
+
+
+def _raise_for_summary(finite, low, high, classes: int) -> None:
+    if not finite:
+        raise ValueError("x contains NaN or infinite values.")
+    _check_target_range(low, high, classes)
+
+
+def _raise_for_chunks(summaries, nonfinite_errors) -> None:
+    """Raise for the first problem any chunk's summary shows (see `_jitted`)."""
+    summaries = np.stack(summaries)  # [chunks, 4 + checked arrays]
+    low, high, classes = summaries[:, 1].min(), summaries[:, 2].max(), int(summaries[0, 3])
+    _raise_for_summary(summaries[:, 0].all(), low, high, classes)
+    messages = [message for message in nonfinite_errors if message is not None]
+    for index, message in enumerate(messages):
+        if not summaries[:, 4 + index].all():
+            raise ValueError(message)
 
 
 def _check_target_range(low, high, classes: int) -> None:

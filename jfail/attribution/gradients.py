@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfail.attribution._core import (
-    check_inputs,
+    check_host_inputs,
     check_positive_int,
     map_over_samples,
     pick_logits,
@@ -58,13 +58,13 @@ def gradient(model: Callable, x, target=None, *, key=None, batch_size: int | Non
     The paper's Grad map is the absolute value of this; apply `postprocess.absolute` for it.
     `key` is accepted for a uniform signature and unused.
     """
-    x, target = check_inputs(model, x, target)
+    x, target = check_host_inputs(model, x, target)
     return run_chunked(_gradient_kernel, model, x, target, batch_size=batch_size)
 
 
 def input_x_gradient(model: Callable, x, target=None, *, key=None, batch_size: int | None = None):
     """Element-wise `x * gradient(x)`, signed: `[B, H, W, C]` (Shrikumar et al., 2016)."""
-    x, target = check_inputs(model, x, target)
+    x, target = check_host_inputs(model, x, target)
     return run_chunked(_input_x_gradient_kernel, model, x, target, batch_size=batch_size)
 
 
@@ -170,12 +170,12 @@ def integrated_gradients(
         raise ValueError(f"integrated_gradients: method must be one of {IG_RULES}, got {method!r}.")
     minimum_steps = 2 if method == "riemann_trapezoid" else 1
     check_positive_int("integrated_gradients", "steps", steps, minimum=minimum_steps)
-    x, target = check_inputs(model, x, target)
+    x, target = check_host_inputs(model, x, target)
     baseline = _resolve_baseline("integrated_gradients", x, baseline)
     return run_chunked(
         _integrated_gradients_kernel, model, x, target, batch_size=batch_size,
-        per_example=(baseline,), steps=int(steps), method=method,
-        sample_batch_size=sample_group_size(sample_batch_size),
+        per_example=baseline, nonfinite_errors=_baseline_errors("integrated_gradients", baseline),
+        steps=int(steps), method=method, sample_batch_size=sample_group_size(sample_batch_size),
     )
 
 
@@ -189,7 +189,7 @@ def completeness_error(
     the attributions were computed for (None = predicted class, as there). Where the two logits
     are equal the denominator is floored at 1e-12.
     """
-    x, target = check_inputs(model, x, target)
+    x, target = check_host_inputs(model, x, target)
     attributions = jnp.asarray(attributions, jnp.float32)
     if attributions.shape != x.shape:
         raise ValueError(
@@ -198,7 +198,8 @@ def completeness_error(
         )
     baseline = _resolve_baseline("completeness_error", x, baseline)
     logit_gap = run_chunked(
-        _logit_gap_kernel, model, x, target, batch_size=batch_size, per_example=(baseline,)
+        _logit_gap_kernel, model, x, target, batch_size=batch_size, per_example=baseline,
+        nonfinite_errors=_baseline_errors("completeness_error", baseline),
     )
     total = attributions.reshape(x.shape[0], -1).sum(axis=1)
     return jnp.abs(total - logit_gap) / jnp.maximum(jnp.abs(logit_gap), 1e-12)
@@ -224,24 +225,24 @@ def expected_gradients(
     """
     require_key("expected_gradients", key)
     check_positive_int("expected_gradients", "num_samples", num_samples)
-    x, target = check_inputs(model, x, target)
+    x, target = check_host_inputs(model, x, target)
     if baselines is None:
         raise ValueError(
             "expected_gradients needs baselines: an array [N, H, W, C] of reference images "
             "(e.g. training images)."
         )
-    baselines = jnp.asarray(baselines, jnp.float32)
+    if not (isinstance(baselines, jax.Array) and baselines.dtype == jnp.float32):
+        baselines = jnp.asarray(baselines, jnp.float32)
     if baselines.ndim != 4 or baselines.shape[1:] != x.shape[1:] or baselines.shape[0] < 1:
         raise ValueError(
             f"expected_gradients: baselines must be [N, {', '.join(map(str, x.shape[1:]))}], got "
             f"shape {baselines.shape}."
         )
-    if not bool(jnp.all(jnp.isfinite(baselines))):
-        raise ValueError("expected_gradients: baselines contain NaN or infinite values.")
     return run_chunked(
         _expected_gradients_kernel, model, x, target, key=key, batch_size=batch_size,
-        shared=(baselines,), num_samples=int(num_samples),
-        sample_batch_size=sample_group_size(sample_batch_size),
+        shared=(baselines,),
+        nonfinite_errors=("expected_gradients: baselines contain NaN or infinite values.",),
+        num_samples=int(num_samples), sample_batch_size=sample_group_size(sample_batch_size),
     )
 
 
@@ -257,16 +258,21 @@ def _input_x_gradient_kernel(model, x, target, keys):
     return x * _target_logit_gradients(model, x, target)
 
 
-def _noisy_gradient_kernel(model, x, target, keys, noise_std, *, num_samples, sample_batch_size):
-    """`[b, 2, H, W, C]`: the mean and the variance of the noisy gradients (one program serves
-    SmoothGrad, SmoothGrad squared and VarGrad, for every noise scale)."""
-    noisy = _noisy_copies(keys, x, noise_std, num_samples)  # [b, n, H, W, C]
+def _noisy_gradient_kernel(model, x, target, keys, noise_scale, *, statistic, num_samples,
+                           sample_batch_size):
+    """`[b, H, W, C]`: the `statistic` ("mean", "mean_squared" or "variance") of the noisy
+    gradients; the noise scale is traced, so one program serves every scale."""
+    noisy = _noisy_copies(keys, x, _noise_std(x, noise_scale), num_samples)  # [b, n, H, W, C]
     grads = _sample_gradients(model, jnp.swapaxes(noisy, 0, 1), target, sample_batch_size)
-    return jnp.stack([jnp.mean(grads, axis=0), jnp.var(grads, axis=0)], axis=1)
+    if statistic == "variance":
+        return jnp.var(grads, axis=0)
+    mean = jnp.mean(grads, axis=0)
+    return mean * mean if statistic == "mean_squared" else mean
 
 
-def _integrated_gradients_kernel(model, x, target, keys, baseline, *, steps, method,
+def _integrated_gradients_kernel(model, x, target, keys, *baseline, steps, method,
                                  sample_batch_size):
+    baseline = baseline[0] if baseline else _minimum_baseline(x)
     alphas, weights = _quadrature(method, steps)
     alphas = jnp.asarray(alphas, jnp.float32).reshape(-1, 1, 1, 1, 1)
     delta = x - baseline
@@ -276,7 +282,8 @@ def _integrated_gradients_kernel(model, x, target, keys, baseline, *, steps, met
     return delta * mean_grad
 
 
-def _logit_gap_kernel(model, x, target, keys, baseline):
+def _logit_gap_kernel(model, x, target, keys, *baseline):
+    baseline = baseline[0] if baseline else _minimum_baseline(x)
     logits = pick_logits(model(jnp.concatenate([x, baseline])), jnp.concatenate([target, target]))
     return logits[: x.shape[0]] - logits[x.shape[0]:]
 
@@ -304,16 +311,12 @@ def _noisy_gradients(name, statistic, model, x, target, key, batch_size, num_sam
     check_positive_int(name, "num_samples", num_samples)
     if not np.isscalar(noise_scale) or not np.isfinite(noise_scale) or noise_scale < 0:
         raise ValueError(f"{name}: noise_scale must be a finite float >= 0, got {noise_scale!r}.")
-    x, target = check_inputs(model, x, target)
-    mean_and_variance = run_chunked(
+    x, target = check_host_inputs(model, x, target)
+    return run_chunked(
         _noisy_gradient_kernel, model, x, target, key=key, batch_size=batch_size,
-        per_example=(_noise_std(x, jnp.float32(noise_scale)),), num_samples=int(num_samples),
+        shared=(np.float32(noise_scale),), statistic=statistic, num_samples=int(num_samples),
         sample_batch_size=sample_group_size(sample_batch_size),
     )
-    if statistic == "variance":
-        return mean_and_variance[:, 1]
-    mean = mean_and_variance[:, 0]
-    return mean * mean if statistic == "mean_squared" else mean
 
 
 @jit
@@ -364,20 +367,23 @@ def _sample_gradients(model, samples, target, group):
     return map_over_samples(evaluate, samples, group)
 
 
-def _resolve_baseline(name: str, x: jax.Array, baseline) -> jax.Array:
-    """A `[B, H, W, C]` baseline: None = each example's minimum value, else broadcast to x."""
+def _resolve_baseline(name: str, x: jax.Array, baseline) -> tuple:
+    """`()` for the paper's baseline (each example's minimum, computed inside the kernel), else
+    `(baseline,)` broadcast to `x`: `[B, H, W, C]`."""
     if baseline is None:
-        return _minimum_baseline(x)
+        return ()
     baseline = jnp.asarray(baseline, jnp.float32)
     try:
-        baseline = jnp.broadcast_to(baseline, x.shape)
+        return (jnp.broadcast_to(baseline, x.shape),)
     except ValueError:
         raise ValueError(
             f"{name}: baseline of shape {baseline.shape} does not broadcast to x {x.shape}."
         ) from None
-    if not bool(jnp.all(jnp.isfinite(baseline))):
-        raise ValueError(f"{name}: baseline contains NaN or infinite values.")
-    return baseline
+
+
+def _baseline_errors(name: str, baseline: tuple) -> tuple:
+    """`run_chunked`'s `nonfinite_errors` for a resolved baseline."""
+    return (f"{name}: baseline contains NaN or infinite values.",) * len(baseline)
 
 
 @jit

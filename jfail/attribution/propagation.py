@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.attribution._core import check_inputs, run_chunked, split_model
+from jfail.attribution._core import check_host_inputs, run_chunked, split_model
 from jfail.attribution._jaxpr import (
     AlphaBeta,
     Bounded,
@@ -164,7 +164,7 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
 def propagate(model: Callable, x, target, rules: Rules, *, batch_size: int | None = None,
               patterns: Sequence[jax.Array] | None = None) -> jax.Array:
     """Attribution by a modified backward pass with explicit `Rules`. `[B, H, W, C]`."""
-    x, target = check_inputs(model, x, target)
+    x, target = check_host_inputs(model, x, target)
     shared = () if patterns is None else tuple(jnp.asarray(p) for p in patterns)
     return run_chunked(_propagation_kernel, model, x, target, batch_size=batch_size,
                        shared=shared, rules=rules)
