@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jfail.models import cpu_friendly_gradients, strided_conv
-from jfail.models.cpu_gradients import eligible
+from jfail.models.cpu_gradients import FEW_CHANNELS, eligible, few_channel_conv, few_channels
 
 # (x shape, kernel shape, strides, padding, dimension numbers)
 CASES = [
@@ -63,6 +63,101 @@ def test_only_overlapping_windows_that_tile_the_stride_are_eligible():
         a, b, (2, 2), ((1, 1), (1, 1)), feature_group_count=2, dimension_numbers=numbers)
     w_grouped = jnp.zeros((4, 4, 1, 4))
     assert not eligible(_params(grouped, x, w_grouped), w_grouped.shape)
+
+
+# (x shape, kernel shape, strides, padding, kernel dilation, dimension numbers): 1 input channel
+# (value, both cotangents by patches) and 2-4 (the input cotangent by patches)
+FEW_CHANNEL_CASES = [
+    ((3, 28, 28, 1), (3, 3, 1, 8), (1, 1), ((1, 1), (1, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((2, 28, 28, 1), (4, 4, 1, 6), (2, 2), ((1, 1), (1, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((2, 1, 13, 11), (5, 1, 3, 2), (3, 2), ((2, 0), (0, 1)), (1, 2), ("NCHW", "OIHW", "NCHW")),
+    ((2, 16, 16, 3), (7, 7, 3, 5), (2, 2), ((3, 3), (3, 3)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((2, 4, 10, 9), (3, 3, 4, 5), (1, 1), ((0, 0), (2, 1)), (2, 1), ("NCHW", "HWIO", "NHWC")),
+    ((1, 9, 9, 2), (1, 1, 2, 3), (2, 2), ((0, 0), (0, 0)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+]
+
+
+@pytest.mark.parametrize("case", FEW_CHANNEL_CASES, ids=lambda case: f"{case[0]}-{case[1]}")
+def test_few_channel_conv_matches_lax_in_value_and_both_gradients(case):
+    x_shape, w_shape, strides, padding, dilation, numbers = case
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+
+    def conv(a, b):
+        return jax.lax.conv_general_dilated(a, b, strides, padding, rhs_dilation=dilation,
+                                            dimension_numbers=numbers, precision="highest")
+
+    params = _params(conv, x, w)
+    assert few_channels(params, x.shape, w.shape)
+    expected, expected_vjp = jax.vjp(conv, x, w)
+    got, got_vjp = jax.vjp(lambda a, b: few_channel_conv(a, b, **params), x, w)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    g = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    for ours, theirs in zip(got_vjp(g), expected_vjp(g)):
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+
+def test_few_channels_only_for_plain_convolutions_of_few_input_channels():
+    numbers = ("NHWC", "HWIO", "NHWC")
+    plain = _conv((1, 1), ((1, 1), (1, 1)), numbers)
+    for channels, expected in ((1, True), (FEW_CHANNELS, True), (FEW_CHANNELS + 1, False)):
+        x, w = jnp.zeros((1, 8, 8, channels)), jnp.zeros((3, 3, channels, 2))
+        assert few_channels(_params(plain, x, w), x.shape, w.shape) is expected
+    x, w = jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 1, 4))
+    grouped = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+        a, b, (1, 1), ((1, 1), (1, 1)), feature_group_count=2, dimension_numbers=numbers)
+    assert not few_channels(_params(grouped, x, w), x.shape, w.shape)
+    x, w = jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 4))
+    transposed = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+        a, b, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2), dimension_numbers=numbers)
+    assert not few_channels(_params(transposed, x, w), x.shape, w.shape)
+    cropping = _conv((1, 1), ((-1, 0), (0, 0)), numbers)
+    assert not few_channels(_params(cropping, x, w), x.shape, w.shape)
+
+
+def test_a_grey_image_network_keeps_its_gradients_and_loses_its_first_convolution():
+    """A 1-channel first layer becomes patches times a matrix in the value and the gradient;
+    the second layer (8 channels) stays a convolution."""
+
+    def net(params, x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(
+            x, params[0], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(
+            h, params[1], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return jnp.sum(h * params[2])
+
+    rng = np.random.default_rng(2)
+    params = [jnp.asarray(rng.normal(size=shape), jnp.float32)
+              for shape in ((3, 3, 1, 8), (3, 3, 8, 4), (6, 10, 10, 4))]
+    x = jnp.asarray(rng.uniform(size=(6, 10, 10, 1)), jnp.float32)
+    plain = jax.grad(net, argnums=(0, 1))
+    rewritten = jax.grad(cpu_friendly_gradients(net, platform="cpu"), argnums=(0, 1))
+    expected, got = jax.jit(plain)(params, x), jax.jit(rewritten)(params, x)
+    for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert _convs(plain, params, x, lambda eqn: True) == 6  # per layer: value, 2 cotangents
+    assert _convs(rewritten, params, x, lambda eqn: eqn.invars[0].aval.shape[-1] == 1) == 0
+    assert _convs(rewritten, params, x, lambda eqn: True) == 3  # the 8-channel layer's
+
+
+def _convs(fn, params, x, which) -> int:
+    """Convolution equations in the jaxpr of `fn(params, x)` (nested included) that `which`
+    accepts."""
+    def count(jaxpr):
+        total = 0
+        for eqn in jaxpr.eqns:
+            total += eqn.primitive.name == "conv_general_dilated" and which(eqn)
+            for value in eqn.params.values():
+                for inner in (value if isinstance(value, (list, tuple)) else [value]):
+                    if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
+                        total += count(inner.jaxpr if hasattr(inner, "jaxpr") else inner)
+        return total
+
+    return count(jax.make_jaxpr(fn)(params, x).jaxpr)
 
 
 class _StridedNet(nn.Module):

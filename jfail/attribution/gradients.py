@@ -350,8 +350,8 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
 def _target_logit_gradients(model, images, target):
     """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`.
 
-    On CPU, 4x4/2-like convolutions are differentiated through space-to-depth
-    (`jfail.models.cpu_gradients`)."""
+    On CPU, 4x4/2-like convolutions are differentiated through space-to-depth and convolutions
+    of few input channels through patches (`jfail.models.cpu_gradients`)."""
     model = cpu_friendly_gradients(model)
     return jax.grad(lambda batch: pick_logits(model(batch), target).sum())(images)
 
