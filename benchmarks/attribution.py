@@ -15,6 +15,12 @@ jaxlib has CUDA), and the report names both:
   convolutions, two dense layers of 256, a linear classifier);
 - `resnet18`: `jfail.models.resnet18(10, stem="small", width=16)` (BatchNorm in inference mode).
 
+and, on request (`--models tiny_cnn --out-name attribution_tiny`), `tiny_cnn`: one 3x3
+convolution of 8 channels, a ReLU and a linear classifier, a plain JAX function of its weights
+(`jax.tree_util.Partial`). Its calls take well under a millisecond of arithmetic, so what it
+measures is each framework's fixed cost per call (checks, dispatches, transfers, Python), the
+regime small models and batches are in on an accelerator.
+
 Both frameworks run the same model with the same weights: each model is built in PyTorch
 (`torch.nn` with one `nn.ReLU` module per use and a functional flatten, so that Captum's
 GuidedBackprop, Deconvolution and LRP can hook it), its weights (random, untrained: PyTorch's
@@ -84,7 +90,8 @@ otherwise idle machine; the report flags a run where they took over 10 %.
 jfail's programs are compiled with `jfail.xla.OPTIONS` (XLA:CPU's YNNPACK fusions off, see
 `jfail.xla`). On CPU, jfail differentiates the Defuse CNN's 4x4/2 convolutions through
 space-to-depth (`jfail.models.cpu_gradients`); the ResNet's 3x3/2 and 1x1/2 ones keep JAX's own
-rule.
+rule. Every model's first convolution (one input channel) runs as patches times a matrix, its
+value and its input gradient (`few_channel_conv`).
 
 The targets: at least Captum's speed for every method, and at least 2x for SmoothGrad,
 VarGrad, Integrated Gradients and Expected Gradients; the report marks every miss.
@@ -147,7 +154,8 @@ from jfail.data import DatasetNotFoundError, load
 from jfail.models import DefuseCNN, logits_fn, resnet18, resnet_variables_from_torch
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
-MODEL_NAMES = ("defuse_cnn", "resnet18")
+MODEL_NAMES = ("defuse_cnn", "resnet18", "tiny_cnn")
+DEFAULT_MODELS = ("defuse_cnn", "resnet18")
 SAMPLING_METHODS = ("smoothgrad", "smoothgrad_squared", "vargrad", "integrated_gradients",
                     "expected_gradients", "lime", "kernel_shap")
 NOISE_METHODS = {"smoothgrad": "smoothgrad", "smoothgrad_squared": "smoothgrad_sq",
@@ -561,6 +569,35 @@ class TorchDefuseCNN(nn.Module):
         return {"params": jax.tree_util.tree_map(jnp.asarray, params)}
 
 
+class TorchTinyCNN(nn.Module):
+    """A 3x3 convolution of 8 channels (padding 1), a ReLU and a linear classifier."""
+
+    def __init__(self, in_channels: int, image_size, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.classifier = nn.Linear(8 * image_size[0] * image_size[1], num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.relu(self.conv(x)), 1))
+
+    def jax_model(self) -> jax.tree_util.Partial:
+        """The same function in JAX on NHWC images, its weights a traced pytree."""
+        params = {"kernel": jnp.asarray(_numpy(self.conv.weight).transpose(2, 3, 1, 0)),
+                  "bias": jnp.asarray(_numpy(self.conv.bias)),
+                  "dense": jnp.asarray(_numpy(self.classifier.weight).T),
+                  "dense_bias": jnp.asarray(_numpy(self.classifier.bias))}
+        return jax.tree_util.Partial(_tiny_cnn_logits, params)
+
+
+def _tiny_cnn_logits(params, x):
+    h = jax.lax.conv_general_dilated(x, params["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + params["bias"])
+    h = h.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)  # torch flattens C, H, W
+    return h @ params["dense"] + params["dense_bias"]
+
+
 class TorchBasicBlock(nn.Module):
     """torchvision's BasicBlock with separate `nn.ReLU` modules for its two ReLUs."""
 
@@ -620,11 +657,15 @@ def build_models(model_name: str, image_shape, seed: int):
         _randomize_batchnorm(torch_model, seed)
         module = resnet18(10, stem="small", width=16)
         variables = resnet_variables_from_torch(torch_model.state_dict(), module)
+    elif model_name == "tiny_cnn":
+        torch_model = TorchTinyCNN(channels, (height, width), num_classes=10)
     else:
         raise ValueError(f"unknown model {model_name!r}; choose from {MODEL_NAMES}")
     torch_model.eval()
     for parameter in torch_model.parameters():
         parameter.requires_grad_(False)  # attributions differentiate w.r.t. the input only
+    if model_name == "tiny_cnn":
+        return torch_model, torch_model.jax_model()
     return torch_model, logits_fn(module, variables)
 
 
@@ -801,7 +842,7 @@ def format_markdown(results: dict) -> str:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES),
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
                         help=f"any of {', '.join(MODEL_NAMES)} (space or comma separated)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         help="attribution methods (space or comma separated); default: all")
