@@ -102,22 +102,7 @@ def eligible(params: dict, rhs_shape: tuple) -> bool:
 def strided_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is computed by
     space-to-depth (see the module docstring); the rhs cotangent is JAX's own."""
-
-    @jax.custom_vjp
-    def conv(lhs, rhs):
-        return _bind_conv(lhs, rhs, params)
-
-    def forward(lhs, rhs):
-        return _bind_conv(lhs, rhs, params), (lhs, rhs)
-
-    def backward(residuals, g):
-        lhs, rhs = residuals
-        _, lhs_vjp = jax.vjp(lambda v: _space_to_depth_conv(v, rhs, params), lhs)
-        _, rhs_vjp = jax.vjp(lambda w: _bind_conv(lhs, w, params), rhs)
-        return lhs_vjp(g)[0], rhs_vjp(g)[0]
-
-    conv.defvjp(forward, backward)
-    return conv(lhs, rhs)
+    return _conv_with_rules(lhs, rhs, params, _bind_conv, _space_to_depth_conv, _bind_conv)
 
 
 def few_channels(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
@@ -141,22 +126,7 @@ def few_channel_conv(lhs, rhs, **params):
     value and the rhs cotangent are computed that way too, otherwise they are XLA's."""
     single = lhs.shape[params["dimension_numbers"].lhs_spec[1]] == 1
     value = _patch_conv if single else _bind_conv
-
-    @jax.custom_vjp
-    def conv(lhs, rhs):
-        return value(lhs, rhs, params)
-
-    def forward(lhs, rhs):
-        return value(lhs, rhs, params), (lhs, rhs)
-
-    def backward(residuals, g):
-        lhs, rhs = residuals
-        _, lhs_vjp = jax.vjp(lambda v: _patch_conv(v, rhs, params), lhs)
-        _, rhs_vjp = jax.vjp(lambda w: value(lhs, w, params), rhs)
-        return lhs_vjp(g)[0], rhs_vjp(g)[0]
-
-    conv.defvjp(forward, backward)
-    return conv(lhs, rhs)
+    return _conv_with_rules(lhs, rhs, params, value, _patch_conv, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +173,27 @@ def _contains_eligible_conv(closed) -> bool:
         if name in _CALLS and _contains_eligible_conv(eqn.params[_CALLS[name]]):
             return True
     return False
+
+
+def _conv_with_rules(lhs, rhs, params, value, lhs_rule, rhs_rule):
+    """The convolution computed by `value(lhs, rhs, params)`, its lhs and rhs cotangents as the
+    VJPs of `lhs_rule` and `rhs_rule` (each the same convolution, written another way)."""
+
+    @jax.custom_vjp
+    def conv(lhs, rhs):
+        return value(lhs, rhs, params)
+
+    def forward(lhs, rhs):
+        return value(lhs, rhs, params), (lhs, rhs)
+
+    def backward(residuals, g):
+        lhs, rhs = residuals
+        _, lhs_vjp = jax.vjp(lambda v: lhs_rule(v, rhs, params), lhs)
+        _, rhs_vjp = jax.vjp(lambda w: rhs_rule(lhs, w, params), rhs)
+        return lhs_vjp(g)[0], rhs_vjp(g)[0]
+
+    conv.defvjp(forward, backward)
+    return conv(lhs, rhs)
 
 
 def _conv_rule(eqn):
