@@ -1,4 +1,5 @@
-"""Gradients of strided convolutions without XLA:CPU's slow path.
+"""Convolutions and their gradients without XLA:CPU's two slow paths: strided input gradients
+and images with few channels.
 
 JAX differentiates a strided convolution into a convolution with `lhs_dilation` (the output
 cotangent spread out with zeros). XLA:CPU has no fast kernel for that and runs it as a generic
@@ -15,11 +16,12 @@ overlap and tile the stride (kernel a multiple of the stride, e.g. 4x4/2), where
 the original multiply-adds; 3x3/2 would pay 16/9 of them and measured no faster.
 
 Convolutions of images with few channels (the first layer of a network on grey or colour images)
-are a second slow case: XLA's Eigen kernels took 4-7 ms for the forward pass of a 1-channel layer
-at batch 200 (3x3 to 8 or 16 channels, 4x4/2 to 64) and 4-7 ms for its input gradient, 10-48 ms
-for the input gradient of 3-channel layers. Written as patches (the kh x kw shifted windows
+are a second slow case: XLA's Eigen kernels took 3-7 ms for the forward pass of a 1-channel layer
+at batch 200 (3x3 to 8 or 16 channels, 4x4/2 to 64) and 3-7 ms for its input gradient, 10-48 ms
+for the input gradient of 3-channel 3x3 layers. Written as patches (the kh x kw shifted windows
 side by side, `kh * kw * C` channels) times the kernel reshaped to a matrix, the same sums took
-1.3-1.8 ms forward and 1.2-1.3 ms backward with one channel and 4-10 ms backward with three.
+1.1-1.8 ms forward and 0.9-1.3 ms backward with one channel and 4-11 ms backward with three;
+with 8 or more channels patches were 5-10x slower than Eigen, hence `FEW_CHANNELS = 4`.
 `few_channel_conv(lhs, rhs, **params)` computes the input cotangent of convolutions with at most
 `FEW_CHANNELS` input channels that way, and with one channel also the value and the kernel
 cotangent; `few_channels` says which convolutions qualify (it takes precedence over `eligible`).
