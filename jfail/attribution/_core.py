@@ -111,13 +111,9 @@ def run_chunked(
     outputs, summaries = [], []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
-        args = [x, target] + ([] if keys is None or split_inside else [keys]) + list(per_example)
-        if chunk < batch:  # one chunk of the whole batch needs no slicing
-            args = [_pad_rows(a[start:stop], chunk) for a in args]
-        if keys is None:
-            args.insert(2, None)
-        elif split_inside:
-            args.insert(2, keys)
+        args = [x, target, keys, *per_example]
+        if chunk < batch:  # one chunk of the whole batch needs no slicing (keys: one key then)
+            args = [None if a is None else _pad_rows(a[start:stop], chunk) for a in args]
         out, summary = call(dynamic, *args, *shared)
         outputs.append(out if chunk == batch else out[: stop - start])
         summaries.append(summary)

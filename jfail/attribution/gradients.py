@@ -231,8 +231,7 @@ def expected_gradients(
             "expected_gradients needs baselines: an array [N, H, W, C] of reference images "
             "(e.g. training images)."
         )
-    if not (isinstance(baselines, jax.Array) and baselines.dtype == jnp.float32):
-        baselines = jnp.asarray(baselines, jnp.float32)
+    baselines = jnp.asarray(baselines, jnp.float32)
     if baselines.ndim != 4 or baselines.shape[1:] != x.shape[1:] or baselines.shape[0] < 1:
         raise ValueError(
             f"expected_gradients: baselines must be [N, {', '.join(map(str, x.shape[1:]))}], got "

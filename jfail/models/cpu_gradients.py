@@ -107,7 +107,7 @@ def strided_conv(lhs, rhs, **params):
     return _conv_with_rules(lhs, rhs, params, _bind_conv, _space_to_depth_conv, _bind_conv)
 
 
-def few_channels(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
+def few_channels(params: dict, lhs_shape: tuple) -> bool:
     """Whether `conv_general_dilated` with these params gets `few_channel_conv`: 2 spatial
     dimensions, at most `FEW_CHANNELS` input channels, no input dilation (a transposed
     convolution), no grouping, non-negative padding (kernel dilation and strides are fine)."""
@@ -201,7 +201,7 @@ def _conv_with_rules(lhs, rhs, params, value, lhs_rule, rhs_rule):
 def _conv_rule(eqn):
     """`few_channel_conv`, `strided_conv` or None for a `conv_general_dilated` equation."""
     lhs_shape, rhs_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-    if few_channels(eqn.params, lhs_shape, rhs_shape):
+    if few_channels(eqn.params, lhs_shape):
         return few_channel_conv
     if eligible(eqn.params, rhs_shape):
         return strided_conv
@@ -230,7 +230,7 @@ def _patch_conv(lhs, rhs, params):
                        channels), (1, sh, sw, 1))
         for i in range(kh) for j in range(kw)
     ]
-    patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    patches = jnp.concatenate(windows, axis=-1)
     out = jax.lax.dot_general(
         patches, w.reshape(kh * kw * channels, out_channels), (((3,), (0,)), ((), ())),
         precision=params["precision"], preferred_element_type=params["preferred_element_type"],
