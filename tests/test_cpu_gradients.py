@@ -1,5 +1,8 @@
-"""Strided convolutions differentiated through space-to-depth: the same values and gradients as
-JAX's own rule, the slow dilated convolution gone from the program, custom derivatives kept."""
+"""Strided convolutions differentiated through space-to-depth and few-channel convolutions as
+patches times a matrix: the same values and gradients as JAX's own rules, the slow convolutions
+gone from the program (gradients and modified back-propagation), custom derivatives kept."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -139,25 +142,29 @@ def test_a_grey_image_network_keeps_its_gradients_and_loses_its_first_convolutio
     for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         ours, theirs = np.asarray(ours), np.asarray(theirs)
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
-    assert _convs(plain, params, x, lambda eqn: True) == 6  # per layer: value, 2 cotangents
-    assert _convs(rewritten, params, x, lambda eqn: eqn.invars[0].aval.shape[-1] == 1) == 0
-    assert _convs(rewritten, params, x, lambda eqn: True) == 3  # the 8-channel layer's
+    assert _convs(plain, params, x) == 6  # per layer: value, 2 cotangents
+    assert _convs(rewritten, params, x, which=lambda eqn: eqn.invars[0].aval.shape[-1] == 1) == 0
+    assert _convs(rewritten, params, x) == 3  # the 8-channel layer's
 
 
-def _convs(fn, params, x, which) -> int:
-    """Convolution equations in the jaxpr of `fn(params, x)` (nested included) that `which`
-    accepts."""
-    def count(jaxpr):
-        total = 0
-        for eqn in jaxpr.eqns:
-            total += eqn.primitive.name == "conv_general_dilated" and which(eqn)
-            for value in eqn.params.values():
-                for inner in (value if isinstance(value, (list, tuple)) else [value]):
-                    if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
-                        total += count(inner.jaxpr if hasattr(inner, "jaxpr") else inner)
-        return total
+def _convs(fn, *args, which=lambda eqn: True) -> int:
+    """Convolution equations in the jaxpr of `fn(*args)` (nested included) that `which` accepts."""
+    return _count_convs(jax.make_jaxpr(fn)(*args).jaxpr, which)
 
-    return count(jax.make_jaxpr(fn)(params, x).jaxpr)
+
+def _count_convs(jaxpr, which) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name == "conv_general_dilated" and which(eqn)
+        for value in eqn.params.values():
+            for inner in (value if isinstance(value, (list, tuple)) else [value]):
+                if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
+                    total += _count_convs(inner.jaxpr if hasattr(inner, "jaxpr") else inner, which)
+    return total
+
+
+def _input_dilated(eqn) -> bool:
+    return any(d > 1 for d in eqn.params["lhs_dilation"])
 
 
 class _StridedNet(nn.Module):
@@ -171,22 +178,6 @@ class _StridedNet(nn.Module):
         x = jax.jit(lambda h: nn.relu(h))(nn.Conv(8, (4, 4), strides=2, padding=1)(x))
         x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
         return nn.Dense(5)(x.reshape(x.shape[0], -1))
-
-
-def _dilated_convs(fn, *args) -> int:
-    """Number of convolutions with input (lhs) dilation in the jaxpr of `fn`, nested included."""
-    def count(jaxpr):
-        total = 0
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                total += any(d > 1 for d in eqn.params["lhs_dilation"])
-            for value in eqn.params.values():
-                for inner in (value if isinstance(value, (list, tuple)) else [value]):
-                    if hasattr(inner, "eqns") or hasattr(getattr(inner, "jaxpr", None), "eqns"):
-                        total += count(inner.jaxpr if hasattr(inner, "jaxpr") else inner)
-        return total
-
-    return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def test_gradients_of_a_flax_model_equal_and_lose_their_dilated_convolutions():
@@ -211,8 +202,8 @@ def test_gradients_of_a_flax_model_equal_and_lose_their_dilated_convolutions():
         ours, theirs = np.asarray(ours), np.asarray(theirs)  # numpy: no compile per leaf shape
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max() + 1e-7
     # JAX differentiates each strided convolution into one with lhs dilation (the 3x3/2 kept):
-    assert _dilated_convs(plain, variables["params"], x) == 3
-    assert _dilated_convs(rewritten, variables["params"], x) == 1
+    assert _convs(plain, variables["params"], x, which=_input_dilated) == 3
+    assert _convs(rewritten, variables["params"], x, which=_input_dilated) == 1
 
 
 def test_custom_derivatives_are_kept_and_other_platforms_untouched():
@@ -222,3 +213,51 @@ def test_custom_derivatives_are_kept_and_other_platforms_untouched():
     x = jnp.zeros((3,))
     np.testing.assert_array_equal(jax.grad(cpu_friendly_gradients(f, platform="cpu"))(x), 0.0)
     assert cpu_friendly_gradients(f, platform="gpu") is f
+
+
+def test_modified_backpropagation_takes_the_fast_convolutions_with_unchanged_results(monkeypatch):
+    """Every propagation method's linear blocks use `fast_conv` on CPU: no convolution of the
+    1-channel image and no input-dilated one is left in its program, and its attributions equal
+    those of the primitive's own derivatives."""
+    from jfail.attribution import _jaxpr, propagation
+
+    def apply(params, x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(  # 1 channel: few_channel_conv
+            x, params["c1"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + 0.1)
+        h = jax.nn.relu(jax.lax.conv_general_dilated(  # 6 channels, 4x4/2: strided_conv
+            h, params["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return h.reshape(x.shape[0], -1) @ params["dense"]
+
+    rng = np.random.default_rng(3)
+    params = {name: jnp.asarray(rng.normal(scale=0.5, size=shape), jnp.float32)
+              for name, shape in (("c1", (4, 4, 1, 6)), ("c2", (4, 4, 6, 4)), ("dense", (64, 3)))}
+    model = jax.tree_util.Partial(apply, params)
+    x = jnp.asarray(rng.uniform(size=(3, 8, 8, 1)), jnp.float32)
+    target = jnp.array([0, 1, 2])
+    patterns = propagation.fit_patterns(model, rng.uniform(size=(64, 8, 8, 1)).astype(np.float32))
+    methods = {name: getattr(propagation, name) for name in (
+        "guided_backprop", "deconvnet", "lrp_epsilon", "lrp_z", "lrp_alpha_beta",
+        "lrp_sequential_preset_flat", "deep_taylor")}
+    for name in ("pattern_net", "pattern_attribution"):
+        methods[name] = functools.partial(getattr(propagation, name), patterns=patterns)
+
+    def program_and_value(kernel, model, x, target, *, batch_size=None, shared=(), **static):
+        run = lambda images: kernel(model, images, target, None, *shared, **static)  # noqa: E731
+        return jax.make_jaxpr(run)(x).jaxpr, np.asarray(jax.jit(run)(x))
+
+    def slow(eqn):
+        shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+        return _input_dilated(eqn) or any(1 in shape for shape in shapes)
+
+    for name, method in methods.items():
+        expected_public = np.asarray(method(model, x, target))
+        with monkeypatch.context() as patch:
+            patch.setattr(propagation, "run_chunked", program_and_value)
+            fast_program, fast = method(model, x, target)
+            patch.setattr(_jaxpr, "on_cpu", lambda platform=None: False)
+            plain_program, plain = method(model, x, target)
+        assert _count_convs(plain_program, slow) > 0, name
+        assert _count_convs(fast_program, slow) == 0, name
+        scale = np.abs(plain).max()
+        assert np.abs(fast - plain).max() <= 1e-5 * scale, name
+        assert np.abs(expected_public - fast).max() <= 1e-6 * scale, name

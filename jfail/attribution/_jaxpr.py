@@ -34,7 +34,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jfail.attribution._core import split_model
-from jfail.models.cpu_gradients import eligible, on_cpu, strided_conv
+from jfail.models.cpu_gradients import fast_conv, on_cpu
 
 __all__ = [
     "Rules",
@@ -311,13 +311,15 @@ class _Interpreter:
             chain_consts.append([read(v) for i, v in enumerate(c.invars) if i != dep_pos])
             carried = c.outvars[0]
 
-        space_to_depth = (kind == "conv" and on_cpu()
-                          and eligible(eqn.params, eqn.invars[1].aval.shape))
+        # On XLA:CPU, strided and few-channel convolutions get faster input gradients
+        # (models/cpu_gradients.py); the rules below differentiate `lin`.
+        conv = (fast_conv(eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape)
+                if kind == "conv" and on_cpu() else None)
 
         def lin(inp, w):
             args = [inp, w] if position == 0 else [w, inp]
-            if space_to_depth:  # a fast input gradient on XLA:CPU (models/cpu_gradients.py)
-                return strided_conv(*args, **eqn.params)
+            if conv is not None:
+                return conv(*args, **eqn.params)
             return eqn.primitive.bind(*args, **eqn.params)
 
         def affine(lin_out, consts):

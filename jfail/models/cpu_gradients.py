@@ -26,9 +26,11 @@ with 8 or more channels patches were 5-10x slower than Eigen, hence `FEW_CHANNEL
 `FEW_CHANNELS` input channels that way, and with one channel also the value and the kernel
 cotangent; `few_channels` says which convolutions qualify (it takes precedence over `eligible`).
 
-`cpu_friendly_gradients(fn)` re-evaluates `fn`'s jaxpr with every eligible convolution replaced;
-off CPU (cuDNN has fast strided transposes) it returns `fn` itself. jfail's training steps, PGD,
-feature attacks and gradient attributions apply it to the model before differentiating.
+`fast_conv` picks between the two for one convolution. `cpu_friendly_gradients(fn)` re-evaluates
+`fn`'s jaxpr with every such convolution replaced; off CPU (cuDNN has fast strided transposes) it
+returns `fn` itself. jfail's training steps, PGD, feature attacks and gradient attributions apply
+it to the model before differentiating; the modified back-propagation methods use `fast_conv` for
+the convolutions of their linear blocks.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-__all__ = ["cpu_friendly_gradients", "strided_conv", "eligible", "few_channel_conv", "few_channels",
-           "on_cpu", "FEW_CHANNELS"]
+__all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "few_channel_conv",
+           "few_channels", "on_cpu", "FEW_CHANNELS"]
 
 FEW_CHANNELS = 4  # input channels up to which `few_channels` holds
 
@@ -79,6 +81,16 @@ def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callabl
 def on_cpu(platform: str | None = None) -> bool:
     """Whether programs run on XLA:CPU: `platform`, or JAX's default backend when None."""
     return (platform or jax.default_backend()) == "cpu"
+
+
+def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | None:
+    """`few_channel_conv`, `strided_conv` or None (XLA's own rules are fine) for a
+    `conv_general_dilated` with these params and operand shapes, called like the primitive."""
+    if few_channels(params, lhs_shape):
+        return few_channel_conv
+    if eligible(params, rhs_shape):
+        return strided_conv
+    return None
 
 
 def eligible(params: dict, rhs_shape: tuple) -> bool:
@@ -199,13 +211,8 @@ def _conv_with_rules(lhs, rhs, params, value, lhs_rule, rhs_rule):
 
 
 def _conv_rule(eqn):
-    """`few_channel_conv`, `strided_conv` or None for a `conv_general_dilated` equation."""
-    lhs_shape, rhs_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-    if few_channels(eqn.params, lhs_shape):
-        return few_channel_conv
-    if eligible(eqn.params, rhs_shape):
-        return strided_conv
-    return None
+    """`fast_conv` for a `conv_general_dilated` equation."""
+    return fast_conv(eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape)
 
 
 def _bind_conv(lhs, rhs, params):
