@@ -502,6 +502,14 @@ def test_bad_inputs_raise_clear_errors(mlp):
         with pytest.raises(ValueError, match=rf"must lie in \[0, {CLASSES}\), got range "
                                              rf"{re.escape(shown)}"):
             grads.gradient(mlp, x, target)
+    # the logits' shape is remembered per model structure and array shapes: a model returning
+    # one number per image is refused at every batch size, a proper model still accepted
+    scores = jax.tree_util.Partial(lambda model, images: model(images)[:, 0], mlp)
+    for batch in (2, 3):
+        with pytest.raises(ValueError, match=r"must return logits \[B, classes\]"):
+            grads.gradient(scores, _images(23, batch=batch), 0)
+        assert grads.gradient(mlp, _images(23, batch=batch), 0).shape == (batch, HEIGHT, WIDTH,
+                                                                         CHANNELS)
     with_nan = x.copy()
     with_nan[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):

@@ -52,8 +52,7 @@ def check_host_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]
 
 def num_classes(model: Callable, x: jax.Array) -> int:
     """Number of logits `model` returns for inputs shaped like `x`."""
-    dynamic, static = split_model(model)
-    return _model_output.eval_shape(dynamic, static, x).shape[-1]
+    return _logits_shape(*split_model(model), x).shape[-1]
 
 
 def split_model(model: Any) -> tuple[list, "_StaticModel"]:
@@ -198,6 +197,20 @@ def _model_output(dynamic, static, x):
     return static.rebuild(dynamic)(x)
 
 
+def _logits_shape(dynamic, static, x):
+    """`jax.eval_shape` of the model on `x`, remembered per model structure and array shapes:
+    jit's own `eval_shape` re-checks every weight per call (0.06 ms for the Defuse CNN, 0.36 ms
+    for ResNet-18)."""
+    avals = tuple(None if leaf is None else (leaf.shape, leaf.dtype) for leaf in dynamic)
+    return _cached_logits_shape(static, avals, x.shape, x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_logits_shape(static, avals, x_shape, x_dtype):
+    dynamic = [None if aval is None else jax.ShapeDtypeStruct(*aval) for aval in avals]
+    return _model_output.eval_shape(dynamic, static, jax.ShapeDtypeStruct(x_shape, x_dtype))
+
+
 def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, int]:
     """The checks that need no device result: `(x float32, target int32, number of classes)`."""
     if not callable(model):
@@ -212,7 +225,7 @@ def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, 
         )
     x = jnp.asarray(x_array, jnp.float32)
     dynamic, static = split_model(model)
-    logits = _model_output.eval_shape(dynamic, static, x)  # traced once per shapes, not per call
+    logits = _logits_shape(dynamic, static, x)
     if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(
             f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
