@@ -12,7 +12,15 @@ import optax
 import pytest
 
 from jfail.models import cpu_friendly_gradients, strided_conv
-from jfail.models.cpu_gradients import FEW_CHANNELS, eligible, few_channel_conv, few_channels
+from jfail.models.cpu_gradients import (
+    FEW_CHANNELS,
+    eligible,
+    fast_conv,
+    few_channel_conv,
+    few_channels,
+    phased,
+    phased_conv,
+)
 
 # (x shape, kernel shape, strides, padding, dimension numbers)
 CASES = [
@@ -42,13 +50,64 @@ def test_strided_conv_matches_lax_in_value_and_both_gradients(case):
     conv = _conv(strides, padding, numbers)
     params = _params(conv, x, w)
     assert eligible(params, w.shape)
+    _assert_same_value_and_gradients(strided_conv, conv, x, w, params, rng)
+
+
+def _assert_same_value_and_gradients(rule, conv, x, w, params, rng):
+    """`rule(x, w, **params)` equals `conv(x, w)` in value and in both cotangents (float32
+    rounding of the largest entry)."""
     expected, expected_vjp = jax.vjp(conv, x, w)
-    got, got_vjp = jax.vjp(lambda a, b: strided_conv(a, b, **params), x, w)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    got, got_vjp = jax.vjp(lambda a, b: rule(a, b, **params), x, w)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     g = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
     for ours, theirs in zip(got_vjp(g), expected_vjp(g)):
         ours, theirs = np.asarray(ours), np.asarray(theirs)
+        assert ours.shape == theirs.shape
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+
+# (x shape, kernel shape, strides, padding, dimension numbers): kernels that do not tile the
+# stride, smaller than it (1x1/2: phases without taps), one stride of 1, padding that leaves
+# input rows unread, more output rows than phase rows
+PHASED_CASES = [
+    ((2, 28, 28, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 9, 9, 5), (1, 1, 5, 4), (2, 2), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 6, 13, 11), (4, 6, 5, 3), (3, 2), ((2, 0), (0, 1)), ("NCHW", "OIHW", "NCHW")),
+    ((3, 10, 9, 7), (3, 2, 7, 5), (1, 3), ((0, 0), (1, 0)), ("NHWC", "HWIO", "NCHW")),
+    ((1, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
+    ((1, 7, 7, 6), (2, 2, 6, 4), (3, 3), ((4, 4), (3, 5)), ("NHWC", "HWIO", "NHWC")),
+]
+
+
+@pytest.mark.parametrize("case", PHASED_CASES, ids=lambda case: f"{case[0]}-{case[1]}-{case[2]}")
+def test_phased_conv_matches_lax_in_value_and_both_gradients(case):
+    x_shape, w_shape, strides, padding, numbers = case
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    conv = _conv(strides, padding, numbers)
+    params = _params(conv, x, w)
+    assert phased(params)
+    _assert_same_value_and_gradients(phased_conv, conv, x, w, params, rng)
+
+
+def test_fast_conv_picks_patches_then_space_to_depth_then_phases():
+    numbers = ("NHWC", "HWIO", "NHWC")
+    cases = [((1, 8, 8, 1), (4, 4, 1, 3), (2, 2), few_channel_conv),
+             ((1, 8, 8, 8), (4, 4, 8, 3), (2, 2), strided_conv),
+             ((1, 8, 8, 8), (3, 3, 8, 3), (2, 2), phased_conv),
+             ((1, 8, 8, 8), (1, 1, 8, 3), (2, 2), phased_conv),
+             ((1, 8, 8, 8), (3, 3, 8, 3), (1, 1), None)]
+    for x_shape, w_shape, strides, expected in cases:
+        x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
+        params = _params(_conv(strides, ((1, 1), (1, 1)), numbers), x, w)
+        assert fast_conv(params, x.shape, w.shape) is expected, (x_shape, w_shape, strides)
+    dilated = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
+        a, b, (2, 2), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=numbers)
+    x, w = jnp.zeros((1, 8, 8, 8)), jnp.zeros((3, 3, 8, 3))
+    assert not phased(_params(dilated, x, w))
+    assert not phased(_params(_conv((2, 2), ((-1, 0), (0, 0)), numbers), x, w))
 
 
 def test_only_overlapping_windows_that_tile_the_stride_are_eligible():
@@ -93,14 +152,7 @@ def test_few_channel_conv_matches_lax_in_value_and_both_gradients(case):
 
     params = _params(conv, x, w)
     assert few_channels(params, x.shape)
-    expected, expected_vjp = jax.vjp(conv, x, w)
-    got, got_vjp = jax.vjp(lambda a, b: few_channel_conv(a, b, **params), x, w)
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    g = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
-    for ours, theirs in zip(got_vjp(g), expected_vjp(g)):
-        ours, theirs = np.asarray(ours), np.asarray(theirs)
-        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    _assert_same_value_and_gradients(few_channel_conv, conv, x, w, params, rng)
 
 
 def test_few_channels_only_for_plain_convolutions_of_few_input_channels():
@@ -168,7 +220,7 @@ def _input_dilated(eqn) -> bool:
 
 
 class _StridedNet(nn.Module):
-    """Written here: 4x4/2 convolutions (rewritten), a 3x3/2 one (kept), BatchNorm, a jitted
+    """Written here: 4x4/2 convolutions (space-to-depth), a 3x3/2 one (phases), BatchNorm, a jitted
     inner function, a Python flag."""
 
     @nn.compact
@@ -201,9 +253,9 @@ def test_gradients_of_a_flax_model_equal_and_lose_their_dilated_convolutions():
     for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         ours, theirs = np.asarray(ours), np.asarray(theirs)  # numpy: no compile per leaf shape
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max() + 1e-7
-    # JAX differentiates each strided convolution into one with lhs dilation (the 3x3/2 kept):
+    # JAX differentiates each strided convolution into one with lhs dilation:
     assert _convs(plain, variables["params"], x, which=_input_dilated) == 3
-    assert _convs(rewritten, variables["params"], x, which=_input_dilated) == 1
+    assert _convs(rewritten, variables["params"], x, which=_input_dilated) == 0
 
 
 def test_custom_derivatives_are_kept_and_other_platforms_untouched():
