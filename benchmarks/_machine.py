@@ -10,14 +10,20 @@ from pathlib import Path
 
 
 def cpu_name() -> str:
-    """The processor's model name from /proc/cpuinfo, else what `platform` knows."""
+    """The processor's model name from /proc/cpuinfo with its widest vector instructions (e.g.
+    "AMD EPYC (AVX-512)": machines sold under one name differ there, and so do the kernels XLA
+    and PyTorch pick), else what `platform` knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines
+                  if line.startswith("flags")), set())
+    if not names:
+        return platform.processor() or platform.machine()
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{names[0]} ({vectors})" if vectors else names[0]
 
 
 def write_atomic(path: Path, text: str) -> None:
