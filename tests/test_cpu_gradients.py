@@ -1,6 +1,7 @@
-"""Strided convolutions differentiated through space-to-depth and few-channel convolutions as
-patches times a matrix: the same values and gradients as JAX's own rules, the slow convolutions
-gone from the program (gradients and modified back-propagation), custom derivatives kept."""
+"""Strided convolutions differentiated through space-to-depth or stride phases, transposed
+convolutions by phases, few-channel convolutions as patches times a matrix: the same values and
+gradients as JAX's own rules, the slow convolutions gone from the program (gradients, decoders
+and modified back-propagation), custom derivatives kept."""
 
 import functools
 
@@ -20,6 +21,8 @@ from jfail.models.cpu_gradients import (
     few_channels,
     phased,
     phased_conv,
+    transposed,
+    transposed_conv,
 )
 
 # (x shape, kernel shape, strides, padding, dimension numbers)
@@ -92,7 +95,63 @@ def test_phased_conv_matches_lax_in_value_and_both_gradients(case):
     _assert_same_value_and_gradients(phased_conv, conv, x, w, params, rng)
 
 
-def test_fast_conv_picks_patches_then_space_to_depth_then_phases():
+# (x shape, kernel shape, input dilation, padding, dimension numbers): Flax's ConvTranspose
+# 4x4/2 ("SAME" and the decoder's padding 2), a kernel smaller than the dilation, unequal
+# dilations with cropping (negative) padding, other layouts
+TRANSPOSED_CASES = [
+    ((2, 4, 4, 8), (4, 4, 8, 6), (2, 2), ((2, 2), (2, 2)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 7, 7, 6), (4, 4, 6, 5), (2, 2), ((2, 1), (2, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((1, 5, 5, 3), (1, 1, 3, 5), (2, 2), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 6, 6, 3), (5, 3, 3, 7), (2, 3), ((4, -2), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 3, 5, 6), (6, 3, 3, 2), (3, 2), ((0, 1), (-1, 2)), ("NCHW", "OIHW", "NCHW")),
+]
+
+
+@pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda case: f"{case[0]}-{case[1]}-{case[2]}")
+def test_transposed_conv_matches_lax_in_value_and_both_gradients(case):
+    x_shape, w_shape, dilation, padding, numbers = case
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+
+    def conv(a, b):
+        return jax.lax.conv_general_dilated(a, b, (1, 1), padding, lhs_dilation=dilation,
+                                            dimension_numbers=numbers, precision="highest")
+
+    params = _params(conv, x, w)
+    assert transposed(params, w.shape)
+    _assert_same_value_and_gradients(transposed_conv, conv, x, w, params, rng)
+
+
+def test_a_vae_decoder_keeps_its_values_and_gradients_and_loses_its_dilated_convolutions():
+    """Defuse's decoder (narrower): its three 8-channel transposed convolutions go phase by
+    phase, the 1-channel output layer stays XLA's."""
+    from jfail.models import BetaVAE
+
+    vae = BetaVAE(image_shape=(28, 28, 1), latent_dim=4, decoder_features=(8, 8, 8, 8))
+    z = jnp.asarray(np.random.default_rng(4).normal(size=(3, 4)), jnp.float32)
+    variables = vae.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jax.random.key(1))
+
+    def decode(params, latents):
+        return vae.apply({"params": params}, latents, method=BetaVAE.decode)
+
+    params = variables["params"]
+    rewritten = cpu_friendly_gradients(decode, platform="cpu")
+    np.testing.assert_allclose(jax.jit(rewritten)(params, z), jax.jit(decode)(params, z),
+                               rtol=0, atol=1e-5)
+    loss = lambda fn: jax.grad(lambda p, q: jnp.sum(jnp.sin(fn(p, q))), argnums=(0, 1))  # noqa: E731
+    expected, got = jax.jit(loss(decode))(params, z), jax.jit(loss(rewritten))(params, z)
+    for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+    assert _convs(decode, params, z, which=_input_dilated) == 4
+    assert _convs(rewritten, params, z, which=_input_dilated) == 1  # the 1-channel output layer
+    # with gradients: each layer's value and kernel cotangent, against the output layer's
+    assert _convs(loss(decode), params, z, which=_input_dilated) == 8
+    assert _convs(loss(rewritten), params, z, which=_input_dilated) == 2
+
+
+def test_fast_conv_picks_patches_then_space_to_depth_then_phases_then_transposed():
     numbers = ("NHWC", "HWIO", "NHWC")
     cases = [((1, 8, 8, 1), (4, 4, 1, 3), (2, 2), few_channel_conv),
              ((1, 8, 8, 8), (4, 4, 8, 3), (2, 2), strided_conv),
@@ -103,6 +162,11 @@ def test_fast_conv_picks_patches_then_space_to_depth_then_phases():
         x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
         params = _params(_conv(strides, ((1, 1), (1, 1)), numbers), x, w)
         assert fast_conv(params, x.shape, w.shape) is expected, (x_shape, w_shape, strides)
+    for out_channels, expected in ((FEW_CHANNELS + 1, transposed_conv), (FEW_CHANNELS, None)):
+        x, w = jnp.zeros((1, 4, 4, 8)), jnp.zeros((4, 4, 8, out_channels))
+        params = _params(lambda a, b: jax.lax.conv_transpose(  # noqa: E731
+            a, b, (2, 2), "SAME", dimension_numbers=numbers), x, w)
+        assert fast_conv(params, x.shape, w.shape) is expected
     dilated = lambda a, b: jax.lax.conv_general_dilated(  # noqa: E731
         a, b, (2, 2), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=numbers)
     x, w = jnp.zeros((1, 8, 8, 8)), jnp.zeros((3, 3, 8, 3))

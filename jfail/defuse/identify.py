@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jfail.logs import progress_disabled
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel, _pad_rows
 from jfail.xla import jit
 
@@ -131,8 +132,8 @@ def _identify_kernel(num_draws, a, b, keep, shift, keep_images):
 
         z = mu[:, None, :] + jax.vmap(noise)(index)  # [C, Q, Z]
         flat = z.reshape(-1, z.shape[-1])
-        x = decoder(flat)
-        pred = jnp.argmax(classifier(x), axis=-1).reshape(z.shape[:2])
+        x = cpu_friendly_gradients(decoder)(flat)  # on CPU: transposed convolutions by phases
+        pred = jnp.argmax(cpu_friendly_gradients(classifier)(x), axis=-1).reshape(z.shape[:2])
         wrong = pred != labels[:, None]
         # the first `keep` wrong draws of each image, in draw order (a stable sort puts them first)
         order = jnp.argsort(~wrong, axis=1, stable=True)[:, :keep]

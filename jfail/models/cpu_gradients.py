@@ -1,5 +1,5 @@
-"""Convolutions and their gradients without XLA:CPU's two slow paths: strided input gradients
-and images with few channels.
+"""Convolutions and their gradients without XLA:CPU's slow paths: input-dilated convolutions
+(strided input gradients, transposed convolutions) and images with few channels.
 
 JAX differentiates a strided convolution into a convolution with `lhs_dilation` (the output
 cotangent spread out with zeros). XLA:CPU has no fast kernel for that and runs it as a generic
@@ -15,13 +15,22 @@ float32 rounding) and JAX's own rhs (weight) cotangent. `eligible` limits it to 
 overlap and tile the stride (kernel a multiple of the stride, e.g. 4x4/2), where it does exactly
 the original multiply-adds; 3x3/2 would pay 16/9 of them.
 
-Other strided convolutions (ResNet's 3x3/2 and 1x1/2) get `phased_conv`: the input gradient
-splits by stride phase (input rows and columns of one residue modulo the stride), and each phase
-is a stride-1 convolution of the output cotangent with the kernel taps of that phase (3x3/2: 2x2,
-2x1, 1x2 and 1x1 taps, the original multiply-adds exactly), interleaved afterwards. On an AVX-512
-EPYC at batch 200 the input gradient of ResNet-18's 28x28 16->32 3x3/2 layer took 3.0-5.3 ms
-against 6.6-10 ms, of its 1x1/2 shortcut 0.3-0.5 against 0.7-0.8, and no slower on its 7x7 and
-14x14 layers (a whole input gradient 3-5 % faster); `phased` says which convolutions qualify.
+Other strided convolutions (ResNet's 3x3/2 and 1x1/2) get `phased_conv`: JAX's input gradient,
+a convolution of the cotangent dilated by the strides, splits by output phase (rows and columns
+of one residue modulo the dilation), and each phase is a stride-1 convolution with the kernel
+taps of that phase (3x3/2: 2x2, 2x1, 1x2 and 1x1 taps, the original multiply-adds exactly),
+interleaved afterwards. On an AVX-512 EPYC at batch 200 the input gradient of ResNet-18's 28x28
+16->32 3x3/2 layer took 3.0-5.3 ms against 6.6-10 ms, of its 1x1/2 shortcut 0.3-0.5 against
+0.7-0.8, and no longer on its 7x7 and 14x14 layers (a whole input gradient 3-5 % faster);
+`phased` says which convolutions qualify.
+
+Transposed convolutions (input dilation, Defuse's VAE decoder) are the same slow loop in the
+forward pass and in both gradients. `transposed_conv` evaluates them phase by phase too, and
+their cotangents are JAX's derivatives of that (stride-1 convolutions only). Decoder layers at
+batch 2048, forward / both cotangents: 4x4x32 -> 8x8x32 45 / 151 -> 10 / 40 ms, 8x8x32 -> 16x16x32
+190 / 889 -> 54 / 168 ms, 7x7x32 -> 14x14x32 153 / 593 -> 42 / 96 ms. To one output channel
+Eigen's stride-1 kernels are slower than the loop (30 / 72 -> 60 / 586 ms), so `transposed`
+leaves convolutions with at most `FEW_CHANNELS` output channels alone.
 
 Convolutions of images with few channels (the first layer of a network on grey or colour images)
 are a second slow case: XLA's Eigen kernels took 3-7 ms for the forward pass of a 1-channel layer
@@ -34,11 +43,12 @@ with 8 or more channels patches were 5-10x slower than Eigen, hence `FEW_CHANNEL
 `FEW_CHANNELS` input channels that way, and with one channel also the value and the kernel
 cotangent; `few_channels` says which convolutions qualify (it takes precedence over `eligible`).
 
-`fast_conv` picks among the three for one convolution. `cpu_friendly_gradients(fn)` re-evaluates
-`fn`'s jaxpr with every such convolution replaced; off CPU (cuDNN has fast strided transposes) it
-returns `fn` itself. jfail's training steps, PGD, feature attacks and gradient attributions apply
-it to the model before differentiating; the modified back-propagation methods use `fast_conv` for
-the convolutions of their linear blocks.
+`fast_conv` picks among the four for one convolution. `cpu_friendly_gradients(fn)` re-evaluates
+`fn`'s jaxpr with every such convolution replaced (so a transposed convolution's value changes
+too, to float32 rounding); off CPU (cuDNN has fast strided transposes) it returns `fn` itself.
+jfail's training steps, PGD, feature attacks and gradient attributions apply it to the model
+before differentiating, Defuse's decoding applies it to the decoder; the modified
+back-propagation methods use `fast_conv` for the convolutions of their linear blocks.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 __all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "phased_conv", "phased",
-           "few_channel_conv", "few_channels", "on_cpu", "FEW_CHANNELS"]
+           "transposed_conv", "transposed", "few_channel_conv", "few_channels", "on_cpu",
+           "FEW_CHANNELS"]
 
 FEW_CHANNELS = 4  # input channels up to which `few_channels` holds
 
@@ -92,14 +103,17 @@ def on_cpu(platform: str | None = None) -> bool:
 
 
 def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | None:
-    """`few_channel_conv`, `strided_conv`, `phased_conv` or None (XLA's own rules are fine) for
-    a `conv_general_dilated` with these params and operand shapes, called like the primitive."""
+    """`few_channel_conv`, `strided_conv`, `phased_conv`, `transposed_conv` or None (XLA's own
+    rules are fine) for a `conv_general_dilated` with these params and operand shapes, called
+    like the primitive."""
     if few_channels(params, lhs_shape):
         return few_channel_conv
     if eligible(params, rhs_shape):
         return strided_conv
     if phased(params):
         return phased_conv
+    if transposed(params, rhs_shape):
+        return transposed_conv
     return None
 
 
@@ -149,6 +163,28 @@ def phased_conv(lhs, rhs, **params):
     phase by phase (see the module docstring); the value and the rhs cotangent are XLA's."""
     return _conv_with_rules(lhs, rhs, params, _bind_conv, _phase_lhs_cotangent,
                             _vjp_rhs(_bind_conv))
+
+
+def transposed(params: dict, rhs_shape: tuple) -> bool:
+    """Whether `conv_general_dilated` with these params gets `transposed_conv`: 2 spatial
+    dimensions, input (lhs) dilation above 1 with unit window strides (a transposed
+    convolution), no kernel dilation, no grouping, more than `FEW_CHANNELS` output channels."""
+    return (
+        len(params["lhs_dilation"]) == 2
+        and any(d > 1 for d in params["lhs_dilation"])
+        and all(s == 1 for s in params["window_strides"])
+        and all(d == 1 for d in params["rhs_dilation"])
+        and params["feature_group_count"] == 1
+        and params["batch_group_count"] == 1
+        and rhs_shape[params["dimension_numbers"].rhs_spec[0]] > FEW_CHANNELS
+    )
+
+
+def transposed_conv(lhs, rhs, **params):
+    """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` for a transposed convolution,
+    computed phase by phase (see the module docstring); both cotangents are JAX's derivatives
+    of that formulation (stride-1 convolutions, padding and interleaving)."""
+    return _phase_dilated_conv(lhs, rhs, params)
 
 
 def few_channels(params: dict, lhs_shape: tuple) -> bool:
@@ -341,34 +377,58 @@ def _space_to_depth_conv(lhs, rhs, params):
 
 
 def _phase_lhs_cotangent(g, lhs, rhs, params):
-    """The lhs cotangent of a strided convolution as one stride-1 convolution per stride phase.
-
-    In padded input coordinates `m = s * q + r`, the input rows of phase `r` receive
-    `sum_t g[q - t] * w[r + s * t]`: a full correlation of `g` with the phase's taps flipped
-    (channels swapped), evaluated for `q < ceil((H + pad_low) / s)`.
-    """
+    """The lhs cotangent of a strided convolution: the input-dilated convolution JAX's transpose
+    rule emits (`g` dilated by the strides, the kernel flipped with its channels swapped),
+    evaluated by `_phase_dilated_conv`."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-    w = _to_hwio(rhs, rhs_spec)  # [kh, kw, I, O]
-    g = _to_nhwc(g, out_spec)  # [N, oh, ow, O]
-    (sh, sw), ((ph, _), (pw, _)) = params["window_strides"], params["padding"]
-    channels = w.shape[2]
-    batch, out_h, out_w, _ = g.shape
-    height, width = (lhs.shape[axis] for axis in lhs_spec[2:])
-    rows, cols = -(-(height + ph) // sh), -(-(width + pw) // sw)  # phase grid covering the input
+    padding = []
+    for axis, (low, _), stride in zip(range(2), params["padding"], params["window_strides"]):
+        size, kernel = lhs.shape[lhs_spec[2 + axis]], rhs.shape[rhs_spec[2 + axis]]
+        out_size = g.shape[out_spec[2 + axis]]
+        before = kernel - 1 - low
+        padding.append((before, size + kernel - 1 - ((out_size - 1) * stride + 1) - before))
+    swapped = (rhs_spec[1], rhs_spec[0], *rhs_spec[2:])
+    transposed = dict(
+        params, window_strides=(1, 1), lhs_dilation=tuple(params["window_strides"]),
+        padding=tuple(padding),
+        dimension_numbers=jax.lax.ConvDimensionNumbers(out_spec, swapped, lhs_spec))
+    return _phase_dilated_conv(g, jnp.flip(rhs, rhs_spec[2:]), transposed).astype(lhs.dtype)
+
+
+def _phase_dilated_conv(lhs, rhs, params):
+    """A stride-1 convolution with input dilation `d` as `d * d` stride-1 convolutions, one per
+    output phase, interleaved.
+
+    Output row `m = d * q + r` (padded coordinates shifted by `pad_low`) reads kernel rows
+    `u = u_r + d * t` with `u_r = (pad_low - r) mod d`, at input rows `q + t + shift_r`,
+    `shift_r = (r + u_r - pad_low) / d`: a correlation of the shifted input with the kernel rows
+    of that phase. Negative padding (cropping) is allowed.
+    """
+    x, w = _to_nhwc_hwio(lhs, rhs, params)
+    (dh, dw), ((low_h, high_h), (low_w, high_w)) = params["lhs_dilation"], params["padding"]
+    kh, kw, _, out_channels = w.shape
+    batch, height, width, _ = x.shape
+    out_h = (height - 1) * dh + low_h + high_h - kh + 2
+    out_w = (width - 1) * dw + low_w + high_w - kw + 2
+    rows, cols = -(-out_h // dh), -(-out_w // dw)  # phase grid covering the output
     phases = []
-    for rh in range(sh):
-        for rw in range(sw):
-            taps = w[rh::sh, rw::sw]
-            if taps.shape[0] == 0 or taps.shape[1] == 0:  # a kernel smaller than the stride
-                phases.append(jnp.zeros((batch, rows, cols, channels), g.dtype))
-                continue
+    for rh in range(dh):
+        first_h = (low_h - rh) % dh
+        for rw in range(dw):
+            first_w = (low_w - rw) % dw
+            taps = w[first_h::dh, first_w::dw]
             th, tw = taps.shape[:2]
-            padded = jax.lax.pad(g, jnp.zeros((), g.dtype), (
-                (0, 0, 0), (th - 1, rows - out_h, 0), (tw - 1, cols - out_w, 0), (0, 0, 0)))
+            if th == 0 or tw == 0:  # a kernel smaller than the dilation: no input reaches it
+                phases.append(jnp.zeros((batch, rows, cols, out_channels), x.dtype))
+                continue
+            shift_h, shift_w = (rh + first_h - low_h) // dh, (rw + first_w - low_w) // dw
+            shifted = jax.lax.pad(x, jnp.zeros((), x.dtype), (
+                (0, 0, 0), (-shift_h, rows + th - 1 - height + shift_h, 0),
+                (-shift_w, cols + tw - 1 - width + shift_w, 0), (0, 0, 0)))
             phases.append(jax.lax.conv_general_dilated(
-                padded, jnp.flip(taps, (0, 1)).transpose(0, 1, 3, 2), (1, 1), "VALID",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=params["precision"],
+                shifted, taps, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=params["precision"],
                 preferred_element_type=params["preferred_element_type"]))
-    grid = jnp.stack(phases, axis=3).reshape(batch, rows, cols, sh, sw, channels)
-    grid = grid.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * sh, cols * sw, channels)
-    return _from_nhwc(grid[:, ph:ph + height, pw:pw + width], lhs_spec).astype(lhs.dtype)
+    grid = jnp.stack(phases, axis=3).reshape(batch, rows, cols, dh, dw, out_channels)
+    grid = grid.transpose(0, 1, 3, 2, 4, 5).reshape(batch, rows * dh, cols * dw, out_channels)
+    return _from_nhwc(grid[:, :out_h, :out_w], params["dimension_numbers"].out_spec)
