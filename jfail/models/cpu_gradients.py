@@ -64,7 +64,7 @@ __all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "p
            "transposed_conv", "transposed", "few_channel_conv", "few_channels", "on_cpu",
            "FEW_CHANNELS"]
 
-FEW_CHANNELS = 4  # input channels up to which `few_channels` holds
+FEW_CHANNELS = 4  # `few_channels`: at most this many input channels; `transposed`: more outputs
 
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "remat2": "jaxpr", "checkpoint": "jaxpr"}
