@@ -119,21 +119,15 @@ def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | No
 
 def eligible(params: dict, rhs_shape: tuple) -> bool:
     """Whether `conv_general_dilated` with these params gets the space-to-depth backward pass:
-    2 spatial dimensions, overlapping strided windows whose size is a multiple of the stride
-    (4x4/2: the rearranged convolution does exactly the original multiply-adds; 1x1/2 has no
-    overlap and a fast transpose already; 3x3/2 would pay 16/9 of them, for no gain measured on
-    CPU), no dilation, no grouping, non-negative padding."""
+    a convolution `phased` accepts whose windows overlap and tile the stride (4x4/2: the
+    rearranged convolution does exactly the original multiply-adds; 3x3/2 would pay 16/9 of
+    them and 1x1/2 does not overlap, both go phase by phase)."""
     strides = tuple(params["window_strides"])
     spatial = [rhs_shape[axis] for axis in params["dimension_numbers"].rhs_spec[2:]]
     return (
-        len(strides) == 2
+        phased(params)
         and any(s > 1 and k > s for s, k in zip(strides, spatial))
         and all(k % s == 0 for s, k in zip(strides, spatial))
-        and all(d == 1 for d in params["lhs_dilation"])
-        and all(d == 1 for d in params["rhs_dilation"])
-        and params["feature_group_count"] == 1
-        and params["batch_group_count"] == 1
-        and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
     )
 
 
