@@ -102,7 +102,8 @@ TRANSPOSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda case: f"{case[0]}-{case[1]}-{case[2]}")
+@pytest.mark.parametrize("case", TRANSPOSED_CASES,
+                         ids=lambda case: f"{case[0]}-{case[1]}-{case[2]}")
 def test_transposed_conv_matches_lax_in_value_and_both_gradients(case):
     x_shape, w_shape, dilation, padding, numbers = case
     rng = np.random.default_rng(3)
@@ -134,7 +135,9 @@ def test_a_vae_decoder_keeps_its_values_and_gradients_and_loses_its_dilated_conv
     rewritten = cpu_friendly_gradients(decode, platform="cpu")
     np.testing.assert_allclose(jax.jit(rewritten)(params, z), jax.jit(decode)(params, z),
                                rtol=0, atol=1e-5)
-    loss = lambda fn: jax.grad(lambda p, q: jnp.sum(jnp.sin(fn(p, q))), argnums=(0, 1))  # noqa: E731
+    def loss(fn):
+        return jax.grad(lambda p, q: jnp.sum(jnp.sin(fn(p, q))), argnums=(0, 1))
+
     expected, got = jax.jit(loss(decode))(params, z), jax.jit(loss(rewritten))(params, z)
     for ours, theirs in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         ours, theirs = np.asarray(ours), np.asarray(theirs)

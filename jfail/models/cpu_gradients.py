@@ -60,8 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-__all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "phased_conv", "phased",
-           "transposed_conv", "transposed", "few_channel_conv", "few_channels", "on_cpu",
+__all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "phased_conv",
+           "phased", "transposed_conv", "transposed", "few_channel_conv", "few_channels", "on_cpu",
            "FEW_CHANNELS"]
 
 FEW_CHANNELS = 4  # `few_channels`: at most this many input channels; `transposed`: more outputs
