@@ -19,6 +19,8 @@ from jfail.models.cpu_gradients import (
     fast_conv,
     few_channel_conv,
     few_channels,
+    one_window,
+    one_window_conv,
     phased,
     phased_conv,
     transposed,
@@ -71,11 +73,20 @@ PHASED_CASES = [
 ]
 
 
+# (x shape, kernel shape, strides, padding, dimension numbers): one output position each
+ONE_WINDOW_CASES = [
+    ((2, 3, 3, 6), (4, 4, 6, 5), (2, 2), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 5, 4, 3), (5, 4, 3, 2), (1, 1), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
+    ((3, 4, 2, 3), (5, 4, 2, 3), (3, 2), ((0, 1), (1, 0)), ("NCHW", "OIHW", "NCHW")),
+]
+
+
 @pytest.mark.parametrize(
     "rule, case", [("space_to_depth", case) for case in CASES]
-    + [("phases", case) for case in PHASED_CASES],
+    + [("phases", case) for case in PHASED_CASES]
+    + [("one_window", case) for case in ONE_WINDOW_CASES],
     ids=lambda value: value if isinstance(value, str) else f"{value[0]}-{value[1]}-{value[2]}")
-def test_strided_rules_match_lax_in_value_and_both_gradients(rule, case):
+def test_strided_and_one_window_rules_match_lax_in_value_and_both_gradients(rule, case):
     x_shape, w_shape, strides, padding, numbers = case
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
@@ -85,9 +96,13 @@ def test_strided_rules_match_lax_in_value_and_both_gradients(rule, case):
     if rule == "space_to_depth":
         assert eligible(params, w.shape)
         _assert_same_value_and_gradients(strided_conv, conv, x, w, params, rng)
-    else:
+    elif rule == "phases":
         assert phased(params)
         _assert_same_value_and_gradients(phased_conv, conv, x, w, params, rng)
+    else:
+        assert one_window(params, x.shape, w.shape)
+        assert fast_conv(params, x.shape, w.shape) is one_window_conv
+        _assert_same_value_and_gradients(one_window_conv, conv, x, w, params, rng)
 
 
 # (x shape, kernel shape, input dilation, padding, dimension numbers): Flax's ConvTranspose
@@ -149,7 +164,7 @@ def test_a_vae_decoder_keeps_its_values_and_gradients_and_loses_its_dilated_conv
     assert _convs(loss(rewritten), params, z, which=_input_dilated) == 2
 
 
-def test_fast_conv_picks_patches_then_space_to_depth_then_phases_then_transposed():
+def test_fast_conv_picks_one_window_patches_space_to_depth_phases_then_transposed():
     numbers = ("NHWC", "HWIO", "NHWC")
     cases = [((1, 8, 8, 1), (4, 4, 1, 3), (2, 2), few_channel_conv),
              ((1, 8, 8, 8), (4, 4, 8, 3), (2, 2), strided_conv),
@@ -169,6 +184,13 @@ def test_fast_conv_picks_patches_then_space_to_depth_then_phases_then_transposed
         a, b, (2, 2), ((1, 1), (1, 1)), rhs_dilation=(2, 2), dimension_numbers=numbers)
     x, w = jnp.zeros((1, 8, 8, 8)), jnp.zeros((3, 3, 8, 3))
     assert not phased(_params(dilated, x, w))
+    # one output position takes precedence; two do not qualify
+    x, w = jnp.zeros((1, 3, 3, 1)), jnp.zeros((4, 4, 1, 3))
+    assert fast_conv(_params(_conv((2, 2), ((1, 1), (1, 1)), numbers), x, w), x.shape,
+                     w.shape) is one_window_conv
+    x, w = jnp.zeros((1, 4, 3, 8)), jnp.zeros((4, 4, 8, 3))  # output 2x1
+    assert not one_window(_params(_conv((2, 2), ((1, 1), (1, 1)), numbers), x, w), x.shape,
+                          w.shape)
     assert not phased(_params(_conv((2, 2), ((-1, 0), (0, 0)), numbers), x, w))
 
 
