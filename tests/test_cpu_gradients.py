@@ -353,20 +353,24 @@ def test_custom_derivatives_are_kept_and_other_platforms_untouched():
 
 def test_modified_backpropagation_takes_the_fast_convolutions_with_unchanged_results(monkeypatch):
     """Every propagation method's linear blocks use `fast_conv` on CPU: no convolution of the
-    1-channel image and no input-dilated one is left in its program, and its attributions equal
-    those of the primitive's own derivatives."""
+    1-channel image, none with a single output position and no input-dilated one is left in its
+    program, and its attributions equal those of the primitive's own derivatives."""
     from jfail.attribution import _jaxpr, propagation
 
     def apply(params, x):
+        numbers = ("NHWC", "HWIO", "NHWC")
         h = jax.nn.relu(jax.lax.conv_general_dilated(  # 1 channel: few_channel_conv
-            x, params["c1"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + 0.1)
+            x, params["c1"], (1, 1), "SAME", dimension_numbers=numbers) + 0.1)
         h = jax.nn.relu(jax.lax.conv_general_dilated(  # 6 channels, 4x4/2: strided_conv
-            h, params["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+            h, params["c2"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=numbers))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(  # 4x4 -> 1x1: one_window_conv
+            h, params["c3"], (1, 1), "VALID", dimension_numbers=numbers))
         return h.reshape(x.shape[0], -1) @ params["dense"]
 
     rng = np.random.default_rng(3)
     params = {name: jnp.asarray(rng.normal(scale=0.5, size=shape), jnp.float32)
-              for name, shape in (("c1", (4, 4, 1, 6)), ("c2", (4, 4, 6, 4)), ("dense", (64, 3)))}
+              for name, shape in (("c1", (4, 4, 1, 6)), ("c2", (4, 4, 6, 4)), ("c3", (4, 4, 4, 5)),
+                                  ("dense", (5, 3)))}
     model = jax.tree_util.Partial(apply, params)
     x = jnp.asarray(rng.uniform(size=(3, 8, 8, 1)), jnp.float32)
     target = jnp.array([0, 1, 2])
