@@ -91,8 +91,9 @@ jfail's programs are compiled with `jfail.xla.OPTIONS` (XLA:CPU's YNNPACK fusion
 `jfail.xla`). On CPU, jfail differentiates the Defuse CNN's 4x4/2 convolutions through
 space-to-depth (`jfail.models.cpu_gradients`) and the ResNet's 3x3/2 and 1x1/2 ones phase by
 phase (`phased_conv`). Every model's first convolution (one input channel) runs as patches
-times a matrix, its value and its input gradient (`few_channel_conv`), in the gradient and the
-propagation methods.
+times a matrix, its value and its input gradient (`few_channel_conv`), and the Defuse CNN's last
+one (one output position) as a single matrix product (`one_window_conv`), in the gradient and
+the propagation methods.
 
 The targets: at least Captum's speed for every method, and at least 2x for SmoothGrad,
 VarGrad, Integrated Gradients and Expected Gradients; the report marks every miss.
