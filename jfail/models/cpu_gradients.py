@@ -195,17 +195,10 @@ def one_window(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
     spatial dimensions and a single output position (the kernel window covers the padded
     input, e.g. the Defuse CNN's last convolution, 3x3 -> 1x1), no input dilation, no
     grouping, non-negative padding."""
-    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
-    if len(lhs_spec) != 4:
+    if len(params["dimension_numbers"].lhs_spec) != 4:
         return False
-    out_size = [
-        (lhs_shape[lhs_spec[2 + axis]] + low + high
-         - dilation * (rhs_shape[rhs_spec[2 + axis]] - 1) - 1) // stride + 1
-        for axis, (low, high), dilation, stride in zip(
-            range(2), params["padding"], params["rhs_dilation"], params["window_strides"])
-    ]
     return (
-        out_size == [1, 1]
+        _output_size(params, lhs_shape, rhs_shape) == [1, 1]
         and all(d == 1 for d in params["lhs_dilation"])
         and params["feature_group_count"] == 1
         and params["batch_group_count"] == 1
@@ -340,9 +333,8 @@ def _patch_conv(lhs, rhs, params):
     (sh, sw), ((ph_lo, ph_hi), (pw_lo, pw_hi)) = params["window_strides"], params["padding"]
     dh, dw = params["rhs_dilation"]
     kh, kw, channels, out_channels = w.shape
-    batch, height, width, _ = x.shape
-    out_h = (height + ph_lo + ph_hi - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + pw_lo + pw_hi - dw * (kw - 1) - 1) // sw + 1
+    batch = x.shape[0]
+    out_h, out_w = _output_size(params, lhs.shape, rhs.shape)
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph_lo, ph_hi, 0), (pw_lo, pw_hi, 0),
                                                 (0, 0, 0)))
     windows = [
@@ -357,6 +349,18 @@ def _patch_conv(lhs, rhs, params):
         precision=params["precision"], preferred_element_type=params["preferred_element_type"],
     )  # [N, out_h, out_w, O]
     return _from_nhwc(out, params["dimension_numbers"].out_spec)
+
+
+def _output_size(params, lhs_shape, rhs_shape) -> list[int]:
+    """The spatial sizes of a convolution's output (without input dilation), from its operand
+    shapes in their own layouts."""
+    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+    return [
+        (lhs_shape[lhs_axis] + low + high - dilation * (rhs_shape[rhs_axis] - 1) - 1) // stride + 1
+        for lhs_axis, rhs_axis, (low, high), dilation, stride in zip(
+            lhs_spec[2:], rhs_spec[2:], params["padding"], params["rhs_dilation"],
+            params["window_strides"])
+    ]
 
 
 def _to_nhwc_hwio(lhs, rhs, params):
@@ -390,8 +394,7 @@ def _space_to_depth_conv(lhs, rhs, params):
     (sh, sw), ((ph_lo, ph_hi), (pw_lo, pw_hi)) = params["window_strides"], params["padding"]
     kh, kw, channels, out_channels = w.shape
     batch, height, width, _ = x.shape
-    out_h = (height + ph_lo + ph_hi - kh) // sh + 1
-    out_w = (width + pw_lo + pw_hi - kw) // sw + 1
+    out_h, out_w = _output_size(params, lhs.shape, rhs.shape)
     kernel_h, kernel_w = -(-kh // sh) * sh, -(-kw // sw) * sw  # kernel rounded up to the stride
     rows, cols = (out_h - 1) * sh + kernel_h, (out_w - 1) * sw + kernel_w  # input span read
     x = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph_lo, rows - height - ph_lo, 0),
