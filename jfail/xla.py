@@ -6,9 +6,17 @@ slower than XLA's own Eigen kernels: the 4x4/2 convolution of the Defuse CNN's s
 (batch 200, 14x14x64 -> 7x7x64) took 33 ms with it and 12.6 ms without (PyTorch: 12.8 ms), and a
 whole input gradient of the Defuse CNN 73-88 ms against 51-58 ms (ResNet-18: 584 against 367 ms),
 with no change in the result beyond float32 rounding; matrix products measured the same either
-way. `compiler_options()` switches those fusions off for the program being compiled, not for the
-process: other programs, the user's included, keep XLA's defaults. The option is a CPU one; GPU
-compilers ignore it. Where the installed XLA does not know it, no option is passed.
+way. `CPU_OPTIONS` switches those fusions off.
+
+XLA:GPU (jaxlib 0.11) lays float32 convolutions out as NHWC, which cuDNN's float32 kernels do not
+take: each convolution then runs two or three layout kernels around its arithmetic (about 100 per
+ResNet-18 gradient), and the convolutions run one launch at a time outside XLA's command buffers
+(CUDA graphs). `GPU_OPTIONS` are the settings measured fastest for jfail's gradients on an H200
+(`benchmarks/results/attribution_h200.md` names them and what they gave).
+
+Each backend ignores the other's options; `compiler_options()` keeps those the installed XLA
+accepts and applies them to the program being compiled, not to the process: other programs, the
+user's included, keep XLA's defaults.
 
 `jit` takes what `jax.jit` takes and is used the same way (`@jit`, `@jit(static_argnums=0)`,
 `jit(fn)`). The `jax.jit` object is made at the first call (or first attribute access such as
@@ -28,7 +36,15 @@ from jax.extend import core as jax_core
 
 __all__ = ["jit", "compiler_options", "OPTIONS"]
 
-OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+GPU_OPTIONS = {
+    "xla_gpu_force_conv_nchw": True,
+    "xla_gpu_enable_command_buffer": (
+        "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONVOLUTION,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION"
+    ),
+    "xla_gpu_graph_min_graph_size": 1,
+}
+OPTIONS = {**CPU_OPTIONS, **GPU_OPTIONS}
 
 
 def jit(fun: Callable | None = None, /, **jit_kwargs):
@@ -45,13 +61,10 @@ def jit(fun: Callable | None = None, /, **jit_kwargs):
 
 @functools.lru_cache(maxsize=None)
 def compiler_options() -> dict | None:
-    """The options of `OPTIONS` if the installed XLA accepts them (checked once by compiling a
-    one-operation program), else None."""
-    try:
-        jax.jit(_probe, compiler_options=OPTIONS).lower(1.0).compile()
-    except (TypeError, ValueError, RuntimeError, jax.errors.JaxRuntimeError):
-        return None
-    return dict(OPTIONS)
+    """The options of `OPTIONS` the installed XLA accepts (each checked once, alone, by compiling
+    a one-operation program), or None if it accepts none of them."""
+    accepted = {name: value for name, value in OPTIONS.items() if _accepts({name: value})}
+    return accepted or None
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +100,14 @@ def _under_a_trace() -> bool:
     """Whether a function is being traced (jit, vmap, grad ...) rather than run eagerly."""
     with jax_core.take_current_trace() as trace:
         return type(trace).__name__ != "EvalTrace"
+
+
+def _accepts(options: dict) -> bool:
+    try:
+        jax.jit(_probe, compiler_options=options).lower(1.0).compile()
+    except (TypeError, ValueError, RuntimeError, jax.errors.JaxRuntimeError):
+        return False
+    return True
 
 
 def _probe(x):

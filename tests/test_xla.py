@@ -105,6 +105,18 @@ def test_an_option_this_xla_rejects_falls_back_to_the_defaults(monkeypatch):
         xla.compiler_options.cache_clear()
 
 
+def test_each_option_is_checked_alone_and_only_rejected_ones_are_dropped(monkeypatch):
+    xla.compiler_options.cache_clear()
+    monkeypatch.setattr(xla, "OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "no-such-type",
+                                         "xla_gpu_force_conv_nchw": True,
+                                         "xla_no_such_option": 1})
+    try:
+        assert xla.compiler_options() == {"xla_gpu_force_conv_nchw": True}
+        np.testing.assert_array_equal(jit(lambda v: v + 1)(jnp.ones(2)), [2.0, 2.0])
+    finally:
+        xla.compiler_options.cache_clear()
+
+
 def test_compiler_options_cannot_be_overridden():
     with pytest.raises(TypeError, match="compiler_options"):
         jit(lambda v: v, compiler_options={})
