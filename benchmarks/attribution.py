@@ -151,6 +151,7 @@ try:
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
     from _machine import cpu_name, cpu_snapshot, other_cpu_share
 
+from jfail import xla as jfail_xla
 from jfail.attribution import METHODS, fit_patterns, method_kwargs, segments
 from jfail.data import DatasetNotFoundError, load
 from jfail.models import DefuseCNN, logits_fn, resnet18, resnet_variables_from_torch
@@ -724,7 +725,7 @@ def format_markdown(results: dict) -> str:
         f"({', '.join(SAMPLING_METHODS)}). Images/s is the median over {settings['repeats']} "
         f"repeats of at least {settings['min_repeat_seconds']:g} s each after a first "
         f"(compile / warm-up) call; {env['device']}, {env['cpu_count']} CPUs, torch threads "
-        f"{env['torch_threads']}." + _devices_sentence(env),
+        f"{env['torch_threads']}." + _devices_sentence(env) + _options_sentence(env),
         "",
         f"Hyperparameters: SmoothGrad/SmoothGrad²/VarGrad {settings['noise_samples']} samples, "
         f"noise {NOISE_SCALE} x range; Integrated Gradients {settings['ig_steps']} Gauss-Legendre "
@@ -970,6 +971,7 @@ def _environment(torch_threads: int, load_before: list[float], torch_device=None
         "scikit-image": importlib.metadata.version("scikit-image"),
         "scikit-learn": importlib.metadata.version("scikit-learn"),
         "platform": platform.platform(),
+        "jfail_xla_options": _backend_options(jax.default_backend()),
     }
     if torch_device.type == "cuda":
         env["torch_gpu"] = torch.cuda.get_device_name(torch_device)
@@ -1001,6 +1003,20 @@ def _devices_sentence(env: dict) -> str:
     if env.get("float32_precision"):
         sentence += f"; full float32 on both sides ({env['float32_precision']})"
     return sentence + "."
+
+
+def _backend_options(backend: str) -> dict:
+    """The per-program XLA options jfail compiles with that act on `backend` ("cpu", "gpu")."""
+    options = jfail_xla.compiler_options() or {}
+    return {name: value for name, value in options.items() if name.startswith(f"xla_{backend}_")}
+
+
+def _options_sentence(env: dict) -> str:
+    options = env.get("jfail_xla_options")
+    if not options:
+        return ""
+    listed = ", ".join(f"{name}={value!r}" for name, value in options.items())
+    return f" jfail's programs were compiled with {listed}."
 
 
 if __name__ == "__main__":
