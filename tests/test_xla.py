@@ -30,10 +30,10 @@ def _params_and_input():
 
 
 def test_options_are_accepted_and_leave_no_library_fusion_in_the_program():
-    options = xla.compiler_options()
-    if options is None:
+    options = xla.compiler_options() or {}
+    if "xla_cpu_experimental_ynn_fusion_type" not in options:
         pytest.skip("this XLA does not know the option; jfail compiles with its defaults")
-    assert options == xla.OPTIONS
+    assert options.items() <= xla.OPTIONS.items()
     params, x = _params_and_input()
     grad = jax.grad(lambda p, v: _conv_net(p, v).sum(), argnums=1)
     compiled = jit(grad).lower(params, x).compile().as_text()
