@@ -151,13 +151,11 @@ def phased(params: dict) -> bool:
     """Whether `conv_general_dilated` with these params gets `phased_conv`: 2 spatial
     dimensions, a stride above 1, no dilation, no grouping, non-negative padding."""
     return (
-        len(params["window_strides"]) == 2
+        _ungrouped_2d(params)
         and any(s > 1 for s in params["window_strides"])
         and all(d == 1 for d in params["lhs_dilation"])
         and all(d == 1 for d in params["rhs_dilation"])
-        and params["feature_group_count"] == 1
-        and params["batch_group_count"] == 1
-        and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
+        and _nonnegative_padding(params)
     )
 
 
@@ -173,12 +171,10 @@ def transposed(params: dict, rhs_shape: tuple) -> bool:
     dimensions, input (lhs) dilation above 1 with unit window strides (a transposed
     convolution), no kernel dilation, no grouping, more than `FEW_CHANNELS` output channels."""
     return (
-        len(params["lhs_dilation"]) == 2
+        _ungrouped_2d(params)
         and any(d > 1 for d in params["lhs_dilation"])
         and all(s == 1 for s in params["window_strides"])
         and all(d == 1 for d in params["rhs_dilation"])
-        and params["feature_group_count"] == 1
-        and params["batch_group_count"] == 1
         and rhs_shape[params["dimension_numbers"].rhs_spec[0]] > FEW_CHANNELS
     )
 
@@ -195,14 +191,11 @@ def one_window(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
     spatial dimensions and a single output position (the kernel window covers the padded
     input, e.g. the Defuse CNN's last convolution, 3x3 -> 1x1), no input dilation, no
     grouping, non-negative padding."""
-    if len(params["dimension_numbers"].lhs_spec) != 4:
-        return False
     return (
-        _output_size(params, lhs_shape, rhs_shape) == [1, 1]
+        _ungrouped_2d(params)
+        and _output_size(params, lhs_shape, rhs_shape) == [1, 1]
         and all(d == 1 for d in params["lhs_dilation"])
-        and params["feature_group_count"] == 1
-        and params["batch_group_count"] == 1
-        and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
+        and _nonnegative_padding(params)
     )
 
 
@@ -217,14 +210,11 @@ def few_channels(params: dict, lhs_shape: tuple) -> bool:
     """Whether `conv_general_dilated` with these params gets `few_channel_conv`: 2 spatial
     dimensions, at most `FEW_CHANNELS` input channels, no input dilation (a transposed
     convolution), no grouping, non-negative padding (kernel dilation and strides are fine)."""
-    lhs_spec = params["dimension_numbers"].lhs_spec
     return (
-        len(lhs_spec) == 4
-        and lhs_shape[lhs_spec[1]] <= FEW_CHANNELS
+        _ungrouped_2d(params)
+        and lhs_shape[params["dimension_numbers"].lhs_spec[1]] <= FEW_CHANNELS
         and all(d == 1 for d in params["lhs_dilation"])
-        and params["feature_group_count"] == 1
-        and params["batch_group_count"] == 1
-        and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
+        and _nonnegative_padding(params)
     )
 
 
@@ -281,6 +271,20 @@ def _contains_eligible_conv(closed) -> bool:
         if name in _CALLS and _contains_eligible_conv(eqn.params[_CALLS[name]]):
             return True
     return False
+
+
+def _ungrouped_2d(params) -> bool:
+    """Whether a `conv_general_dilated` has 2 spatial dimensions and no feature or batch
+    grouping, what every rewrite here assumes."""
+    return (
+        len(params["window_strides"]) == 2
+        and params["feature_group_count"] == 1
+        and params["batch_group_count"] == 1
+    )
+
+
+def _nonnegative_padding(params) -> bool:
+    return all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
 
 
 def _conv_with_rules(lhs, rhs, params, value, lhs_cotangent, rhs_cotangent):
