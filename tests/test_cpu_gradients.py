@@ -1,9 +1,11 @@
 """Strided convolutions differentiated through space-to-depth or stride phases, transposed
 convolutions by phases, few-channel convolutions as patches times a matrix: the same values and
 gradients as JAX's own rules, the slow convolutions gone from the program (gradients, decoders
-and modified back-propagation), custom derivatives kept."""
+and modified back-propagation), custom derivatives kept, loop bodies' convolutions in the
+layout XLA:CPU's fast kernels take."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.extend import core as jcore
 
 from jfail.models import cpu_friendly_gradients, strided_conv
 from jfail.models.cpu_gradients import (
@@ -26,6 +29,7 @@ from jfail.models.cpu_gradients import (
     transposed,
     transposed_conv,
 )
+from jfail.xla import jit
 
 # (x shape, kernel shape, strides, padding, dimension numbers)
 CASES = [
@@ -62,7 +66,7 @@ def _assert_same_value_and_gradients(rule, conv, x, w, params, rng):
 
 # (x shape, kernel shape, strides, padding, dimension numbers): kernels that do not tile the
 # stride, smaller than it (1x1/2: phases without taps), one stride of 1, padding that leaves
-# input rows unread, more output rows than phase rows
+# input rows unread, more output rows than phase rows, unit strides
 PHASED_CASES = [
     ((2, 28, 28, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
     ((2, 9, 9, 5), (1, 1, 5, 4), (2, 2), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
@@ -70,6 +74,10 @@ PHASED_CASES = [
     ((3, 10, 9, 7), (3, 2, 7, 5), (1, 3), ((0, 0), (1, 0)), ("NHWC", "HWIO", "NCHW")),
     ((1, 8, 8, 6), (3, 3, 6, 4), (2, 2), ((0, 0), (0, 0)), ("NHWC", "HWIO", "NHWC")),
     ((1, 7, 7, 6), (2, 2, 6, 4), (3, 3), ((4, 4), (3, 5)), ("NHWC", "HWIO", "NHWC")),
+    # unit strides (one phase): "SAME", padding beyond the kernel, other layouts
+    ((2, 9, 8, 6), (3, 3, 6, 5), (1, 1), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    ((2, 6, 7, 9), (4, 6, 3, 2), (1, 1), ((4, 0), (0, 2)), ("NCHW", "OIHW", "NCHW")),
+    ((3, 10, 9, 7), (3, 2, 7, 5), (1, 1), ((0, 0), (1, 0)), ("NHWC", "HWIO", "NCHW")),
 ]
 
 
@@ -170,7 +178,7 @@ def test_fast_conv_picks_one_window_patches_space_to_depth_phases_then_transpose
              ((1, 8, 8, 8), (4, 4, 8, 3), (2, 2), strided_conv),
              ((1, 8, 8, 8), (3, 3, 8, 3), (2, 2), phased_conv),
              ((1, 8, 8, 8), (1, 1, 8, 3), (2, 2), phased_conv),
-             ((1, 8, 8, 8), (3, 3, 8, 3), (1, 1), None)]
+             ((1, 8, 8, 8), (3, 3, 8, 3), (1, 1), phased_conv)]
     for x_shape, w_shape, strides, expected in cases:
         x, w = jnp.zeros(x_shape), jnp.zeros(w_shape)
         params = _params(_conv(strides, ((1, 1), (1, 1)), numbers), x, w)
@@ -280,7 +288,53 @@ def test_a_grey_image_network_keeps_its_gradients_and_loses_its_first_convolutio
         assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
     assert _convs(plain, params, x) == 6  # per layer: value, 2 cotangents
     assert _convs(rewritten, params, x, which=lambda eqn: eqn.invars[0].aval.shape[-1] == 1) == 0
-    assert _convs(rewritten, params, x) == 3  # the 8-channel layer's
+    # the 8-channel layer's value and two cotangents (the kernel cotangent's VJP recomputes
+    # the value too, unused)
+    assert _live_top_level_convs(rewritten, params, x) == 3
+
+
+def test_gradients_inside_a_loop_run_as_canonical_convolutions():
+    """XLA:CPU gives only the top-level computation's convolutions the NHWC / HWIO layout its
+    Eigen kernels need; in a loop body JAX's input gradient keeps its flipped kernel as OIHW-like
+    `01oi` and runs as a generic loop (7-12x slower). The rewritten gradient lays the kernel out
+    itself, so that every convolution in the compiled loop is `b01f_01io->b01f`."""
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def net(params, x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, params[0], (1, 1), "SAME",
+                                                     dimension_numbers=numbers))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, params[1], (2, 2), ((1, 1), (1, 1)),
+                                                     dimension_numbers=numbers))
+        h = jax.lax.conv_general_dilated(h, params[2], (1, 1), ((2, 0), (1, 1)),
+                                         dimension_numbers=numbers)
+        return h.reshape(h.shape[0], -1) @ params[3]
+
+    rng = np.random.default_rng(4)
+    params = [jnp.asarray(rng.normal(scale=0.3, size=shape), jnp.float32)
+              for shape in ((3, 3, 6, 8), (3, 3, 8, 8), (3, 2, 8, 5), (4 * 5 * 5, 3))]
+    xs = jnp.asarray(rng.uniform(size=(3, 4, 8, 8, 6)), jnp.float32)
+
+    def looped(fn):
+        grad = jax.grad(lambda p, x: fn(p, x)[:, 1].sum(), argnums=1)
+        return jit(lambda p, xs: jax.lax.map(lambda x: grad(p, x), xs))  # jfail's options
+
+    rewritten = looped(cpu_friendly_gradients(net, platform="cpu"))
+    expected = np.asarray(looped(net)(params, xs))
+    got = np.asarray(rewritten(params, xs))
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    hlo = rewritten.lower(params, xs).compile().as_text()
+    labels = re.findall(r" convolution\(.*?dim_labels=([^,\s]+)", hlo)
+    assert len(labels) >= 4  # forward and input gradient of the two multi-channel layers
+    assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def _live_top_level_convs(fn, *args) -> int:
+    """Convolution equations of `fn(*args)`'s top-level jaxpr whose result is used."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    used = {v for eqn in jaxpr.eqns for v in eqn.invars if not isinstance(v, jcore.Literal)}
+    used |= {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    return sum(eqn.primitive.name == "conv_general_dilated" and eqn.outvars[0] in used
+               for eqn in jaxpr.eqns)
 
 
 def _convs(fn, *args, which=lambda eqn: True) -> int:
