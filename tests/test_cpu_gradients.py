@@ -322,10 +322,47 @@ def test_gradients_inside_a_loop_run_as_canonical_convolutions():
     expected = np.asarray(looped(net)(params, xs))
     got = np.asarray(rewritten(params, xs))
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
-    hlo = rewritten.lower(params, xs).compile().as_text()
-    labels = re.findall(r" convolution\(.*?dim_labels=([^,\s]+)", hlo)
+    labels = _convolution_layouts(rewritten, params, xs)
     assert len(labels) >= 4  # forward and input gradient of the two multi-channel layers
     assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+@pytest.mark.parametrize("attack", ["pgd", "feature"])
+def test_attack_loops_compile_to_canonical_convolutions(attack):
+    """PGD (adversarial training and evaluation) and Barlow's feature attack differentiate the
+    model inside a `fori_loop`: their compiled loops hold only canonical convolutions."""
+    from jfail.barlow.extraction import _apply_attack
+    from jfail.train import Attack, pgd_attack
+
+    numbers = ("NHWC", "HWIO", "NHWC")
+
+    def features(params, x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, params[0], (1, 1), "SAME",
+                                                     dimension_numbers=numbers))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, params[1], (1, 1), "SAME",
+                                                     dimension_numbers=numbers))
+        return h.mean(axis=(1, 2))
+
+    rng = np.random.default_rng(5)
+    params = [jnp.asarray(rng.normal(scale=0.3, size=shape), jnp.float32)
+              for shape in ((3, 3, 6, 8), (3, 3, 8, 4))]
+    model = jax.tree_util.Partial(features, params)
+    x = jnp.asarray(rng.uniform(size=(2, 8, 8, 6)), jnp.float32)
+    index, budget = jnp.array([0, 3]), jnp.full((2,), 0.5, jnp.float32)
+    if attack == "pgd":
+        program = jit(lambda m, x: pgd_attack(m, x, index, jax.random.key(0),
+                                              Attack(epsilon=0.5, steps=3)))
+    else:
+        program = jit(lambda m, x: _apply_attack(m, x, index, budget, budget, steps=3))
+    labels = _convolution_layouts(program, model, x)
+    assert len(labels) >= 4, labels
+    assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def _convolution_layouts(program, *args) -> list[str]:
+    """The `dim_labels` of every convolution in `program`'s optimized XLA program."""
+    hlo = program.lower(*args).compile().as_text()
+    return re.findall(r" convolution\(.*?dim_labels=([^,\s]+)", hlo)
 
 
 def _live_top_level_convs(fn, *args) -> int:
