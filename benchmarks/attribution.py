@@ -149,8 +149,10 @@ from captum.attr._utils.lrp_rules import EpsilonRule
 
 try:
     from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share
+    from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
     from _machine import cpu_name, cpu_snapshot, other_cpu_share
+    from _torch_resnet import TorchResNet18Small, randomize_batchnorm
 
 from jfail import xla as jfail_xla
 from jfail.attribution import METHODS, fit_patterns, method_kwargs, segments
@@ -602,51 +604,6 @@ def _tiny_cnn_logits(params, x):
     return h @ params["dense"] + params["dense_bias"]
 
 
-class TorchBasicBlock(nn.Module):
-    """torchvision's BasicBlock with separate `nn.ReLU` modules for its two ReLUs."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.downsample = None
-        if stride != 1 or in_channels != channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                            nn.BatchNorm2d(channels))
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchResNet18Small(nn.Module):
-    """`resnet18(stem="small")`: a 3x3/1 stem, four stages of two blocks, torchvision's names."""
-
-    def __init__(self, in_channels: int, num_classes: int = 10, width: int = 16):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        channels = width
-        for stage in range(4):
-            out = width * 2**stage
-            stride = 1 if stage == 0 else 2
-            setattr(self, f"layer{stage + 1}", nn.Sequential(
-                TorchBasicBlock(channels, out, stride), TorchBasicBlock(out, out, 1)))
-            channels = out
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        for stage in range(1, 5):
-            x = getattr(self, f"layer{stage}")(x)
-        return self.fc(x.mean(dim=(2, 3)))
-
-
 def build_models(model_name: str, image_shape, seed: int):
     """`(torch_model, jfail_model)`: a torch model (random weights, eval mode, frozen) and the
     jfail `model(x) -> logits` callable holding the same weights."""
@@ -658,7 +615,7 @@ def build_models(model_name: str, image_shape, seed: int):
         variables = torch_model.flax_variables()
     elif model_name == "resnet18":
         torch_model = TorchResNet18Small(channels, num_classes=10, width=16)
-        _randomize_batchnorm(torch_model, seed)
+        randomize_batchnorm(torch_model, seed)
         module = resnet18(10, stem="small", width=16)
         variables = resnet_variables_from_torch(torch_model.state_dict(), module)
     elif model_name == "tiny_cnn":
@@ -689,18 +646,6 @@ def check_logits(torch_model, jfail_model, x: np.ndarray, model_name: str) -> fl
         )
     print(f"   {model_name}: logits agree to {error:.1e}", file=sys.stderr)
     return error
-
-
-def _randomize_batchnorm(model: nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.BatchNorm2d):
-                size = layer.num_features
-                layer.weight.copy_(0.5 + torch.rand(size, generator=generator))
-                layer.bias.copy_(0.2 * torch.randn(size, generator=generator))
-                layer.running_mean.copy_(0.2 * torch.randn(size, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(size, generator=generator))
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
