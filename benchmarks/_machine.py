@@ -3,6 +3,7 @@ machine other processes took during a run."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -31,6 +32,14 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_results(out_dir, name: str, results: dict, markdown: str) -> None:
+    """`<out_dir>/<name>.json` (the results, indented) and `<name>.md`, each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / f"{name}.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out_dir / f"{name}.md", markdown)
 
 
 def cpu_snapshot() -> dict:

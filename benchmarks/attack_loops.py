@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import shlex
@@ -59,10 +58,10 @@ from jfail.train import Attack, pgd_attack
 from jfail.xla import jit
 
 try:
-    from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share, write_atomic
+    from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share, write_results
     from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, write_atomic
+    from _machine import cpu_name, cpu_snapshot, other_cpu_share, write_results
     from _torch_resnet import TorchResNet18Small, randomize_batchnorm
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -97,11 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["environment"] = _environment(args.torch_threads, load_before)
     results["environment"]["other_processes_cpu_share"] = other_cpu_share(
         start, cpu_snapshot(), os.cpu_count())
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "attack_loops.json", json.dumps(results, indent=2) + "\n")
     report = format_markdown(results)
-    write_atomic(out_dir / "attack_loops.md", report)
+    write_results(args.out_dir, "attack_loops", results, report)
     print(report)
     return results
 

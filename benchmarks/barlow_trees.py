@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -66,9 +65,9 @@ from jfail.barlow import (
 from jfail.barlow.trees import Condition
 
 try:
-    from benchmarks._machine import write_atomic
+    from benchmarks._machine import write_results
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import write_atomic
+    from _machine import write_results
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 NUM_FEATURES_SELECTED = 50
@@ -239,11 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "barlow_trees.json", json.dumps(result, indent=2) + "\n")
     markdown = _markdown(result)
-    write_atomic(out_dir / "barlow_trees.md", markdown)
+    write_results(args.out_dir, "barlow_trees", result, markdown)
     print(markdown)
     return result
 

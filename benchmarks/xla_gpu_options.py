@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_name, write_atomic  # noqa: E402
+from _machine import cpu_name, write_atomic, write_results  # noqa: E402
 from attribution import build_models, load_images  # noqa: E402
 
 from jfail import xla  # noqa: E402
@@ -104,11 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
             for case, inputs in cases.items():
                 times[(name, case)].append(_milliseconds(program, inputs, args.min_seconds))
     results = _results(args, argv, dataset, cases, programs, times, errors, first_call, failed)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / f"{args.out_name}.json", json.dumps(results, indent=2) + "\n")
     report = format_markdown(results)
-    write_atomic(out_dir / f"{args.out_name}.md", report)
+    write_results(args.out_dir, args.out_name, results, report)
     print(report)
     return results
 

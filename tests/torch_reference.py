@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import torch
 
+from benchmarks._torch_resnet import randomize_batchnorm  # noqa: F401 (the tests use it)
 from jfail.models import resnet18, resnet50
 
 tnn = torch.nn
@@ -184,20 +185,6 @@ def resnet_pair(name: str, stem: str, width: int, in_channels: int, num_classes:
     module = build(num_classes, stem=stem, width=width)
     reference = TorchResNet(block, layers, in_channels, num_classes, stem=stem, width=width)
     return module, reference
-
-
-def randomize_batchnorm(model, seed: int) -> None:
-    """Non-trivial affine parameters and running statistics for every BatchNorm2d."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, tnn.BatchNorm2d):
-                size = layer.num_features
-                layer.weight.copy_(0.5 + torch.rand(size, generator=generator))
-                layer.bias.copy_(0.2 * torch.randn(size, generator=generator))
-                layer.running_mean.copy_(0.2 * torch.randn(size, generator=generator))
-                layer.running_var.copy_(0.5 + torch.rand(size, generator=generator))
-                layer.num_batches_tracked.fill_(1000)
 
 
 def _downsample(in_channels: int, out_channels: int, stride: int):
