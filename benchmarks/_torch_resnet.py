@@ -46,7 +46,7 @@ class TorchResNet18Small(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def features(self, x):
-        """The penultimate features `[B, 8 * width]`: the last stage's output averaged over space."""
+        """Penultimate features `[B, 8 * width]`: the last stage's output averaged over space."""
         x = self.relu(self.bn1(self.conv1(x)))
         for stage in range(1, 5):
             x = getattr(self, f"layer{stage}")(x)

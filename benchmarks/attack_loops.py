@@ -117,7 +117,8 @@ def format_markdown(results: dict) -> str:
         f"{_share(env['other_processes_cpu_share'])} of the machine's CPU time.",
         "",
         "| loop | batch x steps | jfail | jfail, JAX's own convolution gradients | torch "
-        "| jfail / torch | jfail / JAX's own | jfail first call (s) | max abs. difference to torch |",
+        "| jfail / torch | jfail / JAX's own | jfail first call (s) "
+        "| max abs. difference to torch |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, loop in results["loops"].items():

@@ -340,7 +340,8 @@ def _markdown(result: dict) -> str:
         "",
         f"Run {result['date']} on {env['cpu_count']} CPU cores ({env['device']}), jax {env['jax']},"
         f" scikit-learn {env['sklearn']}; load average {env['load_average_before']} before and"
-        f" {env['load_average_after']} after (1, 5, 15 min; other jobs shared the cores).",
+        f" {env['load_average_after']} after (1, 5, 15 min; the benchmark's own threads count"
+        " too).",
         "",
         f"Data: {shape['images']} synthetic images in {groups} groups of {low}-{high} (mean"
         f" {shape['mean_group_size']:.1f}), {shape['features']} features"
