@@ -305,13 +305,16 @@ def test_gradients_inside_a_loop_run_as_canonical_convolutions():
                                                      dimension_numbers=numbers))
         h = jax.nn.relu(jax.lax.conv_general_dilated(h, params[1], (2, 2), ((1, 1), (1, 1)),
                                                      dimension_numbers=numbers))
-        h = jax.lax.conv_general_dilated(h, params[2], (1, 1), ((2, 0), (1, 1)),
-                                         dimension_numbers=numbers)
-        return h.reshape(h.shape[0], -1) @ params[3]
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, params[2], (1, 1), ((2, 0), (1, 1)),
+                                                     dimension_numbers=numbers))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(  # written as NCHW, as ported models are
+            h.transpose(0, 3, 1, 2), params[3], (1, 1), "SAME",
+            dimension_numbers=("NCHW", "OIHW", "NCHW")))
+        return h.reshape(h.shape[0], -1) @ params[4]
 
     rng = np.random.default_rng(4)
     params = [jnp.asarray(rng.normal(scale=0.3, size=shape), jnp.float32)
-              for shape in ((3, 3, 6, 8), (3, 3, 8, 8), (3, 2, 8, 5), (4 * 5 * 5, 3))]
+              for shape in ((3, 3, 6, 8), (3, 3, 8, 8), (3, 2, 8, 5), (3, 5, 3, 3), (3 * 4 * 5, 3))]
     xs = jnp.asarray(rng.uniform(size=(3, 4, 8, 8, 6)), jnp.float32)
 
     def looped(fn):
@@ -323,8 +326,34 @@ def test_gradients_inside_a_loop_run_as_canonical_convolutions():
     got = np.asarray(rewritten(params, xs))
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     labels = _convolution_layouts(rewritten, params, xs)
-    assert len(labels) >= 4  # forward and input gradient of the two multi-channel layers
+    assert len(labels) >= 6  # forward and input gradient of the stride-1 layers
     assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_lime_evaluates_an_nchw_model_in_its_loop_as_canonical_convolutions():
+    """LIME and KernelSHAP query the model in groups of samples through `jax.lax.map`; a model
+    written in NCHW runs there as NHWC convolutions, with unchanged logits."""
+    from jfail.attribution.surrogates import _masked_target_logits
+
+    def net(kernel, x):
+        h = jax.lax.conv_general_dilated(x.transpose(0, 3, 1, 2), kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return jax.nn.relu(h).mean(axis=(2, 3))
+
+    rng = np.random.default_rng(6)
+    model = jax.tree_util.Partial(net, jnp.asarray(rng.normal(size=(5, 3, 3, 3)), jnp.float32))
+    x = jnp.asarray(rng.uniform(size=(2, 6, 6, 3)), jnp.float32)
+    segment_map = jnp.asarray(np.arange(36).reshape(1, 6, 6) // 9 * np.ones((2, 1, 1), int))
+    masks = jnp.asarray(rng.uniform(size=(2, 8, 4)) > 0.5, jnp.float32)
+    program = jit(lambda m, x: _masked_target_logits(
+        m, x, jnp.array([1, 4]), segment_map, jnp.zeros_like(x), masks, 4))
+    keep = np.asarray(masks)[:, :, np.asarray(segment_map).reshape(2, -1)[0]]  # same map twice
+    images = np.where(keep.reshape(2, 8, 6, 6, 1) > 0.5, np.asarray(x)[:, None], 0.0)
+    expected = np.asarray(net(model.args[0], jnp.asarray(images.reshape(16, 6, 6, 3))))
+    expected = expected.reshape(2, 8, 5)[np.arange(2), :, [1, 4]]
+    np.testing.assert_allclose(np.asarray(program(model, x)), expected, rtol=1e-5, atol=1e-6)
+    labels = _convolution_layouts(program, model, x)
+    assert labels and set(labels) == {"b01f_01io->b01f"}, labels
 
 
 @pytest.mark.parametrize("attack", ["pgd", "feature"])

@@ -32,6 +32,7 @@ from jfail.attribution._core import (
     run_chunked,
     sample_group_size,
 )
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.xla import jit
 
 __all__ = ["segment", "segments", "lime", "kernel_shap"]
@@ -261,7 +262,13 @@ def _present_segments(segment_map, count):
 
 
 def _masked_target_logits(model, x, target, segment_map, fill, masks, group):
-    """Target logits of the perturbed images `[b, n]` for keep-masks `masks: [b, n, S]`."""
+    """Target logits of the perturbed images `[b, n]` for keep-masks `masks: [b, n, S]`.
+
+    The model runs through `cpu_friendly_gradients` for its values: on CPU a one-channel first
+    convolution as patches times a matrix, and convolutions of other layouts (NCHW) as NHWC ones,
+    which XLA keeps fast inside the `jax.lax.map` over sample groups.
+    """
+    model = cpu_friendly_gradients(model)
 
     def evaluate(mask_group):  # [m, b, S] -> [m, b]
         keep = jax.vmap(lambda m, labels: m[:, labels], in_axes=(1, 0), out_axes=1)(
