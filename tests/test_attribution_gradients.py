@@ -250,6 +250,40 @@ def test_expected_gradients_of_linear_model(linear):
     assert np.abs(attributions - expected).max() < 0.05 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("method", ["smoothgrad", "vargrad", "integrated_gradients",
+                                    "expected_gradients"])
+def test_sample_groups_change_nothing_but_the_steps(mlp, method):
+    """Every grouping of the samples (the CPU default, one sample a step, all at once) gives the
+    same attributions: the same noise, path points and references, in another order."""
+    x = _images(14, batch=3)
+    extra = {"baselines": _images(15, batch=6)} if method == "expected_gradients" else {}
+    run = lambda group: np.asarray(getattr(grads, method)(  # noqa: E731
+        mlp, x, None, key=jax.random.key(4), sample_batch_size=group, **extra))
+    default = run(None)
+    scale = np.abs(default).max()
+    for group in (1, 7, 10_000):
+        assert np.abs(run(group) - default).max() <= 1e-5 * scale, group
+
+
+def test_cpu_sample_groups_fill_steps_of_at_most_96_inputs_without_padding_where_possible():
+    from jfail.attribution._core import CPU_INPUTS_PER_STEP, cpu_group_size
+
+    assert CPU_INPUTS_PER_STEP == 96
+    # (samples, inputs per sample) -> samples per step: SmoothGrad, IG and EG on 4 images,
+    # SmoothGrad on 32 and on 1, more inputs per sample than a step holds, a prime count (no
+    # padding)
+    cases = {(50, 4): 10, (128, 4): 16, (200, 4): 20, (50, 32): 2, (50, 1): 50, (50, 200): 1,
+             (7, 30): 1}
+    for (count, inputs), group in cases.items():
+        assert cpu_group_size(count, inputs) == group, (count, inputs)
+    for count in range(1, 300):
+        for inputs in (1, 3, 4, 32, 97):
+            group = cpu_group_size(count, inputs)
+            assert 1 <= group <= count
+            assert group * inputs <= CPU_INPUTS_PER_STEP or group == 1
+            assert group == count or 3 * group * inputs >= CPU_INPUTS_PER_STEP or inputs > 32
+
+
 def test_expected_gradients_completeness_in_expectation(mlp):
     x = _images(12, batch=3)
     reference = _images(13, batch=1)

@@ -20,12 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.models.cpu_gradients import on_cpu
 from jfail.xla import jit
 
 __all__ = [
     "check_inputs", "check_host_inputs", "run_chunked", "split_model", "num_classes",
     "map_over_samples", "pick_logits", "require_key", "check_positive_int", "sample_group_size",
+    "cpu_group_size", "CPU_INPUTS_PER_STEP",
 ]
+
+# On 2 AVX-512 cores the ResNet-18 gradient ran 25-30 % faster per image in steps of 40-100
+# inputs than of 200, and SmoothGrad of 32 images (1,600 inputs) at 1.27x (ResNet-18) and 1.74x
+# (Defuse CNN) the speed of one step when the steps were kept under 100 inputs.
+CPU_INPUTS_PER_STEP = 96
 
 
 def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
@@ -135,7 +142,7 @@ def check_positive_int(name: str, what: str, value, minimum: int = 1) -> None:
 
 
 def sample_group_size(sample_batch_size) -> int | None:
-    """A checked `sample_batch_size` (None: all samples at once) as a static int."""
+    """A checked `sample_batch_size` (None: chosen by `map_over_samples`) as a static int."""
     if sample_batch_size is None:
         return None
     check_positive_int("sample_batch_size", "sample_batch_size", sample_batch_size)
@@ -143,13 +150,17 @@ def sample_group_size(sample_batch_size) -> int | None:
 
 
 def map_over_samples(fn, samples, group):
-    """`fn` over the leading (sample) axis of the pytree `samples` in groups of `group` rows.
+    """`fn` over the leading (sample) axis of the pytree `samples: [n, b, ...]` in groups of
+    `group` samples (`group * b` model inputs per step).
 
-    `fn` maps `[m, ...] -> [m, ...]`. None evaluates all rows at once; otherwise the rows are
-    padded to a multiple of `group` (repeating the last) and run through `jax.lax.map`.
+    `fn` maps `[m, b, ...] -> [m, b, ...]`. The samples are padded to a multiple of `group`
+    (repeating the last) and run through `jax.lax.map`. `group=None`: on CPU, `cpu_group_size`
+    (about `CPU_INPUTS_PER_STEP` inputs per step); elsewhere all samples at once.
     """
     leaves = jax.tree_util.tree_leaves(samples)
     count = leaves[0].shape[0]
+    if group is None and on_cpu():
+        group = cpu_group_size(count, leaves[0].shape[1] if leaves[0].ndim > 1 else 1)
     if group is None or group >= count:
         return fn(samples)
     groups = -(-count // group)
@@ -162,6 +173,22 @@ def map_over_samples(fn, samples, group):
 
     out = jax.lax.map(fn, jax.tree_util.tree_map(to_groups, samples))
     return jax.tree_util.tree_map(lambda a: a.reshape((groups * group,) + a.shape[2:])[:count], out)
+
+
+def cpu_group_size(count: int, inputs_per_sample: int) -> int:
+    """Samples per `jax.lax.map` step on CPU for `count` samples of `inputs_per_sample` model
+    inputs each: at most `CPU_INPUTS_PER_STEP` inputs a step (one sample where a sample alone
+    has more), at least a third of that, and of those sizes the one that pads the fewest
+    samples, then takes the fewest steps."""
+    largest = max(1, CPU_INPUTS_PER_STEP // inputs_per_sample)
+    if largest >= count:
+        return count
+
+    def padding_then_steps(group):
+        steps = -(-count // group)
+        return steps * group - count, steps
+
+    return min(range(-(-largest // 3), largest + 1), key=padding_then_steps)
 
 
 def pick_logits(logits, target):
