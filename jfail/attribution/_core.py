@@ -155,7 +155,7 @@ def map_over_samples(fn, samples, group):
 
     `fn` maps `[m, b, ...] -> [m, b, ...]`. The samples are padded to a multiple of `group`
     (repeating the last) and run through `jax.lax.map`. `group=None`: on CPU, `cpu_group_size`
-    (about `CPU_INPUTS_PER_STEP` inputs per step); elsewhere all samples at once.
+    (at most `CPU_INPUTS_PER_STEP` inputs a step); elsewhere all samples at once.
     """
     leaves = jax.tree_util.tree_leaves(samples)
     count = leaves[0].shape[0]

@@ -1,6 +1,6 @@
 """Convolutions and their gradients without XLA:CPU's slow paths: input-dilated convolutions
-(strided input gradients, transposed convolutions), images with few channels and input
-gradients inside loops.
+(strided input gradients, transposed convolutions), images with few channels and convolutions
+inside loops.
 
 JAX differentiates a strided convolution into a convolution with `lhs_dilation` (the output
 cotangent spread out with zeros). XLA:CPU has no fast kernel for that and runs it as a generic
