@@ -159,13 +159,13 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     test = load(config.dataset, "test")
     train, val = train_val_split(full, classifier_config.val_fraction,
                                  seed=classifier_config.train.seed)
-    normal = logits_fn(module, {"params": params, **state})
+    normal = _attributable(module, {"params": params, **state})
     summary["models"] = {"normal_test_accuracy": metrics["test_accuracy"]}
     if "table3" in parts:
         ood_module, ood_params, ood_state, _, ood_metrics = trained_classifier(
             load_config(config.ood_config), config.ood_run, progress=progress)
         ood_test = load(config.ood_dataset, "test")
-        ood_model = logits_fn(ood_module, {"params": ood_params, **ood_state})
+        ood_model = _attributable(ood_module, {"params": ood_params, **ood_state})
         summary["models"]["ood_test_accuracy"] = ood_metrics["test_accuracy"]
 
     def attribute(name, model, x, target, patterns_from=None):
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
         target = np.asarray(predict_fn(normal, inputs))
         curves, cascade = {name: {"ssim": [], "rank": []} for name in methods}, {}
         for step, (layer, step_params) in enumerate(each(steps, "Figure 7")):
-            model = logits_fn(module, {"params": step_params, **state})
+            model = _attributable(module, {"params": step_params, **state})
             step_patterns = needs_patterns(model, train.images)
             for name in methods:
                 maps = attribute(name, model, inputs, target, step_patterns)
@@ -385,7 +385,7 @@ def _spurious_model(config, module, classifier_config, full, test, workdir, keys
               "train_images": int(len(train.labels)), "test_accuracy": clean["accuracy"],
               "background_only_accuracy": shortcut["accuracy"]}
     variables = {"params": result.params, **result.state}
-    return {"model": logits_fn(model_module, variables),
+    return {"model": _attributable(model_module, variables),
             "test": test_data, "background": background, "report": report,
             "train_images": train.images, "train_labels": train.labels,
             "train_background_ids": train_data.background_ids[train_rows],
@@ -410,8 +410,16 @@ def _mislabel_model(config, module, classifier_config, train, val, workdir, keys
                   apply_fn, result.params, result.state, train.images[flipped]), -1)
                   == labels[flipped]))}
     variables = {"params": result.params, **result.state}
-    return {"model": logits_fn(module, variables), "flipped": flipped, "report": report,
+    return {"model": _attributable(module, variables), "flipped": flipped, "report": report,
             "labels": labels, "module": module, "variables": variables}
+
+
+def _attributable(module, variables):
+    """`logits_fn` with every weight committed to the default device. Trained weights are
+    committed and freshly initialised or restored ones are not, and jit compiles a program
+    once per such placement: cascading randomization mixes the two layer by layer, which cost
+    one compilation per method and step."""
+    return logits_fn(module, jax.device_put(variables, jax.devices()[0]))
 
 
 def _fit_cached(module, train, val, train_config, run_dir, progress):
