@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from jfail import barlow
-from jfail.data import DatasetNotFoundError, load
 from jfail.models import cpu_gradients, model_fns, resnet18, resnet_variables_from_torch
 from jfail.train import Attack, pgd_attack
 from jfail.xla import jit
@@ -60,9 +59,11 @@ from jfail.xla import jit
 try:
     from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share, write_results
     from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
+    from benchmarks.attribution import check_logits, load_images
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
     from _machine import cpu_name, cpu_snapshot, other_cpu_share, write_results
     from _torch_resnet import TorchResNet18Small, randomize_batchnorm
+    from attribution import check_logits, load_images
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("jfail", "jfail_jax_rules", "torch")
@@ -71,9 +72,9 @@ IMPLEMENTATIONS = ("jfail", "jfail_jax_rules", "torch")
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
     torch.set_num_threads(args.torch_threads)
-    images, dataset = _load_test_images()
+    images, _, dataset = load_images()
     torch_model, fns = _build_models(args.seed)
-    logit_error = _check_logits(torch_model, fns, images[:64])
+    logit_error = check_logits(torch_model, fns.logits, images[:64], "resnet18")
     load_before, start = list(os.getloadavg()), cpu_snapshot()
     loops = {
         "feature_attack": _feature_attack_calls(torch_model, fns, images[:args.feature_batch],
@@ -263,23 +264,6 @@ class _jax_rules:
 
 # --------------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _load_test_images() -> tuple[np.ndarray, str]:
-    try:
-        return load("fashion_mnist", "test").images, "fashion_mnist"
-    except DatasetNotFoundError as error:
-        print(f"Fashion-MNIST not found ({error}); using mnist5k", file=sys.stderr)
-        return load("mnist5k", "test").images, "mnist5k"
-
-
-def _check_logits(torch_model, fns, images: np.ndarray) -> float:
-    with torch.no_grad():
-        want = torch_model(_nchw(images)).numpy()
-    error = float(np.abs(np.asarray(fns.logits(images)) - want).max() / np.abs(want).max())
-    if not error <= 1e-4:
-        raise SystemExit(f"jfail and torch logits differ by {error:.2e}; the weight copy is wrong.")
-    return error
 
 
 def _nchw(images: np.ndarray) -> torch.Tensor:

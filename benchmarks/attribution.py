@@ -91,10 +91,10 @@ jfail's programs are compiled with `jfail.xla.OPTIONS` (XLA:CPU's YNNPACK fusion
 convolutions recorded into command buffers; see `jfail.xla`), and the report lists those in
 effect. On CPU, jfail differentiates the Defuse CNN's 4x4/2 convolutions through
 space-to-depth (`jfail.models.cpu_gradients`), the ResNet's 3x3/2 and 1x1/2 ones phase by
-phase and its stride-1 ones with the transposed kernel laid out as HWIO (`phased_conv`). Every model's first convolution (one input channel) runs as patches
-times a matrix, its value and its input gradient (`few_channel_conv`), and the Defuse CNN's last
-one (one output position) as a single matrix product (`one_window_conv`), in the gradient and
-the propagation methods.
+phase and its stride-1 ones with the transposed kernel laid out as HWIO (`phased_conv`). Every
+model's first convolution (one input channel) runs as patches times a matrix, its value and its
+input gradient (`few_channel_conv`), and the Defuse CNN's last one (one output position) as a
+single matrix product (`one_window_conv`), in the gradient and the propagation methods.
 
 The targets: at least Captum's speed for every method, and at least 2x for SmoothGrad,
 VarGrad, Integrated Gradients and Expected Gradients; the report marks every miss.

@@ -53,8 +53,7 @@ from attribution import build_models, load_images  # noqa: E402
 from jfail import xla  # noqa: E402
 from jfail.attribution._core import pick_logits  # noqa: E402
 
-COMMAND_BUFFER = ("FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONVOLUTION,WHILE,CONDITIONAL,"
-                  "DYNAMIC_SLICE_FUSION")
+COMMAND_BUFFER = xla.GPU_OPTIONS["xla_gpu_enable_command_buffer"]  # the kinds jfail records
 OPTION_SETS = {
     "default": {},
     "nchw": {"xla_gpu_force_conv_nchw": True},
