@@ -1,5 +1,5 @@
-"""What the benchmarks share: the processor's name, atomic result files, and how much of the
-machine other processes took during a run."""
+"""What the benchmarks share: the processor's name, atomic result files with the command that
+made them, and how much of the machine other processes took during a run."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def write_results(out_dir, name: str, results: dict, markdown: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / f"{name}.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out_dir / f"{name}.md", markdown)
+
+
+def provenance(date: str, command: str) -> list[str]:
+    """The Markdown lines that end every results file: when, and by which command, it was made."""
+    return ["", f"Produced on {date} by:", "", "```", command, "```", ""]
 
 
 def cpu_snapshot() -> dict:

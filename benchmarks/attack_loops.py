@@ -57,11 +57,13 @@ from jfail.train import Attack, pgd_attack
 from jfail.xla import jit
 
 try:
-    from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share, write_results
+    from benchmarks._machine import (
+        cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results,
+    )
     from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
     from benchmarks.attribution import check_logits, load_images
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, write_results
+    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
     from _torch_resnet import TorchResNet18Small, randomize_batchnorm
     from attribution import check_logits, load_images
 
@@ -131,8 +133,7 @@ def format_markdown(results: dict) -> str:
             f"| {rate['jfail'] / rate['jfail_jax_rules']:.2f}x "
             f"| {loop['jfail']['first_call_seconds']:.2f} | {loop['max_abs_difference']:.1e} |"
         )
-    lines += ["", f"Produced on {results['date']} by:", "", "```", results["command"], "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + provenance(results["date"], results["command"]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -148,10 +148,10 @@ from captum.attr import (
 from captum.attr._utils.lrp_rules import EpsilonRule
 
 try:
-    from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share
+    from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share, provenance
     from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share
+    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance
     from _torch_resnet import TorchResNet18Small, randomize_batchnorm
 
 from jfail import xla as jfail_xla
@@ -774,15 +774,8 @@ def format_markdown(results: dict) -> str:
         f"Versions: python {env['python']}, jax {env['jax']} (jaxlib {env['jaxlib']}), flax "
         f"{env['flax']}, torch {env['torch']}, captum {env['captum']}, numpy {env['numpy']}; "
         f"{env['platform']}.",
-        "",
-        f"Produced on {results['date']} by:",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + provenance(results["date"], results["command"]))
 
 
 # --------------------------------------------------------------------------------------------

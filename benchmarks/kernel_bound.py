@@ -55,13 +55,13 @@ from jfail.attribution.gradients import _target_logit_gradients
 from jfail.xla import compiler_options, jit
 
 try:
-    from benchmarks._machine import cpu_name, write_results
+    from benchmarks._machine import cpu_name, provenance, write_results
     from benchmarks.attribution import (
         NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
         make_captum_call, make_jfail_call,
     )
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, write_results
+    from _machine import cpu_name, provenance, write_results
     from attribution import (
         NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
         make_captum_call, make_jfail_call,
@@ -211,15 +211,8 @@ def format_markdown(results: dict) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items())
         + f"; {results['platform']}.",
-        "",
-        f"Produced on {results['date']} by:",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + provenance(results["date"], results["command"]))
 
 
 # --------------------------------------------------------------------------------------------

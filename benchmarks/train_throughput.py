@@ -55,9 +55,9 @@ from jfail.models import DefuseCNN, init_classifier, linen_apply
 from jfail.train import DataParallel, TrainConfig, TrainState, make_optimizer, make_train_step
 
 try:
-    from benchmarks._machine import cpu_name
+    from benchmarks._machine import cpu_name, provenance
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name
+    from _machine import cpu_name, provenance
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MAX_DISTINCT_BATCHES = 256  # batches are cycled through after this many (bounds memory)
@@ -282,15 +282,8 @@ def format_markdown(results: dict) -> str:
     lines += [
         "",
         f"jfail / torch: **{results['ratio_jfail_over_torch']:.2f}x**",
-        "",
-        f"Produced on {results['date']} by:",
-        "",
-        "```",
-        results["command"],
-        "```",
-        "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + provenance(results["date"], results["command"]))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_name, write_atomic, write_results  # noqa: E402
+from _machine import cpu_name, provenance, write_atomic, write_results  # noqa: E402
 from attribution import build_models, load_images  # noqa: E402
 
 from jfail import xla  # noqa: E402
@@ -141,11 +141,8 @@ def format_markdown(results: dict) -> str:
                      f"{row['first_calls_seconds']:.2f} | {row['max_error']:.1e}{over} |")
     lines += ["", "Options of each set:", ""]
     lines += [f"- {name}: `{options}`" for name, options in OPTION_SETS.items()]
-    lines += [
-        "", f"Versions: jax {env['jax']} (jaxlib {env['jaxlib']}); {env['platform']}.", "",
-        f"Produced on {results['date']} by:", "", "```", results["command"], "```", "",
-    ]
-    return "\n".join(lines)
+    lines += ["", f"Versions: jax {env['jax']} (jaxlib {env['jaxlib']}); {env['platform']}."]
+    return "\n".join(lines + provenance(results["date"], results["command"]))
 
 
 # --------------------------------------------------------------------------------------------
