@@ -19,7 +19,11 @@ random weights, Fashion-MNIST test images; mnist5k if it is missing) and each of
    BatchNorm, residual sums, copies) were free and each kernel ran as fast inside the program
    as alone;
 3. times the whole step as jfail compiles it, and a 2048 x 2048 float32 matrix product (the
-   most XLA gets out of the machine).
+   most XLA gets out of the machine);
+4. does 2 and 3 for the step alone at other sizes (`--step-sizes` inputs).
+
+The sum is an estimate, not a strict bound: inside the program a kernel can find its operands
+in cache and run faster than alone (the whole step then takes less than its kernels).
 
 It reports the speed the kernels alone would allow each method and the time per gradient that
 2x Captum needs. A method, Captum's counterpart, the step and the step's kernels are timed in
