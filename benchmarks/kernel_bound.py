@@ -15,7 +15,8 @@ random weights, Fashion-MNIST test images; mnist5k if it is missing) and each of
    `cpu_friendly_gradients`) and reads every convolution and dot product out of the optimized
    HLO; each is compiled alone, with the same shapes, window and dimensions and jfail's XLA
    options, and timed (`--copies` independent calls in one program, so that dispatch does not
-   count). Their sum is what the step would take if everything else in it (ReLU masks,
+   count; XLA may overlap independent calls on the cores, so a kernel's time is if anything
+   low: one call a program measured 6-13 % more per step, dispatch included). Their sum is what the step would take if everything else in it (ReLU masks,
    BatchNorm, residual sums, copies) were free and each kernel ran as fast inside the program
    as alone;
 3. times the whole step as jfail compiles it, and a 2048 x 2048 float32 matrix product (the
@@ -264,13 +265,20 @@ def _kernels(model: Callable, inputs, targets) -> list[dict]:
     for name, shape, (opcode, operands, attributes) in _instructions(hlo):
         if opcode not in ("convolution", "dot"):
             continue
-        lhs, rhs = (shapes[operand.strip().lstrip("%")] for operand in operands.split(","))
+        lhs, rhs = (shapes[operand] for operand in re.findall(r"%([\w.-]+)", operands))
         signature = (opcode, lhs, rhs, attributes)
         if signature in found:
             found[signature]["count"] += 1
         else:
             found[signature] = {"opcode": opcode, "lhs": lhs, "rhs": rhs, "out": shape,
                                 "attributes": attributes, "count": 1}
+    parsed = sum(kernel["count"] for kernel in found.values())
+    present = len(re.findall(r" (?:convolution|dot)\(", hlo))
+    library_calls = re.findall(r'custom_call_target="([^"]*(?:conv|matmul|dot|gemm)[^"]*)"', hlo,
+                               re.IGNORECASE)
+    if parsed != present or library_calls:
+        raise RuntimeError(f"{present} convolutions and dot products in the program, {parsed} "
+                           f"read, library calls {library_calls}: not what this script expects")
     return list(found.values())
 
 
@@ -311,9 +319,15 @@ def _kernel_record(kernel: dict, seconds: float) -> dict:
         flop = 2.0 * out_size * int(np.prod([kernel["lhs"][d] for d in contracting]))
     else:  # b01f_01io: the kernel is [kh, kw, in, out]
         flop = 2.0 * out_size * int(np.prod(kernel["rhs"][:-1]))
-    window = re.search(r"window=\{([^}]*)\}", kernel["attributes"])
+    if kernel["opcode"] == "dot":
+        description = "dot, contracting " + ", ".join(
+            f"{side} {list(_dims(kernel['attributes'], f'{side}_contracting_dims'))}"
+            for side in ("lhs", "rhs"))
+    else:
+        window = re.search(r"window=\{([^}]*)\}", kernel["attributes"])
+        description = f"convolution {window.group(1)}"
     return {
-        "description": kernel["opcode"] + (f" {window.group(1)}" if window else ""),
+        "description": description,
         "lhs": "x".join(map(str, kernel["lhs"])), "rhs": "x".join(map(str, kernel["rhs"])),
         "count": kernel["count"], "seconds": seconds, "flop": flop,
     }
@@ -331,6 +345,9 @@ def _kernel_fn(kernel: dict) -> Callable:
         raise RuntimeError(f"convolution of another layout: {attributes}")
     window = dict(item.split("=") for item in
                   re.search(r"window=\{([^}]*)\}", attributes).group(1).split())
+    unknown = set(window) - {"size", "stride", "pad", "lhs_dilate", "rhs_dilate"}
+    if unknown:
+        raise RuntimeError(f"window fields this script does not rebuild: {sorted(unknown)}")
     spatial = len(kernel["rhs"]) - 2
 
     def pairs(field, default):
