@@ -1,8 +1,9 @@
 """Strided convolutions differentiated through space-to-depth or stride phases, transposed
-convolutions by phases, few-channel convolutions as patches times a matrix: the same values and
-gradients as JAX's own rules, the slow convolutions gone from the program (gradients, decoders
-and modified back-propagation), custom derivatives kept, loop bodies' convolutions in the
-layout XLA:CPU's fast kernels take."""
+convolutions by phases, few-channel convolutions as patches times a matrix, dense layers'
+input gradients by the transposed kernel: the same values and gradients as JAX's own rules, the
+slow convolutions and products gone from the program (gradients, decoders and modified
+back-propagation), custom derivatives kept, loop bodies' convolutions in the layout XLA:CPU's
+fast kernels take."""
 
 import functools
 import re
@@ -18,6 +19,8 @@ from jax.extend import core as jcore
 from jfail.models import cpu_friendly_gradients, strided_conv
 from jfail.models.cpu_gradients import (
     FEW_CHANNELS,
+    dense,
+    dense_dot,
     eligible,
     fast_conv,
     few_channel_conv,
@@ -535,3 +538,72 @@ def test_modified_backpropagation_takes_the_fast_convolutions_with_unchanged_res
         scale = np.abs(plain).max()
         assert np.abs(fast - plain).max() <= 1e-5 * scale, name
         assert np.abs(expected_public - fast).max() <= 1e-6 * scale, name
+
+
+# (lhs shape, rhs shape): a batch of vectors, a sequence of them, a single one
+DENSE_CASES = [((5, 12), (12, 7)), ((3, 4, 6), (6, 2)), ((9,), (9, 4))]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=str)
+def test_dense_dot_matches_lax_in_value_and_both_gradients(case):
+    lhs_shape, rhs_shape = case
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=rhs_shape), jnp.float32)
+    numbers = (((len(lhs_shape) - 1,), (0,)), ((), ()))
+
+    def product(a, b):
+        return jax.lax.dot_general(a, b, numbers, precision="highest")
+
+    params = jax.make_jaxpr(product)(x, w).jaxpr.eqns[0].params
+    assert dense(params, lhs_shape, rhs_shape)
+    _assert_same_value_and_gradients(dense_dot, product, x, w, params, rng)
+
+
+def test_dense_only_for_matrices_contracted_on_their_first_axis():
+    def params(lhs_shape, rhs_shape, numbers):
+        return jax.make_jaxpr(lambda a, b: jax.lax.dot_general(a, b, numbers))(
+            jnp.ones(lhs_shape), jnp.ones(rhs_shape)).jaxpr.eqns[0].params
+
+    assert dense(params((4, 6), (6, 3), (((1,), (0,)), ((), ()))), (4, 6), (6, 3))
+    # x @ W.T (a PyTorch-layout Linear): its input gradient is already the fast product
+    assert not dense(params((4, 6), (3, 6), (((1,), (1,)), ((), ()))), (4, 6), (3, 6))
+    # batched products and higher-rank right operands are not dense layers
+    assert not dense(params((2, 4, 6), (2, 6, 3), (((2,), (1,)), ((0,), (0,)))), (2, 4, 6),
+                     (2, 6, 3))
+    assert not dense(params((4, 6), (6, 3, 2), (((1,), (0,)), ((), ()))), (4, 6), (6, 3, 2))
+    # contracting an axis of x other than its last
+    assert not dense(params((6, 4), (6, 3), (((0,), (0,)), ((), ()))), (6, 4), (6, 3))
+
+
+def test_an_mlps_input_gradient_multiplies_by_laid_out_transposed_kernels():
+    """JAX's input gradient of a Flax MLP contracts each kernel on its second axis (XLA:CPU's
+    slow orientation); rewritten, every product of the compiled gradient contracts the right
+    operand on its first axis, and the gradient is the same."""
+    class _MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+            h = nn.relu(nn.Dense(16)(h))
+            return nn.Dense(5)(h)
+
+    module = _MLP()
+    x = np.random.default_rng(3).uniform(size=(6, 8, 8, 1)).astype(np.float32)
+    variables = module.init(jax.random.key(2), x)
+    model = jax.tree_util.Partial(module.apply, variables)
+
+    def input_gradient(wrap):
+        return jax.jit(lambda m, images: jax.grad(
+            lambda images: wrap(m)(images)[:, 1].sum())(images))
+
+    plain = input_gradient(lambda m: m)
+    rewritten = input_gradient(lambda m: cpu_friendly_gradients(m, platform="cpu"))
+    np.testing.assert_allclose(rewritten(model, x), plain(model, x), rtol=0,
+                               atol=1e-6 * np.abs(plain(model, x)).max())
+
+    def rhs_contracting(fn):
+        hlo = fn.lower(model, x).compile().as_text()
+        return re.findall(r"rhs_contracting_dims=\{(\d+)\}", hlo)
+
+    assert "1" in rhs_contracting(plain)
+    assert rhs_contracting(rewritten) and set(rhs_contracting(rewritten)) == {"0"}
