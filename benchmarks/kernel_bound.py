@@ -16,9 +16,9 @@ random weights, Fashion-MNIST test images; mnist5k if it is missing) and each of
    HLO; each is compiled alone, with the same shapes, window and dimensions and jfail's XLA
    options, and timed (`--copies` independent calls in one program, so that dispatch does not
    count; XLA may overlap independent calls on the cores, so a kernel's time is if anything
-   low: one call a program measured 6-13 % more per step, dispatch included). Their sum is what the step would take if everything else in it (ReLU masks,
-   BatchNorm, residual sums, copies) were free and each kernel ran as fast inside the program
-   as alone;
+   low: one call a program measured 6-13 % more per step, dispatch included). Their sum is
+   what the step would take if everything else in it (ReLU masks, BatchNorm, residual sums,
+   copies) were free and each kernel ran as fast inside the program as alone;
 3. times the whole step as jfail compiles it, and a 2048 x 2048 float32 matrix product (the
    most XLA gets out of the machine);
 4. does 2 and 3 for the step alone at other sizes (`--step-sizes` inputs).

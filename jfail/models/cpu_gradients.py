@@ -72,17 +72,18 @@ them are canonical in loops as well (a Defuse CNN input gradient of 200 images i
 
 Dense layers are a fifth: JAX's input gradient of `x @ W` (`W: [K, N]`, contracted on its
 first axis, as Flax's `Dense` writes it) is `g @ W.T` as a product contracting `W`'s second
-axis, which XLA:CPU runs 1.1-2.7x slower than the same product with `W.T` laid out as a matrix
-(784 -> 512 at batch 40: 631 against 234 us). `dense_dot` computes that cotangent with the
-transposed kernel made explicit (behind an optimization barrier, which keeps XLA from folding
-the transpose back into the product); `dense` says which products qualify. A 784-512-256-10
-MLP's input gradient (`jfail.models.MLP(10, (512, 256))`) took 0.40 instead of 0.90 ms at batch
-32 and 1.23 instead of 1.73 ms at batch 200, with identical values.
+axis, which XLA:CPU ran up to 2.7x slower than the same product with `W.T` laid out as a matrix
+(784 -> 512 at batch 40: 631 against 234 us; 1.0-1.3x for 256- and 1024-wide layers).
+`dense_dot` computes that cotangent with the transposed kernel made explicit (behind an
+optimization barrier, which keeps XLA from folding the transpose back into the product);
+`dense` says which products qualify. A 784-512-256-10 MLP's input gradient
+(`jfail.models.MLP(10, (512, 256))`) took 0.40 instead of 0.90 ms at batch 32 and 1.23 instead
+of 1.73 ms at batch 200, with identical values.
 
 `fast_conv` picks among the five convolution rules for one convolution.
 `cpu_friendly_gradients(fn)` re-evaluates `fn`'s jaxpr with every such convolution, and every
-`dense` product, replaced (so a transposed convolution's value changes
-too, to float32 rounding); off CPU (cuDNN has fast strided transposes) it returns `fn` itself.
+`dense` product, replaced (so a transposed convolution's value changes too, to float32
+rounding); off CPU (cuDNN has fast strided transposes) it returns `fn` itself.
 jfail's training steps, PGD, feature attacks and gradient attributions apply it to the model
 before differentiating, LIME and KernelSHAP to the model they query in groups, Defuse's decoding
 to the decoder; the modified back-propagation methods use `fast_conv` for the convolutions of
