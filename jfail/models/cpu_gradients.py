@@ -177,7 +177,7 @@ def strided_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is computed by
     space-to-depth (see the module docstring); the value is computed on NHWC / HWIO operands
     and the rhs cotangent is JAX's derivative of that."""
-    return _conv_with_rules(lhs, rhs, params, _nhwc_conv, _vjp_lhs(_space_to_depth_conv),
+    return _with_rules(lhs, rhs, params, _nhwc_conv, _vjp_lhs(_space_to_depth_conv),
                             _vjp_rhs(_nhwc_conv))
 
 
@@ -200,7 +200,7 @@ def phased_conv(lhs, rhs, **params):
     cotangent is JAX's derivative of that."""
     strided = any(s > 1 for s in params["window_strides"])
     lhs_cotangent = _phase_lhs_cotangent if strided else _flipped_kernel_lhs_cotangent
-    return _conv_with_rules(lhs, rhs, params, _nhwc_conv, lhs_cotangent, _vjp_rhs(_nhwc_conv))
+    return _with_rules(lhs, rhs, params, _nhwc_conv, lhs_cotangent, _vjp_rhs(_nhwc_conv))
 
 
 def transposed(params: dict, rhs_shape: tuple) -> bool:
@@ -261,7 +261,7 @@ def few_channel_conv(lhs, rhs, **params):
     value and the rhs cotangent are computed that way too, otherwise on NHWC / HWIO operands."""
     single = lhs.shape[params["dimension_numbers"].lhs_spec[1]] == 1
     value = _patch_conv if single else _nhwc_conv
-    return _conv_with_rules(lhs, rhs, params, value, _vjp_lhs(_patch_conv), _vjp_rhs(value))
+    return _with_rules(lhs, rhs, params, value, _vjp_lhs(_patch_conv), _vjp_rhs(value))
 
 
 def dense(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
@@ -278,28 +278,8 @@ def dense_dot(lhs, rhs, **params):
     """`lax.dot_general_p.bind(lhs, rhs, **params)` (a product `dense` accepts) whose lhs
     cotangent multiplies by the explicitly transposed `rhs` (see the module docstring); the rhs
     cotangent is JAX's."""
-
-    def value(a, b):
-        return jax.lax.dot_general_p.bind(a, b, **params)
-
-    @jax.custom_vjp
-    def product(a, b):
-        return value(a, b)
-
-    def forward(a, b):
-        return value(a, b), (a, b)
-
-    def backward(residuals, g):
-        a, b = residuals
-        transposed_kernel = jax.lax.optimization_barrier(b.T)
-        lhs_cotangent = jax.lax.dot_general(
-            g, transposed_kernel, (((g.ndim - 1,), (0,)), ((), ())),
-            precision=params["precision"], preferred_element_type=params["preferred_element_type"])
-        rhs_cotangent = jax.vjp(lambda w: value(a, w), b)[1](g)[0]
-        return lhs_cotangent.astype(a.dtype), rhs_cotangent
-
-    product.defvjp(forward, backward)
-    return product(lhs, rhs)
+    return _with_rules(lhs, rhs, params, _bind_dot, _transposed_kernel_lhs_cotangent,
+                       _vjp_rhs(_bind_dot))
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,12 +343,12 @@ def _nonnegative_padding(params) -> bool:
     return all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
 
 
-def _conv_with_rules(lhs, rhs, params, value, lhs_cotangent, rhs_cotangent):
-    """The convolution computed by `value(lhs, rhs, params)`, its cotangents by
+def _with_rules(lhs, rhs, params, value, lhs_cotangent, rhs_cotangent):
+    """The convolution or product computed by `value(lhs, rhs, params)`, its cotangents by
     `lhs_cotangent(g, lhs, rhs, params)` and `rhs_cotangent(g, lhs, rhs, params)`."""
 
     @jax.custom_vjp
-    def conv(lhs, rhs):
+    def bilinear(lhs, rhs):
         return value(lhs, rhs, params)
 
     def forward(lhs, rhs):
@@ -378,8 +358,22 @@ def _conv_with_rules(lhs, rhs, params, value, lhs_cotangent, rhs_cotangent):
         lhs, rhs = residuals
         return lhs_cotangent(g, lhs, rhs, params), rhs_cotangent(g, lhs, rhs, params)
 
-    conv.defvjp(forward, backward)
-    return conv(lhs, rhs)
+    bilinear.defvjp(forward, backward)
+    return bilinear(lhs, rhs)
+
+
+def _bind_dot(lhs, rhs, params):
+    return jax.lax.dot_general_p.bind(lhs, rhs, **params)
+
+
+def _transposed_kernel_lhs_cotangent(g, lhs, rhs, params):
+    """The lhs cotangent of a `dense` product: `g` times `rhs.T`, the transpose laid out in
+    memory (an optimization barrier keeps XLA from folding it back into the product)."""
+    transposed_kernel = jax.lax.optimization_barrier(rhs.T)
+    out = jax.lax.dot_general(
+        g, transposed_kernel, (((g.ndim - 1,), (0,)), ((), ())), precision=params["precision"],
+        preferred_element_type=params["preferred_element_type"])
+    return out.astype(lhs.dtype)
 
 
 def _vjp_lhs(rule):
