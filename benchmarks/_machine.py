@@ -1,5 +1,6 @@
-"""What the benchmarks share: the processor's name, atomic result files with the command that
-made them, and how much of the machine other processes took during a run."""
+"""What the benchmarks share: the processor's name, timed repeated calls, atomic result files
+with the command that made them, and how much of the machine other processes took during a
+run."""
 
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def write_results(out_dir, name: str, results: dict, markdown: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / f"{name}.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out_dir / f"{name}.md", markdown)
+
+
+def time_calls(call, min_seconds: float) -> tuple[float, int, object]:
+    """Call `call()` back to back until at least `min_seconds` have passed: `(elapsed seconds,
+    number of calls, the last output)`."""
+    calls, started = 0, time.perf_counter()
+    while True:
+        out = call()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return elapsed, calls, out
 
 
 def provenance(date: str, command: str) -> list[str]:

@@ -148,10 +148,12 @@ from captum.attr import (
 from captum.attr._utils.lrp_rules import EpsilonRule
 
 try:
-    from benchmarks._machine import cpu_name, cpu_snapshot, other_cpu_share, provenance
+    from benchmarks._machine import (
+        cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls,
+    )
     from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance
+    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls
     from _torch_resnet import TorchResNet18Small, randomize_batchnorm
 
 from jfail import xla as jfail_xla
@@ -364,12 +366,12 @@ def bench_method(name, jfail_call, captum_call, captum_note, batch_size, args,
             print(f"      Captum failed: {captum_note}", file=sys.stderr)
     runs: dict[str, list] = {"jfail": [], "captum": []}
     for _ in range(args.repeats):
-        seconds, calls, jfail_out = _time_calls(
+        seconds, calls, jfail_out = time_calls(
             lambda: jax.block_until_ready(jfail_call()), args.min_repeat_seconds
         )
         runs["jfail"].append((seconds, calls))
         if captum_call is not None:
-            seconds, calls, captum_out = _time_calls(captum_call, args.min_repeat_seconds)
+            seconds, calls, captum_out = time_calls(captum_call, args.min_repeat_seconds)
             runs["captum"].append((seconds, calls))
     record = {
         "batch_size": batch_size,
@@ -411,17 +413,6 @@ def _synchronized(call: Callable, device) -> Callable:
         return out
 
     return synchronized
-
-
-def _time_calls(call: Callable, min_seconds: float) -> tuple[float, int, object]:
-    calls = 0
-    started = time.perf_counter()
-    while True:
-        out = call()
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return elapsed, calls, out
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import platform
 import re
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,13 +59,13 @@ from jfail.attribution.gradients import _target_logit_gradients
 from jfail.xla import compiler_options, jit
 
 try:
-    from benchmarks._machine import cpu_name, provenance, write_results
+    from benchmarks._machine import cpu_name, provenance, time_calls, write_results
     from benchmarks.attribution import (
         NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
         make_captum_call, make_jfail_call,
     )
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, provenance, write_results
+    from _machine import cpu_name, provenance, time_calls, write_results
     from attribution import (
         NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
         make_captum_call, make_jfail_call,
@@ -387,13 +386,7 @@ def _interleaved(calls: dict, args) -> dict:
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(args.rounds):
         for name, call in calls.items():
-            count, started = 0, time.perf_counter()
-            while True:
-                call()
-                count += 1
-                elapsed = time.perf_counter() - started
-                if elapsed >= args.min_seconds:
-                    break
+            elapsed, count, _ = time_calls(call, args.min_seconds)
             best[name] = min(best[name], elapsed / count)
     return best
 

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_name, provenance, write_atomic, write_results  # noqa: E402
+from _machine import cpu_name, provenance, time_calls, write_atomic, write_results  # noqa: E402
 from attribution import build_models, load_images  # noqa: E402
 
 from jfail import xla  # noqa: E402
@@ -169,13 +169,8 @@ def _cases(test: np.ndarray) -> dict:
 
 
 def _milliseconds(program, inputs, min_seconds: float) -> float:
-    calls, started = 0, time.perf_counter()
-    while True:
-        jax.block_until_ready(program(*inputs))
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return 1e3 * elapsed / calls
+    elapsed, calls, _ = time_calls(lambda: jax.block_until_ready(program(*inputs)), min_seconds)
+    return 1e3 * elapsed / calls
 
 
 def _results(args, argv, dataset, cases, programs, times, errors, first_call, failed) -> dict:
