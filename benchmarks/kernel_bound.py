@@ -230,7 +230,7 @@ def _step_timing(model, images, target, group: int, args, extra=None) -> dict:
     inputs = jnp.asarray(np.resize(images, (group,) + images.shape[1:]))
     targets = jnp.asarray(np.resize(target, group))
     step = jit(_target_logit_gradients)
-    kernels = _kernels(model, inputs, targets)
+    kernels = _kernels(step.lower(model, inputs, targets).compile().as_text())
     calls = {**(extra or {}),
              "step": lambda: jax.block_until_ready(step(model, inputs, targets))}
     for index, kernel in enumerate(kernels):
@@ -255,10 +255,9 @@ def _inputs_per_image() -> dict:
             "expected_gradients": SETTINGS["eg_samples"]}
 
 
-def _kernels(model: Callable, inputs, targets) -> list[dict]:
-    """The distinct convolutions and dot products XLA compiled the gradient step into (after its
-    dead-code elimination and rewrites), with how often each occurs."""
-    hlo = jit(_target_logit_gradients).lower(model, inputs, targets).compile().as_text()
+def _kernels(hlo: str) -> list[dict]:
+    """The distinct convolutions and dot products of a compiled program's text `hlo` (after
+    XLA's dead-code elimination and rewrites), with how often each occurs."""
     shapes = {name: shape for name, shape, _ in _instructions(hlo)}
     found = collections.OrderedDict()
     for name, shape, (opcode, operands, attributes) in _instructions(hlo):
