@@ -9,6 +9,11 @@ do not depend on `batch_size`. Shapes and dtypes are checked on the host first
 (`check_host_inputs`), finiteness and target ranges in the same program as the attributions: a
 call with one chunk is one program and one wait for the device. On an accelerator, where a small
 batch takes well under a millisecond, each further dispatch or transfer is a visible share.
+
+Inside the caller's own `jax.jit`, `vmap` or `grad` (any input, target or weight a tracer) a
+method is its kernel: the whole batch in one traced computation, shapes checked, values not (a
+traced value cannot be inspected; NaN inputs give NaN attributions and an out-of-range target
+the logit JAX's clamped indexing picks). `batch_size` is ignored there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.models.adapter import ModelCallError, call_shape, in_trace, traced_model
 from jfail.models.cpu_gradients import on_cpu
 from jfail.xla import jit
 
@@ -44,6 +50,8 @@ def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
     makes inside the method's own program.
     """
     x, target, classes = _checked_on_host(model, x, target)
+    if in_trace(model, x, target):
+        return x, target
     finite, low, high = jax.device_get(_input_summary(x, target))  # one transfer
     _raise_for_summary(finite, low, high, classes)
     return x, target
@@ -59,11 +67,19 @@ def check_host_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]
 
 def num_classes(model: Callable, x: jax.Array) -> int:
     """Number of logits `model` returns for inputs shaped like `x`."""
-    return _logits_shape(*split_model(model), x).shape[-1]
+    return _logits_shape(*split_model(model, x), x).shape[-1]
 
 
-def split_model(model: Any) -> tuple[list, "_StaticModel"]:
-    """The model's array leaves (traced under jit) and a hashable rest to rebuild it with."""
+def split_model(model: Any, *example) -> tuple[list, "_StaticModel"]:
+    """The model's array leaves (traced under jit) and a hashable rest to rebuild it with.
+
+    `example`: the arguments of one valid call (arrays or `ShapeDtypeStruct`s), with which a
+    model that is not a pytree is traced to find the arrays it reads
+    (`jfail.models.adapter.traced_model`). Without it the model is split as it is (inside a
+    trace, where whatever a closure reads is already part of the caller's computation).
+    """
+    if example:
+        model = traced_model(model, *example)
     leaves, treedef = jax.tree_util.tree_flatten(model)
     dynamic = [leaf if _is_array(leaf) else None for leaf in leaves]
     static = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
@@ -101,6 +117,9 @@ def run_chunked(
         batch_size = batch
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    if in_trace(model, x, target, key, per_example, shared):
+        keys = None if key is None else jax.random.split(_as_key(key), batch)
+        return kernel(model, x, target, keys, *per_example, *shared, **hparams)
     arrays = tuple(per_example) + tuple(shared)
     nonfinite_errors = tuple(nonfinite_errors) + (None,) * (len(arrays) - len(nonfinite_errors))
     if len(nonfinite_errors) != len(arrays):
@@ -111,7 +130,7 @@ def run_chunked(
     keys = None if key is None else _as_key(key)
     if key is not None and not split_inside:
         keys = jax.random.split(keys, batch)  # before chunking: results do not depend on chunks
-    dynamic, static = split_model(model)
+    dynamic, static = split_model(model, x)
     checked = tuple(message is not None for message in nonfinite_errors)
     call = _jitted(kernel, static, tuple(sorted(hparams.items())), split_inside, checked)
     outputs, summaries = [], []
@@ -229,7 +248,12 @@ def _logits_shape(dynamic, static, x):
     jit's own `eval_shape` re-checks every weight per call (0.06 ms for the Defuse CNN, 0.36 ms
     for ResNet-18)."""
     avals = tuple(None if leaf is None else (leaf.shape, leaf.dtype) for leaf in dynamic)
-    return _cached_logits_shape(static, avals, x.shape, x.dtype)
+    try:
+        return _cached_logits_shape(static, avals, x.shape, x.dtype)
+    except ModelCallError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a library's error becomes one jfail error
+        raise ModelCallError.wrap(static.rebuild(dynamic), (x,), error) from error
 
 
 @functools.lru_cache(maxsize=256)
@@ -245,14 +269,20 @@ def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, 
     x_array = np.asarray(x) if not isinstance(x, jax.Array) else x
     if x_array.ndim != 4:
         raise ValueError(f"x must be a batch of images [B, H, W, C], got shape {x_array.shape}.")
+    if x_array.shape[0] == 0:
+        raise ValueError(f"x is an empty batch (shape {x_array.shape}); pass at least one image.")
     if not jnp.issubdtype(x_array.dtype, jnp.floating):
         raise TypeError(
             f"x must hold floating-point images, got dtype {x_array.dtype}; convert integer "
             "images first, e.g. x.astype(np.float32) / 255."
         )
     x = jnp.asarray(x_array, jnp.float32)
-    dynamic, static = split_model(model)
-    logits = _logits_shape(dynamic, static, x)
+    traced = in_trace(model, x, target)
+    if traced:
+        logits = call_shape(model, x)
+    else:
+        dynamic, static = split_model(model, x)
+        logits = _logits_shape(dynamic, static, x)
     if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(
             f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
@@ -260,7 +290,8 @@ def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, 
         )
     classes = logits.shape[1]
     if target is None:
-        target = jnp.argmax(_model_output(dynamic, static, x), axis=-1)
+        logits = model(x) if traced else _model_output(dynamic, static, x)
+        target = jnp.argmax(logits, axis=-1)
     target = target if isinstance(target, jax.Array) else np.asarray(target)
     if target.ndim == 0:
         target = (jnp if isinstance(target, jax.Array) else np).full((x.shape[0],), target)

@@ -142,7 +142,7 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
         raise ValueError(f"images must be float [N, H, W, C], got {images.dtype} {images.shape}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    dynamic, static = split_model(model)
+    dynamic, static = split_model(model, jnp.asarray(images[:1], jnp.float32))
     chunk = min(batch_size, len(images))
     stats_fn = _pattern_statistics_fn(static)
     totals = None

@@ -1,5 +1,6 @@
 """Flax models with feature taps, and the callables jfail's algorithms take."""
 
+from jfail.models.adapter import ModelCallError, as_model, in_trace, traced_model
 from jfail.models.callables import (
     ModelFns,
     as_callable,
@@ -34,16 +35,19 @@ __all__ = [
     "IMAGENET_STD",
     "MLP",
     "MODEL_NAMES",
+    "ModelCallError",
     "ModelFns",
     "Normalizer",
     "ResNet",
     "VAEDecoder",
     "VAEEncoder",
     "as_callable",
+    "as_model",
     "build_classifier",
     "cpu_friendly_gradients",
     "decoder_fn",
     "encoder_fn",
+    "in_trace",
     "init_classifier",
     "linen_apply",
     "load_robustness_checkpoint",
@@ -56,4 +60,5 @@ __all__ = [
     "resnet_variables_from_torch",
     "stateless_apply",
     "strided_conv",
+    "traced_model",
 ]
