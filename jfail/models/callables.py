@@ -9,6 +9,7 @@ of baking them in as constants, and new weights of the same shapes reuse the com
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -22,8 +23,13 @@ __all__ = [
     "decoder_fn",
     "encoder_fn",
     "linen_apply",
+    "linen_model",
     "stateless_apply",
 ]
+
+# Keyword arguments that put a linen module in inference mode, when its __call__ has them.
+_INFERENCE_KWARGS = {"train": False, "training": False, "is_training": False,
+                     "deterministic": True, "use_running_average": True}
 
 
 class ModelFns(NamedTuple):
@@ -46,9 +52,65 @@ def model_fns(module: nn.Module, variables: Any) -> ModelFns:
     )
 
 
+def linen_model(
+    module: nn.Module, variables: Any, *, output: str | None = None, **call_kwargs
+) -> jax.tree_util.Partial:
+    """Any Flax linen module as a jfail model callable, in inference mode.
+
+    Args:
+      module: a linen module whose `__call__(x, ...)` returns logits.
+      variables: its variables, e.g. `{"params": ..., "batch_stats": ...}`; they become the
+        callable's pytree leaves, traced under `jit`.
+      output: None for the module's output; or the path of a submodule, names joined by "/" as
+        in the params tree (e.g. "Dense_0" or "backbone/conv3"), whose `__call__` output is
+        returned instead (features `[B, D]` or a feature map `[B, h, w, C]`), read through
+        `capture_intermediates`: no change to the module is needed.
+      **call_kwargs: passed to `__call__`. Arguments it has and that are not given are set for
+        inference: `train`, `training`, `is_training` to False and `deterministic`,
+        `use_running_average` to True.
+
+    Returns:
+      `model(x) -> [B, K]` (or the submodule's output), a `jax.tree_util.Partial`.
+
+    Raises:
+      ValueError: `output` names no submodule of `module`.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         h = nn.relu(nn.Dense(8)(x.reshape(len(x), -1)))
+      ...         return nn.Dense(3)(nn.BatchNorm(use_running_average=not train)(h))
+      >>> net = Net()
+      >>> variables = net.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), train=False)
+      >>> linen_model(net, variables)(jnp.zeros((2, 4, 4, 1))).shape
+      (2, 3)
+      >>> linen_model(net, variables, output="Dense_0")(jnp.zeros((2, 4, 4, 1))).shape
+      (2, 8)
+    """
+    signature = inspect.signature(type(module).__call__)
+    kwargs = {
+        name: value for name, value in _INFERENCE_KWARGS.items()
+        if name in signature.parameters and name not in call_kwargs
+    }
+    kwargs.update(call_kwargs)
+    if output is not None:
+        names = tuple(part for part in output.split("/") if part)
+        if not _has_submodule(variables, names):
+            raise ValueError(
+                f"output={output!r} names no submodule of {type(module).__name__}; its "
+                f"submodules with weights are {sorted(_submodule_paths(variables))}."
+            )
+        return as_callable(_LinenIntermediate(module, names, tuple(sorted(kwargs.items()))),
+                           variables)
+    return as_callable(_LinenCall(module, tuple(sorted(kwargs.items()))), variables)
+
+
 def logits_fn(module: nn.Module, variables: Any) -> jax.tree_util.Partial:
-    """`model(x) -> logits` for any Flax linen module whose `__call__(x)` returns logits."""
-    return as_callable(_LinenMethod(module, "__call__"), variables)
+    """`model(x) -> logits` for any Flax linen module whose `__call__(x)` returns logits; a
+    `train`-style argument is set for inference (see `linen_model`)."""
+    return linen_model(module, variables)
 
 
 def decoder_fn(vae: nn.Module, variables: Any) -> jax.tree_util.Partial:
@@ -95,6 +157,48 @@ class _LinenOutput:
 
     def __call__(self, variables, x):
         return self.module.apply(variables, x, train=False, output=self.output)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinenCall:
+    module: nn.Module
+    kwargs: tuple
+
+    def __call__(self, variables, x):
+        return self.module.apply(variables, x, **dict(self.kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LinenIntermediate:
+    module: nn.Module
+    path: tuple
+    kwargs: tuple
+
+    def __call__(self, variables, x):
+        def wanted(submodule, method_name):
+            return method_name == "__call__" and tuple(submodule.path) == self.path
+
+        _, state = self.module.apply(
+            variables, x, capture_intermediates=wanted, mutable=["intermediates"],
+            **dict(self.kwargs),
+        )
+        node = state["intermediates"]
+        for name in self.path:
+            node = node[name]
+        return node["__call__"][0]
+
+
+def _submodule_paths(variables) -> set[tuple[str, ...]]:
+    paths = set()
+    for collection in variables.values():
+        for path, _ in jax.tree_util.tree_flatten_with_path(collection)[0]:
+            keys = tuple(getattr(k, "key", str(k)) for k in path)
+            paths.update("/".join(keys[:i]) for i in range(1, len(keys)))
+    return paths
+
+
+def _has_submodule(variables, names: tuple) -> bool:
+    return "/".join(names) in _submodule_paths(variables)
 
 
 @dataclasses.dataclass(frozen=True)
