@@ -103,10 +103,12 @@ def traced_model(model: Callable, *example) -> Callable:
 
     Raises:
       TypeError: `model` is not callable.
-      ModelCallError: tracing `model` on `example` failed.
+      ModelCallError: tracing `model` on `example` failed, or `model` is (or is a method of) a
+        Flax NNX module in training mode, whose BatchNorm or Dropout would update state.
     """
     if not callable(model):
         raise TypeError(f"model must be a callable, got {type(model).__name__}.")
+    _refuse_training_mode(model)
     if not _hides_arrays(model):
         return model
     owner = getattr(model, "__self__", None)
@@ -139,6 +141,29 @@ def _hides_arrays(obj) -> bool:
     a Python function, method or `functools.partial` (whose closure, globals or arguments JAX
     does not see). A `Partial`'s function and a module's methods are code, not leaves."""
     return any(isinstance(leaf, _OPAQUE) for leaf in jax.tree_util.tree_leaves(obj))
+
+
+def _refuse_training_mode(model) -> None:
+    """Raise for an NNX module (or a method of one) with a layer in training mode: its batch
+    statistics or dropout state would change inside jfail's programs."""
+    owner = getattr(model, "__self__", model)
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return
+    if not isinstance(owner, nnx.Module):
+        return
+    for path, node in nnx.iter_graph(owner):
+        if isinstance(node, nnx.Module) and (
+            getattr(node, "use_running_average", None) is False
+            or getattr(node, "deterministic", None) is False
+        ):
+            where = "/".join(str(p) for p in path) or type(node).__name__
+            raise ModelCallError(
+                f"the NNX model {type(owner).__name__} is in training mode ({type(node).__name__} "
+                f"at {where!r} would update its state); call model.eval() before passing it to "
+                "jfail, and model.train() after."
+            )
 
 
 def _has_arrays(obj) -> bool:
