@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.models.adapter import ModelCallError, call_shape, in_trace, traced_model
+from jfail.models.adapter import (
+    ModelCallError, call_shape, in_trace, needs_tracing, traced_model,
+)
 from jfail.models.cpu_gradients import on_cpu
 from jfail.xla import jit
 
@@ -78,9 +80,9 @@ def split_model(model: Any, *example) -> tuple[list, "_StaticModel"]:
     (`jfail.models.adapter.traced_model`). Without it the model is split as it is (inside a
     trace, where whatever a closure reads is already part of the caller's computation).
     """
-    if example:
-        model = traced_model(model, *example)
     leaves, treedef = jax.tree_util.tree_flatten(model)
+    if example and needs_tracing(model, leaves):
+        leaves, treedef = jax.tree_util.tree_flatten(traced_model(model, *example))
     dynamic = [leaf if _is_array(leaf) else None for leaf in leaves]
     static = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
     return dynamic, _StaticModel(treedef, static)

@@ -38,7 +38,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-__all__ = ["ModelCallError", "as_model", "traced_model", "in_trace", "call_shape"]
+__all__ = [
+    "ModelCallError", "as_model", "traced_model", "needs_tracing", "in_trace", "call_shape",
+]
 
 
 class ModelCallError(ValueError):
@@ -108,14 +110,26 @@ def traced_model(model: Callable, *example) -> Callable:
     """
     if not callable(model):
         raise TypeError(f"model must be a callable, got {type(model).__name__}.")
-    _refuse_training_mode(model)
-    if not _hides_arrays(model):
+    if not needs_tracing(model, jax.tree_util.tree_leaves(model)):
         return model
     owner = getattr(model, "__self__", None)
     if isinstance(model, types.MethodType) and not _hides_arrays(owner) and _has_arrays(owner):
         return _BoundMethod(owner, model.__func__)
     consts = _trace(model, example)[1]
     return _ClosureModel(model, tuple(consts))
+
+
+def needs_tracing(model: Callable, leaves: list) -> bool:
+    """Whether `traced_model` must trace `model` to find its weights, given its pytree `leaves`
+    (a driver that flattens the model anyway passes them, so the check costs one pass).
+
+    Raises:
+      ModelCallError: `model` is (or is a method of) an NNX module in training mode.
+    """
+    owner = getattr(model, "__self__", model)
+    if isinstance(owner, _nnx_module_type()):
+        _refuse_training_mode(owner)
+    return any(isinstance(leaf, _OPAQUE) for leaf in leaves)
 
 
 def call_shape(model: Callable, *example):
@@ -140,19 +154,21 @@ def _hides_arrays(obj) -> bool:
     """Whether `obj` may read arrays that are not its pytree leaves: it is, or holds as a leaf,
     a Python function, method or `functools.partial` (whose closure, globals or arguments JAX
     does not see). A `Partial`'s function and a module's methods are code, not leaves."""
-    return any(isinstance(leaf, _OPAQUE) for leaf in jax.tree_util.tree_leaves(obj))
+    return needs_tracing(obj, jax.tree_util.tree_leaves(obj))
 
 
-def _refuse_training_mode(model) -> None:
-    """Raise for an NNX module (or a method of one) with a layer in training mode: its batch
-    statistics or dropout state would change inside jfail's programs."""
-    owner = getattr(model, "__self__", model)
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover - flax is a dependency
-        return
-    if not isinstance(owner, nnx.Module):
-        return
+@functools.lru_cache(maxsize=1)
+def _nnx_module_type() -> type:
+    from flax import nnx  # imported on first use: most calls never meet an NNX model
+
+    return nnx.Module
+
+
+def _refuse_training_mode(owner) -> None:
+    """Raise for an NNX module with a layer in training mode: its batch statistics or dropout
+    state would change inside jfail's programs."""
+    from flax import nnx
+
     for path, node in nnx.iter_graph(owner):
         if isinstance(node, nnx.Module) and (
             getattr(node, "use_running_average", None) is False
