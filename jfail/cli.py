@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import errno
 import importlib
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "entry", "describe_failure"]
 
 log = logging.getLogger("jfail.cli")
 
@@ -37,25 +40,104 @@ _PIPELINES = {command: (title, module) for command, title, module in (
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `jfail` command; returns its exit status.
+
+    0 on success; 2 for bad input (a config, an override, a data set name, a path), with one line
+    on stderr saying what and where; 1 for a fault of the environment (disk full, a read-only
+    or missing directory, a port in use) or an unexpected error. `--debug` shows the traceback.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     from jfail.logs import quiet_libraries
 
     quiet_libraries()
+    try:
+        return _run(parser, args)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line and a status
+        if args.debug:
+            raise
+        status, message = describe_failure(error)
+        print(f"jfail {args.command}: {message}", file=sys.stderr)
+        return status
+
+
+def entry() -> None:
+    """The console script: `main`, then an exit that skips the interpreter's teardown after an
+    environment fault (background checkpoint threads would otherwise print pages of noise)."""
+    status = main()
+    if status == 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(1)
+    sys.exit(status)
+
+
+def describe_failure(error: BaseException) -> tuple[int, str]:
+    """`(exit status, one line)` for an error that ends a command (see `main`)."""
+    from jfail.config import ConfigError
+    from jfail.data import DatasetNotFoundError
+
+    fault = _environment_fault(error)
+    if fault is not None:
+        return 1, fault
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, (ConfigError, DatasetNotFoundError)):
+        return 2, first
+    if isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+                          NotADirectoryError)):
+        return 2, f"{first} (rerun with --debug for the traceback)"
+    return 1, (f"unexpected {type(error).__name__}: {first}; rerun with --debug for the "
+               "traceback")
+
+
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EADDRINUSE: "the address is already in use",
+    errno.EMFILE: "too many open files",
+}
+_ENVIRONMENT_TEXTS = {text: text for text in (
+    "No space left on device", "Disk quota exceeded", "Read-only file system")}
+
+
+def _environment_fault(error: BaseException) -> str | None:
+    """One line for a disk, permission or port fault anywhere in `error`'s chain, else None.
+    Libraries that write in threads (orbax, tensorstore) re-raise an OSError as their own
+    error with the OS's message inside, so the messages are matched too."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+            where = f" ({error.filename})" if error.filename else ""
+            return (f"{_ENVIRONMENT_ERRNOS[error.errno]}{where}: fix that, then run the same "
+                    "command again (a run resumes from its last checkpoint)")
+        for text in _ENVIRONMENT_TEXTS:
+            if text in str(error):
+                return (f"{text[0].lower()}{text[1:]}: fix that, then run the same command again "
+                        "(a run resumes from its last checkpoint)")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _run(parser, args) -> int:
     if args.command in ("report", "annotate"):
         run_dir = Path(args.run_dir)
         if not run_dir.is_dir():
             parser.error(f"{run_dir} is not a run directory")
         return _report(run_dir) if args.command == "report" else _annotate(run_dir, args)
 
+    config = _load_checked_config(args) if hasattr(args, "config") else None
     run_dir = Path(args.workdir or f"runs/{args.command}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     run_dir = run_dir.absolute()  # the report resolves relative Markdown paths against run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet and sys.stderr.isatty()
     with _logging_to(run_dir / "jfail.log"):
         if args.command == "train":
-            return _train(parser, args, run_dir, progress)
+            return _train(config, run_dir, progress)
         if args.command == "demo":
             from jfail.demo import run_demo
 
@@ -63,7 +145,27 @@ def main(argv: list[str] | None = None) -> int:
                               methods=tuple(args.methods) if args.methods else None)
             print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
             return 0
-        return _method(parser, args, run_dir)
+        return _method(args, config, run_dir)
+
+
+def _load_checked_config(args):
+    """The command's config with its overrides, validated before anything is written."""
+    from jfail import config as configs
+    from jfail.prime.config import PrimeConfig
+
+    expected = {"train": configs.ClassifierRunConfig, "barlow": configs.BarlowConfig,
+                "defuse": configs.DefuseConfig, "debugtests": configs.DebugTestsConfig,
+                "prime": PrimeConfig}[args.command]
+    try:
+        config = configs.load_config(args.config, args.set)
+    except FileNotFoundError as error:
+        raise configs.ConfigError(str(error)) from error
+    if not isinstance(config, expected):
+        raise configs.ConfigError(
+            f"{args.config} returns a {type(config).__name__}; `jfail {args.command}` needs a "
+            f"{expected.__name__}")
+    configs.validate_config(config)
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="jfail", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.split("\n")[1:]))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of a failure")
 
     def run_options(command):
         command.add_argument("--workdir", help="run directory (default runs/<command>-<time>)")
@@ -83,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
         return command
 
     demo = run_options(sub.add_parser(
-        "demo", help="Barlow, Defuse, the debugging tests and PRIME, small, with one report"))
+        "demo", parents=[common],
+        help="Barlow, Defuse, the debugging tests and PRIME, small, with one report"))
     from jfail.demo import DATA_PREFERENCE, METHODS
 
     demo.add_argument("--data", choices=DATA_PREFERENCE,
@@ -92,33 +199,29 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", choices=[m[0] for m in METHODS],
                       help="run only these methods")
     for command, (title, _) in _PIPELINES.items():
-        method = run_options(sub.add_parser(command, help=f"{title} with a config's full settings"))
+        method = run_options(sub.add_parser(command, parents=[common],
+                                            help=f"{title} with a config's full settings"))
         method.add_argument("--config", required=True, help="a file in configs/")
         method.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="override a config field (repeatable)")
-    train = run_options(sub.add_parser("train", help="train a classifier from a config file"))
+    train = run_options(sub.add_parser("train", parents=[common],
+                                       help="train a classifier from a config file"))
     train.add_argument("--config", required=True, help="a file in configs/ defining get_config()")
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.epochs=3 (repeatable)",
     )
-    report = sub.add_parser("report", help="rebuild RUN_DIR/report.html from its Markdown")
+    report = sub.add_parser("report", parents=[common],
+                            help="rebuild RUN_DIR/report.html from its Markdown")
     report.add_argument("run_dir")
-    annotate = sub.add_parser("annotate", help="serve the Defuse annotation page (loopback only)")
+    annotate = sub.add_parser("annotate", parents=[common],
+                              help="serve the Defuse annotation page (loopback only)")
     annotate.add_argument("run_dir", help="a Defuse run directory (with annotation/)")
     annotate.add_argument("--port", type=int, default=8765)
     return parser
 
 
-def _train(parser, args, run_dir: Path, progress: bool) -> int:
-    from jfail.config import ClassifierRunConfig, load_config
-
-    try:
-        config = load_config(args.config, args.set)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error).strip("'\""))
-    if not isinstance(config, ClassifierRunConfig):
-        parser.error(f"{args.config} is not a classifier training config")
+def _train(config, run_dir: Path, progress: bool) -> int:
     from jfail.train.run import run_classifier
 
     metrics = run_classifier(config, run_dir, progress=progress)
@@ -127,22 +230,11 @@ def _train(parser, args, run_dir: Path, progress: bool) -> int:
     return 0
 
 
-def _method(parser, args, run_dir: Path) -> int:
+def _method(args, config, run_dir: Path) -> int:
     """One method's pipeline with a config's settings, then the run's report."""
-    from jfail import config as configs
-    from jfail.prime.config import PrimeConfig
     from jfail.report import write_report
 
     title, module_name = _PIPELINES[args.command]
-    expected = {"barlow": configs.BarlowConfig, "defuse": configs.DefuseConfig,
-                "debugtests": configs.DebugTestsConfig, "prime": PrimeConfig}[args.command]
-    try:
-        config = configs.load_config(args.config, args.set)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error).strip("'\""))
-    if not isinstance(config, expected):
-        parser.error(f"{args.config} returns a {type(config).__name__}; `jfail {args.command}` "
-                     f"needs a {expected.__name__}")
     argv = ["--config", args.config] + [item for s in args.set for item in ("--set", s)]
     if args.command == "prime":
         argv += ["--out", str(run_dir / config.name)]
@@ -201,16 +293,31 @@ class _logging_to:
         jfail_log = logging.getLogger("jfail")
         jfail_log.addHandler(self.console)
         jfail_log.propagate = False
+        # Libraries that write from threads (orbax through absl) report a failed write once per
+        # thread; those reports go to the log file, and the command's own line to stderr.
+        absl_log = logging.getLogger("absl")
+        absl_log.addHandler(self.file)
+        self.absl_propagate, absl_log.propagate = absl_log.propagate, False
+        self.excepthook, threading.excepthook = threading.excepthook, self._thread_failed
         return self
+
+    def _thread_failed(self, failure) -> None:
+        logging.getLogger("jfail.threads").error(
+            "thread %s failed", getattr(failure.thread, "name", "?"),
+            exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
 
     def __exit__(self, *exc):
         jfail_log = logging.getLogger("jfail")
         for handler in (self.file, self.console):
             jfail_log.removeHandler(handler)
+        logging.getLogger("absl").removeHandler(self.file)
+        logging.getLogger("absl").propagate = self.absl_propagate
+        threading.excepthook = self.excepthook
+        for handler in (self.file, self.console):
             handler.close()
         jfail_log.propagate = True
         return False
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

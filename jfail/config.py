@@ -2,7 +2,9 @@
 
 A config file defines `get_config()` returning one of the dataclasses here. `load_config(path,
 overrides)` imports it and applies `key=value` overrides (dotted for nested fields, e.g.
-`train.epochs=3`); an unknown key is an error that lists the valid ones.
+`train.epochs=3`); an unknown key is an error that lists the valid ones, and every value is
+checked against its field's type (`check_types`) before the dataclass sees it, so a bad value is
+reported by its key, before any data is loaded or any file written.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import types
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +30,22 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "check_types",
+    "validate_config",
+    "ConfigError",
+    "UnknownConfigKeyError",
 ]
+
+
+class ConfigError(ValueError):
+    """A config file or `--set` override that cannot be used: the message names the key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownConfigKeyError(ConfigError, KeyError):
+    """A key that names no config field (a `KeyError` too, as dict look-ups raise)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +206,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     config = module.get_config()
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"{path}: get_config() must return a dataclass, got {type(config).__name__}")
+    check_types(config, where=f"{path}: ")
     return apply_overrides(config, overrides)
 
 
@@ -219,10 +238,63 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     """`['train.epochs=3', 'dataset=digits']` applied to a (nested, frozen) dataclass config."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ConfigError(f"--set {item}: an override must look like key=value")
         key, raw = item.split("=", 1)
-        config = _replace_path(config, key.strip().split("."), _parse_value(raw), key.strip())
+        try:
+            config = _replace_path(config, key.strip().split("."), _parse_value(raw), key.strip())
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as error:  # the dataclass's own check of the new value
+            raise ConfigError(f"--set {item}: {error}") from error
     return config
+
+
+def validate_config(config: Any) -> None:
+    """Everything about a config that can be checked without loading data or writing a file:
+    field types (`check_types`), data set names (every field named `dataset` or ending in
+    `_dataset`, nested configs too) and classifier model names.
+
+    Raises:
+      ConfigError: naming the field and what it accepts.
+    """
+    from jfail.data import check_dataset_name
+    from jfail.models.registry import MODEL_NAMES
+
+    check_types(config)
+    for config_part, prefix in _config_parts(config, ""):
+        for name, _, value in _fields_with_hints(config_part):
+            if (name == "dataset" or name.endswith("_dataset")) and isinstance(value, str):
+                try:
+                    check_dataset_name(value)
+                except ValueError as error:
+                    raise ConfigError(f"{prefix}{name}: {error}") from error
+        if isinstance(config_part, ClassifierRunConfig) and config_part.model not in MODEL_NAMES:
+            raise ConfigError(
+                f"{prefix}model must be one of {', '.join(MODEL_NAMES)}, got {config_part.model!r}"
+            )
+
+
+def _config_parts(config, prefix):
+    yield config, prefix
+    for name, _, value in _fields_with_hints(config):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _config_parts(value, f"{prefix}{name}.")
+
+
+def check_types(config: Any, *, where: str = "") -> None:
+    """Check every field of a (nested) dataclass config against its type annotation.
+
+    Accepted: `int` (not bool), `float` (an int too), `str`, `bool`, `tuple` (a tuple), `dict`,
+    nested config dataclasses, `X | None`; other annotations are not checked.
+
+    Raises:
+      ConfigError: naming the first field whose value does not fit, e.g.
+        "train.epochs must be an integer, got 'abc' (str)".
+    """
+    for name, hint, value in _fields_with_hints(config):
+        _check_value(value, hint, f"{where}{name}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_types(value, where=f"{where}{name}.")
 
 
 def config_to_dict(config: Any) -> dict:
@@ -264,11 +336,53 @@ def _dataclass_in(hint: Any) -> type | None:
     return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "True or False",
+               tuple: "a tuple, e.g. (1, 2)", dict: "a dict"}
+
+
+def _fields_with_hints(config):
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        yield field.name, hints.get(field.name, Any), getattr(config, field.name)
+
+
+def _check_value(value: Any, hint: Any, key: str) -> None:
+    if _fits(value, hint):
+        return
+    options = [h for h in (typing.get_args(hint) if _is_union(hint) else (hint,))]
+    words = " or ".join(_TYPE_WORDS.get(h, "None" if h is type(None) else getattr(h, "__name__", str(h)))
+                        for h in options)
+    raise ConfigError(f"{key} must be {words}, got {value!r} ({type(value).__name__})")
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if hint is Any or isinstance(hint, (str, typing.TypeVar)):
+        return True
+    if _is_union(hint):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if hint is type(None):
+        return value is None
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(origin, type):
+        return isinstance(value, origin)
+    return True
+
+
 def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> Any:
     names = [f.name for f in dataclasses.fields(config)]
     head = path[0]
     if head not in names:
-        raise KeyError(
+        raise UnknownConfigKeyError(
             f"unknown config key {full_key!r}: {type(config).__name__} has no field {head!r}; "
             f"valid keys: {', '.join(names)}"
         )
@@ -277,12 +391,23 @@ def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> An
         if isinstance(child, dict):
             value = {**child, path[1]: value} if len(path) == 2 else None
             if value is None:
-                raise KeyError(f"config key {full_key!r} nests too deep inside dict {head!r}")
+                raise ConfigError(f"config key {full_key!r} nests too deep inside dict {head!r}")
         elif dataclasses.is_dataclass(child):
             value = _replace_path(child, path[1:], value, full_key)
         else:
-            raise KeyError(f"config key {full_key!r}: {head!r} is a value, not a section")
+            raise ConfigError(f"config key {full_key!r}: {head!r} is a value, not a section")
+    else:
+        hint = dict(_hint_pairs(config))[head]
+        if isinstance(value, list):
+            value = tuple(value)
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        _check_value(value, hint, f"--set {full_key}")
     return dataclasses.replace(config, **{head: value})
+
+
+def _hint_pairs(config):
+    return ((name, hint) for name, hint, _ in _fields_with_hints(config))
 
 
 def _parse_value(raw: str) -> Any:

@@ -158,6 +158,25 @@ def load(
     return _fixed_split(images, labels, DIGIT_CLASS_NAMES, split)
 
 
+def check_dataset_name(name: str) -> None:
+    """Raises ValueError unless `name` is a data set name `load` understands (nothing is read).
+
+    Accepted: one of DATASET_NAMES, optionally with `@S` and `[:P%]` suffixes, or
+    `tfds:<name>`.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a data set name must be a string, got {type(name).__name__}.")
+    if name.startswith("tfds:") and len(name) > len("tfds:"):
+        return
+    modified = _MODIFIED_NAME.match(name)
+    base = modified["base"] if modified else name
+    if base not in DATASET_NAMES:
+        raise ValueError(
+            f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)} (each may end "
+            "with @S to resize and [:P%] for a stratified subset), or 'tfds:<name>'."
+        )
+
+
 def train_val_split(
     data: Dataset, val_fraction: float = 0.1, *, seed: int = 0, stratified: bool = True
 ) -> tuple[Dataset, Dataset]:

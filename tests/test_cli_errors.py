@@ -1,0 +1,96 @@
+"""Bad input ends a command with one line and status 2, before anything is written; a full disk
+with one line and status 1, and the same command resumes once there is room."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jfail import cli
+from jfail.config import ConfigError, load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+MLP = str(REPO / "configs" / "annotator_mlp_mnist5k.py")
+PRIME = str(REPO / "configs" / "prime_fmnist.py")
+
+BAD = [
+    (["train", "--config", MLP, "--set", "train.epochs=abc"],
+     "--set train.epochs must be an integer, got 'abc' (str)"),
+    (["train", "--config", MLP, "--set", "train.epochs=2.5"], "must be an integer, got 2.5"),
+    (["train", "--config", MLP, "--set", "dataset=fashoin_mnist"], "Unknown data set 'fashoin_mnist'"),
+    (["train", "--config", MLP, "--set", "model=resnet9"], "model must be one of"),
+    (["train", "--config", MLP, "--set", "train.epohcs=1"], "unknown config key 'train.epohcs'"),
+    (["train", "--config", MLP, "--set", "train.epochs"], "must look like key=value"),
+    (["train", "--config", MLP, "--set", "train.epochs=-1"], "epochs must be positive"),
+    (["prime", "--config", PRIME, "--set", "min_gain=0.1"], "min_gain must be a tuple"),
+    (["prime", "--config", PRIME, "--set", "min_size=ten"], "min_size must be an integer"),
+    (["train", "--config", PRIME], "returns a PrimeConfig; `jfail train` needs a ClassifierRunConfig"),
+    (["train", "--config", "no/such/config.py"], "config file no/such/config.py does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[3:]) or a[0] for a, _ in BAD])
+def test_bad_input_is_one_line_and_status_2_before_the_workdir_exists(tmp_path, capsys, argv,
+                                                                      message):
+    workdir = tmp_path / "run"
+    assert cli.main(argv + ["--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert err[0].startswith(f"jfail {argv[0]}: ")
+    assert not workdir.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        cli.main(["train", "--debug", "--config", MLP, "--set", "train.epochs=abc",
+                  "--workdir", str(tmp_path / "run")])
+
+
+def test_every_shipped_config_validates():
+    for path in sorted((REPO / "configs").glob("*.py")):
+        validate_config(load_config(path))
+
+
+def test_environment_faults_are_told_apart_from_bad_input():
+    status, line = cli.describe_failure(OSError(28, "No space left on device", "/data/run"))
+    assert status == 1 and line.startswith("no space left on device (/data/run)")
+    wrapped = ValueError('RESOURCE_EXHAUSTED: Failed writing "x": No space left on device')
+    assert cli.describe_failure(wrapped)[0] == 1
+    chained = RuntimeError("checkpoint failed")
+    chained.__cause__ = OSError(30, "Read-only file system")
+    assert cli.describe_failure(chained)[1].startswith("the file system is read-only")
+    assert cli.describe_failure(ValueError("bad"))[0] == 2
+    assert cli.describe_failure(RuntimeError("boom"))[0] == 1
+
+
+def _mount_tiny_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_gives_one_line_status_1_and_the_rerun_resumes(tmp_path):
+    disk = tmp_path / "disk"
+    if not _mount_tiny_tmpfs(disk, "3m"):
+        pytest.skip("this machine does not let the tests mount a tmpfs")
+    try:
+        cmd = [sys.executable, "-m", "jfail.cli", "train", "--config", MLP, "--set",
+               "dataset=digits", "--set", "train.epochs=2", "--workdir", str(disk / "run")]
+        full = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert full.returncode == 1
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("jfail train: no space left on device"), full.stderr[-2000:]
+        assert "sys.meta_path is None" not in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr[-2000:]
+        metrics = json.loads((disk / "run" / "metrics.json").read_text())
+        assert metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+        os.sync()
