@@ -209,6 +209,7 @@ def test_missing_fashion_mnist_lists_every_place_searched(tmp_path, monkeypatch,
     empty_env_dir, missing_system_dir = no_local_data
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # TFDS unavailable
     my_dir = str(tmp_path / "mine")
+    os.mkdir(my_dir)  # exists, holds nothing: every other place is searched too
 
     with pytest.raises(data.DatasetNotFoundError) as error:
         data.load("fashion_mnist", data_dir=my_dir)
@@ -559,3 +560,18 @@ def test_size_modifier_resizes_bilinearly_within_unit_range():
 def test_bad_modifiers_are_refused(name):
     with pytest.raises(ValueError, match="size|percentage|Unknown data set"):
         data.load(name, "train")
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path):
+    with pytest.raises(data.DatasetNotFoundError, match="data_dir .*nonexistent is not a directory"):
+        data.load("fashion_mnist", data_dir=tmp_path / "nonexistent")
+
+
+def test_a_data_dir_without_the_files_says_where_they_were_read(tmp_path, monkeypatch, caplog):
+    write_idx_data_set(tmp_path / "env", num_train=6)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
+    (tmp_path / "mine").mkdir()
+    with caplog.at_level("WARNING", logger="jfail.data.datasets"):
+        loaded = data.load("fashion_mnist", data_dir=tmp_path / "mine")
+    assert len(loaded.labels) == 6
+    assert "no train IDX files in data_dir" in caplog.text and str(tmp_path / "env") in caplog.text

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 from typing import NamedTuple
@@ -34,6 +35,8 @@ from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx_cached
 from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
 from jfail.data.tfds_source import read_tfds
+
+log = logging.getLogger(__name__)
 
 DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "mnist5k")
 """Built-in names accepted by :func:`load`, besides ``tfds:<name>``."""
@@ -244,9 +247,19 @@ def _load_idx_data_set(name, split, search_dirs, class_names, get_hint) -> Datas
     image_file, label_file = _IDX_FILE_NAMES[split]
     searched, notes = [], []
     for directory, origin in search_dirs:
+        if origin == _DATA_DIR_ORIGIN and not os.path.isdir(directory):
+            raise DatasetNotFoundError(
+                f"data_dir {directory} is not a directory; pass the directory that holds "
+                f"{image_file}[.gz] and {label_file}[.gz], or leave data_dir out to search "
+                "the usual places.",
+                searched=[directory],
+            )
         image_path = _existing_file(directory, image_file)
         label_path = _existing_file(directory, label_file)
         if image_path and label_path:
+            if searched and search_dirs[0][1] == _DATA_DIR_ORIGIN:
+                log.warning("%s: no %s IDX files in data_dir %s; read them from %s (%s)",
+                            name, split, search_dirs[0][0], directory, origin)
             return _dataset_from_idx(image_path, label_path, class_names)
         searched.append(directory)
         notes.append(f"{directory} ({origin})")
@@ -377,10 +390,13 @@ def _check_split(name: str, split: str, valid: tuple[str, ...]) -> None:
         )
 
 
+_DATA_DIR_ORIGIN = "data_dir argument"
+
+
 def _search_dirs(data_dir, env_subdirs: tuple[str, ...]) -> list[tuple[str, str]]:
     dirs = []
     if data_dir is not None:
-        dirs.append((os.fspath(data_dir), "data_dir argument"))
+        dirs.append((os.fspath(data_dir), _DATA_DIR_ORIGIN))
     env_dir = os.environ.get(DATA_DIR_ENV)
     if env_dir:
         for subdir in env_subdirs:
