@@ -1,0 +1,1 @@
+"""Tools for testing jfail and code built on it: fault injection (`faults`)."""

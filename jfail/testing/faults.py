@@ -1,0 +1,167 @@
+"""Fault injection: kill a command with SIGKILL at chosen moments, run it again, and check that
+it ends exactly where an uninterrupted run ends.
+
+    reference, trials = kill_and_resume(command, at=[0.3, 0.8], fingerprint=train_run_fingerprint,
+                                        workdir=lambda i: tmp / f"run{i}")
+
+`command(workdir) -> argv` builds the command for one work directory; the reference run and each
+trial get their own. A trial starts the command, kills it after `delay` seconds (if it is still
+running), then reruns it to completion on the same work directory and compares `fingerprint`
+of that directory with the reference's.
+
+`python -m jfail.testing.faults vae WORKDIR [--epochs N]` is a small resumable β-VAE run on
+scikit-learn's digits, for kill tests of `defuse.train_vae`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = [
+    "KillTrial",
+    "kill_and_resume",
+    "run_killed",
+    "arrays_digest",
+    "train_run_fingerprint",
+    "vae_run_fingerprint",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class KillTrial:
+    """One kill: after `delay` seconds; `killed` if the command was still running then;
+    `resumed` if the rerun exited 0; `identical` if it ended where the reference ended."""
+
+    delay: float
+    killed: bool
+    resumed: bool
+    identical: bool
+    rerun_seconds: float
+
+
+def run_killed(argv: Sequence[str], delay: float, *, env=None, cwd=None) -> bool:
+    """Start `argv`, SIGKILL it after `delay` seconds; True if it was still running then."""
+    process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        process.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return True
+
+
+def kill_and_resume(
+    command: Callable[[Path], Sequence[str]],
+    at: Sequence[float],
+    *,
+    fingerprint: Callable[[Path], str],
+    workdir: Callable[[int], Path],
+    env=None,
+    timeout: float = 600,
+) -> tuple[str, list[KillTrial]]:
+    """The reference fingerprint and one `KillTrial` per share of the reference's wall time in
+    `at` (see the module doc); a trial's `delay` is in seconds.
+
+    Raises:
+      RuntimeError: the reference run failed.
+    """
+    reference_dir = workdir(-1)
+    started = time.perf_counter()
+    done = subprocess.run(command(reference_dir), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"the reference run failed: {done.stderr[-2000:]}")
+    reference_seconds = time.perf_counter() - started
+    reference = fingerprint(reference_dir)
+    trials = []
+    for index, share in enumerate(at):
+        delay = share * reference_seconds
+        directory = workdir(index)
+        killed = run_killed(command(directory), delay, env=env)
+        started = time.perf_counter()
+        rerun = subprocess.run(command(directory), env=env, capture_output=True, text=True,
+                               timeout=timeout)
+        seconds = time.perf_counter() - started
+        resumed = rerun.returncode == 0
+        identical = resumed and fingerprint(directory) == reference
+        trials.append(KillTrial(float(delay), killed, resumed, identical, seconds))
+    return reference, trials
+
+
+def arrays_digest(tree) -> str:
+    """SHA-256 of every array leaf of a pytree, bytes and shapes, in tree order."""
+    import jax
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(str((array.shape, array.dtype.str)).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def train_run_fingerprint(run_dir: Path) -> str:
+    """A `jfail train` run directory: its selected weights and its metrics, less timings."""
+    from jfail.train.run import load_trained_classifier
+
+    _, params, state, _ = load_trained_classifier(run_dir)
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    for key in ("train_seconds", "wall_seconds_this_process"):
+        metrics.pop(key, None)
+    for record in metrics.get("history", []):
+        record.pop("seconds", None)
+    return arrays_digest((params, state)) + hashlib.sha256(
+        json.dumps(metrics, sort_keys=True).encode()).hexdigest()
+
+
+def vae_run_fingerprint(run_dir: Path) -> str:
+    """A `python -m jfail.testing.faults vae` work directory: its final weights' digest."""
+    return json.loads((Path(run_dir) / "result.json").read_text())["weights"]
+
+
+def _train_small_vae(workdir: Path, epochs: int) -> None:
+    import jax
+
+    from jfail.data import load
+    from jfail.defuse import VAEConfig, train_vae
+    from jfail.models import BetaVAE
+
+    images = load("digits@28[:20%]", "train").images
+    config = VAEConfig(epochs=epochs, batch_size=64, seed=1)
+    result = train_vae(BetaVAE(latent_dim=4), images, config,
+                       checkpoint_dir=workdir / "checkpoints", progress=False)
+    payload = {"weights": arrays_digest(result.variables),
+               "loss": [record.get("loss") for record in result.history],
+               "devices": jax.device_count()}
+    (workdir / "result.json").write_text(json.dumps(payload))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jfail.testing.faults")
+    sub = parser.add_subparsers(dest="command", required=True)
+    vae = sub.add_parser("vae", help="a small resumable beta-VAE run on digits")
+    vae.add_argument("workdir")
+    vae.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _train_small_vae(workdir, args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main())
