@@ -11,28 +11,20 @@ import pytest
 
 from jfail import cli
 from jfail.config import ConfigError, load_config, validate_config
+from jfail.testing import faults
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = str(REPO / "configs" / "annotator_mlp_mnist5k.py")
-PRIME = str(REPO / "configs" / "prime_fmnist.py")
 
 BAD = [
-    (["train", "--config", MLP, "--set", "train.epochs=abc"],
-     "--set train.epochs must be an integer, got 'abc' (str)"),
-    (["train", "--config", MLP, "--set", "train.epochs=2.5"], "must be an integer, got 2.5"),
-    (["train", "--config", MLP, "--set", "dataset=fashoin_mnist"], "Unknown data set 'fashoin_mnist'"),
-    (["train", "--config", MLP, "--set", "model=resnet9"], "model must be one of"),
-    (["train", "--config", MLP, "--set", "train.epohcs=1"], "unknown config key 'train.epohcs'"),
-    (["train", "--config", MLP, "--set", "train.epochs"], "must look like key=value"),
-    (["train", "--config", MLP, "--set", "train.epochs=-1"], "epochs must be positive"),
-    (["prime", "--config", PRIME, "--set", "min_gain=0.1"], "min_gain must be a tuple"),
-    (["prime", "--config", PRIME, "--set", "min_size=ten"], "min_size must be an integer"),
-    (["train", "--config", PRIME], "returns a PrimeConfig; `jfail train` needs a ClassifierRunConfig"),
-    (["train", "--config", "no/such/config.py"], "config file no/such/config.py does not exist"),
+    ([command, "--config", str(REPO / "configs" / config),
+      *[item for o in overrides for item in ("--set", o)]], message)
+    for command, config, overrides, message in faults.BAD_CONFIGS
 ]
 
 
-@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[3:]) or a[0] for a, _ in BAD])
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a[2:]).split("configs/")[-1]
+                                                     for a, _ in BAD])
 def test_bad_input_is_one_line_and_status_2_before_the_workdir_exists(tmp_path, capsys, argv,
                                                                       message):
     workdir = tmp_path / "run"

@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = [
+    "BAD_CONFIGS",
+    "ConfigTrial",
     "KillTrial",
+    "try_bad_configs",
     "kill_and_resume",
     "run_killed",
     "arrays_digest",
@@ -47,6 +50,59 @@ class KillTrial:
     resumed: bool
     identical: bool
     rerun_seconds: float
+
+
+BAD_CONFIGS = (
+    # (command, config file under configs/, overrides, what the one line must say)
+    ("train", "annotator_mlp_mnist5k.py", ("train.epochs=abc",),
+     "--set train.epochs must be an integer, got 'abc' (str)"),
+    ("train", "annotator_mlp_mnist5k.py", ("train.epochs=2.5",), "must be an integer, got 2.5"),
+    ("train", "annotator_mlp_mnist5k.py", ("dataset=fashoin_mnist",),
+     "Unknown data set 'fashoin_mnist'"),
+    ("train", "annotator_mlp_mnist5k.py", ("model=resnet9",), "model must be one of"),
+    ("train", "annotator_mlp_mnist5k.py", ("train.epohcs=1",), "unknown config key 'train.epohcs'"),
+    ("train", "annotator_mlp_mnist5k.py", ("train.epochs",), "must look like key=value"),
+    ("train", "annotator_mlp_mnist5k.py", ("train.epochs=-1",), "epochs must be positive"),
+    ("prime", "prime_fmnist.py", ("min_gain=0.1",), "min_gain must be a tuple"),
+    ("prime", "prime_fmnist.py", ("min_size=ten",), "min_size must be an integer"),
+    ("defuse", "defuse_mnist5k.py", ("annotations=people",), "annotations must be"),
+    ("barlow", "barlow_fmnist.py", ("depths=3",), "depths must be a tuple"),
+    ("train", "prime_fmnist.py", (), "`jfail train` needs a ClassifierRunConfig"),
+    ("train", "no_such_config.py", (), "does not exist"),
+)
+"""Bad configs and overrides every `jfail` command must refuse with one line and status 2,
+before its work directory exists."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigTrial:
+    """One bad config: the command line, its exit status, its stderr lines, whether the line
+    said what it must, whether a traceback appeared, and whether the work directory was made."""
+
+    argv: tuple
+    status: int
+    stderr_lines: int
+    message: str
+    says_what: bool
+    traceback: bool
+    workdir_created: bool
+
+
+def try_bad_configs(configs_dir: Path, scratch: Path, *, env=None) -> list[ConfigTrial]:
+    """Run every entry of `BAD_CONFIGS` as a `jfail` subprocess and record what it answered."""
+    trials = []
+    for index, (command, config, overrides, expected) in enumerate(BAD_CONFIGS):
+        workdir = Path(scratch) / f"bad{index}"
+        argv = ["jfail", command, "--config", str(Path(configs_dir) / config),
+                *[item for o in overrides for item in ("--set", o)], "--workdir", str(workdir)]
+        done = subprocess.run([sys.executable, "-m", "jfail.cli", *argv[1:]], env=env,
+                              capture_output=True, text=True, timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        trials.append(ConfigTrial(
+            argv=tuple(argv), status=done.returncode, stderr_lines=len(lines),
+            message=lines[-1] if lines else "", says_what=bool(lines) and expected in lines[-1],
+            traceback="Traceback" in done.stderr, workdir_created=workdir.exists()))
+    return trials
 
 
 def run_killed(argv: Sequence[str], delay: float, *, env=None, cwd=None) -> bool:
