@@ -1,6 +1,6 @@
 """One small network written in each model style a jfail user brings, for the test matrix.
 
-`network(style, sizes, key=...)` builds `x -> flatten -> Dense -> tanh -> [BatchNorm] -> Dense ->
+`network(style, sizes, key=...)` builds `x -> flatten -> Dense -> ReLU -> [BatchNorm] -> Dense ->
 transform` as:
 
 - "closure": a lambda reading a module-level-style dict of weights;
@@ -38,7 +38,7 @@ _BN_EPSILON = 1e-5
 
 def reference_apply(weights: dict, x, transform: Callable | None = None):
     """The network's function on plain weights: every style must compute exactly this."""
-    h = jnp.tanh(x.reshape(x.shape[0], -1) @ weights["w1"] + weights["b1"])
+    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ weights["w1"] + weights["b1"])
     if "mean" in weights:
         h = (h - weights["mean"]) / jnp.sqrt(weights["var"] + _BN_EPSILON)
         h = h * weights["scale"] + weights["bias"]
@@ -142,7 +142,7 @@ class _NNXNet(nnx.Module):
         self.transform = transform
 
     def __call__(self, x):
-        out = self.l2(jnp.tanh(self.l1(x.reshape(x.shape[0], -1))))
+        out = self.l2(jax.nn.relu(self.l1(x.reshape(x.shape[0], -1))))
         return out if self.transform is None else self.transform(out)
 
 
@@ -169,7 +169,7 @@ class _EqxNet(eqx.Module):
     transform: Any = eqx.field(static=True)
 
     def __call__(self, x):
-        out = jnp.tanh(x.reshape(x.shape[0], -1) @ self.w1 + self.b1) @ self.w2 + self.b2
+        out = jax.nn.relu(x.reshape(x.shape[0], -1) @ self.w1 + self.b1) @ self.w2 + self.b2
         return out if self.transform is None else self.transform(out)
 
 
@@ -194,7 +194,7 @@ class _LinenNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        h = jnp.tanh(nn.Dense(self.hidden, name="l1")(x.reshape(x.shape[0], -1)))
+        h = jax.nn.relu(nn.Dense(self.hidden, name="l1")(x.reshape(x.shape[0], -1)))
         h = nn.BatchNorm(use_running_average=not train, epsilon=_BN_EPSILON, name="bn")(h)
         return nn.Dense(self.outputs, name="l2")(h)
 
