@@ -28,6 +28,7 @@ from jfail.train import (
     fit,
     pgd_attack,
     predict,
+    robust_accuracy,
     trainable,
 )
 
@@ -100,6 +101,19 @@ def test_fit_nnx_module_with_an_optax_transformation_updates_batch_stats():
     direct = _accuracy(fitted(jnp.asarray(VAL[0])), VAL[1])
     assert evaluate(fitted, VAL)["accuracy"] == pytest.approx(direct)
     assert direct == pytest.approx(result.history[result.best_epoch]["val_accuracy"])
+
+
+def test_nnx_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    config = dataclasses.replace(CONFIG, epochs=2)
+    fit(NnxNet(nnx.Rngs(0)), TRAIN, VAL, dataclasses.replace(config, epochs=1), progress=False,
+        checkpoint_dir=tmp_path)
+    resumed = fit(NnxNet(nnx.Rngs(0)), TRAIN, VAL, config, progress=False,
+                  checkpoint_dir=tmp_path)
+    straight = fit(NnxNet(nnx.Rngs(0)), TRAIN, VAL, config, progress=False)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, (resumed.params, resumed.state),
+                           (straight.params, straight.state))
+    assert [h["val_accuracy"] for h in resumed.history] == \
+        [h["val_accuracy"] for h in straight.history]
 
 
 def test_fit_equinox_module_with_adamw():
@@ -220,6 +234,9 @@ def test_pgd_attack_is_a_pure_kernel_with_a_keyword_key():
     assert jax.tree_util.tree_structure(grad) == jax.tree_util.tree_structure(model.args[0])
     with pytest.raises(TypeError):
         pgd_attack(model, x, y, attack, 3)  # key is keyword-only
+    scores = robust_accuracy(model, VAL, attack, key=0, batch_size=50)
+    assert scores["clean"] == pytest.approx(evaluate(model, VAL)["accuracy"])
+    assert scores["robust"] < scores["clean"]
 
 
 def test_bad_inputs_raise_clear_errors_before_training():

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfail.data import Dataset
 from jfail.models.adapter import call_shape, in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel

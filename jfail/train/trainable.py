@@ -14,6 +14,10 @@ training or evaluation mode. `trainable` finds both for each style jfail accepts
 - jfail's `apply_fn(params, state, x, train) -> (logits, state)` with `params` and `state`
   (Flax linen through `jfail.models.linen_apply`): `trainable(apply_fn, params, state)`.
 
+A Flax linen module trains through `trainable(jfail.models.linen_apply(module), params, state)`
+(a `Partial` over `module.apply` would train every floating-point variable, BatchNorm statistics
+included, and never run in training mode).
+
 `fit`, `evaluate`, `predict`, `errors`, `robust_accuracy` and `jfail.defuse.correct` all take a
 model through this one function; `TrainableModel.model` gives the trained weights back in the
 caller's style (a new NNX or Equinox module, or the `TrainableModel` itself, a callable
@@ -23,6 +27,8 @@ caller's style (a new NNX or Equinox module, or the `TrainableModel` itself, a c
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from typing import Any, Callable
 
 import jax
@@ -190,9 +196,10 @@ def _from_pytree(model) -> TrainableModel:
     leaves, treedef = jax.tree_util.tree_flatten(model)
     mask = [_is_inexact_array(leaf) for leaf in leaves]
     if isinstance(model, _FUNCTION_TYPES) or not any(mask):
+        name = getattr(model, "__name__", type(model).__name__)
         raise TypeError(
-            f"cannot find the trainable weights of {getattr(model, '__name__', type(model).__name__)}:"
-            " it holds no floating-point arrays as pytree leaves. Pass them explicitly: "
+            f"cannot find the trainable weights of {name}: it holds no floating-point arrays "
+            "as pytree leaves. Pass them explicitly: "
             "trainable(apply, params) for apply(params, x) -> logits, or "
             "trainable(apply_fn, params, state) for apply_fn(params, state, x, train)."
         )
@@ -259,10 +266,7 @@ class _PytreeRebuild:
 # --------------------------------------------------------------------------------------------
 # Helpers.
 
-import functools as _functools  # noqa: E402
-import types as _types  # noqa: E402
-
-_FUNCTION_TYPES = (_types.FunctionType, _types.MethodType, _functools.partial)
+_FUNCTION_TYPES = (types.FunctionType, types.MethodType, functools.partial)
 
 
 def _is_inexact_array(leaf) -> bool:
