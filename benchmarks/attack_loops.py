@@ -217,7 +217,7 @@ def _pgd_program(attack: Attack) -> Callable:
     rules = cpu_gradients.on_cpu()
     if (attack, rules) not in _PGD_PROGRAMS:
         _PGD_PROGRAMS[attack, rules] = jit(
-            lambda model, x, y, key: pgd_attack(model, x, y, key, attack))
+            lambda model, x, y, key: pgd_attack(model, x, y, attack, key=key))
     return _PGD_PROGRAMS[attack, rules]
 
 

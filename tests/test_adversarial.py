@@ -24,7 +24,7 @@ def test_pgd_stays_in_the_ball_and_the_box_and_raises_the_loss(norm, epsilon):
     x = jax.random.uniform(jax.random.key(1), (16, 8, 8, 1))
     y = jnp.argmax(model(x), -1)
     attack = Attack(norm=norm, epsilon=epsilon, steps=10)
-    x_adv = jax.jit(pgd_attack, static_argnums=4)(model, x, y, jax.random.key(2), attack)
+    x_adv = jax.jit(pgd_attack, static_argnums=3)(model, x, y, attack, key=jax.random.key(2))
     delta = (x_adv - x).reshape(16, -1)
     size = jnp.abs(delta).max(-1) if norm == "linf" else jnp.linalg.norm(delta, axis=-1)
     assert float(size.max()) <= epsilon * (1 + 1e-5)
@@ -53,7 +53,7 @@ def test_adversarial_training_buys_robustness_on_digits():
     for name, config in {"standard": base, "robust": dataclasses.replace(base, attack=attack)}.items():
         result = fit(apply_fn, params, state, train, val, config, progress=False)
         scores[name] = robust_accuracy(
-            apply_fn, result.params, result.state, val, attack, jax.random.key(3)
+            apply_fn, result.params, result.state, val, attack, key=jax.random.key(3)
         )
     assert scores["standard"]["clean"] > 0.85
     for score in scores.values():

@@ -396,8 +396,8 @@ def test_attack_loops_compile_to_canonical_convolutions(attack):
     x = jnp.asarray(rng.uniform(size=(2, 8, 8, 6)), jnp.float32)
     index, budget = jnp.array([0, 3]), jnp.full((2,), 0.5, jnp.float32)
     if attack == "pgd":
-        program = jit(lambda m, x: pgd_attack(m, x, index, jax.random.key(0),
-                                              Attack(epsilon=0.5, steps=3)))
+        program = jit(lambda m, x: pgd_attack(m, x, index, Attack(epsilon=0.5, steps=3),
+                                              key=jax.random.key(0)))
     else:
         program = jit(lambda m, x: _apply_attack(m, x, index, budget, budget, steps=3))
     labels = _convolution_layouts(program, model, x)

@@ -5,6 +5,12 @@ reshuffled each pass), so `λ` weighs the two mean cross-entropies directly. Per
 the best validation accuracy is kept; over λ, the best of those. `evaluate_on` data sets (e.g. the
 test split and the scenarios' held-out samples) are scored for every λ, which gives the paper's
 Figure 5 trade-off.
+
+Models: any style `jfail.train.trainable` knows (`finetune(model, train, failures, val, lam)`
+with an NNX module, an Equinox module, `trainable(apply, params)` or a `TrainableModel`), or
+jfail's original `finetune(apply_fn, params, state, train, failures, val, lam)`. Data: `Dataset`s
+or `(images, labels)` tuples. Optimizer: `CorrectionConfig(optimizer=...)`, None for Adam at
+`learning_rate`, or any `optax.GradientTransformation`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +30,7 @@ from tqdm.auto import tqdm
 from jfail.data import Dataset, batches, num_batches
 from jfail.logs import progress_disabled
 from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.train.classifier import evaluate
+from jfail.train.classifier import _check_model_data, _evaluate, _model_and_rest, as_dataset
 from jfail.xla import jit
 
 __all__ = ["CorrectionConfig", "FinetuneResult", "SweepResult", "finetune", "correct"]
@@ -34,15 +40,27 @@ log = logging.getLogger("jfail.defuse")
 
 @dataclasses.dataclass(frozen=True)
 class CorrectionConfig:
-    """Fine-tuning settings; defaults are appendix B.2 (Adam 1e-3, minibatch 256, 3 epochs)."""
+    """Fine-tuning settings; defaults are appendix B.2 (Adam 1e-3, minibatch 256, 3 epochs).
+
+    `optimizer`: None for Adam at `learning_rate`, or any `optax.GradientTransformation` (used
+    as it is; `learning_rate` is then ignored).
+    """
 
     learning_rate: float = 1e-3
     batch_size: int = 256
     epochs: int = 3
     eval_batch_size: int = 1000
     seed: int = 0
+    optimizer: optax.GradientTransformation | None = None
 
     def __post_init__(self):
+        if self.optimizer is not None and not isinstance(
+            self.optimizer, optax.GradientTransformation
+        ):
+            raise ValueError(
+                f"optimizer must be None (Adam) or an optax.GradientTransformation, got "
+                f"{self.optimizer!r}"
+            )
         for name in ("learning_rate", "batch_size", "epochs", "eval_batch_size"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -55,6 +73,7 @@ class FinetuneResult(NamedTuple):
     state: Any
     best_epoch: int
     history: list[dict]
+    model: Any = None  # the selected weights in the caller's style (a new NNX/Equinox module)
 
 
 class SweepResult(NamedTuple):
@@ -64,27 +83,51 @@ class SweepResult(NamedTuple):
     state: Any
     best_lambda: float
     per_lambda: list[dict]
+    model: Any = None  # the best λ's weights in the caller's style
 
 
-def finetune(
-    apply_fn: Callable,
-    params: Any,
-    state: Any,
-    train: Dataset,
-    failures: Dataset,
-    val: Dataset,
+def finetune(model: Any, *args, **kwargs) -> FinetuneResult:
+    """Minimize `CE(D) + λ·CE(D_f)` from the model's weights; keep the best epoch by val accuracy.
+
+    Call as `finetune(model, train, failures, val, lam, config=CorrectionConfig(), *,
+    progress=None)` (any model style `jfail.train.trainable` knows) or
+    `finetune(apply_fn, params, state, train, failures, val, lam, config)` with
+    `apply_fn(params, state, x, train) -> (logits, state)`.
+
+    Args:
+      train, failures, val: `Dataset`s or `(images [N, H, W, C], labels [N])` tuples;
+        `failures` holds the failure instances with their annotated labels.
+      lam: λ ≥ 0, the weight of the failure set's cross-entropy.
+
+    Returns:
+      A `FinetuneResult`; `.model` is the selected weights in the caller's style.
+
+    Raises:
+      ValueError: an empty failure set, shapes that differ, labels outside the model's
+        classes, a negative or non-finite λ.
+      ModelCallError: the model cannot be called on the images.
+    """
+    tm, rest = _model_and_rest(model, args, "finetune")
+    return _finetune(tm, *rest, **kwargs)
+
+
+def _finetune(
+    tm,
+    train: Any,
+    failures: Any,
+    val: Any,
     lam: float,
     config: CorrectionConfig = CorrectionConfig(),
     *,
     progress: bool | None = None,
+    checked: bool = False,
 ) -> FinetuneResult:
-    """Minimize `CE(D) + λ·CE(D_f)` from `(params, state)`; keep the best epoch by val accuracy.
-
-    apply_fn: `(params, state, x, train) -> (logits, state)`; train, failures, val: `Dataset`s
-    with images `[N, H, W, C]`; `failures` holds the failure instances with their annotated labels.
-    """
-    _check(train, failures, val, lam)
-    step, tx = _make_step(apply_fn, config.learning_rate)
+    apply_fn, params, state = tm.apply, tm.params, tm.state
+    train, failures, val = (as_dataset(d, n) for d, n in
+                            ((train, "train"), (failures, "failures"), (val, "val")))
+    if not checked:
+        _check(tm, train, failures, val, lam)
+    step, tx = _make_step(apply_fn, config.optimizer or config.learning_rate)
     current = (params, state, tx.init(params))
     best, best_epoch, best_accuracy, history = (params, state), -1, -math.inf, []
     key = jax.random.key(config.seed)
@@ -101,55 +144,77 @@ def finetune(
             rows = failure_order[i * config.batch_size : (i + 1) * config.batch_size]
             current, _ = step(current, batch.images, batch.labels,
                               failures.images[rows], failures.labels[rows], lam)
-        scores = evaluate(apply_fn, current[0], current[1], val, batch_size=config.eval_batch_size)
+        scores = _evaluate(apply_fn, current[0], current[1], val,
+                           batch_size=config.eval_batch_size)
         history.append({"epoch": epoch, "val_accuracy": scores["accuracy"]})
         if scores["accuracy"] > best_accuracy:
             best, best_epoch, best_accuracy = (current[0], current[1]), epoch, scores["accuracy"]
-    return FinetuneResult(*jax.device_get(best), best_epoch, history)
+    best = jax.device_get(best)
+    return FinetuneResult(*best, best_epoch, history, tm.rebuild(*best))
 
 
-def correct(
-    apply_fn: Callable,
-    params: Any,
-    state: Any,
-    train: Dataset,
-    failures: Dataset,
-    val: Dataset,
+def correct(model: Any, *args, **kwargs) -> SweepResult:
+    """`finetune` for every λ in `lambdas`; the best overall is the highest validation accuracy.
+
+    Call as `correct(model, train, failures, val, lambdas, config=CorrectionConfig(), *,
+    evaluate_on=None, progress=None)` (any model style) or
+    `correct(apply_fn, params, state, train, failures, val, lambdas, config, ...)`. Data
+    arguments (and `evaluate_on`'s values) are `Dataset`s or `(images, labels)` tuples.
+
+    Returns:
+      A `SweepResult`: per λ `{'lambda', 'best_epoch', 'val_accuracy', '<name>_accuracy' for
+      evaluate_on}`, and `.model`, the best λ's weights in the caller's style.
+
+    Raises:
+      The errors of `finetune`, and ValueError for an empty `lambdas`.
+    """
+    tm, rest = _model_and_rest(model, args, "correct")
+    return _correct(tm, *rest, **kwargs)
+
+
+def _correct(
+    tm,
+    train: Any,
+    failures: Any,
+    val: Any,
     lambdas,
     config: CorrectionConfig = CorrectionConfig(),
     *,
-    evaluate_on: dict[str, Dataset] | None = None,
+    evaluate_on: dict[str, Any] | None = None,
     progress: bool | None = None,
 ) -> SweepResult:
-    """`finetune` for every λ in `lambdas`; the best overall is the highest validation accuracy.
-
-    Returns per λ `{'lambda', 'best_epoch', 'val_accuracy', '<name>_accuracy' for evaluate_on}`.
-    """
     lambdas = [float(lam) for lam in lambdas]
     if not lambdas:
         raise ValueError("lambdas is empty: pass at least one regularization weight")
-    evaluate_on = evaluate_on or {}
+    train, failures, val = (as_dataset(d, n) for d, n in
+                            ((train, "train"), (failures, "failures"), (val, "val")))
+    evaluate_on = {name: as_dataset(data, name) for name, data in (evaluate_on or {}).items()}
+    for lam in lambdas:
+        _check(tm, train, failures, val, lam)
+    if evaluate_on:
+        _check_model_data(tm, evaluate_on)
     per_lambda, best = [], None
     for lam in tqdm(lambdas, desc="λ sweep", unit="λ", disable=progress_disabled(progress)):
-        result = finetune(apply_fn, params, state, train, failures, val, lam, config,
-                          progress=progress)
+        result = _finetune(tm, train, failures, val, lam, config, progress=progress,
+                           checked=True)
         record = {"lambda": lam, "best_epoch": result.best_epoch,
                   "val_accuracy": result.history[result.best_epoch]["val_accuracy"]}
         for name, data in evaluate_on.items():
-            record[f"{name}_accuracy"] = evaluate(
-                apply_fn, result.params, result.state, data, batch_size=config.eval_batch_size
+            record[f"{name}_accuracy"] = _evaluate(
+                tm.apply, result.params, result.state, data, batch_size=config.eval_batch_size
             )["accuracy"]
         log.info("correction %s", record)
         per_lambda.append(record)
         if best is None or record["val_accuracy"] > best[0]:
             best = (record["val_accuracy"], lam, result.params, result.state)
-    return SweepResult(best[2], best[3], best[1], per_lambda)
+    return SweepResult(best[2], best[3], best[1], per_lambda, tm.rebuild(best[2], best[3]))
 
 
 @functools.lru_cache(maxsize=8)
-def _make_step(apply_fn, learning_rate: float):
-    """The jitted step and its Adam, cached so every λ of a sweep reuses one compiled program."""
-    tx = optax.adam(learning_rate)
+def _make_step(apply_fn, optimizer):
+    """The jitted step and its optimizer (a transformation, or Adam's learning rate), cached so
+    every λ of a sweep reuses one compiled program."""
+    tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else optax.adam(optimizer)
     apply_fn = cpu_friendly_gradients(apply_fn)  # fast strided-convolution gradients on CPU
 
     def loss_fn(params, state, x, y, x_fail, y_fail, lam):
@@ -178,7 +243,9 @@ def _failure_order(seed: int, epoch: int, num_failures: int, length: int) -> np.
     return np.concatenate([rng.permutation(num_failures) for _ in range(passes)])[:length]
 
 
-def _check(train: Dataset, failures: Dataset, val: Dataset, lam: float) -> None:
+def _check(tm, train: Dataset, failures: Dataset, val: Dataset, lam: float) -> None:
+    if len(train.labels) == 0 or len(val.labels) == 0:
+        raise ValueError("train and val must hold at least one example each")
     if len(failures.labels) == 0:
         raise ValueError(
             "the failure set is empty: no scenario was judged a failure, so there is nothing to "
@@ -194,3 +261,4 @@ def _check(train: Dataset, failures: Dataset, val: Dataset, lam: float) -> None:
         raise ValueError("failure labels must be class indices; drop 'none of the above' samples")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"λ must be a finite non-negative number, got {lam!r}")
+    _check_model_data(tm, {"train": train, "failures": failures, "val": val})

@@ -6,6 +6,8 @@ from jfail.train.classifier import (
     FitResult,
     TrainConfig,
     TrainState,
+    as_dataset,
+    errors,
     evaluate,
     fit,
     make_optimizer,
@@ -13,6 +15,7 @@ from jfail.train.classifier import (
     predict,
 )
 from jfail.train.parallel import DataParallel
+from jfail.train.trainable import TrainableModel, trainable
 
 __all__ = [
     "Attack",
@@ -23,9 +26,13 @@ __all__ = [
     "RunCheckpointer",
     "TrainConfig",
     "TrainState",
+    "TrainableModel",
+    "as_dataset",
+    "errors",
     "evaluate",
     "fit",
     "make_optimizer",
     "make_train_step",
     "predict",
+    "trainable",
 ]

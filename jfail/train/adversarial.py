@@ -11,14 +11,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jfail.data import Dataset
+from jfail.models.adapter import call_shape, in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
 from jfail.xla import jit
 
-__all__ = ["Attack", "pgd_attack", "robust_accuracy"]
+__all__ = ["Attack", "pgd_attack", "robust_accuracy", "as_key"]
 
 NORMS = ("l2", "linf")
 
@@ -49,12 +50,34 @@ class Attack:
         return self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
 
 
-def pgd_attack(model: Callable, x: jax.Array, labels: jax.Array, key: jax.Array, attack: Attack):
+def pgd_attack(
+    model: Callable, x: jax.Array, labels: jax.Array, attack: Attack = Attack(), *, key: Any
+) -> jax.Array:
     """Maximize the cross-entropy of `model` within the ε-ball around `x`, staying in [0, 1].
 
-    model: `model(x) -> logits`; x: `[B, H, W, C]` in [0, 1]; labels: `[B]` int.
-    Returns the adversarial images `[B, H, W, C]`; every `‖x_adv − x‖ ≤ ε` in the attack's norm.
+    A pure function: usable inside the caller's `jax.jit`, `vmap` and `grad` (then `attack` must
+    be static). Called on concrete arrays it first checks its inputs.
+
+    Args:
+      model: `model(x [B, H, W, C]) -> logits [B, K]`, any JAX callable.
+      x: `[B, H, W, C]` images in [0, 1].
+      labels: `[B]` int class indices in `[0, K)`.
+      attack: the attack's norm, radius, steps and step size.
+      key: the random start's PRNG key: a typed key (`jax.random.key`), a raw uint32 key, or an
+        int seed.
+
+    Returns:
+      The adversarial images `[B, H, W, C]`; every `‖x_adv − x‖ ≤ ε` in the attack's norm.
+
+    Raises:
+      ValueError: `x` is not `[B, H, W, C]` or is empty, `labels` is not `[B]` or holds labels
+        outside the model's classes (checked on concrete inputs only).
+      ModelCallError: the model cannot be called on `x`.
     """
+    if not isinstance(attack, Attack):
+        raise TypeError(f"attack must be a jfail.train.Attack, got {type(attack).__name__}")
+    key = as_key(key)
+    _check_attack_inputs(model, x, labels, concrete=not in_trace(model, x, labels, key))
     alpha = attack.alpha
     model = cpu_friendly_gradients(model)  # fast strided-convolution gradients on CPU
 
@@ -80,17 +103,41 @@ def pgd_attack(model: Callable, x: jax.Array, labels: jax.Array, key: jax.Array,
 
 
 def robust_accuracy(
-    apply_fn: Callable,
-    params: Any,
-    state: Any,
-    data: Dataset,
-    attack: Attack,
-    key: jax.Array,
-    *,
+    model: Any,
+    *args,
+    key: Any,
     batch_size: int = 500,
     parallel: DataParallel | None = None,
 ) -> dict:
-    """Clean and PGD accuracy of a model (eval mode) on `data`: `{'clean', 'robust', 'count'}`."""
+    """Clean and PGD accuracy of a model (eval mode) on `data`: `{'clean', 'robust', 'count'}`.
+
+    Call as `robust_accuracy(model, data, attack, *, key)` with any model style
+    (`jfail.train.classifier`'s docstring) or
+    `robust_accuracy(apply_fn, params, state, data, attack, *, key)`; `data` is a `Dataset` or
+    `(images, labels)`; `key` a typed or raw PRNG key or an int seed.
+
+    Raises:
+      ModelCallError: the model cannot be called on the images.
+      ValueError: empty data or labels outside the model's classes.
+    """
+    from jfail.train.classifier import _check_model_data, _inference_model, as_dataset
+
+    if len(args) == 4:
+        params, state, data, attack = args
+        apply_fn, data = model, as_dataset(data)
+    elif len(args) == 2:
+        data, attack = as_dataset(args[0]), args[1]
+        if len(data.labels) == 0:
+            raise ValueError("data is empty: there is nothing to attack")
+        tm = _inference_model(model, data.images)
+        _check_model_data(tm, {"data": data})
+        apply_fn, params, state = tm.apply, tm.params, tm.state
+    else:
+        raise TypeError(
+            "robust_accuracy takes (model, data, attack) or (apply_fn, params, state, data, "
+            f"attack), got {1 + len(args)} positional arguments"
+        )
+    key = as_key(key)
     parallel = parallel or DataParallel()
     params, state = parallel.replicate((params, state))
     clean = robust = 0.0
@@ -109,7 +156,7 @@ def robust_accuracy(
 @jit(static_argnums=(0, 1))
 def _attack_counts(apply_fn, attack, params, state, x, y, weight, key):
     model = lambda images: apply_fn(params, state, images, False)[0]  # noqa: E731
-    x_adv = pgd_attack(model, x, y, key, attack)
+    x_adv = pgd_attack(model, x, y, attack, key=key)
     clean = jnp.sum((jnp.argmax(model(x), -1) == y) * weight)
     robust = jnp.sum((jnp.argmax(model(x_adv), -1) == y) * weight)
     return clean, robust
@@ -135,3 +182,41 @@ def _project(x, delta, attack: Attack):
 def _l2_norm(v):
     return jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
 
+
+
+def as_key(key: Any) -> jax.Array:
+    """A PRNG key from a typed key, a raw uint32 key or an int seed (`jax.random.key(seed)`)."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if hasattr(key, "dtype") and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape and key.shape[-1] == 2)
+    ):
+        return key
+    if hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
+        return jax.random.key(key)
+    raise TypeError(
+        f"key must be a jax.random.key, a raw uint32 key or an int seed, got {key!r}"
+    )
+
+
+def _check_attack_inputs(model, x, labels, *, concrete: bool) -> None:
+    shape, label_shape = tuple(np.shape(x)), tuple(np.shape(labels))
+    if len(shape) != 4:
+        raise ValueError(f"x must be images [B, H, W, C], got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError("x is empty: there is nothing to attack")
+    if label_shape != shape[:1]:
+        raise ValueError(f"labels must be [B] = [{shape[0]}], got shape {label_shape}")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"labels must be integer class indices, got {jnp.result_type(labels)}")
+    if not concrete:
+        return
+    out = call_shape(model, jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
+    classes = out.shape[-1]
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= classes:
+        raise ValueError(
+            f"labels must be in [0, {classes}) for a model with {classes} classes, got "
+            f"min={low}, max={high}"
+        )

@@ -1,7 +1,18 @@
 """Classifier training with optax: jitted data-parallel steps, best-epoch selection, resume.
 
-`apply_fn(params, state, x, train) -> (logits, new_state)` is the training-side model signature
-(`jfail.models.linen_apply` builds it for a Flax module, `stateless_apply` for `f(params, x)`).
+Models: `fit`, `evaluate`, `predict` and `errors` take a model in any style `trainable` knows
+(`jfail.train.trainable`): a Flax NNX module, an Equinox module (or other callable pytree) whose
+`__call__` takes a batch, `trainable(apply, params)` for `apply(params, x) -> logits`, or a
+`TrainableModel`. jfail's original convention still works positionally:
+`fit(apply_fn, params, state, train, val, config)` with
+`apply_fn(params, state, x, train) -> (logits, new_state)` (`jfail.models.linen_apply` builds it
+for a Flax linen module). `evaluate`, `predict` and `errors` also take any inference callable
+`model(x) -> logits` (closures included: its weights are read at the moment of the call).
+
+Data: every data argument is a `Dataset` or an `(images [N, H, W, C], labels [N])` tuple.
+
+Optimizers: `TrainConfig(optimizer=...)` is a name ("adam", "adadelta", "sgd", configured by the
+other fields) or any `optax.GradientTransformation`, used as it is (e.g. `optax.adamw(1e-3)`).
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import optax
 from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, check_images, check_labels, num_batches
+from jfail.models.adapter import call_shape, traced_model
 from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.train.adversarial import Attack, pgd_attack
+from jfail.train.adversarial import Attack, as_key, pgd_attack
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.parallel import DataParallel
+from jfail.train.trainable import TrainableModel, is_trainable_style, trainable
 from jfail.xla import jit
 
 __all__ = [
@@ -35,7 +48,9 @@ __all__ = [
     "make_train_step",
     "evaluate",
     "predict",
+    "errors",
     "fit",
+    "as_dataset",
 ]
 
 log = logging.getLogger("jfail.train")
@@ -45,9 +60,15 @@ OPTIMIZERS = ("adam", "adadelta", "sgd")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimization settings; defaults are seed 001's Fashion/MNIST classifier (Adadelta, lr 1)."""
+    """Optimization settings; defaults are seed 001's Fashion/MNIST classifier (Adadelta, lr 1).
 
-    optimizer: str = "adadelta"
+    `optimizer` is a name ("adam", "adadelta", "sgd"; `learning_rate`, `momentum`,
+    `weight_decay` and `schedule` configure it) or any `optax.GradientTransformation`, used as
+    it is (those four fields are then ignored), e.g. `TrainConfig(optimizer=optax.adamw(1e-3))`.
+    A run config (`ClassifierRunConfig`) needs a name, since it is saved as JSON.
+    """
+
+    optimizer: str | optax.GradientTransformation = "adadelta"
     learning_rate: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -59,8 +80,13 @@ class TrainConfig:
     attack: Attack | None = None  # adversarial training: each batch replaced by its PGD attack
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not isinstance(self.optimizer, optax.GradientTransformation) and (
+            self.optimizer not in OPTIMIZERS
+        ):
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS} or an optax.GradientTransformation, "
+                f"got {self.optimizer!r}"
+            )
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         for name in ("learning_rate", "batch_size", "epochs", "eval_batch_size"):
@@ -78,17 +104,26 @@ class TrainState(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """Weights of the best epoch (by validation accuracy) and of the last, and the history."""
+    """Weights of the best epoch (by validation accuracy) and of the last, and the history.
+
+    `model` is the best epoch's model in the caller's style: a new NNX or Equinox module (the
+    module passed to `fit` is left as it was), else a `TrainableModel`, callable as
+    `model(x) -> logits` in evaluation mode.
+    """
 
     params: Any
     state: Any
     best_epoch: int
     history: list[dict]
     last: TrainState
+    model: Any = None
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optax transformation named by `config` (Adam, Adadelta or SGD with momentum)."""
+    """The optax transformation named by `config` (Adam, Adadelta or SGD with momentum), or
+    `config.optimizer` itself when it is a transformation."""
+    if isinstance(config.optimizer, optax.GradientTransformation):
+        return config.optimizer
     learning_rate: Any = config.learning_rate
     if config.schedule == "cosine":
         learning_rate = optax.cosine_decay_schedule(
@@ -109,16 +144,20 @@ def make_train_step(
     apply_fn: Callable,
     tx: optax.GradientTransformation,
     attack: Attack | None = None,
-    seed: int = 0,
+    *,
+    key: Any = 0,
 ) -> Callable:
     """`step(train_state, x [B,H,W,C], y [B], weight [B]) -> (train_state, metrics)`, jitted.
+
+    apply_fn: `(params, state, x, train) -> (logits, state)` (a `TrainableModel`'s `apply`).
+    key: the attack's PRNG key (a typed or raw key, or an int seed).
 
     `weight` masks padding rows (0) so a batch padded to a multiple of the device count gives
     the same loss and gradient as the unpadded batch. With `attack`, the batch is first replaced
     by its PGD attack against the current weights (BatchNorm in training mode, running statistics
-    left untouched by the attack), with noise keyed by `(seed, step)`.
+    left untouched by the attack), with noise keyed by `(key, step)`.
     """
-    attack_key = jax.random.fold_in(jax.random.key(seed), 0x5EED)
+    attack_key = jax.random.fold_in(as_key(key), 0x5EED)
     differentiable_apply = cpu_friendly_gradients(apply_fn)  # fast strided-conv gradients on CPU
 
     def loss_fn(params, state, x, y, weight):
@@ -136,7 +175,7 @@ def make_train_step(
                 train_state.params, train_state.state, images, True
             )[0]
             key = jax.random.fold_in(attack_key, train_state.step)
-            x = pgd_attack(model, x, y, key, attack)
+            x = pgd_attack(model, x, y, attack, key=key)
         (loss, (new_state, correct, total)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             train_state.params, train_state.state, x, y, weight
         )
@@ -148,79 +187,153 @@ def make_train_step(
     return step
 
 
-def predict(
-    apply_fn: Callable,
-    params: Any,
-    state: Any,
-    images: np.ndarray,
-    *,
-    batch_size: int = 1000,
-    parallel: DataParallel | None = None,
-) -> np.ndarray:
-    """Logits `[N, K]` in eval mode, in chunks of `batch_size`, sharded over devices."""
-    parallel = parallel or DataParallel()
-    params, state = parallel.replicate((params, state))
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        (x_dev,), _ = parallel.shard_batch(x)
-        chunks.append(np.asarray(_eval_logits(apply_fn, params, state, x_dev))[: len(x)])
-    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+def predict(model: Any, *args, batch_size: int = 1000, parallel: DataParallel | None = None):
+    """Logits `[N, K]` in eval mode, in chunks of `batch_size`, sharded over devices.
+
+    Call as `predict(model, images)` (any model style, see the module docstring) or
+    `predict(apply_fn, params, state, images)`.
+
+    Args:
+      model: the model.
+      images: `[N, H, W, C]`.
+      batch_size: rows per compiled call.
+
+    Returns:
+      NumPy logits `[N, K]`.
+
+    Raises:
+      ModelCallError: the model cannot be called on these images.
+      ValueError, TypeError: bad arguments.
+    """
+    if len(args) == 3:  # predict(apply_fn, params, state, images): the original convention
+        params, state, images = args
+        apply_fn, legacy = model, True
+    elif len(args) == 1:
+        images, legacy = args[0], False
+        _check_batch(images, "images")
+        tm = _inference_model(model, images)
+        apply_fn, params, state = tm.apply, tm.params, tm.state
+    else:
+        raise TypeError(
+            "predict takes (model, images) or (apply_fn, params, state, images), got "
+            f"{1 + len(args)} positional arguments"
+        )
+    if not legacy and len(images) == 0:
+        raise ValueError("images is empty: there is nothing to predict")
+    return _predict(apply_fn, params, state, images, batch_size=batch_size, parallel=parallel)
 
 
-def evaluate(
-    apply_fn: Callable,
-    params: Any,
-    state: Any,
-    data: Dataset,
-    *,
-    batch_size: int = 1000,
-    parallel: DataParallel | None = None,
-) -> dict:
-    """`{'accuracy', 'loss', 'count'}` of the model on `data` (eval mode)."""
-    logits = predict(apply_fn, params, state, data.images, batch_size=batch_size, parallel=parallel)
-    labels = np.asarray(data.labels)
-    log_probs = logits - _logsumexp(logits)
-    loss = -np.mean(log_probs[np.arange(len(labels)), labels])
-    return {
-        "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
-        "loss": float(loss),
-        "count": int(len(labels)),
-    }
+def evaluate(model: Any, *args, batch_size: int = 1000, parallel: DataParallel | None = None):
+    """`{'accuracy', 'loss', 'count'}` of the model on `data` (eval mode).
+
+    Call as `evaluate(model, data)` (any model style) or
+    `evaluate(apply_fn, params, state, data)`; `data` is a `Dataset` or `(images, labels)`.
+
+    Raises:
+      ModelCallError: the model cannot be called on these images.
+      ValueError: empty data, or labels that are not classes of the model.
+    """
+    if len(args) == 3:
+        params, state, data = args
+        data = as_dataset(data, "data")
+        apply_fn = model
+    elif len(args) == 1:
+        data = as_dataset(args[0], "data")
+        _check_batch(data.images, "data images")
+        tm = _inference_model(model, data.images)
+        _check_model_data(tm, {"data": data})
+        apply_fn, params, state = tm.apply, tm.params, tm.state
+    else:
+        raise TypeError(
+            "evaluate takes (model, data) or (apply_fn, params, state, data), got "
+            f"{1 + len(args)} positional arguments"
+        )
+    return _evaluate(apply_fn, params, state, data, batch_size=batch_size, parallel=parallel)
 
 
-def fit(
-    apply_fn: Callable,
-    params: Any,
-    state: Any,
-    train: Dataset,
-    val: Dataset | None,
-    config: TrainConfig,
+def errors(model: Any, data: Any, *, batch_size: int = 1000,
+           parallel: DataParallel | None = None) -> np.ndarray:
+    """Where the model is wrong: `argmax(model(images)) != labels`, computed in chunks.
+
+    Args:
+      model: any model style (see the module docstring), in eval mode.
+      data: a `Dataset` or `(images [N, H, W, C], labels [N])`.
+      batch_size: rows per compiled call.
+
+    Returns:
+      `errors [N]` bool, True where the model is wrong.
+
+    Raises:
+      ModelCallError: the model cannot be called on these images.
+      ValueError: empty data, or labels that are not classes of the model.
+    """
+    data = as_dataset(data, "data")
+    _check_batch(data.images, "data images")
+    tm = _inference_model(model, data.images)
+    _check_model_data(tm, {"data": data})
+    logits = _predict(tm.apply, tm.params, tm.state, data.images, batch_size=batch_size,
+                      parallel=parallel)
+    return np.argmax(logits, -1) != np.asarray(data.labels)
+
+
+def fit(model: Any, *args, **kwargs) -> FitResult:
+    """Train for `config.epochs` epochs; keep the epoch with the best validation accuracy.
+
+    Call as `fit(model, train, val=None, config=TrainConfig(), *, checkpoint_dir=None,
+    progress=True, parallel=None, on_epoch_end=None)` with a model `trainable` knows (an NNX
+    module, an Equinox module, `trainable(apply, params)`, a `TrainableModel`), or as
+    `fit(apply_fn, params, state, train, val, config, ...)` with
+    `apply_fn(params, state, x, train) -> (logits, state)`.
+
+    Args:
+      train, val: `Dataset`s or `(images [N, H, W, C] in [0, 1], labels [N])` tuples; `val`
+        may be None (then the last epoch is kept).
+      config: a `TrainConfig`; its optimizer is a name or an `optax.GradientTransformation`.
+      checkpoint_dir: resume directory. The batch order of epoch `e` is a function of
+        `(config.seed, e)` alone, so a run killed at any moment and started again with the same
+        arguments resumes from its last finished epoch and ends with exactly the weights an
+        uninterrupted run would have.
+
+    Returns:
+      A `FitResult`; `.model` is the best epoch's model in the caller's style (a new NNX or
+      Equinox module; the one passed in is left unchanged).
+
+    Raises:
+      ModelCallError: the model cannot be called on the training images.
+      ValueError: empty or malformed data, labels outside the model's classes.
+      FloatingPointError: the loss became NaN or infinite.
+    """
+    tm, rest = _model_and_rest(model, args, "fit")
+    return _fit(tm, *rest, **kwargs)
+
+
+def _fit(
+    tm: TrainableModel,
+    train: Any,
+    val: Any = None,
+    config: TrainConfig = TrainConfig(),
     *,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     parallel: DataParallel | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> FitResult:
-    """Train for `config.epochs` epochs; keep the epoch with the best validation accuracy.
-
-    train, val: `Dataset`s with images `[N, H, W, C]` in [0, 1]. The batch order of epoch `e` is a
-    function of `(config.seed, e)` alone, so with `checkpoint_dir` a run killed at any moment and
-    started again with the same arguments resumes from its last finished epoch and ends with
-    exactly the weights an uninterrupted run would have. Without `val`, the last epoch is kept.
-    """
+    apply_fn, params, state = tm.apply, tm.params, tm.state
+    train = as_dataset(train, "train")
     _check_dataset(train, "train")
     if val is not None:
+        val = as_dataset(val, "val")
         _check_dataset(val, "val")
         if val.images.shape[1:] != train.images.shape[1:]:
             raise ValueError(
                 f"val images {val.images.shape[1:]} differ in shape from train images "
                 f"{train.images.shape[1:]}"
             )
+    _check_model_data(tm, {"train": train, **({"val": val} if val is not None else {})})
     parallel = parallel or DataParallel()
     steps_per_epoch = num_batches(len(train.labels), config.batch_size, drop_remainder=False)
     tx = make_optimizer(config, steps_per_epoch)
-    train_step = make_train_step(apply_fn, tx, config.attack, config.seed)
+    train_step = make_train_step(apply_fn, tx, config.attack, key=config.seed)
     current = TrainState(params, state, tx.init(params), jnp.zeros((), jnp.int32))
     best = (params, state)
     best_epoch, best_accuracy, history, first_epoch = -1, -math.inf, [], 0
@@ -268,7 +381,7 @@ def fit(
             "seconds": time.perf_counter() - started,
         }
         if val is not None:
-            scores = evaluate(
+            scores = _evaluate(
                 apply_fn, current.params, current.state, val,
                 batch_size=config.eval_batch_size, parallel=parallel,
             )
@@ -294,7 +407,34 @@ def fit(
     if checkpointer is not None:
         checkpointer.close()
     params_best, state_best = jax.device_get(best)
-    return FitResult(params_best, state_best, best_epoch, history, jax.device_get(current))
+    return FitResult(params_best, state_best, best_epoch, history, jax.device_get(current),
+                     tm.rebuild(params_best, state_best))
+
+
+def _predict(apply_fn, params, state, images, *, batch_size: int = 1000,
+             parallel: DataParallel | None = None) -> np.ndarray:
+    parallel = parallel or DataParallel()
+    params, state = parallel.replicate((params, state))
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        (x_dev,), _ = parallel.shard_batch(x)
+        chunks.append(np.asarray(_eval_logits(apply_fn, params, state, x_dev))[: len(x)])
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def _evaluate(apply_fn, params, state, data: Dataset, *, batch_size: int = 1000,
+              parallel: DataParallel | None = None) -> dict:
+    logits = _predict(apply_fn, params, state, data.images, batch_size=batch_size,
+                      parallel=parallel)
+    labels = np.asarray(data.labels)
+    log_probs = logits - _logsumexp(logits)
+    loss = -np.mean(log_probs[np.arange(len(labels)), labels])
+    return {
+        "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
+        "loss": float(loss),
+        "count": int(len(labels)),
+    }
 
 
 @jit(static_argnums=0)
@@ -310,3 +450,88 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
 def _check_dataset(data: Dataset, name: str) -> None:
     check_images(data.images, name=f"{name} images")
     check_labels(data.labels, len(data.images))
+
+
+def as_dataset(data: Any, name: str = "data") -> Dataset:
+    """`data` as a `Dataset`: a `Dataset` as it is, an `(images, labels)` pair wrapped.
+
+    Raises:
+      TypeError: anything else.
+    """
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        images, labels = data
+        if not hasattr(images, "shape") or not hasattr(labels, "shape"):
+            images, labels = np.asarray(images), np.asarray(labels)
+        return Dataset(images, labels, ())
+    raise TypeError(
+        f"{name} must be a jfail.data.Dataset or an (images [N, H, W, C], labels [N]) tuple, "
+        f"got {type(data).__name__}"
+    )
+
+
+def _model_and_rest(model: Any, args: tuple, name: str) -> tuple[TrainableModel, tuple]:
+    """The `TrainableModel` of a training entry point's leading arguments, and the rest:
+    `(model, ...)` for a model `trainable` knows, `(apply_fn, params, state, ...)` otherwise."""
+    if is_trainable_style(model):
+        return trainable(model), args
+    if len(args) < 3 or isinstance(args[0], Dataset) or not _data_like(args[2]):
+        raise TypeError(
+            f"{name}: {getattr(model, '__name__', type(model).__name__)} holds no trainable "
+            "weights; pass an NNX or Equinox module, trainable(apply, params) for "
+            "apply(params, x) -> logits, or apply_fn, params, state for "
+            "apply_fn(params, state, x, train) -> (logits, state)"
+        )
+    return trainable(model, args[0], args[1]), args[2:]
+
+
+def _data_like(value: Any) -> bool:
+    return isinstance(value, Dataset) or (isinstance(value, (tuple, list)) and len(value) == 2)
+
+
+def _inference_model(model: Any, images) -> TrainableModel:
+    """Eval-mode view of any model: a trainable style as such, any other callable
+    `model(x) -> logits` with every array it reads now as traced weights."""
+    if is_trainable_style(model):
+        return trainable(model)
+    example = jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)
+    return TrainableModel(_call_pytree, traced_model(model, example), None)
+
+
+def _call_pytree(params, state, x, train):
+    del train
+    return params(x), state
+
+
+def _check_batch(images, name: str) -> None:
+    if not hasattr(images, "shape"):
+        raise TypeError(f"{name} must be an array [N, H, W, C], got {type(images).__name__}")
+    if len(images.shape) != 4:
+        raise ValueError(f"{name} must be [N, H, W, C], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(images.shape)} has no examples")
+
+
+def _check_model_data(tm: TrainableModel, datasets: dict[str, Dataset]) -> int:
+    """The model's number of classes, after checking it can be called on every data set's
+    images (`ModelCallError` otherwise) and that their labels are among its classes."""
+    first = next(iter(datasets.values()))
+    example = jax.ShapeDtypeStruct((1, *first.images.shape[1:]), jnp.float32)
+    out = call_shape(lambda x: tm.apply(tm.params, tm.state, x, False)[0], example)
+    shape = getattr(out, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != 1:
+        raise ValueError(
+            f"the model must return logits [B, K]; on a batch of 1 it returned "
+            f"{jax.tree_util.tree_map(lambda s: s.shape, out)}"
+        )
+    classes = int(shape[1])
+    for name, data in datasets.items():
+        check_labels(data.labels, len(data.images))
+        labels = np.asarray(data.labels)
+        if len(labels) and int(labels.max()) >= classes:
+            raise ValueError(
+                f"{name} labels go up to {int(labels.max())} but the model has {classes} "
+                f"classes: labels must be in [0, {classes})"
+            )
+    return classes

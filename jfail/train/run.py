@@ -80,7 +80,7 @@ def run_classifier(
             strong = dataclasses.replace(config.train.attack, steps=10, step_size=None)
             scores["test_pgd"] = robust_accuracy(
                 apply_fn, result.params, result.state, test, strong,
-                jax.random.key(config.train.seed + 1), parallel=parallel,
+                key=config.train.seed + 1, parallel=parallel,
             )
         _save_weights(run_dir / "model", result.params, result.state)
         metrics = {
