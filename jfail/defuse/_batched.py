@@ -57,7 +57,9 @@ def map_batches(fn: Callable, x, batch_size: int, *, name: str = "model") -> Any
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if len(x) == 0:
-        raise ValueError(f"the {name}'s input is empty (shape {np.shape(x)}); pass at least one row.")
+        raise ValueError(
+            f"the {name}'s input is empty (shape {np.shape(x)}); pass at least one row."
+        )
     chunk = min(int(batch_size), len(x))
     spec = jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype)
     out = call_shape(fn, spec)

@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     chosen = _select(scenarios, failing)
     labels = np.array([reviews[s].label for s in failing])
     n = config.samples_per_scenario
-    _, tune_images = sample_scenarios(decoder, chosen, key=keys["tune"], num_samples=n, tau=config.tau)
-    _, test_images = sample_scenarios(decoder, chosen, key=keys["test"], num_samples=n, tau=config.tau)
+    _, tune_images = sample_scenarios(decoder, chosen, key=keys["tune"], num_samples=n,
+                                    tau=config.tau)
+    _, test_images = sample_scenarios(decoder, chosen, key=keys["test"], num_samples=n,
+                                    tau=config.tau)
     d_f = Dataset(tune_images.reshape(-1, *tune_images.shape[2:]), np.repeat(labels, n),
                   full.class_names)
     scenario_test = Dataset(test_images.reshape(-1, *test_images.shape[2:]),
