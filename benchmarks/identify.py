@@ -9,7 +9,7 @@ Algorithm 1 of Defuse (Slack et al.): for an image `x` with label `y` and encode
 draws / seconds), in one process, for three implementations of it with the same networks and the
 same weights:
 
-- jfail: `jfail.defuse.identify(decoder, classifier, mu, labels, key, num_draws=Q)` over all
+- jfail: `jfail.defuse.identify(decoder, classifier, mu, labels, key=key, num_draws=Q)` over all
   `--images` images with the paper's settings (a = b = 50, `noise="paper"`, at most 100 kept per
   image) and `identify`'s defaults otherwise (`draws_per_chunk`, decoded images kept). It draws
   its noise with `jax.random`, runs each chunk of images x draws as one jitted program and
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_jfail(decoder, classifier, mu, labels, key, draws) -> tuple[int, int]:
-    failures = identify(decoder, classifier, mu, labels, key, num_draws=draws, a=A, b=B,
+    failures = identify(decoder, classifier, mu, labels, key=key, num_draws=draws, a=A, b=B,
                         max_per_image=MAX_PER_IMAGE, noise="paper", keep_images=True,
                         progress=False)
     return failures.misclassified_draws, len(failures)

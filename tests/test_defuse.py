@@ -40,7 +40,7 @@ def test_identify_keeps_exactly_the_first_misclassified_draws():
     labels = np.array([0, 1, 0, 1])
     key = jax.random.key(3)
     cap, draws = 7, 40
-    found = identify(decoder, classifier, mu, labels, key, num_draws=draws, max_per_image=cap,
+    found = identify(decoder, classifier, mu, labels, key=key, num_draws=draws, max_per_image=cap,
                      draws_per_chunk=64, progress=False)
     expected_total = 0
     for i in range(len(mu)):
@@ -62,7 +62,7 @@ def test_identify_does_not_depend_on_chunk_size():
     decoder, classifier = _toy_models()
     mu = np.random.default_rng(0).normal(size=(9, 2)).astype(np.float32) * 0.1
     labels = np.arange(9) % 2
-    runs = [identify(decoder, classifier, mu, labels, jax.random.key(0), num_draws=20,
+    runs = [identify(decoder, classifier, mu, labels, key=jax.random.key(0), num_draws=20,
                      max_per_image=5, draws_per_chunk=chunk, progress=False)
             for chunk in (60, 10_000)]
     for other in runs[1:]:
@@ -76,7 +76,7 @@ def test_identify_noise_is_beta_as_written_or_centred(noise, mean_shift):
     always_class_2 = jax.tree_util.Partial(lambda w, x: jnp.tile(w, (len(x), 1)),
                                            jnp.array([0.0, 0.0, 1.0]))
     mu = np.array([[1.0, -2.0, 0.5]], np.float32)
-    found = identify(decoder, always_class_2, mu, np.array([0]), jax.random.key(1),
+    found = identify(decoder, always_class_2, mu, np.array([0]), key=jax.random.key(1),
                      num_draws=4000, max_per_image=4000, noise=noise, progress=False)
     eps = found.latents - mu
     assert len(found) == 4000 and found.failure_rate == 1.0
@@ -88,11 +88,13 @@ def test_identify_noise_is_beta_as_written_or_centred(noise, mean_shift):
 def test_identify_rejects_bad_input():
     decoder, classifier = _toy_models()
     with pytest.raises(ValueError, match="non-finite"):
-        identify(decoder, classifier, np.array([[np.nan, 0.0]]), np.array([0]), jax.random.key(0))
+        identify(decoder, classifier, np.array([[np.nan, 0.0]]), np.array([0]),
+                 key=jax.random.key(0))
     with pytest.raises(ValueError, match="labels must be"):
-        identify(decoder, classifier, np.zeros((2, 2)), np.array([0]), jax.random.key(0))
+        identify(decoder, classifier, np.zeros((2, 2)), np.array([0]), key=jax.random.key(0))
     with pytest.raises(ValueError, match="Beta parameter a"):
-        identify(decoder, classifier, np.zeros((1, 2)), np.array([0]), jax.random.key(0), a=0.0)
+        identify(decoder, classifier, np.zeros((1, 2)), np.array([0]), key=jax.random.key(0),
+                 a=0.0)
 
 
 def _planted_mixture(rng):
@@ -106,7 +108,7 @@ def _planted_mixture(rng):
 
 def test_distill_recovers_a_planted_gaussian_mixture():
     points, truth, means, weights = _planted_mixture(np.random.default_rng(0))
-    scenarios = distill(points, jax.random.key(0), max_components=10)
+    scenarios = distill(points, key=jax.random.key(0), max_components=10)
     assert np.all(np.diff(scenarios.weights) <= 0)  # heaviest first
     # every kept component holds points of one planted cluster only
     for s in range(len(scenarios)):
@@ -125,7 +127,7 @@ def test_distill_recovers_a_planted_gaussian_mixture():
 
 def test_distill_down_samples_and_drops_light_components():
     points, truth, _, _ = _planted_mixture(np.random.default_rng(1))
-    scenarios = distill(points, jax.random.key(0), max_components=10, max_points=600,
+    scenarios = distill(points, key=jax.random.key(0), max_components=10, max_points=600,
                         min_weight=0.05)
     assert len(scenarios.assignments) == len(points)
     assert np.all(scenarios.weights > 0.05)
@@ -134,13 +136,13 @@ def test_distill_down_samples_and_drops_light_components():
 
 def test_distill_gives_clear_errors():
     with pytest.raises(ValueError, match="no failures to distil"):
-        distill(np.zeros((0, 10)), jax.random.key(0))
+        distill(np.zeros((0, 10)), key=jax.random.key(0))
     with pytest.raises(ValueError, match="fewer than max_components"):
-        distill(np.zeros((50, 10)), jax.random.key(0), max_components=100)
+        distill(np.zeros((50, 10)), key=jax.random.key(0), max_components=100)
     bad = np.random.default_rng(0).normal(size=(200, 3))
     bad[5, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        distill(bad, jax.random.key(0), max_components=5)
+        distill(bad, key=jax.random.key(0), max_components=5)
 
 
 def test_sampling_follows_the_scaled_component_covariance():
@@ -148,18 +150,18 @@ def test_sampling_follows_the_scaled_component_covariance():
     scenarios = Scenarios(means=np.array([[1.0, -1.0], [4.0, 2.0]], np.float32), covariances=cov,
                           weights=np.array([0.6, 0.4], np.float32), components=np.arange(2),
                           assignments=np.zeros(0, np.int64), num_fitted=2, converged=True)
-    z = np.asarray(sample_latents(scenarios, jax.random.key(0), 40_000, tau=0.5))
+    z = np.asarray(sample_latents(scenarios, key=jax.random.key(0), num_samples=40_000, tau=0.5))
     for s in range(2):
         np.testing.assert_allclose(z[s].mean(0), scenarios.means[s], atol=0.02)
         np.testing.assert_allclose(np.cov(z[s].T), 0.5 * cov[s], atol=0.02)
     decoder, _ = _toy_models()
-    z_small, images = sample_scenarios(decoder, scenarios, jax.random.key(1), num_samples=8)
+    z_small, images = sample_scenarios(decoder, scenarios, key=jax.random.key(1), num_samples=8)
     assert images.shape == (2, 8, 1, 1, 2)
     np.testing.assert_allclose(images[:, :, 0, 0, :], z_small, rtol=1e-6)
     with pytest.raises(ValueError, match="tau"):
-        sample_latents(scenarios, jax.random.key(0), 4, tau=0.0)
+        sample_latents(scenarios, key=jax.random.key(0), num_samples=4, tau=0.0)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
-        sample_latents(scenarios, jax.random.key(0), 0)
+        sample_latents(scenarios, key=jax.random.key(0), num_samples=0)
 
 
 def _tiny_vae():
@@ -242,13 +244,13 @@ def test_settings_out_of_range_are_refused_with_the_setting_named():
     decoder, classifier = _toy_models()
     mu, labels, key = np.zeros((1, 2)), np.array([0]), jax.random.key(0)
     with pytest.raises(ValueError, match="noise must be one of"):
-        identify(decoder, classifier, mu, labels, key, noise="uniform")
+        identify(decoder, classifier, mu, labels, key=key, noise="uniform")
     with pytest.raises(ValueError, match="num_draws must be a positive integer"):
-        identify(decoder, classifier, mu, labels, key, num_draws=0)
+        identify(decoder, classifier, mu, labels, key=key, num_draws=0)
     with pytest.raises(ValueError, match="max_per_image must be a positive integer"):
-        identify(decoder, classifier, mu, labels, key, max_per_image=-1)
+        identify(decoder, classifier, mu, labels, key=key, max_per_image=-1)
     with pytest.raises(ValueError, match="min_weight must be in"):
-        distill(np.zeros((20, 2)), key, max_components=2, min_weight=1.0)
+        distill(np.zeros((20, 2)), key=key, max_components=2, min_weight=1.0)
     with pytest.raises(ValueError, match="beta must be positive"):
         VAEConfig(beta=0.0)
     with pytest.raises(ValueError, match="anneal_steps must be >= 0"):

@@ -29,7 +29,7 @@ from jfail.defuse.correct import (
     finetune,
 )
 from jfail.defuse.distill import Scenarios, distill, sample_latents, sample_scenarios
-from jfail.defuse.identify import NOISE_MODES, Failures, identify
+from jfail.defuse.identify import NOISE_MODES, Draws, Failures, identify, identify_batch
 from jfail.defuse.vae import VAEConfig, VAEResult, encode, train_vae, vae_loss
 
 __all__ = [
@@ -44,10 +44,12 @@ __all__ = [
     "train_vae",
     "vae_loss",
     "NOISE_MODES",
+    "Draws",
     "Failures",
     "Scenarios",
     "distill",
     "identify",
+    "identify_batch",
     "sample_latents",
     "sample_scenarios",
     "NONE_OF_THE_ABOVE",

@@ -1,24 +1,95 @@
-"""One jitted call of a model callable, applied over an array in batches."""
+"""What Defuse's host drivers share: PRNG keys, and one jitted call of a model over an array in
+batches with the model's weights as traced arguments."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jfail.attribution._core import split_model
+from jfail.models.adapter import call_shape
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.xla import jit
 
 
-def map_batches(fn: Callable, x, batch_size: int) -> Any:
+def as_key(key, name: str = "key") -> jax.Array:
+    """A PRNG key from a typed key (`jax.random.key`), a raw uint32 key (`jax.random.PRNGKey`) or
+    an int seed; an int `s` gives the same draws as `jax.random.key(s)`."""
+    if key is None:
+        raise ValueError(f"{name} is required: pass an int seed or a key, e.g. {name}=0 or "
+                         f"{name}=jax.random.key(0).")
+    if isinstance(key, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int seed or a PRNG key, got a bool.")
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"{name} must be one PRNG key, got a key array of shape {key.shape}.")
+        return key
+    array = key if isinstance(key, jax.Array) else np.asarray(key)
+    if array.dtype != np.uint32 or array.shape != (2,):
+        raise TypeError(
+            f"{name} must be an int seed, jax.random.key(seed) or a raw uint32 key of shape (2,), "
+            f"got {type(key).__name__} of dtype {getattr(array, 'dtype', None)} and shape "
+            f"{getattr(array, 'shape', None)}."
+        )
+    return jax.random.wrap_key_data(array)
+
+
+def map_batches(fn: Callable, x, batch_size: int, *, name: str = "model") -> Any:
     """`fn(x)` computed `batch_size` rows at a time; the outputs (any pytree of `[b, ...]` arrays)
-    are concatenated along the first axis as numpy arrays. `fn`'s weights are traced, so new weights
-    of the same shapes reuse the compiled program."""
-    parts = [jax.device_get(_call(fn, x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-    return jax.tree_util.tree_map(lambda *chunks: np.concatenate(chunks), *parts)
+    are concatenated along the first axis as numpy arrays.
+
+    `fn` may be any JAX callable: the arrays it reads now are traced arguments of one compiled
+    program (new weights of the same shapes reuse it). The last chunk is padded by repeating its
+    last row, so every chunk has the compiled shape.
+
+    Raises:
+      ValueError: `x` is empty, `batch_size` is not a positive integer, or `fn` returned NaN or
+        infinite values (`name` names the model in the message).
+      ModelCallError: `fn` cannot be called on rows shaped like `x`'s.
+    """
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if len(x) == 0:
+        raise ValueError(
+            f"the {name}'s input is empty (shape {np.shape(x)}); pass at least one row."
+        )
+    chunk = min(int(batch_size), len(x))
+    spec = jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype)
+    out = call_shape(fn, spec)
+    for leaf in jax.tree_util.tree_leaves(out):
+        if not leaf.shape or leaf.shape[0] != chunk:
+            raise ValueError(
+                f"the {name} must return arrays with one row per input ({chunk}), got shapes "
+                f"{[tuple(a.shape) for a in jax.tree_util.tree_leaves(out)]}."
+            )
+    dynamic, static = split_model(fn, spec)
+    parts = []
+    for start in range(0, len(x), chunk):
+        part = np.asarray(x[start : start + chunk])
+        size = len(part)
+        if size < chunk:
+            part = np.concatenate([part, np.repeat(part[-1:], chunk - size, axis=0)])
+        values = jax.device_get(_call(dynamic, static, part))
+        parts.append(jax.tree_util.tree_map(lambda a, n=size: a[:n], values))
+    result = jax.tree_util.tree_map(lambda *chunks: np.concatenate(chunks), *parts)
+    for leaf in jax.tree_util.tree_leaves(result):
+        if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+            bad = int(np.sum(~np.all(np.isfinite(leaf.reshape(len(leaf), -1)), axis=1)))
+            raise ValueError(
+                f"the {name} returned NaN or infinite values for {bad} of {len(leaf)} inputs; "
+                "check its weights and inputs."
+            )
+    return result
 
 
-@jit
-def _call(fn, x):
+@functools.partial(jit, static_argnums=1)
+def _call(dynamic, static, x):
+    fn = static.rebuild(dynamic)
     return cpu_friendly_gradients(fn)(x)  # on CPU: a decoder's transposed convolutions by phases

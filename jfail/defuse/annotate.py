@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -23,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.attribution._core import split_model
 from jfail.data.checks import check_images
+from jfail.models.adapter import call_shape, in_trace
 from jfail.xla import jit
 
 __all__ = [
@@ -89,10 +92,23 @@ def review_scenarios(
 ) -> list[Review]:
     """Have `annotator` label the samples of every scenario and compare with `classifier`.
 
-    annotator: an `Annotator`; if it has `votes(images) -> [N, V]`, each review's `agreement` is
-    computed from them. classifier: `classifier(x [B, H, W, C]) -> logits [B, K]` (a JAX
-    callable). samples: `[K, Q, H, W, C]` the decoded images of `K` scenarios, `Q` each.
-    Returns one `Review` per scenario (see `reviews_from_labels` for `rho`).
+    Args:
+      annotator: an `Annotator`; if it has `votes(images) -> [N, V]`, each review's `agreement`
+        is computed from them.
+      classifier: any JAX callable `classifier(x [B, H, W, C]) -> logits [B, K]` (a closure,
+        `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...); the
+        weights it holds now make the predictions.
+      samples: `[S, Q, H, W, C]` the decoded images of `S` scenarios, `Q` each.
+      rho: see `reviews_from_labels`.
+      batch_size: images per jitted classifier call.
+
+    Returns:
+      One `Review` per scenario.
+
+    Raises:
+      ValueError: `samples` is not `[S, Q, H, W, C]` or empty, the classifier does not return
+        `[B, K]` logits or returns NaN, or the annotator's labels are malformed.
+      ModelCallError: the classifier cannot take images of this size or channels.
     """
     samples = np.asarray(samples, np.float32)
     if samples.ndim != 5:
@@ -104,7 +120,7 @@ def review_scenarios(
     if num_scenarios == 0 or per_scenario == 0:
         raise ValueError(f"samples has no scenarios or no samples: shape {samples.shape}.")
     images = samples.reshape(-1, *samples.shape[2:])
-    predictions = _map_batches(_predict_kernel, _as_pytree(classifier), images, batch_size)
+    predictions = _map_batches("predict", (_check_callable(classifier),), images, batch_size)
     labels = _check_annotations(annotator.label(images), len(images))
     agreement = None
     votes_fn = getattr(annotator, "votes", None)
@@ -195,8 +211,10 @@ def annotator_agreement(votes) -> float:
 class MajorityVote:
     """Simulated crowd workers: each classifier votes its argmax, a strict majority decides.
 
-    classifiers: a sequence of JAX callables `model(x [B, H, W, C]) -> logits [B, K]` (e.g.
-    `jfail.models.logits_fn` of differently seeded MLPs); batch_size: images per jitted call.
+    classifiers: a sequence of JAX callables `model(x [B, H, W, C]) -> logits [B, K]` in any
+    style (closures, `jax.tree_util.Partial`, Flax NNX or Equinox modules, e.g.
+    `jfail.models.logits_fn` of differently seeded MLPs); each vote uses the weights the
+    classifier holds at that call. batch_size: images per jitted call.
     `label(images)` gives `majority_label(votes(images))`.
     """
 
@@ -211,7 +229,7 @@ class MajorityVote:
                 raise TypeError(f"classifier {i} is not callable: {type(model).__name__}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.classifiers = tuple(_as_pytree(model) for model in classifiers)
+        self.classifiers = classifiers
         self.batch_size = batch_size
 
     @property
@@ -221,12 +239,12 @@ class MajorityVote:
     def votes(self, images) -> np.ndarray:
         """Each classifier's argmax: images [N, H, W, C] -> [N, num_voters] int."""
         images = _check_batch(images)
-        return _map_batches(_vote_kernel, self.classifiers, images, self.batch_size)
+        return _map_batches("votes", self.classifiers, images, self.batch_size)
 
     def label(self, images) -> np.ndarray:
         """The strict-majority class per image, else `NONE_OF_THE_ABOVE`: [N, H, W, C] -> [N]."""
         images = _check_batch(images)
-        return _map_batches(_label_kernel, self.classifiers, images, self.batch_size)
+        return _map_batches("label", self.classifiers, images, self.batch_size)
 
 
 class FileAnnotator:
@@ -384,43 +402,63 @@ def _majority(votes: jax.Array) -> jax.Array:
     return jnp.where(strict, label, NONE_OF_THE_ABOVE)
 
 
-@jit
-def _vote_kernel(models, x):
-    return jnp.stack([jnp.argmax(model(x), axis=-1) for model in models], axis=-1)
+@functools.partial(jit, static_argnums=(0, 1))
+def _chunk(kind, rests, weights, x):
+    """`(output, [models] whether each model's logits are finite)` of one chunk; `kind`:
+    `"votes"` [b, models] argmaxes, `"label"` [b] their strict majority, `"predict"` [b] the one
+    model's argmax."""
+    logits = [rest.rebuild(w)(x) for rest, w in zip(rests, weights)]
+    finite = jnp.stack([jnp.all(jnp.isfinite(value)) for value in logits])
+    votes = jnp.stack([jnp.argmax(value, axis=-1) for value in logits], axis=-1)
+    if kind == "label":
+        return _majority(votes), finite
+    return (votes[:, 0] if kind == "predict" else votes), finite
 
 
-@jit
-def _label_kernel(models, x):
-    return _majority(_vote_kernel(models, x))
+def _map_batches(kind: str, models, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The kernel `kind` of `models` over fixed-size chunks (the last padded), concatenated.
 
-
-@jit
-def _predict_kernel(model, x):
-    return jnp.argmax(model(x), axis=-1)
-
-
-def _map_batches(kernel, models, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """`kernel(models, chunk)` over fixed-size chunks (the last padded), concatenated."""
-    if batch_size < 1:
+    Each model is checked on one chunk's shape (a clear error if it cannot take the images or
+    does not return `[B, K]` logits) and split into its current weights, traced arguments of one
+    compiled program per model structure."""
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if in_trace(models, images):
+        raise TypeError("annotation runs on the host; it cannot run inside jax.jit, vmap or grad.")
     chunk = min(batch_size, len(images))
-    outputs = []
+    spec = jax.ShapeDtypeStruct((chunk, *images.shape[1:]), jnp.float32)
+    for i, model in enumerate(models):
+        logits = call_shape(model, spec)
+        if getattr(logits, "ndim", None) != 2 or logits.shape[0] != chunk:
+            raise ValueError(
+                f"classifier {i} must return logits [B, K] for images [B, H, W, C], got "
+                f"{getattr(logits, 'shape', type(logits).__name__)} for B = {chunk}."
+            )
+    split = [split_model(model, spec) for model in models]
+    weights = tuple(w for w, _ in split)
+    rests = tuple(rest for _, rest in split)
+    outputs, finite = [], []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk]
         size = len(part)
         if size < chunk:  # repeat the last image so every call has the compiled shape
             part = np.concatenate([part, np.repeat(part[-1:], chunk - size, axis=0)])
-        outputs.append(np.asarray(kernel(models, jnp.asarray(part)))[:size])
-    return np.concatenate(outputs).astype(np.int64)
+        out, ok = _chunk(kind, rests, weights, jnp.asarray(part, jnp.float32))
+        outputs.append((out, size))
+        finite.append(ok)
+    finite = np.stack(jax.device_get(finite)).all(axis=0)
+    if not finite.all():
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        raise ValueError(
+            f"classifier(s) {bad} returned NaN or infinite logits; check their weights and the "
+            "images."
+        )
+    return np.concatenate([np.asarray(out)[:size] for out, size in outputs]).astype(np.int64)
 
 
-def _as_pytree(model: Callable):
-    """A callable as a jit argument; a plain function becomes a `Partial` (closure = constants)."""
+def _check_callable(model: Callable):
     if not callable(model):
         raise TypeError(f"expected a callable classifier, got {type(model).__name__}.")
-    leaves = jax.tree_util.tree_leaves(model)
-    if len(leaves) == 1 and leaves[0] is model:
-        return jax.tree_util.Partial(model)
     return model
 
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.defuse._batched import map_batches
+from jfail.defuse._batched import as_key, map_batches
+from jfail.models.adapter import call_shape, in_trace
 from jfail.xla import jit
 
 __all__ = ["Scenarios", "distill", "sample_latents", "sample_scenarios"]
@@ -46,8 +47,8 @@ class Scenarios:
 
 def distill(
     latents,
-    key: jax.Array,
     *,
+    key,
     max_components: int = 100,
     min_weight: float = 0.01,
     max_points: int = 50_000,
@@ -57,11 +58,12 @@ def distill(
 
     More than `max_points` latents are down-sampled uniformly at random (key-driven) before the
     fit; `assignments` still covers every input latent. `max_iter` is scikit-learn's default.
+    `key`: an int seed, `jax.random.key(seed)` or a raw uint32 key.
     """
     from sklearn.mixture import BayesianGaussianMixture
 
     latents = _check_latents(latents, max_components, min_weight, max_points)
-    fit_key, mixture_seed = jax.random.split(key)
+    fit_key, mixture_seed = jax.random.split(as_key(key))
     points = latents
     if len(latents) > max_points:
         chosen = np.asarray(jax.random.choice(fit_key, len(latents), (max_points,), replace=False))
@@ -97,38 +99,74 @@ def distill(
     )
 
 
-def sample_latents(scenarios: Scenarios, key: jax.Array, num_samples: int, tau: float = 0.5):
+def sample_latents(scenarios: Scenarios, *, key, num_samples: int = 256, tau: float = 0.5):
     """`z ~ N(μ_j, τ·Σ_j)`: [S, num_samples, Z], `num_samples` per scenario.
 
     τ scales the covariance (seed 001 uses τ = 0.5 for MNIST, 0.01 for SVHN and German signs).
+    `key`: an int seed, `jax.random.key(seed)` or a raw uint32 key. Usable inside `jax.jit` (with
+    the scenarios' arrays as values or tracers; `num_samples` stays a Python int).
     """
-    if not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau!r}")
     if not (isinstance(num_samples, (int, np.integer)) and num_samples > 0):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    return _sample_latents(
-        jnp.asarray(scenarios.means), jnp.asarray(scenarios.covariances), key,
-        int(num_samples), float(tau),
-    )
+    if isinstance(tau, (int, float, np.number)) and not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau!r}")
+    means, covariances = jnp.asarray(scenarios.means), jnp.asarray(scenarios.covariances)
+    if means.ndim != 2 or covariances.shape != (*means.shape, means.shape[-1]):
+        raise ValueError(
+            f"scenarios must hold means [S, Z] and covariances [S, Z, Z], got {means.shape} and "
+            f"{covariances.shape}."
+        )
+    if means.shape[0] == 0:
+        raise ValueError("scenarios is empty: there is no scenario to sample.")
+    return _sample_latents(means, covariances, as_key(key), int(num_samples), tau)
 
 
 def sample_scenarios(
     decoder: Callable,
     scenarios: Scenarios,
-    key: jax.Array,
     *,
+    key,
     num_samples: int = 256,
     tau: float = 0.5,
     batch_size: int = 4096,
 ) -> tuple[jax.Array, np.ndarray]:
-    """Sample and decode every scenario: `(z [S, n, Z], images [S, n, H, W, C])`."""
-    z = sample_latents(scenarios, key, num_samples, tau)
+    """Sample and decode every scenario.
+
+    Args:
+      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`; the weights it holds
+        now decode the samples.
+      scenarios: the `Scenarios` of `distill`.
+      key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+      num_samples: samples per scenario; tau: the covariance scale (`sample_latents`);
+      batch_size: decodes per jitted call.
+
+    Returns:
+      `(z [S, n, Z], images [S, n, H, W, C])` (images as NumPy).
+
+    Raises:
+      ModelCallError: the decoder cannot take the scenarios' `[n, Z]` latents.
+      ValueError: the decoder's output is not `[n, H, W, C]`, or holds NaN or infinite values.
+    """
+    if not callable(decoder):
+        raise TypeError(f"decoder must be a callable JAX model, got {type(decoder).__name__}.")
+    z = sample_latents(scenarios, key=key, num_samples=num_samples, tau=tau)
+    if in_trace(decoder, z):
+        raise TypeError(
+            "sample_scenarios runs on the host; inside jax.jit call sample_latents and the "
+            "decoder yourself."
+        )
     flat = z.reshape(-1, z.shape[-1])
-    images = map_batches(decoder, flat, batch_size)
+    shape = call_shape(decoder, jax.ShapeDtypeStruct((1, flat.shape[1]), flat.dtype))
+    if getattr(shape, "ndim", None) != 4 or shape.shape[0] != 1:
+        raise ValueError(
+            f"decoder(z [n, {flat.shape[1]}]) must return images [n, H, W, C], got "
+            f"{getattr(shape, 'shape', type(shape).__name__)} for n = 1."
+        )
+    images = map_batches(decoder, np.asarray(flat), batch_size, name="decoder")
     return z, images.reshape(*z.shape[:2], *images.shape[1:])
 
 
-@jit(static_argnums=(3, 4))
+@jit(static_argnums=3)
 def _sample_latents(means, covariances, key, num_samples, tau):
     # a tiny ridge keeps the Cholesky factor real for a covariance that lost rank in float32
     ridge = 1e-6 * jnp.eye(means.shape[-1], dtype=means.dtype)

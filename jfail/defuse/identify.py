@@ -6,6 +6,10 @@ unrestricted adversarial example. A whole chunk of images × draws is one jitted
 over images, one decoder and classifier call over all draws), chunks are sharded over devices, and
 the draws of image `i` depend only on `(key, i)`, so the result does not depend on the chunk size
 or the device count.
+
+`identify_batch` is the pure computation for one batch of images (usable inside the caller's
+`jax.jit`, `jax.vmap` and `jax.grad`); `identify` is the host driver over it: input checks,
+chunking, device sharding, the per-image cap, NaN checks and progress.
 """
 
 from __future__ import annotations
@@ -13,19 +17,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jfail.attribution._core import split_model
+from jfail.defuse._batched import as_key
 from jfail.logs import progress_disabled
+from jfail.models.adapter import call_shape, in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel, _pad_rows
 from jfail.xla import jit
 
-__all__ = ["Failures", "identify", "NOISE_MODES"]
+__all__ = ["Draws", "Failures", "identify", "identify_batch", "NOISE_MODES"]
 
 NOISE_MODES = ("paper", "centred")
 
@@ -59,13 +66,92 @@ class Failures:
         return self.misclassified_draws / max(self.per_image.size * self.num_draws, 1)
 
 
+
+class Draws(NamedTuple):
+    """Every identification draw of one batch of `B` images, `Q` draws each (`identify_batch`).
+
+    latents: [B, Q, Z] `μ + ε`; images: [B, Q, H, W, C] the decodes; predictions: [B, Q] int32
+    the classifier's class; errors: [B, Q] bool, True where the prediction differs from the
+    image's label (an unrestricted adversarial example).
+    """
+
+    latents: jax.Array
+    images: jax.Array
+    predictions: jax.Array
+    errors: jax.Array
+
+
+def identify_batch(
+    decoder: Callable,
+    classifier: Callable,
+    mu,
+    labels,
+    *,
+    key,
+    num_draws: int,
+    a: float = 50.0,
+    b: float = 50.0,
+    noise: str = "paper",
+    index=None,
+) -> Draws:
+    """Algorithm 1's draws for one batch of images, as one pure computation.
+
+    Image `i`'s noise is drawn from `fold_in(key, index[i])`, so a batch cut out of a larger set
+    with its global `index` draws what `identify` draws for those images. Usable inside the
+    caller's `jax.jit` and `jax.vmap` (wrap it in `jax.jit` for speed: called eagerly it runs op
+    by op); shapes are checked, values are not (see `identify` for the host-side checks).
+
+    Args:
+      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`.
+      classifier: any JAX callable `classifier(images [n, H, W, C]) -> logits [n, K]`.
+      mu: [B, Z] encoder means.
+      labels: [B] int, each image's class.
+      key: PRNG key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+      num_draws: `Q`, draws per image (a Python int).
+      a, b: the Beta noise parameters.
+      noise: `"paper"` adds `ε ~ Beta(a, b)`; `"centred"` adds `ε − a / (a + b)`.
+      index: [B] int, the images' indices that select their noise (default `arange(B)`).
+
+    Returns:
+      `Draws` with `[B, Q, ...]` arrays.
+
+    Raises:
+      ValueError: bad shapes or settings, or a decoder output that is not `[n, H, W, C]`.
+      ModelCallError: the decoder cannot take `[n, Z]` latents, or the classifier its images.
+    """
+    _check_settings(num_draws, a, b, 1, noise)
+    mu = jnp.asarray(mu)
+    labels = jnp.asarray(labels)
+    if mu.ndim != 2 or mu.shape[0] == 0:
+        raise ValueError(f"mu must be [B, Z] encoder means with B >= 1, got shape {mu.shape}.")
+    if not jnp.issubdtype(mu.dtype, jnp.floating):
+        mu = mu.astype(jnp.float32)
+    if labels.shape != mu.shape[:1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"labels must be [B] = [{mu.shape[0]}] integers, got shape {labels.shape} of dtype "
+            f"{labels.dtype}."
+        )
+    index = jnp.arange(mu.shape[0]) if index is None else jnp.asarray(index)
+    if index.shape != mu.shape[:1] or not jnp.issubdtype(index.dtype, jnp.integer):
+        raise ValueError(f"index must be [B] = [{mu.shape[0]}] integers, got shape {index.shape}.")
+    flat = jax.ShapeDtypeStruct((mu.shape[0] * num_draws, mu.shape[1]), mu.dtype)
+    _model_shapes(decoder, classifier, flat)
+    shift = _shift(a, b, noise)
+    z, x, logits = _draws(
+        cpu_friendly_gradients(decoder), cpu_friendly_gradients(classifier), mu, index,
+        as_key(key), num_draws, a, b, shift,
+    )
+    predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return Draws(z, x, predictions, predictions != labels[:, None])
+
+
 def identify(
     decoder: Callable,
     classifier: Callable,
     mu,
     labels,
-    key: jax.Array,
     *,
+    key,
     num_draws: int = 500,
     a: float = 50.0,
     b: float = 50.0,
@@ -75,22 +161,65 @@ def identify(
     keep_images: bool = True,
     progress: bool | None = None,
 ) -> Failures:
-    """Run Algorithm 1 on every image at once.
+    """Run Algorithm 1 on every image: `identify_batch` over chunks, keeping the failures.
 
-    decoder: `decoder(z [B, Z]) -> images [B, H, W, C]`; classifier: `classifier(x) -> logits
-    [B, K]`; both JAX callables (weights inside as a pytree). mu: [N, Z] encoder means; labels: [N].
-    noise: `"paper"` adds `ε ~ Beta(a, b)` as written (Beta(50, 50) has mean 0.5, so every latent
-    dimension shifts by about +0.5, as in the authors' code); `"centred"` adds `ε − a / (a + b)`.
     Keeps, per image, the first `max_per_image` misclassified draws in draw order. Memory is
-    bounded by `draws_per_chunk` decodes per jitted call.
+    bounded by `draws_per_chunk` decodes per jitted call; the weights the models hold now are
+    traced arguments of that program, and the result does not depend on `draws_per_chunk`.
+
+    Args:
+      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]` (a closure, a
+        `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...).
+      classifier: any JAX callable `classifier(images [n, H, W, C]) -> logits [n, K]`.
+      mu: [N, Z] encoder means.
+      labels: [N] int in `[0, K)`.
+      key: PRNG key: an int seed, `jax.random.key(seed)` or a raw uint32 key (`key=0` and
+        `key=jax.random.key(0)` give the same draws).
+      num_draws: draws per image.
+      a, b: the Beta noise parameters. `noise="paper"` adds `ε ~ Beta(a, b)` as written
+        (Beta(50, 50) has mean 0.5, so every latent dimension shifts by about +0.5, as in the
+        authors' code); `"centred"` adds `ε − a / (a + b)`.
+      max_per_image: misclassified draws kept per image.
+      draws_per_chunk: decodes per jitted call.
+      keep_images: keep the failures' decoded images (else `images` is `[F, 0]`).
+      progress: show a progress bar (None: jfail's default).
+
+    Returns:
+      `Failures`.
+
+    Raises:
+      ValueError: empty or non-finite `mu`, labels of the wrong shape or outside the
+        classifier's `K` classes, bad settings, a decoder output that is not `[n, H, W, C]`, or a
+        decoder or classifier that returned NaN or infinite values.
+      ModelCallError: the decoder cannot take `[n, Z]` latents, or the classifier cannot take
+        the decoder's images.
+      TypeError: called inside `jax.jit`/`vmap`/`grad` (use `identify_batch` there).
     """
+    if in_trace(decoder, classifier, mu, labels, key):
+        raise TypeError(
+            "identify returns a data-dependent number of failures and cannot run inside "
+            "jax.jit, vmap or grad; call jfail.defuse.identify_batch there."
+        )
     mu, labels = _check_inputs(mu, labels, num_draws, a, b, max_per_image, noise)
+    if not isinstance(draws_per_chunk, (int, np.integer)) or draws_per_chunk < 1:
+        raise ValueError(f"draws_per_chunk must be a positive integer, got {draws_per_chunk!r}")
+    key = as_key(key)
     parallel = DataParallel()
     images_per_chunk = min(max(1, draws_per_chunk // num_draws), len(mu))
     images_per_chunk = -(-images_per_chunk // parallel.num_devices) * parallel.num_devices
     keep = min(max_per_image, num_draws)
-    shift = a / (a + b) if noise == "centred" else 0.0
-    kernel = _identify_kernel(num_draws, float(a), float(b), keep, shift, keep_images)
+    flat = jax.ShapeDtypeStruct((images_per_chunk * num_draws, mu.shape[1]), jnp.float32)
+    images, classes = _model_shapes(decoder, classifier, flat)
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(
+            f"labels must lie in [0, {classes}) (the classifier returns {classes} logits), got "
+            f"range [{labels.min()}, {labels.max()}]."
+        )
+    labels = labels.astype(np.int32)
+    decoder_weights, decoder_rest = split_model(decoder, flat)
+    classifier_weights, classifier_rest = split_model(classifier, images)
+    program = _chunk_program(decoder_rest, classifier_rest, num_draws, float(a), float(b),
+                             _shift(a, b, noise), keep, bool(keep_images))
 
     parts: dict[str, list] = {name: [] for name in ("z", "x", "pred", "valid", "count")}
     starts = range(0, len(mu), images_per_chunk)
@@ -102,10 +231,12 @@ def identify(
             _pad_rows(labels[start:stop], images_per_chunk),
             index,
         )
-        z, x, pred, valid, count = jax.device_get(
-            kernel(decoder, classifier, mu_dev, labels_dev, index_dev, key)
+        *values, decoded_finite, logits_finite = jax.device_get(
+            program(decoder_weights, classifier_weights, mu_dev, labels_dev, index_dev, key)
         )
-        for name, value in zip(parts, (z, x, pred, valid, count)):
+        _raise_for_nonfinite(decoded_finite[: stop - start], "decoder", "decodes", start)
+        _raise_for_nonfinite(logits_finite[: stop - start], "classifier", "logits", start)
+        for name, value in zip(parts, values):
             parts[name].append(value[: stop - start])
     z, x, pred, valid, count = (np.concatenate(parts[name]) for name in parts)
     rows, cols = np.nonzero(valid)
@@ -122,18 +253,35 @@ def identify(
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _identify_kernel(num_draws, a, b, keep, shift, keep_images):
-    @jit
-    def kernel(decoder, classifier, mu, labels, index, key):
-        def noise(i):
-            eps = jax.random.beta(jax.random.fold_in(key, i), a, b, (num_draws, mu.shape[-1]))
-            return eps - shift
+# --------------------------------------------------------------------------------------------
+# Private helpers.
 
-        z = mu[:, None, :] + jax.vmap(noise)(index)  # [C, Q, Z]
-        flat = z.reshape(-1, z.shape[-1])
-        x = cpu_friendly_gradients(decoder)(flat)  # on CPU: transposed convolutions by phases
-        pred = jnp.argmax(cpu_friendly_gradients(classifier)(x), axis=-1).reshape(z.shape[:2])
+
+def _draws(decoder, classifier, mu, index, key, num_draws, a, b, shift):
+    """`(z [B, Q, Z], images [B, Q, H, W, C], logits [B, Q, K])` of image `i`'s draws from
+    `fold_in(key, index[i])`; one decoder and one classifier call over all `B·Q` draws."""
+
+    def noise(i):
+        eps = jax.random.beta(jax.random.fold_in(key, i), a, b, (num_draws, mu.shape[-1]))
+        return eps - shift
+
+    z = mu[:, None, :] + jax.vmap(noise)(index)  # [B, Q, Z]
+    x = decoder(z.reshape(-1, z.shape[-1]))
+    logits = classifier(x)
+    return z, x.reshape(*z.shape[:2], *x.shape[1:]), logits.reshape(*z.shape[:2], -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_program(decoder_rest, classifier_rest, num_draws, a, b, shift, keep, keep_images):
+    """The jitted program of one chunk: the kept draws, the misclassified count, and per image
+    whether its decodes and logits are finite (one transfer for all)."""
+
+    @jit
+    def program(decoder_weights, classifier_weights, mu, labels, index, key):
+        decoder = cpu_friendly_gradients(decoder_rest.rebuild(decoder_weights))
+        classifier = cpu_friendly_gradients(classifier_rest.rebuild(classifier_weights))
+        z, x, logits = _draws(decoder, classifier, mu, index, key, num_draws, a, b, shift)
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         wrong = pred != labels[:, None]
         # the first `keep` wrong draws of each image, in draw order (a stable sort puts them first)
         order = jnp.argsort(~wrong, axis=1, stable=True)[:, :keep]
@@ -141,37 +289,82 @@ def _identify_kernel(num_draws, a, b, keep, shift, keep_images):
         z_kept = jnp.take_along_axis(z, order[..., None], axis=1)
         pred_kept = jnp.take_along_axis(pred, order, axis=1)
         if keep_images:
-            x = x.reshape(*z.shape[:2], *x.shape[1:])
             x_kept = jax.vmap(lambda images, rows: images[rows])(x, order)
         else:
             x_kept = jnp.zeros(z.shape[:1] + (keep, 0), x.dtype)
-        return z_kept, x_kept, pred_kept, valid, wrong.sum(1)
+        decoded_finite = jnp.all(jnp.isfinite(x.reshape(len(x), -1)), axis=1)
+        logits_finite = jnp.all(jnp.isfinite(logits.reshape(len(x), -1)), axis=1)
+        return z_kept, x_kept, pred_kept, valid, wrong.sum(1), decoded_finite, logits_finite
 
-    return kernel
+    return program
+
+
+def _model_shapes(decoder, classifier, flat: jax.ShapeDtypeStruct):
+    """`(images, K)`: the decoder's output shape on latents `flat` and the classifier's number of
+    classes on those images; raises a clear error when either model cannot make the call."""
+    for name, model in (("decoder", decoder), ("classifier", classifier)):
+        if not callable(model):
+            raise TypeError(f"{name} must be a callable JAX model, got {type(model).__name__}.")
+    n = flat.shape[0]
+    images = call_shape(decoder, flat)
+    if not isinstance(images, jax.ShapeDtypeStruct) or len(images.shape) != 4 \
+            or images.shape[0] != n:
+        got = getattr(images, "shape", type(images).__name__)
+        raise ValueError(
+            f"decoder(z [{n}, {flat.shape[1]}]) must return images [{n}, H, W, C], got {got}."
+        )
+    logits = call_shape(classifier, images)
+    if not isinstance(logits, jax.ShapeDtypeStruct) or len(logits.shape) != 2 \
+            or logits.shape[0] != n:
+        got = getattr(logits, "shape", type(logits).__name__)
+        raise ValueError(
+            f"classifier(images {list(images.shape)}) must return logits [{n}, K], got {got}."
+        )
+    return images, logits.shape[1]
+
+
+def _raise_for_nonfinite(finite: np.ndarray, model: str, what: str, start: int) -> None:
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite) + start
+    raise ValueError(
+        f"the {model} returned NaN or infinite {what} for the draws of {len(bad)} image(s) "
+        f"(first: image {bad[0]} of mu); check its weights and the latents."
+    )
+
+
+def _shift(a, b, noise) -> float:
+    return a / (a + b) if noise == "centred" else 0.0
+
+
+def _check_settings(num_draws, a, b, max_per_image, noise) -> None:
+    for name, value in (("num_draws", num_draws), ("max_per_image", max_per_image)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("a", a), ("b", b)):
+        if isinstance(value, (int, float, np.number)) and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"Beta parameter {name} must be positive, got {value!r}")
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
 
 
 def _check_inputs(mu, labels, num_draws, a, b, max_per_image, noise):
     mu = np.asarray(mu, np.float32)
     labels = np.asarray(labels)
+    if mu.size == 0 or labels.size == 0:
+        raise ValueError(
+            f"mu (shape {mu.shape}) or labels (shape {labels.shape}) is empty: pass the encoder "
+            "means [N, Z] and labels [N] of at least one image"
+        )
     if mu.ndim != 2:
         raise ValueError(f"mu must be [N, Z] encoder means, got shape {mu.shape}")
     if labels.shape != (len(mu),):
         raise ValueError(f"labels must be [N] = [{len(mu)}], got shape {labels.shape}")
-    if len(mu) == 0:
-        raise ValueError("mu is empty: pass the encoder means of at least one image")
     if not np.all(np.isfinite(mu)):
         raise ValueError(
             f"mu holds {int(np.sum(~np.isfinite(mu)))} non-finite values; check the encoder"
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers, got {labels.dtype}")
-    for name, value in (("num_draws", num_draws), ("max_per_image", max_per_image)):
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name, value in (("a", a), ("b", b)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"Beta parameter {name} must be positive, got {value!r}")
-    if noise not in NOISE_MODES:
-        raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-    return mu, labels.astype(np.int32)
-
+    _check_settings(num_draws, a, b, max_per_image, noise)
+    return mu, labels.astype(np.int64)

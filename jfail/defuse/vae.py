@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from jfail.data import batches, check_images, num_batches
 from jfail.defuse._batched import map_batches
 from jfail.logs import progress_disabled
+from jfail.models.adapter import call_shape
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.xla import jit
@@ -137,9 +138,46 @@ def train_vae(
     return VAEResult(jax.device_get(train_state[0]), history)
 
 
-def encode(encoder, images: np.ndarray, *, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """`(mu [N, Z], logvar [N, Z])` of `images: [N, H, W, C]` through `encoder(x) -> (mu, logvar)`."""
-    mu, logvar = map_batches(encoder, images, batch_size)
+def encode(encoder, images, *, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The encoder's `(mu, logvar)` of every image, `batch_size` images per jitted call.
+
+    Args:
+      encoder: any JAX callable `encoder(x [n, H, W, C]) -> (mu [n, Z], logvar [n, Z])` (a
+        closure, `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...);
+        the weights it holds now are traced arguments of the compiled program.
+      images: [N, H, W, C].
+      batch_size: images per jitted call.
+
+    Returns:
+      `(mu [N, Z], logvar [N, Z])` as NumPy arrays.
+
+    Raises:
+      ValueError: `images` is empty or not `[N, H, W, C]`, the encoder does not return a pair of
+        `[n, Z]` arrays, or it returned NaN or infinite values.
+      ModelCallError: the encoder cannot take images of this size or channels.
+    """
+    if not callable(encoder):
+        raise TypeError(f"encoder must be a callable JAX model, got {type(encoder).__name__}.")
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}.")
+    if len(images) == 0:
+        raise ValueError(f"images is empty (shape {images.shape}); pass at least one image.")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise TypeError(
+            f"images must be floating point, got {images.dtype}; convert integer images first, "
+            "e.g. images.astype(np.float32) / 255."
+        )
+    out = call_shape(encoder, jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
+    if not (isinstance(out, (tuple, list)) and len(out) == 2
+            and all(getattr(a, "ndim", None) == 2 and a.shape[0] == 1 for a in out)
+            and out[0].shape == out[1].shape):
+        got = jax.tree_util.tree_map(lambda a: tuple(a.shape), out)
+        raise ValueError(
+            f"encoder(x [n, H, W, C]) must return (mu [n, Z], logvar [n, Z]), got shapes {got} "
+            "for n = 1."
+        )
+    mu, logvar = map_batches(encoder, images, batch_size, name="encoder")
     return mu, logvar
 
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     def run_identify(noise, key, keep_images):
         mu, _ = encode(encoder, train.images[subset])
         tick = time.perf_counter()
-        found = identify(decoder, classifier, mu, train.labels[subset], key, noise=noise,
+        found = identify(decoder, classifier, mu, train.labels[subset], key=key, noise=noise,
                          keep_images=keep_images, progress=progress, **identify_kwargs)
         return found, time.perf_counter() - tick
 
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
                           max_points=config.max_points)
     (scenarios, timings["distill_seconds"]) = _cached(
         workdir / "distill.pkl", {**stage_key, "noise": config.noise, **distill_kwargs},
-        lambda: _timed(lambda: distill(failures.latents, keys["distill"], **distill_kwargs)))
-    _, review_images = sample_scenarios(decoder, scenarios, keys["review"],
+        lambda: _timed(lambda: distill(failures.latents, key=keys["distill"], **distill_kwargs)))
+    _, review_images = sample_scenarios(decoder, scenarios, key=keys["review"],
                                         num_samples=config.review_samples, tau=config.tau)
     reviews = review_scenarios(annotator, classifier, review_images, rho=config.rho)
     review_predictions = np.stack([r.predictions for r in reviews])
@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     chosen = _select(scenarios, failing)
     labels = np.array([reviews[s].label for s in failing])
     n = config.samples_per_scenario
-    _, tune_images = sample_scenarios(decoder, chosen, keys["tune"], num_samples=n, tau=config.tau)
-    _, test_images = sample_scenarios(decoder, chosen, keys["test"], num_samples=n, tau=config.tau)
+    _, tune_images = sample_scenarios(decoder, chosen, key=keys["tune"], num_samples=n,
+                                    tau=config.tau)
+    _, test_images = sample_scenarios(decoder, chosen, key=keys["test"], num_samples=n,
+                                    tau=config.tau)
     d_f = Dataset(tune_images.reshape(-1, *tune_images.shape[2:]), np.repeat(labels, n),
                   full.class_names)
     scenario_test = Dataset(test_images.reshape(-1, *test_images.shape[2:]),
