@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
 
     data = planted_failures(
-        jax.random.key(args.seed),
+        key=args.seed,
         num_groups=args.groups,
         group_size=(args.min_size, args.max_size),
         num_features=args.features,

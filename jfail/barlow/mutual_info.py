@@ -40,9 +40,9 @@ import numpy as np
 from scipy.special import digamma as _scipy_digamma
 from tqdm.auto import tqdm
 
-from jfail.prime._random import as_key
 from jfail.barlow._checks import check_features_and_errors, check_groups
 from jfail.logs import progress_disabled
+from jfail.prime._random import as_key
 from jfail.train.parallel import DataParallel
 from jfail.xla import jit
 

@@ -20,11 +20,11 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
-
-from jfail.prime._random import as_key
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jfail.prime._random import as_key
 
 __all__ = [
     "BACKGROUNDS",
