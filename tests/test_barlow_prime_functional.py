@@ -344,3 +344,43 @@ def test_tcav_and_influence_see_updated_closure_weights():
         params, x, y))
     np.testing.assert_allclose(influence_after, fresh, rtol=1e-4, atol=1e-6)
     assert not np.allclose(influence_before, influence_after)
+
+
+class _CallableObject:  # neither a function nor a pytree
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __call__(self, x):
+        return jax.nn.relu(_conv(x, self.weights["kernel"])).mean(axis=(1, 2))
+
+
+def test_callable_objects_are_traced_with_their_current_weights():
+    from jfail.debugtests import self_influence
+
+    model = _CallableObject({"kernel": _kernel(8)})
+    x = _images()
+    before = barlow.features(model, x, progress=False)
+    np.testing.assert_allclose(before, np.asarray(model(jnp.asarray(x))), rtol=1e-5, atol=1e-6)
+    model.weights["kernel"] = _kernel(9)
+    after = barlow.features(model, x, progress=False)
+    np.testing.assert_allclose(after, np.asarray(model(jnp.asarray(x))), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(before, after)
+
+    class Loss:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def __call__(self, params, v, t):
+            return (v @ params * self.scale["s"] - t) ** 2
+
+    v = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
+    t = jnp.arange(6.0)
+    loss = Loss({"s": jnp.asarray(1.0)})
+    w = jnp.ones(3)
+    first = np.asarray(self_influence(loss, w, v, t, method="tracin"))
+    loss.scale["s"] = jnp.asarray(2.0)
+    second = np.asarray(self_influence(loss, w, v, t, method="tracin"))
+    expected = np.asarray(jax.vmap(jax.grad(lambda p, a, b: (a @ p * 2.0 - b) ** 2),
+                                   (None, 0, 0))(w, v, t))
+    np.testing.assert_allclose(second, (expected ** 2).sum(1), rtol=1e-5)
+    assert not np.allclose(first, second)
