@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
 
     data = planted_failures(
-        jax.random.key(args.seed),
+        key=args.seed,
         num_groups=args.groups,
         group_size=(args.min_size, args.max_size),
         num_features=args.features,
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         {g: groups[g] for g in exact_subset},
         num_features=NUM_FEATURES_SELECTED,
         screen=None,
-        seed=args.seed,
+        key=args.seed,
         progress=False,
     )
 
@@ -254,7 +254,7 @@ def _jfail(data, groups, *, screen, seed):
         delta=DELTA,
         tau=TAU,
         screen=screen,
-        seed=seed,
+        key=seed,
         progress=False,
     )
 

@@ -77,17 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
 
     t0 = time.perf_counter()
-    problem = living17_shaped_problem(jax.random.key(args.seed))
+    problem = living17_shaped_problem(key=args.seed)
     generate_seconds = time.perf_counter() - t0
     tags, correct, labels = problem.tags, problem.correct, problem.labels
 
     t0 = time.perf_counter()  # the first call in this process: includes XLA compilation
-    modes = find_failure_modes(tags, correct, labels, tag_names=problem.tag_names, progress=False, **hyper)
+    modes = find_failure_modes(tags, errors=~correct, labels=labels, tag_names=problem.tag_names, progress=False, **hyper)
     first_seconds = time.perf_counter() - t0
     repeat_seconds = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        again = find_failure_modes(tags, correct, labels, tag_names=problem.tag_names, progress=False, **hyper)
+        again = find_failure_modes(tags, errors=~correct, labels=labels, tag_names=problem.tag_names, progress=False, **hyper)
         repeat_seconds.append(time.perf_counter() - t0)
     assert [m.tag_indices for m in again] == [m.tag_indices for m in modes]
     jfail_seconds = statistics.median(repeat_seconds)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     greedy_runs = []
     for _ in range(2):  # the first compiles the kernel for the greedy search's block sizes
         t0 = time.perf_counter()
-        greedy = find_failure_modes(tags, correct, labels, method="greedy", beam_width=args.beam_width,
+        greedy = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy", beam_width=args.beam_width,
                                     progress=False, **hyper)
         greedy_runs.append(time.perf_counter() - t0)
     greedy_report = {"beam_width": args.beam_width, "seconds": greedy_runs[-1], "modes": len(greedy),
@@ -184,7 +184,7 @@ def _work(tags, correct, labels, keep, hyper) -> dict:
     per_level = np.zeros(hyper["max_tags"], np.int64)
     for label in np.unique(labels):
         members = labels == label
-        counts = count_frequent_tag_sets(tags[members][:, keep[label]], correct[members],
+        counts = count_frequent_tag_sets(tags[members][:, keep[label]], errors=~correct[members],
                                          min_size=max(hyper["min_size"], 1), max_tags=hyper["max_tags"])
         for level, sets in enumerate(counts.sets):
             per_level[level] += len(sets)

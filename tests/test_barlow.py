@@ -154,7 +154,7 @@ def test_every_way_of_having_no_valid_leaf_says_why():
 
 def test_many_groups_by_label_match_one_group_at_a_time():
     data = planted_failures(  # 130-190 rows per group: the same padded size as NUM_ROWS
-        jax.random.key(3), num_groups=6, group_size=(130, 190), num_features=NUM_FEATURES
+        key=jax.random.key(3), num_groups=6, group_size=(130, 190), num_features=NUM_FEATURES
     )
     groups = group_indices(data.groups)
     assert list(groups) == list(range(6)) and sum(map(len, groups.values())) == len(data.errors)

@@ -31,7 +31,7 @@ def _objects(count=40, seed=0):
 def test_spurious_backgrounds_keep_objects_exactly_and_follow_the_class():
     images, masks, labels = _objects()
     backgrounds = load_backgrounds(("brick", "grass"))
-    data = spurious_backgrounds(images, labels, backgrounds, jax.random.key(0))
+    data = spurious_backgrounds(images, labels, backgrounds, key=jax.random.key(0))
     np.testing.assert_array_equal(data.object_masks, masks)
     np.testing.assert_array_equal(data.images[masks], images[masks])
     np.testing.assert_array_equal(data.background_ids, labels)
@@ -41,16 +41,16 @@ def test_spurious_backgrounds_keep_objects_exactly_and_follow_the_class():
         np.testing.assert_array_equal(data.images[i, ..., 0][~masks[i]], crop[~masks[i]])
     assert len({tuple(o) for o in data.crop_offsets}) > 30  # crops are cut at random places
     np.testing.assert_array_equal(ground_truth_background(data.object_masks), (~masks).astype(np.float32))
-    mixed = spurious_backgrounds(images, labels, backgrounds, jax.random.key(1), correlation=0.5)
+    mixed = spurious_backgrounds(images, labels, backgrounds, key=jax.random.key(1), correlation=0.5)
     swapped = mixed.background_ids != labels
     assert 0.25 < swapped.mean() < 0.75
     with pytest.raises(ValueError, match="one background per class"):
-        spurious_backgrounds(images, labels + 1, backgrounds, jax.random.key(0))
+        spurious_backgrounds(images, labels + 1, backgrounds, key=jax.random.key(0))
 
 
 def test_flip_labels_flips_exactly_the_stated_fraction():
     labels = np.random.default_rng(0).integers(0, 10, 1000)
-    new, flipped = flip_labels(labels, 0.1, 10, jax.random.key(0))
+    new, flipped = flip_labels(labels, 0.1, 10, key=jax.random.key(0))
     assert len(flipped) == 100 and len(np.unique(flipped)) == 100
     assert np.all(new[flipped] != labels[flipped])
     untouched = np.setdiff1d(np.arange(1000), flipped)
@@ -62,14 +62,14 @@ def test_a_planted_background_shortcut_is_learned():
     """Logistic regression on textures alone: background-only accuracy shows the shortcut."""
     images, _, labels = _objects(200, seed=3)
     backgrounds = load_backgrounds(("brick", "grass"))
-    data = spurious_backgrounds(images, labels, backgrounds, jax.random.key(2))
+    data = spurious_backgrounds(images, labels, backgrounds, key=jax.random.key(2))
     from sklearn.linear_model import LogisticRegression
 
     def texture_features(x):  # the intensity histogram: blind to where the texture was cut
         return np.stack([np.histogram(image, bins=16, range=(0, 1))[0] for image in x]) / x[0].size
 
     model = LogisticRegression().fit(texture_features(data.images), labels)
-    test, test_labels = background_only(backgrounds, 200, (16, 16), jax.random.key(5))
+    test, test_labels = background_only(backgrounds, 200, (16, 16), key=jax.random.key(5))
     accuracy = (model.predict(texture_features(test)) == test_labels).mean()
     assert accuracy > 0.9
 
@@ -78,14 +78,14 @@ def test_bad_bug_parameters_are_refused():
     images, _, labels = _objects(4)
     backgrounds = load_backgrounds(("brick", "grass"))
     with pytest.raises(ValueError, match="fraction must lie in"):
-        flip_labels(labels, 1.5, 2, jax.random.key(0))
+        flip_labels(labels, 1.5, 2, key=jax.random.key(0))
     with pytest.raises(ValueError, match="at least 2 classes"):
-        flip_labels(labels, 0.1, 1, jax.random.key(0))
+        flip_labels(labels, 0.1, 1, key=jax.random.key(0))
     with pytest.raises(ValueError, match="correlation must lie in"):
-        spurious_backgrounds(images, labels, backgrounds, jax.random.key(0), correlation=2.0)
+        spurious_backgrounds(images, labels, backgrounds, key=jax.random.key(0), correlation=2.0)
     with pytest.raises(ValueError, match=r"grey \[N, H, W, 1\]"):
-        spurious_backgrounds(images[..., 0], labels, backgrounds, jax.random.key(0))
+        spurious_backgrounds(images[..., 0], labels, backgrounds, key=jax.random.key(0))
     with pytest.raises(ValueError, match="unknown background"):
         load_backgrounds(("marble",))
     with pytest.raises(ValueError, match="at least"):
-        background_only([np.zeros((8, 8))], 2, (16, 16), jax.random.key(0))
+        background_only([np.zeros((8, 8))], 2, (16, 16), key=jax.random.key(0))

@@ -61,7 +61,7 @@ def _tcav_data(seed):
 
 def test_cav_aligns_with_the_concept_direction_and_tcav_is_significant():
     u, w, head, x, concept, unrelated, randoms = _tcav_data(0)
-    cav, accuracy = concept_activation_vector(_features(concept), _features(randoms[0]), seed=0)
+    cav, accuracy = concept_activation_vector(_features(concept), _features(randoms[0]), key=0)
     assert cav.shape == (DIM,)
     cav = np.asarray(cav)
     np.testing.assert_allclose(np.linalg.norm(cav), 1.0, atol=1e-5)
@@ -77,7 +77,7 @@ def test_cav_aligns_with_the_concept_direction_and_tcav_is_significant():
     assert tcav_score(_features, head, x, 0, cav) == 1.0
     assert tcav_score(_features, head, x, 1, cav) == 0.0  # logit 1 falls along u
 
-    result = tcav(_features, head, x, 0, concept, randoms, jax.random.key(1))
+    result = tcav(_features, head, x, 0, concept, randoms, key=jax.random.key(1))
     assert result.scores.shape == result.null_scores.shape == (12,)
     assert result.cavs.shape == (12, DIM) and np.all(result.cavs @ u > 0.8)
     assert result.mean > 0.95 and result.significant and result.p_value < 0.05
@@ -85,7 +85,7 @@ def test_cav_aligns_with_the_concept_direction_and_tcav_is_significant():
 
 def test_unrelated_concept_scores_near_half_and_is_not_significant():
     u, w, head, x, concept, unrelated, randoms = _tcav_data(0)
-    result = tcav(_features, head, x, 0, unrelated, randoms, jax.random.key(1), num_runs=8)
+    result = tcav(_features, head, x, 0, unrelated, randoms, key=jax.random.key(1), num_runs=8)
     assert result.scores.shape == (8,)
     assert np.all(result.cavs @ w > 0.8)  # the CAV finds w ...
     assert abs(result.mean - 0.5) < 0.15  # ... but the logit rises along it for half the inputs
@@ -107,9 +107,9 @@ def test_tcav_rejects_bad_inputs():
     with pytest.raises(ValueError, match="target"):
         directional_derivatives(_features, head, x, 2, cav)
     with pytest.raises(ValueError, match="at least 2 random"):
-        tcav(_features, head, x, 0, concept, randoms[:1], jax.random.key(0))
+        tcav(_features, head, x, 0, concept, randoms[:1], key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_runs"):
-        tcav(_features, head, x, 0, concept, randoms[:3], jax.random.key(0), num_runs=4)
+        tcav(_features, head, x, 0, concept, randoms[:3], key=jax.random.key(0), num_runs=4)
 
 
 # --- influence -------------------------------------------------------------------------------

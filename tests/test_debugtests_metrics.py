@@ -73,7 +73,8 @@ def test_cascading_and_independent_randomization_touch_exactly_the_stated_layers
         return all(np.array_equal(u, v) for u, v in zip(jax.tree_util.tree_leaves(a),
                                                           jax.tree_util.tree_leaves(b)))
 
-    cascade = cascading_randomization(trained, fresh)
+    cascade = cascading_randomization(
+        trained, fresh, apply_fn=lambda p, v: Net().apply({"params": p}, v), x=x)
     assert [name for name, _ in cascade] == ["logits", "hidden", "conv"]
     for step, (_, params) in enumerate(cascade):
         for index, layer in enumerate(layer_order(trained)):

@@ -101,21 +101,21 @@ def test_pack_bits_round_trips_and_pads_with_zeros():
 def test_exhaustive_search_equals_brute_force():
     tags, correct, labels = correlated_problem()
     kwargs = dict(min_size=25, min_drop=0.15, max_tags=4)
-    modes = find_failure_modes(tags, correct, labels, **kwargs)
+    modes = find_failure_modes(tags, errors=~correct, labels=labels, **kwargs)
     expected = brute_force_modes(tags, correct, labels, **kwargs)
     assert len(expected) >= 5
     assert sorted((m.label, m.tag_indices) for m in modes) == expected
     for mode in modes:
         check_mode_conditions(mode, tags, correct, labels, 25, 0.15, GAINS)
     # min_tag_count drops rare tags per class before the search
-    filtered = find_failure_modes(tags, correct, labels, min_tag_count=400, **kwargs)
+    filtered = find_failure_modes(tags, errors=~correct, labels=labels, min_tag_count=400, **kwargs)
     assert sorted((m.label, m.tag_indices) for m in filtered) == brute_force_modes(
         tags, correct, labels, min_tag_count=400, **kwargs)
 
 
 def test_count_frequent_tag_sets_equals_brute_force():
     tags, correct, _ = correlated_problem(seed=1, n=900, num_tags=9)
-    counts = prime.count_frequent_tag_sets(tags, correct, min_size=20, max_tags=4)
+    counts = prime.count_frequent_tag_sets(tags, errors=~correct, min_size=20, max_tags=4)
     got = {tuple(int(t) for t in row): (int(s), int(h))
            for sets, sizes, hits in zip(*counts) for row, s, h in zip(sets, sizes, hits)}
     assert got == brute_force_counts(tags, correct, 20, 4)
@@ -127,9 +127,9 @@ def test_count_frequent_tag_sets_equals_brute_force():
 def test_greedy_finds_a_subset_and_everything_with_a_wide_beam():
     tags, correct, labels = correlated_problem(seed=2)
     kwargs = dict(min_size=25, min_drop=0.15)
-    exhaustive = {(m.label, m.tag_indices) for m in find_failure_modes(tags, correct, labels, **kwargs)}
-    narrow = find_failure_modes(tags, correct, labels, method="greedy", beam_width=2, **kwargs)
-    wide = find_failure_modes(tags, correct, labels, method="greedy", beam_width=10_000, **kwargs)
+    exhaustive = {(m.label, m.tag_indices) for m in find_failure_modes(tags, errors=~correct, labels=labels, **kwargs)}
+    narrow = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy", beam_width=2, **kwargs)
+    wide = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy", beam_width=10_000, **kwargs)
     assert {(m.label, m.tag_indices) for m in narrow} <= exhaustive
     assert len(narrow) < len(exhaustive)
     assert {(m.label, m.tag_indices) for m in wide} == exhaustive
@@ -140,9 +140,9 @@ def test_greedy_finds_a_subset_and_everything_with_a_wide_beam():
 def test_planted_modes_of_one_to_four_tags_are_recovered_exactly():
     prevalence = np.array([0.15] * 4 + [0.3] * 8)
     planted = [(0, (0,)), (1, (0, 1)), (2, (0, 1, 2)), (3, (0, 1, 2, 3))]
-    problem = planted_problem(jax.random.key(0), num_classes=5, images_per_class=100_000,
+    problem = planted_problem(key=jax.random.key(0), num_classes=5, images_per_class=100_000,
                               tag_prevalence=prevalence, planted=planted, base_accuracy=0.95)
-    modes = find_failure_modes(problem.tags, problem.correct, problem.labels, tag_names=problem.tag_names,
+    modes = find_failure_modes(problem.tags, errors=problem.errors, labels=problem.labels, tag_names=problem.tag_names,
                                min_size=30, min_drop=0.30)
     scores = prime.recovery_scores(modes, problem.planted)
     assert scores["precision"] == 1.0 and scores["recall"] == 1.0, scores
@@ -158,17 +158,17 @@ def test_boundary_cases_of_the_three_conditions():
     tags[:, 1] = True  # a tag on every image: A = A_c, never a mode, and {0, 1} not minimal
     correct = np.array([1, 1, 0, 0, 0, 1, 1, 1, 1, 1], bool)
     labels = np.zeros(10, np.int64)
-    modes = find_failure_modes(tags, correct, labels, min_size=5, min_drop=0.3)
+    modes = find_failure_modes(tags, errors=~correct, labels=labels, min_size=5, min_drop=0.3)
     assert [(m.tags, m.size, m.accuracy) for m in modes] == [(("tag0",), 5, 0.4)]
     assert modes[0].class_accuracy == pytest.approx(0.7) and modes[0].drop == pytest.approx(0.3)
-    assert find_failure_modes(tags, correct, labels, min_size=6, min_drop=0.3) == []
-    assert find_failure_modes(tags, correct, labels, min_size=5, min_drop=0.31) == []
+    assert find_failure_modes(tags, errors=~correct, labels=labels, min_size=6, min_drop=0.3) == []
+    assert find_failure_modes(tags, errors=~correct, labels=labels, min_size=5, min_drop=0.31) == []
 
 
 def test_tag_matrix_names_and_records():
     tags, correct, labels = correlated_problem(seed=3)
     names = tuple(f"t{i}" for i in range(tags.shape[1]))
-    modes = find_failure_modes(TagMatrix(tags, names), correct, labels, min_size=25, min_drop=0.15)
+    modes = find_failure_modes(TagMatrix(tags, names), errors=~correct, labels=labels, min_size=25, min_drop=0.15)
     assert modes and all(isinstance(m, FailureMode) for m in modes)
     assert all(m.tags == tuple(names[i] for i in m.tag_indices) for m in modes)
     keys = [(m.label, len(m.tags), m.accuracy) for m in modes]
@@ -180,7 +180,7 @@ def test_tag_matrix_names_and_records():
     "change, message",
     [
         (dict(labels=np.zeros(5, np.int64)), "same images"),
-        (dict(correct=np.ones(7, bool)), "same images"),
+        (dict(errors=np.zeros(7, bool)), "same images"),
         (dict(tags=np.full((6, 3), 2)), "0/1"),
         (dict(tags=np.ones(6, bool)), "2-D"),
         (dict(labels=np.array([0, 0, 0, 1, 1, 1.0])), "integer"),
@@ -195,11 +195,11 @@ def test_tag_matrix_names_and_records():
     ],
 )
 def test_bad_input_raises_clear_errors(change, message):
-    args = dict(tags=np.ones((6, 3), bool), correct=np.ones(6, bool), labels=np.array([0, 0, 0, 1, 1, 1]))
+    args = dict(tags=np.ones((6, 3), bool), errors=np.zeros(6, bool), labels=np.array([0, 0, 0, 1, 1, 1]))
     args.update({k: v for k, v in change.items() if k != "kwargs"})
     kwargs = {"min_size": 2, **change.get("kwargs", {})}
     with pytest.raises(ValueError, match=message):
-        find_failure_modes(args["tags"], args["correct"], args["labels"], **kwargs)
+        find_failure_modes(args["tags"], errors=args["errors"], labels=args["labels"], **kwargs)
 
 
 # ---------------------------------------------------------------- tags
@@ -296,20 +296,22 @@ def test_heldout_evaluation_and_subset_tables():
     labels = np.zeros(16, np.int64)
     names = ("a", "b", "c")
     mode = FailureMode(0, ("a", "b", "c"), 4, 0.25, 0.8, (0, 1, 2), 1, 16)
-    (held,) = prime.evaluate_on_heldout([mode], TagMatrix(tags, names), correct, labels)
+    (held,) = prime.evaluate_on_heldout([mode], TagMatrix(tags, names), errors=~correct,
+                                         labels=labels)
     assert (held.size, held.accuracy, held.class_accuracy) == (4, 0.25, 0.75)
     assert held.drop == pytest.approx(0.5)
-    rows = prime.subset_accuracies(mode, tags, correct, labels, tag_names=names)
+    rows = prime.subset_accuracies(mode, tags, errors=~correct, labels=labels, tag_names=names)
     assert [r.tags for r in rows] == [("a", "b", "c"), ("a", "b"), ("a", "c"), ("b", "c"), ("a",), ("b",), ("c",)]
     assert {r.tags: r.accuracy for r in rows}[("a", "b")] == pytest.approx(4 / 8)
-    table = prime.subset_drop_table([mode], tags, correct, labels, tag_names=names)
+    table = prime.subset_drop_table([mode], tags, errors=~correct, labels=labels, tag_names=names)
     assert table[3]["modes"] == 1
     assert table[3]["drop"][3] == pytest.approx(0.5)
     assert table[3]["drop"][1] == pytest.approx(np.mean([0.75 - 8 / 12, 0.75 - 0.5, 0.75 - 0.25]))
     summary = prime.generalization_summary([held])
     assert summary["share_heldout_drop_at_least_0.25"] == 1.0
     with pytest.raises(KeyError, match="not among"):
-        prime.evaluate_on_heldout([mode], TagMatrix(tags[:, :2], ("a", "b")), correct, labels)
+        prime.evaluate_on_heldout([mode], TagMatrix(tags[:, :2], ("a", "b")), errors=~correct,
+                                  labels=labels)
 
 
 def test_auroc_counts_pairs_and_ties():
@@ -322,10 +324,10 @@ def test_auroc_counts_pairs_and_ties():
 
 
 def test_description_quality_against_planted_ground_truth():
-    problem = planted_problem(jax.random.key(1), num_classes=2, images_per_class=4000, num_tags=8,
+    problem = planted_problem(key=jax.random.key(1), num_classes=2, images_per_class=4000, num_tags=8,
                               tag_prevalence=0.3, planted=[(0, (1, 2)), (1, (4,))])
     truth = TagMatrix(problem.tags, problem.tag_names)
-    modes = find_failure_modes(truth, problem.correct, problem.labels, min_size=30, min_drop=0.3)
+    modes = find_failure_modes(truth, errors=problem.errors, labels=problem.labels, min_size=30, min_drop=0.3)
     assert prime.recovery_scores(modes, problem.planted)["recall"] == 1.0
     embedder = prime.TagSpaceEmbedder(truth)
     assert isinstance(embedder, prime.ImageTextEmbedder)
@@ -335,7 +337,7 @@ def test_description_quality_against_planted_ground_truth():
 
     def quality(texts):
         return prime.description_quality(images, embedder.embed_texts(texts), members, problem.labels,
-                                         [m.label for m in modes], jax.random.key(0))
+                                         [m.label for m in modes], key=jax.random.key(0))
 
     full = quality([prime.describe(m, names) for m in modes])
     assert prime.describe(modes[0], names) == "a photo of a cat, tag1, tag2"
@@ -350,9 +352,9 @@ def test_description_quality_against_planted_ground_truth():
 
 def test_flip_tags_and_living17_shape():
     tags = np.zeros((2000, 5), bool)
-    flipped = prime.flip_tags(jax.random.key(0), tags, 0.1)
+    flipped = prime.flip_tags(tags, 0.1, key=jax.random.key(0))
     assert 0.08 < flipped.mean() < 0.12
-    problem = prime.living17_shaped_problem(jax.random.key(0), num_classes=3, images_per_class=600,
+    problem = prime.living17_shaped_problem(key=jax.random.key(0), num_classes=3, images_per_class=600,
                                             vocabulary_size=50, tags_per_class=20)
     assert problem.tags.shape == (1800, 50) and problem.labels.shape == problem.correct.shape == (1800,)
     assert (problem.tags[problem.labels == 0].sum(0) > 0).sum() <= 20

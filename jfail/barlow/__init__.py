@@ -14,13 +14,20 @@
 from jfail.barlow.extraction import (
     PAPER_ATTACK,
     AttackSettings,
+    attack_batch,
     attack_settings,
     feature_attack,
     features,
     heatmap,
+    heatmap_batch,
     most_activating,
 )
-from jfail.barlow.mutual_info import FeatureRanking, mutual_information, rank_features
+from jfail.barlow.mutual_info import (
+    FeatureRanking,
+    mutual_information,
+    mutual_information_batch,
+    rank_features,
+)
 from jfail.barlow.plots import plot_feature_panel
 from jfail.barlow.synthetic import PlantedFailures, planted_failures, rule_recovered
 from jfail.barlow.trees import (
@@ -42,6 +49,7 @@ __all__ = [
     "FeatureRanking",
     "Leaf",
     "PlantedFailures",
+    "attack_batch",
     "attack_settings",
     "failure_table",
     "failure_tree",
@@ -50,8 +58,10 @@ __all__ = [
     "features",
     "group_indices",
     "heatmap",
+    "heatmap_batch",
     "most_activating",
     "mutual_information",
+    "mutual_information_batch",
     "planted_failures",
     "plot_feature_panel",
     "rank_features",

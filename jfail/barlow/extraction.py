@@ -1,9 +1,12 @@
 """Barlow's views of one robust feature: activations, heatmaps and feature attacks (appendix A-C).
 
-All three take the model as a plain callable (`features(x) -> [B, D]` or
-`feature_map(x) -> [B, h, w, C]`, e.g. the Partials of `jfail.models.model_fns`), run it jitted
-on chunks of `batch_size` images split over the devices of a `DataParallel` mesh, and return
-numpy arrays.
+All three take the model as any JAX callable (`features(x) -> [B, D]` or
+`feature_map(x) -> [B, h, w, C]`: a closure, `Partial`, NNX or Equinox module), run it jitted on
+chunks of `batch_size` images split over the devices of a `DataParallel` mesh, and return numpy
+arrays. The model's weights are traced arguments of the compiled program (found by
+`jfail.models.adapter.traced_model`), so a call after a weight update uses the new weights.
+Their per-batch computations are the pure kernels `heatmap_batch` and `attack_batch` (and the
+model itself for `features`), usable inside the caller's own `jax.jit`, `vmap` and `grad`.
 
 Feature attack at other resolutions. The paper attacks 224 x 224 x 3 ImageNet images with
 normalised-gradient ascent, step 1 and epsilon 500 in l2 (pixels in [0, 1]), for 500 steps. In
@@ -29,6 +32,7 @@ from tqdm.auto import tqdm
 
 from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
+from jfail.models.adapter import call_shape, in_trace, traced_model
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
 from jfail.xla import jit
@@ -36,10 +40,12 @@ from jfail.xla import jit
 __all__ = [
     "AttackSettings",
     "PAPER_ATTACK",
+    "attack_batch",
     "attack_settings",
     "feature_attack",
     "features",
     "heatmap",
+    "heatmap_batch",
     "most_activating",
 ]
 
@@ -75,16 +81,35 @@ def features(
     data_parallel: DataParallel | None = None,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """Penultimate activations `feature_fn(images)`: images [N, H, W, C] in [0, 1] -> [N, D]."""
+    """Penultimate activations of a robust model, in chunks (host driver).
+
+    The per-batch computation is the model itself: inside your own `jax.jit`/`vmap`/`grad` call
+    `feature_fn(x)` directly.
+
+    Args:
+      feature_fn: any JAX callable `[B, H, W, C] -> [B, D]` (closure, `Partial`, NNX or
+        Equinox module); its weights are read at the moment of the call.
+      images: [N, H, W, C] in [0, 1].
+      batch_size: images per jitted call.
+
+    Returns:
+      [N, D] float numpy array.
+
+    Raises:
+      ValueError: bad images, or `feature_fn` does not return `[B, D]`.
+      ModelCallError: `feature_fn` cannot be called on these images.
+    """
+    if in_trace(feature_fn, images):
+        return feature_fn(images)
     check_images(images)
-    probe = jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
+    model, probe = _prepare(feature_fn, images)
     if len(probe.shape) != 2:
         raise ValueError(
             f"feature_fn must return pooled features [B, D], got {probe.shape} for one image; "
             "for a feature map [B, h, w, C] use heatmap()."
         )
     return _map_chunks(
-        _apply_features, feature_fn, images, (), batch_size, data_parallel, progress, "features"
+        _apply_features, model, images, (), batch_size, data_parallel, progress, "features"
     )
 
 
@@ -100,28 +125,37 @@ def heatmap(
 ) -> np.ndarray:
     """Where a feature fires: images [N, H, W, C] -> [N, H', W'] in [0, 1] (appendix B).
 
-    The `feature_index` channel of `feature_map_fn(images)` ([N, h, w, C], before global
-    pooling), normalised to [0, 1] per image (a constant map gives zeros) and resized
-    bilinearly to `image_size` (default: the images' own H, W). `feature_index`: an int, or [N]
-    ints (one feature per image).
+    The host driver of `heatmap_batch`: chunks, shards and checks values.
+
+    Args:
+      feature_map_fn: any JAX callable `[B, H, W, C] -> [B, h, w, C']`, the feature map before
+        global pooling.
+      images: [N, H, W, C] in [0, 1].
+      feature_index: an int, or [N] ints (one feature per image), in [0, C').
+      image_size: (H', W') of the heatmaps (default: the images' own H, W).
+
+    Returns:
+      [N, H', W'] float numpy array: the channel normalised to [0, 1] per image (a constant map
+      gives zeros), resized bilinearly.
+
+    Raises:
+      ValueError: bad images, sizes or indices, or `feature_map_fn` does not return a feature
+        map `[B, h, w, C]`.
+      ModelCallError: `feature_map_fn` cannot be called on these images.
     """
-    check_images(images)
     size = tuple(image_size) if image_size is not None else tuple(images.shape[1:3])
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"image_size must be (height, width), got {image_size}.")
+    if in_trace(feature_map_fn, images, feature_index):
+        return heatmap_batch(feature_map_fn, images, feature_index, size=size)
+    check_images(images)
     index = _feature_indices(feature_index, len(images))
-    probe = jax.eval_shape(
-        feature_map_fn, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)
-    )
-    if len(probe.shape) != 4:
-        raise ValueError(
-            f"feature_map_fn must return a feature map [B, h, w, C], got {probe.shape} for one "
-            "image; pooled features [B, D] have no spatial extent to show."
-        )
+    model, probe = _prepare(feature_map_fn, images)
+    _check_feature_map(probe.shape)
     _check_index_range(index, probe.shape[-1])
     return _map_chunks(
         functools.partial(_apply_heatmap, size=size),
-        feature_map_fn,
+        model,
         images,
         (index,),
         batch_size,
@@ -145,13 +179,23 @@ def feature_attack(
 ) -> np.ndarray:
     """Images changed to maximise one feature (appendix C): [N, H, W, C] -> [N, H, W, C].
 
-    Gradient ascent on `features_fn(x)[:, feature_index]` with l2-normalised steps of
-    `step_size`, each followed by projection onto the l2 ball of radius `epsilon` around the
-    image and onto [0, 1]. Unset settings come from `attack_settings(images.shape[1:])`, the
-    paper's step 1, epsilon 500, 500 steps at 224 x 224 x 3 scaled to the image (module doc).
-    `feature_index`: an int or [N] ints.
+    The host driver of `attack_batch`. Unset settings come from
+    `attack_settings(images.shape[1:])`, the paper's step 1, epsilon 500, 500 steps at
+    224 x 224 x 3 scaled to the image (module doc).
+
+    Args:
+      features_fn: any JAX callable `[B, H, W, C] -> [B, D]`.
+      images: [N, H, W, C] in [0, 1].
+      feature_index: an int or [N] ints in [0, D).
+      epsilon, step_size, steps: the l2 radius, step length and number of steps.
+
+    Returns:
+      [N, H, W, C] float numpy array in [0, 1].
+
+    Raises:
+      ValueError: bad images, settings or indices, or `features_fn` does not return `[B, D]`.
+      ModelCallError: `features_fn` cannot be called on these images.
     """
-    check_images(images)
     default = attack_settings(images.shape[1:])
     epsilon = default.epsilon if epsilon is None else float(epsilon)
     step_size = default.step_size if step_size is None else float(step_size)
@@ -162,8 +206,11 @@ def feature_attack(
         raise ValueError(f"step_size must be > 0, got {step_size}.")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
+    if in_trace(features_fn, images, feature_index):
+        return attack_batch(features_fn, images, feature_index, epsilon, step_size, steps=steps)
+    check_images(images)
     index = _feature_indices(feature_index, len(images))
-    probe = jax.eval_shape(features_fn, jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32))
+    model, probe = _prepare(features_fn, images)
     if len(probe.shape) != 2:
         raise ValueError(f"features_fn must return [B, D], got {probe.shape} for one image.")
     _check_index_range(index, probe.shape[-1])
@@ -174,7 +221,7 @@ def feature_attack(
     )
     return _map_chunks(
         attack,
-        features_fn,
+        model,
         images,
         (index, *settings),
         batch_size,
@@ -201,28 +248,54 @@ def most_activating(activations, feature_index: int, k: int, *, among=None) -> n
 
 
 # --------------------------------------------------------------------------------------------
-# Jitted kernels; the model callable is an argument, so its weights are traced, not baked in.
+# Pure per-batch kernels: usable inside the caller's jax.jit, jax.vmap and jax.grad.
 
 
-@jit
-def _apply_features(feature_fn, x):
-    return feature_fn(x)
+def heatmap_batch(feature_map_fn: Callable, x, index, *, size: tuple[int, int]) -> jax.Array:
+    """Heatmaps of one batch, a pure function (no host checks).
 
+    Args:
+      feature_map_fn: `[B, H, W, C] -> [B, h, w, C']`.
+      x: [B, H, W, C] images.
+      index: [B] int feature (channel) per image.
+      size: (H', W') of the output.
 
-@jit(static_argnames=("size",))
-def _apply_heatmap(feature_map_fn, x, index, *, size):
-    feature_map = feature_map_fn(x)  # [B, h, w, C]
+    Returns:
+      [B, H', W'] in [0, 1]: the channel, min-max normalised per image, resized bilinearly.
+
+    Raises:
+      ValueError: at trace time, when `feature_map_fn` does not return `[B, h, w, C']`.
+    """
+    feature_map = feature_map_fn(x)
+    _check_feature_map(jnp.shape(feature_map))
+    index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (x.shape[0],))
     channel = jnp.take_along_axis(feature_map, index[:, None, None, None], axis=-1)[..., 0]
     low = channel.min(axis=(1, 2), keepdims=True)
     high = channel.max(axis=(1, 2), keepdims=True)
     span = high - low
     normalised = jnp.where(span > 0, (channel - low) / jnp.where(span > 0, span, 1.0), 0.0)
-    resized = jax.image.resize(normalised, (x.shape[0], *size), method="bilinear")
+    resized = jax.image.resize(normalised, (x.shape[0], *tuple(size)), method="bilinear")
     return jnp.clip(resized, 0.0, 1.0)
 
 
-@jit(static_argnames=("steps",))
-def _apply_attack(features_fn, x, index, epsilon, step_size, *, steps):
+def attack_batch(features_fn: Callable, x, index, epsilon, step_size, *, steps: int) -> jax.Array:
+    """The feature attack on one batch, a pure function (no host checks).
+
+    Args:
+      features_fn: `[B, H, W, C] -> [B, D]`.
+      x: [B, H, W, C] images in [0, 1].
+      index: [B] int feature to maximise per image (or a scalar).
+      epsilon, step_size: [B] or scalar l2 radius and step length.
+      steps: number of normalised-gradient steps (static).
+
+    Returns:
+      [B, H, W, C]: each step moves along the l2-normalised gradient of the feature, then
+      projects onto the epsilon ball around `x` and onto [0, 1].
+    """
+    batch = x.shape[0]
+    index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (batch,))
+    epsilon = jnp.broadcast_to(jnp.asarray(epsilon, x.dtype), (batch,))
+    step_size = jnp.broadcast_to(jnp.asarray(step_size, x.dtype), (batch,))
     features_fn = cpu_friendly_gradients(features_fn)  # fast strided-conv gradients on CPU
 
     def activation(image, feature):
@@ -245,6 +318,18 @@ def _apply_attack(features_fn, x, index, epsilon, step_size, *, steps):
     return jax.lax.fori_loop(0, steps, step, x)
 
 
+# Jitted forms for the host drivers; the model is an argument, so its weights are traced.
+
+
+@jit
+def _apply_features(feature_fn, x):
+    return feature_fn(x)
+
+
+_apply_heatmap = jit(heatmap_batch, static_argnames=("size",))
+_apply_attack = jit(attack_batch, static_argnames=("steps",))
+
+
 # --------------------------------------------------------------------------------------------
 # Host-side functions.
 
@@ -257,7 +342,7 @@ def _map_chunks(kernel, model_fn, images, per_image, batch_size, data_parallel, 
     devices = data_parallel.num_devices
     chunk = -(-min(batch_size, len(images)) // devices) * devices
     images = np.asarray(images, np.float32)
-    model_fn = _as_argument(model_fn, data_parallel)
+    model_fn = _replicate(model_fn, data_parallel)
     outputs = []
     starts = range(0, len(images), chunk)
     for start in tqdm(
@@ -270,17 +355,54 @@ def _map_chunks(kernel, model_fn, images, per_image, batch_size, data_parallel, 
     return np.concatenate(outputs)
 
 
-def _as_argument(model_fn, data_parallel: DataParallel):
-    """The callable as a jit argument: a pytree whose arrays are replicated over the devices.
+def _prepare(model_fn, images):
+    """`model_fn` as a pytree whose weights are every array it reads now, and the shape of its
+    output for one image (a `ModelCallError` when it cannot be called on these images)."""
+    example = jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)
+    model = _jit_argument(model_fn, example)
+    probe = call_shape(model, example)
+    if not hasattr(probe, "shape"):
+        raise ValueError(
+            f"the model must return one array, got {jax.tree_util.tree_structure(probe)}."
+        )
+    return model, probe
 
-    A plain function (not a pytree) is wrapped in a Partial; whatever it closes over is then a
-    compile-time constant, which is fine for tests and small models.
-    """
-    if not callable(model_fn):
-        raise TypeError(f"expected a callable model, got {type(model_fn).__name__}.")
-    leaves = jax.tree_util.tree_leaves(model_fn)
-    if len(leaves) == 1 and leaves[0] is model_fn:
-        model_fn = jax.tree_util.Partial(model_fn)
+
+def _jit_argument(fn, *example):
+    """`traced_model(fn, *example)`, also for a callable object that is not a pytree (a
+    dataclass with `__call__`), which `traced_model` would return as it is: such an object is
+    traced through a function that calls it."""
+    model = traced_model(fn, *example)
+    leaves = jax.tree_util.tree_leaves(model)
+    if any(callable(leaf) and not hasattr(leaf, "shape") for leaf in leaves):
+        model = traced_model(_calling(fn), *example)
+    return model
+
+
+def _calling(fn):
+    """A function calling `fn`, the same one for equal `fn`s (so compilations are reused)."""
+    try:
+        return _calling_cached(fn)
+    except TypeError:  # unhashable
+        return lambda *args: fn(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _calling_cached(fn):
+    return lambda *args: fn(*args)
+
+
+def _check_feature_map(shape) -> None:
+    if len(shape) != 4:
+        raise ValueError(
+            f"heatmap needs a feature map [B, h, w, C] (a conv layer's output before global "
+            f"pooling), but feature_map_fn returns shape {tuple(shape)}; pooled features [B, D] "
+            "have no spatial extent to show."
+        )
+
+
+def _replicate(model_fn, data_parallel: DataParallel):
+    """The model's arrays replicated over the devices of `data_parallel`."""
     place = lambda leaf: (  # noqa: E731
         jax.device_put(leaf, data_parallel.replicated)
         if isinstance(leaf, (jax.Array, np.ndarray))

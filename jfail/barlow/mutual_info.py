@@ -42,10 +42,11 @@ from tqdm.auto import tqdm
 
 from jfail.barlow._checks import check_features_and_errors, check_groups
 from jfail.logs import progress_disabled
+from jfail.prime._random import as_key
 from jfail.train.parallel import DataParallel
 from jfail.xla import jit
 
-__all__ = ["FeatureRanking", "mutual_information", "rank_features"]
+__all__ = ["FeatureRanking", "mutual_information", "mutual_information_batch", "rank_features"]
 
 JITTER = 1e-10
 """Relative size of the tie-breaking noise, scikit-learn's value."""
@@ -66,7 +67,7 @@ class FeatureRanking(NamedTuple):
     mutual_information: np.ndarray
 
 
-def mutual_information(features, errors, *, key: jax.Array, n_neighbors: int = 3) -> np.ndarray:
+def mutual_information(features, errors, *, key, n_neighbors: int = 3) -> np.ndarray:
     """Mutual information (nats) between every feature and the errors of one group.
 
     features: [N, D] real values; errors: [N] booleans (True where the model is wrong);
@@ -97,7 +98,7 @@ def rank_features(
     num_features: int = 50,
     screen: int | None = 256,
     n_neighbors: int = 3,
-    key: jax.Array,
+    key,
     chunk_examples: int = 8192,
     data_parallel: DataParallel | None = None,
     progress: bool | None = None,
@@ -167,7 +168,7 @@ def rank_groups(
     )
     # One seed for the whole call: a value's nudge depends on (seed, its row within the group,
     # its feature), so a group gets the same tie-breaking alone or among others.
-    seed = jax.random.bits(key, (), jnp.uint32)
+    seed = jax.random.bits(as_key(key), (), jnp.uint32)
 
     def collect(positions, candidate_index, estimate):
         candidate_index = np.asarray(candidate_index)[: len(positions)]
@@ -205,6 +206,44 @@ def rank_groups(
         if pending is not None:
             collect(*pending)
     return FeatureRanking(indices, values)
+
+
+def mutual_information_batch(features, errors, *, key, n_neighbors: int = 3) -> jax.Array:
+    """`mutual_information` as a pure JAX function, usable inside the caller's `jax.jit` and
+    `jax.vmap` (no host checks: NaN features give meaningless estimates).
+
+    Args:
+      features: [N, D] real values.
+      errors: [N] bool, True where the model is wrong.
+      key: keyword-only, an int seed or a PRNG key (the tie-breaking noise).
+      n_neighbors: k of the estimator (static).
+
+    Returns:
+      [D] float32, the estimates in nats; equal to `mutual_information` on the host to float32
+      precision for the same key.
+    """
+    features = jnp.asarray(features, jnp.float32)
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D [N, D], got shape {features.shape}.")
+    errors = jnp.asarray(errors).astype(bool)
+    if errors.shape != features.shape[:1]:
+        raise ValueError(
+            f"errors must have shape ({features.shape[0]},) like features' rows, got "
+            f"{errors.shape}."
+        )
+    size, dim = features.shape
+    table = jax.scipy.special.digamma(jnp.arange(size + 1, dtype=jnp.float32)).at[0].set(0.0)
+    seed = jax.random.bits(as_key(key), (), jnp.uint32)
+    _, estimate = _estimate_chunk(
+        features[None],
+        errors[None],
+        jnp.ones((1, size), bool),
+        seed,
+        table,
+        candidates=dim,
+        n_neighbors=int(n_neighbors),
+    )
+    return estimate[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jfail.barlow.trees import Condition, FailureTree
+from jfail.prime._random import as_key
 
 __all__ = ["PlantedFailures", "planted_failures", "rule_recovered"]
 
@@ -30,8 +31,8 @@ class PlantedFailures:
 
 
 def planted_failures(
-    key: jax.Array,
     *,
+    key,
     num_groups: int = 1000,
     group_size: int | tuple[int, int] = (40, 88),
     num_features: int = 2048,
@@ -54,7 +55,7 @@ def planted_failures(
         raise ValueError(f"group_size must be >= 2 (or a range (min, max)), got {group_size}.")
     # One numpy generator seeded from the key: the same key gives the same data, and drawing
     # millions of values needs no compilation.
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(as_key(key))).ravel().tolist())
     sizes = rng.integers(low, high + 1, num_groups)
     groups = np.repeat(np.arange(num_groups, dtype=np.int32), sizes)
     base = rng.uniform(size=num_features).astype(np.float32)

@@ -26,8 +26,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jfail.barlow._checks import check_features_and_errors, check_groups
-from jfail.logs import progress_disabled
 from jfail.barlow.mutual_info import FeatureRanking, rank_groups
+from jfail.logs import progress_disabled
+from jfail.prime._random import as_key, host_seed
 
 if TYPE_CHECKING:  # scikit-learn is imported when a tree is fitted: it is slow to import
     from sklearn.tree import DecisionTreeClassifier
@@ -148,7 +149,7 @@ def failure_tree(
     n_neighbors: int = 3,
     feature_names: Sequence[str] | None = None,
     tree_params: Mapping | None = None,
-    seed: int = 0,
+    key=0,
 ) -> FailureTree:
     """Algorithm 1 on one group. features: [N, D]; errors: [N] booleans (True: misclassified).
 
@@ -157,8 +158,8 @@ def failure_tree(
     class weights {correct: 1, error: #correct / #errors}; `tree_params` go to
     `DecisionTreeClassifier` (and may replace those defaults). With fewer than `min_errors`
     errors, or no correct example, no tree is fitted: the group is one leaf and `reason` says
-    why. `seed` fixes the tree, the tie-breaking noise and the permutation behind "no informative
-    feature".
+    why. `key` (keyword-only: an int seed or a PRNG key) fixes the tree, the tie-breaking noise
+    and the permutation behind "no informative feature".
     """
     features, errors = check_features_and_errors(features, errors)
     trees = _analyse(
@@ -174,7 +175,7 @@ def failure_tree(
         n_neighbors=n_neighbors,
         feature_names=feature_names,
         tree_params=tree_params,
-        seed=seed,
+        key=key,
         chunk_examples=8192,
         progress=False,
     )
@@ -195,7 +196,7 @@ def failure_trees(
     n_neighbors: int = 3,
     feature_names: Sequence[str] | None = None,
     tree_params: Mapping | None = None,
-    seed: int = 0,
+    key=0,
     chunk_examples: int = 8192,
     progress: bool | None = None,
 ) -> dict[Hashable, FailureTree]:
@@ -207,6 +208,10 @@ def failure_trees(
     only the `screen` = 256 features with the largest Gaussian moment statistic per group reach
     the exact estimator (`screen=None`: all of them, giving exactly `failure_tree` per group).
     Leaf and group `indices` are rows of `features`. Other arguments as in `failure_tree`.
+
+    Raises:
+      ValueError: mismatched shapes, NaN features, empty or out-of-range groups, or group ids
+        that are floats with a fractional part (integer-valued floats are converted).
     """
     features, errors = check_features_and_errors(features, errors)
     if isinstance(groups, Mapping):
@@ -218,7 +223,7 @@ def failure_trees(
                 f"groups must be a mapping {{name: row indices}} or an array of one group id per "
                 f"example, shape {errors.shape}; got shape {assignments.shape}."
             )
-        mapping = group_indices(assignments)
+        mapping = group_indices(_integer_group_ids(assignments))
     return _analyse(
         features,
         errors,
@@ -232,10 +237,26 @@ def failure_trees(
         n_neighbors=n_neighbors,
         feature_names=feature_names,
         tree_params=tree_params,
-        seed=seed,
+        key=key,
         chunk_examples=chunk_examples,
         progress=progress,
     )
+
+
+def _integer_group_ids(assignments: np.ndarray) -> np.ndarray:
+    """Group ids as integers: integer-valued floats (labels stored as float) are converted; other
+    floats would make one group per distinct value, so they raise."""
+    if assignments.dtype == bool or not np.issubdtype(assignments.dtype, np.floating):
+        return assignments
+    if not np.all(np.isfinite(assignments)):
+        raise ValueError("groups contains NaN or Inf; group ids must be integers (labels).")
+    if not np.all(assignments == np.round(assignments)):
+        raise ValueError(
+            "groups holds non-integer floats, which would make one group per distinct value; "
+            "pass integer group ids (labels or predictions), e.g. labels.astype(int), or a "
+            "mapping {name: row indices}."
+        )
+    return assignments.astype(np.int64)
 
 
 def group_indices(assignments, *, min_size: int = 1) -> dict[Hashable, np.ndarray]:
@@ -312,7 +333,7 @@ def _analyse(
     n_neighbors,
     feature_names,
     tree_params,
-    seed,
+    key,
     chunk_examples,
     progress,
 ) -> dict[Hashable, FailureTree]:
@@ -331,7 +352,8 @@ def _analyse(
         if e.sum() >= min_errors and (~e).sum() >= 1
     ]
     fitted = set(fit)
-    key = jax.random.key(seed)
+    seed = host_seed(key)
+    key = as_key(key)
     ranking = _rank(
         features,
         groups,

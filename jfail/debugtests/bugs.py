@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jfail.prime._random import as_key
+
 __all__ = [
     "BACKGROUNDS",
     "SpuriousData",
@@ -76,7 +78,7 @@ def load_backgrounds(names: Sequence[str] = BACKGROUNDS[:2]) -> list[np.ndarray]
 
 
 def spurious_backgrounds(
-    images, labels, backgrounds: Sequence[np.ndarray], key: jax.Array, *,
+    images, labels, backgrounds: Sequence[np.ndarray], *, key,
     correlation: float = 1.0, threshold: float = 0.0,
 ) -> SpuriousData:
     """Composite each object onto a random crop of the background of its class.
@@ -95,7 +97,7 @@ def spurious_backgrounds(
     if not 0.0 <= correlation <= 1.0:
         raise ValueError(f"correlation must lie in [0, 1], got {correlation}.")
     height, width = images.shape[1:3]
-    key_swap, key_other, key_crop = jax.random.split(key, 3)
+    key_swap, key_other, key_crop = jax.random.split(as_key(key), 3)
     swap = np.asarray(jax.random.uniform(key_swap, labels.shape) >= correlation)
     shift = np.asarray(jax.random.randint(key_other, labels.shape, 1, max(classes, 2)))
     background_ids = np.where(swap & (classes > 1), (labels + shift) % classes, labels)
@@ -106,9 +108,10 @@ def spurious_backgrounds(
 
 
 def background_only(
-    backgrounds: Sequence[np.ndarray], count: int, size: tuple[int, int], key: jax.Array,
+    backgrounds: Sequence[np.ndarray], count: int, size: tuple[int, int], *, key,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`count` background crops `[count, H, W, 1]` and the class each background stands for."""
+    key = as_key(key)
     ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 0), (count,), 0, len(backgrounds)))
     crops, _ = _random_crops(backgrounds, ids, size, jax.random.fold_in(key, 1))
     return crops[..., None].astype(np.float32), ids
@@ -119,7 +122,7 @@ def ground_truth_background(object_masks) -> np.ndarray:
     return (~np.asarray(object_masks, bool)).astype(np.float32)
 
 
-def flip_labels(labels, fraction: float, num_classes: int, key: jax.Array):
+def flip_labels(labels, fraction: float, num_classes: int, *, key):
     """Move exactly round(fraction · N) labels, chosen uniformly, to a different class.
 
     Returns `(new_labels [N], flipped_indices [k])`; every flipped label differs from the original.
@@ -130,7 +133,7 @@ def flip_labels(labels, fraction: float, num_classes: int, key: jax.Array):
     if num_classes < 2:
         raise ValueError("flipping labels needs at least 2 classes.")
     count = int(round(fraction * len(labels)))
-    key_pick, key_shift = jax.random.split(key)
+    key_pick, key_shift = jax.random.split(as_key(key))
     flipped = np.sort(np.asarray(jax.random.permutation(key_pick, len(labels))[:count]))
     shift = np.asarray(jax.random.randint(key_shift, (count,), 1, num_classes))
     new_labels = labels.copy()

@@ -17,6 +17,7 @@ The model is split at a layer into `features(x) -> activations [B, ...]` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Sequence
 
@@ -24,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.models.adapter import in_trace, traced_model
+from jfail.prime._random import as_key, host_seed
 from jfail.xla import jit
 
 __all__ = [
@@ -60,7 +63,7 @@ class TCAVResult:
 
 
 def concept_activation_vector(
-    concept_acts, random_acts, *, seed: int = 0, classifier: str = "sgd",
+    concept_acts, random_acts, *, key=0, classifier: str = "sgd",
     test_fraction: float = 1 / 3,
 ) -> tuple[jax.Array, float]:
     """CAV of a concept at one layer.
@@ -68,8 +71,9 @@ def concept_activation_vector(
     concept_acts: `[Nc, ...]`, random_acts: `[Nr, ...]` activations (flattened to `[., D]`).
     A linear classifier (`classifier="sgd"`: `SGDClassifier(alpha=0.01, max_iter=1000,
     tol=1e-3)`, TCAV's default; `"logistic"`: `LogisticRegression`) is fit on a stratified
-    split, seeded by `seed`. Returns `(cav [D], accuracy)`: the unit normal of its boundary,
-    pointing toward the concept, and its accuracy on the held-out `test_fraction`.
+    split, seeded by `key` (keyword-only: an int seed or a PRNG key). Returns
+    `(cav [D], accuracy)`: the unit normal of its boundary, pointing toward the concept, and its
+    accuracy on the held-out `test_fraction`.
     """
     from sklearn.model_selection import train_test_split
 
@@ -84,6 +88,7 @@ def concept_activation_vector(
         raise ValueError("a CAV needs at least 3 concept and 3 random examples.")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+    seed = host_seed(key)
     inputs = np.concatenate([concept_acts, random_acts]).astype(np.float64)
     labels = np.concatenate([np.ones(len(concept_acts), int), np.zeros(len(random_acts), int)])
     x_train, x_test, y_train, y_test = train_test_split(
@@ -125,7 +130,7 @@ def tcav_score(
 
 def tcav(
     features: Features, head: Head, x, target: int, concept_images,
-    random_image_sets: Sequence, key: jax.Array, *, num_runs: int | None = None,
+    random_image_sets: Sequence, *, key, num_runs: int | None = None,
     alpha: float = 0.05, classifier: str = "sgd", batch_size: int | None = None,
 ) -> TCAVResult:
     """TCAV of one concept for class `target`, with a random-vs-random null.
@@ -148,7 +153,7 @@ def tcav(
         )
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
-    key_sets, key_bits = jax.random.split(key)
+    key_sets, key_bits = jax.random.split(as_key(key))
     count = len(random_image_sets)
     chosen = np.asarray(jax.random.permutation(key_sets, count))[:num_runs]
     bits = np.asarray(jax.random.bits(key_bits, (3, num_runs), jnp.uint32)).astype(np.int64)
@@ -167,11 +172,11 @@ def tcav(
     scores, null_scores, accuracies, cavs = [], [], [], []
     for run, index in enumerate(chosen):
         cav, accuracy = concept_activation_vector(
-            concept_acts, random_acts[index], seed=int(seeds[0, run]), classifier=classifier
+            concept_acts, random_acts[index], key=int(seeds[0, run]), classifier=classifier
         )
         null_cav, _ = concept_activation_vector(
             random_acts[index], random_acts[(index + shift[run]) % count],
-            seed=int(seeds[1, run]), classifier=classifier,
+            key=int(seeds[1, run]), classifier=classifier,
         )
         scores.append(float(_positive_fraction(grads @ cav)))
         null_scores.append(float(_positive_fraction(grads @ null_cav)))
@@ -194,7 +199,9 @@ def _target_gradients(features, head, x, target, dim, batch_size):
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch [N, ...], got shape {x.shape}.")
     target = _checked_target(head, features, x, target, dim)
-    features, head = _as_partial(features), _as_partial(head)
+    features = _traced(features, x[:1])
+    acts = jax.eval_shape(features, x[:1])
+    head = _traced(head, jax.ShapeDtypeStruct(acts.shape, acts.dtype))
     return _map_batches(
         lambda chunk: _batch_gradients(features, head, chunk, target), x, batch_size
     )
@@ -240,11 +247,38 @@ def _linear_classifier(name, seed):
     raise ValueError(f"classifier must be 'sgd' or 'logistic', got {name!r}.")
 
 
-def _as_partial(fn):
-    """Wrap a callable so it can be a `jax.jit` argument (arrays traced, function static)."""
+def _traced(fn, example):
+    """`fn` as a `jax.jit` argument whose weights (every array it reads now) are traced, not
+    baked in as constants (`jfail.models.adapter.traced_model`)."""
     if not callable(fn):
-        raise ValueError(f"expected a callable, got {type(fn).__name__}.")
-    return fn if isinstance(fn, jax.tree_util.Partial) else jax.tree_util.Partial(fn)
+        raise TypeError(f"expected a callable model, got {type(fn).__name__}.")
+    if in_trace(fn, example):
+        return fn
+    return _jit_argument(fn, example)
+
+
+def _jit_argument(fn, *example):
+    """`traced_model(fn, *example)`, also for a callable object that is not a pytree (a
+    dataclass with `__call__`), which `traced_model` would return as it is: such an object is
+    traced through a function that calls it."""
+    model = traced_model(fn, *example)
+    leaves = jax.tree_util.tree_leaves(model)
+    if any(callable(leaf) and not hasattr(leaf, "shape") for leaf in leaves):
+        model = traced_model(_calling(fn), *example)
+    return model
+
+
+def _calling(fn):
+    """A function calling `fn`, the same one for equal `fn`s (so compilations are reused)."""
+    try:
+        return _calling_cached(fn)
+    except TypeError:  # unhashable
+        return lambda *args: fn(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _calling_cached(fn):
+    return lambda *args: fn(*args)
 
 
 def _map_batches(fn, x, batch_size):

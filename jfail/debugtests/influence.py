@@ -5,8 +5,9 @@ differentiate: a small subset, such as the final linear layer (`D x K`), with th
 network folded into `loss_fn` (or into precomputed features `x`). The mean of `loss_fn` over
 the training set is taken as the objective those parameters minimize: put any L2 term in
 `loss_fn`; `damping` adds `damping * I` to its Hessian, which is formed explicitly
-(`jax.hessian` over the flattened subset) and solved. `loss_fn` is a static argument of the
-jitted kernels: pass the same function object across calls to reuse their compilation.
+(`jax.hessian` over the flattened subset) and solved. `loss_fn` may be any JAX callable; the
+arrays it reads besides `params` (a network folded into it) are traced arguments of the jitted
+kernels, read at each call, so updated weights are seen and compilations are reused.
 
 - `influence_scores`: Koh & Liang's `I_up,loss(z_train, z_test) = -g_test^T H^-1 g_train`.
 - `self_influence`: `g^T H^-1 g` per point, or TracIn's `sum_c lr_c |g(theta_c)|^2` (Pruthi
@@ -19,6 +20,7 @@ jitted kernels: pass the same function object across calls to reuse their compil
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jfail.models.adapter import in_trace, traced_model
 from jfail.xla import jit
 
 __all__ = [
@@ -55,6 +58,7 @@ def influence_scores(
     train_x, train_y = _checked_data(loss_fn, params, train_x, train_y, "train")
     test_x, test_y = _checked_data(loss_fn, params, test_x, test_y, "test")
     _check_damping(damping)
+    loss_fn = _traced_loss(loss_fn, params, train_x, train_y)
     hessian = _hessian(loss_fn, params, train_x, train_y, damping, batch_size)
     test_grads = _per_example_grads(loss_fn, params, test_x, test_y, batch_size)
     train_grads = _per_example_grads(loss_fn, params, train_x, train_y, batch_size)
@@ -81,6 +85,7 @@ def self_influence(
         _check_damping(damping)
         _checked_params(loss_fn, params, max_params)
         x, y = _checked_data(loss_fn, params, x, y, "x/y")
+        loss_fn = _traced_loss(loss_fn, params, x, y)
         hessian = _hessian(loss_fn, params, x, y, damping, batch_size)
         grads = _per_example_grads(loss_fn, params, x, y, batch_size)
         return _finite(_quadratic_forms(hessian, grads))
@@ -97,7 +102,8 @@ def self_influence(
         for checkpoint, rate in zip(checkpoints, rates):
             _checked_params(loss_fn, checkpoint, max_params=None)
             x, y = _checked_data(loss_fn, checkpoint, x, y, "x/y")
-            norms = _per_example_squared_norms(loss_fn, checkpoint, x, y, batch_size)
+            traced = _traced_loss(loss_fn, checkpoint, x, y)
+            norms = _per_example_squared_norms(traced, checkpoint, x, y, batch_size)
             total = rate * norms if total is None else total + rate * norms
         return total
     raise ValueError(f"method must be 'influence' or 'tracin', got {method!r}.")
@@ -195,6 +201,38 @@ def _checked_data(loss_fn, params, x, y, name):
     return x, y
 
 
+def _traced_loss(loss_fn, params, x, y):
+    """`loss_fn` as a jit argument whose closed-over arrays (a network folded into it) are
+    traced, so a later call sees weights updated since (`traced_model`)."""
+    if in_trace(params, x, y):
+        return loss_fn
+    return _jit_argument(loss_fn, params, _head_spec(x, 1), _head_spec(y, 1))
+
+
+def _jit_argument(fn, *example):
+    """`traced_model(fn, *example)`, also for a callable object that is not a pytree (a
+    dataclass with `__call__`), which `traced_model` would return as it is: such an object is
+    traced through a function that calls it."""
+    model = traced_model(fn, *example)
+    leaves = jax.tree_util.tree_leaves(model)
+    if any(callable(leaf) and not hasattr(leaf, "shape") for leaf in leaves):
+        model = traced_model(_calling(fn), *example)
+    return model
+
+
+def _calling(fn):
+    """A function calling `fn`, the same one for equal `fn`s (so compilations are reused)."""
+    try:
+        return _calling_cached(fn)
+    except TypeError:  # unhashable
+        return lambda *args: fn(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _calling_cached(fn):
+    return lambda *args: fn(*args)
+
+
 def _head_spec(array, size):
     """Shape and dtype of `array[:size]`, for shape checks that compute nothing."""
     return jax.ShapeDtypeStruct((size,) + array.shape[1:], array.dtype)
@@ -205,7 +243,7 @@ def _check_damping(damping):
         raise ValueError(f"damping must be non-negative, got {damping}.")
 
 
-@jit(static_argnums=0)
+@jit
 def _example_grads(loss_fn, params, x, y):
     """`[B, P]` gradients of each example's loss, with respect to the flattened params."""
     theta, unravel = ravel_pytree(params)
@@ -216,7 +254,7 @@ def _example_grads(loss_fn, params, x, y):
     return jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(theta, x, y)
 
 
-@jit(static_argnums=0)
+@jit
 def _summed_hessian(loss_fn, params, x, y):
     """`[P, P]` Hessian of the summed loss of one batch, over the flattened params."""
     theta, unravel = ravel_pytree(params)
@@ -263,7 +301,7 @@ def _quadratic_forms(hessian, grads):
     return jnp.sum(grads * jnp.linalg.solve(hessian, grads.T).T, axis=1)
 
 
-@jit(static_argnums=0)
+@jit
 def _example_squared_norms(loss_fn, params, x, y):
     return jnp.sum(_example_grads(loss_fn, params, x, y) ** 2, axis=1)
 

@@ -22,7 +22,8 @@ __all__ = [
 
 
 def layer_order(params: Mapping[str, Any]) -> list[str]:
-    """Layer names from the output layer down to the input layer."""
+    """The mapping's keys reversed. Only right when the keys are in forward order; a sorted
+    mapping (after an optax update or a checkpoint restore) is not: use `forward_layer_order`."""
     return list(params)[::-1]
 
 
@@ -55,11 +56,33 @@ def forward_layer_order(apply_fn: Callable, params: Mapping[str, Any], x) -> lis
 
 
 def cascading_randomization(
-    params: Mapping[str, Any], fresh: Mapping[str, Any], layers: Sequence[str] | None = None
+    params: Mapping[str, Any],
+    fresh: Mapping[str, Any],
+    layers: Sequence[str] | None = None,
+    *,
+    apply_fn: Callable | None = None,
+    x=None,
 ) -> list[tuple[str, dict]]:
-    """Figure 7's cascade: step k re-initializes the top k layers of `layers` (default: all,
-    output first). Returns `[(last layer re-initialized, params), ...]`, one entry per layer."""
-    layers = _checked_layers(params, fresh, layers)
+    """Figure 7's cascade: step k re-initializes the top k layers, output layer first.
+
+    Args:
+      params: {layer name: trained weights}.
+      fresh: {layer name: re-initialized weights}, the same names.
+      layers: the layers, output first. Default: `forward_layer_order(apply_fn, params, x)`,
+        the order the forward pass uses them (never the mapping's key order, which an optax
+        update or a checkpoint restore sorts by name).
+      apply_fn: `apply_fn(params, x) -> outputs`, needed when `layers` is None.
+      x: one example input batch for `apply_fn`, needed when `layers` is None.
+
+    Returns:
+      `[(last layer re-initialized, params), ...]`, one entry per layer.
+
+    Raises:
+      ValueError: neither `layers` nor (`apply_fn`, `x`) is given, or the forward pass leaves a
+        layer unused.
+      KeyError: a layer is missing from `params` or `fresh`.
+    """
+    layers = _checked_layers(params, fresh, layers, apply_fn, x, "cascading_randomization")
     steps, current = [], dict(params)
     for name in layers:
         current = {**current, name: fresh[name]}
@@ -68,15 +91,38 @@ def cascading_randomization(
 
 
 def independent_randomization(
-    params: Mapping[str, Any], fresh: Mapping[str, Any], layers: Sequence[str] | None = None
+    params: Mapping[str, Any],
+    fresh: Mapping[str, Any],
+    layers: Sequence[str] | None = None,
+    *,
+    apply_fn: Callable | None = None,
+    x=None,
 ) -> list[tuple[str, dict]]:
-    """One layer re-initialized at a time, the others trained: `[(layer, params), ...]`."""
-    layers = _checked_layers(params, fresh, layers)
+    """One layer re-initialized at a time, the others trained: `[(layer, params), ...]`.
+
+    Layers in the order given, or (default) from the forward pass of `apply_fn(params, x)`,
+    output first, as in `cascading_randomization`; without either, in the mapping's order
+    (each step changes one layer, so the order only orders the list).
+    """
+    if layers is None and apply_fn is None and x is None:
+        layers = list(params)
+    layers = _checked_layers(params, fresh, layers, apply_fn, x, "independent_randomization")
     return [(name, {**params, name: fresh[name]}) for name in layers]
 
 
-def _checked_layers(params, fresh, layers):
-    layers = layer_order(params) if layers is None else list(layers)
+def _checked_layers(params, fresh, layers, apply_fn, x, name):
+    if layers is None:
+        if apply_fn is None or x is None:
+            raise ValueError(
+                f"{name} needs the layer order: pass layers=[output, ..., input], or "
+                "apply_fn=(params, x) -> outputs and an example x, from whose forward pass the "
+                "order is read (the parameter mapping's key order is not the network's)."
+            )
+        if not callable(apply_fn):
+            raise TypeError(f"apply_fn must be callable apply_fn(params, x), got {apply_fn!r}.")
+        layers = forward_layer_order(apply_fn, params, x)
+    else:
+        layers = list(layers)
     missing = [name for name in layers if name not in params or name not in fresh]
     if missing:
         raise KeyError(f"layers {missing} are not in both parameter sets; layers: {list(params)}")

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
         return barlow.failure_trees(
             features[extractor], errors[analysed], groupings_of[analysed][grouping],
             num_features=config.num_features, max_depth=depth, delta=config.delta,
-            tau=config.tau, seed=config.seed, progress=progress,
+            tau=config.tau, key=config.seed, progress=progress,
         )
 
     # Table 1, as the paper: each model's errors explained with the robust model's features.

@@ -355,7 +355,7 @@ def _spurious_model(config, module, classifier_config, full, test, workdir, keys
     def composite(data, key):
         keep = np.isin(data.labels, classes)
         labels = np.searchsorted(classes, data.labels[keep])
-        return spurious_backgrounds(data.images[keep], labels, backgrounds, key)
+        return spurious_backgrounds(data.images[keep], labels, backgrounds, key=key)
 
     train_data = composite(full, jax.random.fold_in(keys["spurious"], 0))
     test_data = composite(test, jax.random.fold_in(keys["spurious"], 1))
@@ -395,7 +395,7 @@ def _spurious_model(config, module, classifier_config, full, test, workdir, keys
 def _mislabel_model(config, module, classifier_config, train, val, workdir, keys, progress):
     """The classifier's own training with `mislabel_fraction` of the training labels flipped."""
     labels, flipped = flip_labels(train.labels, config.mislabel_fraction, len(train.class_names),
-                                  keys["flip"])
+                                  key=keys["flip"])
     train_config = classifier_config.train
     if config.mislabel_epochs is not None:
         train_config = dataclasses.replace(train_config, epochs=config.mislabel_epochs)
@@ -466,7 +466,7 @@ def _tcav_spurious(config, spurious, test, key) -> dict:
     size = data.images.shape[1:3]
     count = max(10, int(config.tcav_concept_images))
     concepts = {name: background_only([spurious["backgrounds"][i]], count, size,
-                                      jax.random.fold_in(key, i))[0]
+                                      key=jax.random.fold_in(key, i))[0]
                 for i, name in enumerate(names)}
     others = tuple(b for b in BACKGROUNDS if b not in names)
     other_images = load_backgrounds(others)
@@ -477,7 +477,7 @@ def _tcav_spurious(config, spurious, test, key) -> dict:
                                             replace=len(test.labels) < count))
         ids = np.asarray(jax.random.randint(k_id, (count,), 0, len(others)))
         random_sets.append(spurious_backgrounds(test.images[rows], ids, other_images,
-                                                k_crop).images)
+                                                key=k_crop).images)
     models = {"spurious": variables}
     if config.tcav_control:
         fresh, _ = init_classifier(module, data.images.shape[1:], jax.random.fold_in(key, 999))
@@ -497,7 +497,7 @@ def _tcav_spurious(config, spurious, test, key) -> dict:
                     if not len(inputs[c]):
                         continue
                     result = tcav(features, head, inputs[c], c, concepts[concept], random_sets,
-                                  jax.random.fold_in(key, 1000), alpha=config.tcav_alpha,
+                                  key=jax.random.fold_in(key, 1000), alpha=config.tcav_alpha,
                                   batch_size=256)
                     rows.append({
                         "model": model_name, "layer": layer, "concept": concept,
@@ -535,7 +535,7 @@ def _influence_spurious(config, spurious, key) -> dict:
     picked = np.sort(np.asarray(jax.random.permutation(k_test, len(data.labels)))[
         : max(1, min(int(config.influence_test), len(data.labels)))])
     objects = data.images[picked] * data.object_masks[picked][..., None]
-    swapped = spurious_backgrounds(objects, data.labels[picked], spurious["backgrounds"], k_swap,
+    swapped = spurious_backgrounds(objects, data.labels[picked], spurious["backgrounds"], key=k_swap,
                                    correlation=0.0)
     kinds = {
         "spurious inputs": (data.images[picked], data.background_ids[picked], data.labels[picked]),

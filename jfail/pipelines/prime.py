@@ -98,6 +98,7 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
         logits = predict(apply_fn, params, state, dataset.images, batch_size=1000)
         correct[split] = np.argmax(logits, -1) == dataset.labels
     search_correct, heldout_correct = correct[config.search_split], correct[config.heldout_split]
+    search_errors = ~search_correct
 
     t0 = time.perf_counter()
     search_measurements = shape_measurements(search.images, ink_threshold=config.ink_threshold)
@@ -114,23 +115,27 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
         min_tag_count=config.min_tag_count, progress=progress,
     )
     t0 = time.perf_counter()
-    modes = find_failure_modes(search_tags.tags, search_correct, search.labels, **search_kwargs)
+    modes = find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels,
+                               **search_kwargs)
     first_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    modes = find_failure_modes(search_tags.tags, search_correct, search.labels, **search_kwargs)
+    modes = find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels,
+                               **search_kwargs)
     exhaustive_seconds = time.perf_counter() - t0
-    find_failure_modes(search_tags.tags, search_correct, search.labels, method="greedy",
+    find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels, method="greedy",
                        beam_width=config.greedy_beam_width, **search_kwargs)  # compile
     t0 = time.perf_counter()
-    greedy = find_failure_modes(search_tags.tags, search_correct, search.labels, method="greedy",
+    greedy = find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels,
+                                method="greedy",
                                 beam_width=config.greedy_beam_width, **search_kwargs)
     greedy_seconds = time.perf_counter() - t0
 
-    heldout_modes = evaluate_on_heldout(modes, heldout_tags, heldout_correct, heldout.labels)
+    heldout_modes = evaluate_on_heldout(modes, heldout_tags, errors=~heldout_correct,
+                                        labels=heldout.labels)
     summary = generalization_summary(heldout_modes)
     table1 = _table1(modes, heldout_modes, heldout_tags, heldout_correct, heldout.labels, class_names)
     table2 = {
-        split: _jsonable(subset_drop_table(modes, tags, corr, labels))
+        split: _jsonable(subset_drop_table(modes, tags, errors=~corr, labels=labels))
         for split, tags, corr, labels in (
             (config.heldout_split, heldout_tags, heldout_correct, heldout.labels),
             (config.search_split, search_tags, search_correct, search.labels),
@@ -232,7 +237,7 @@ def _table1(modes, heldout_modes, tags, correct, labels, class_names) -> dict | 
         return None
     large = [h for h in three if h.size >= TABLE1_MIN_HELDOUT_IMAGES] or three
     chosen = max(large, key=lambda h: (h.drop, h.size))
-    rows = subset_accuracies(chosen.mode, tags, correct, labels)
+    rows = subset_accuracies(chosen.mode, tags, errors=~correct, labels=labels)
     return {
         "rule": f"the 3-tag mode with the largest held-out drop among those with at least "
                 f"{TABLE1_MIN_HELDOUT_IMAGES} held-out images",
@@ -247,11 +252,13 @@ def _sweep(config, search_tags, search_correct, search_labels, heldout_tags, hel
     for min_size in config.sweep_min_sizes:
         for min_drop in config.sweep_min_drops:
             found = find_failure_modes(
-                search_tags.tags, search_correct, search_labels, tag_names=search_tags.names,
+                search_tags.tags, errors=~search_correct, labels=search_labels,
+                tag_names=search_tags.names,
                 min_size=min_size, min_drop=min_drop, min_gain=tuple(config.min_gain),
                 max_tags=config.max_tags, min_tag_count=config.min_tag_count, progress=False,
             )
-            held = evaluate_on_heldout(found, heldout_tags, heldout_correct, heldout_labels)
+            held = evaluate_on_heldout(found, heldout_tags, errors=~heldout_correct,
+                                       labels=heldout_labels)
             rows.append({
                 "min_size": min_size,
                 "min_drop": min_drop,
@@ -275,7 +282,7 @@ def _planted_descriptions(config: PrimeConfig, progress: bool) -> dict:
     key = jax.random.key(config.seed)
     problem_key, flip_key, quality_key = jax.random.split(key, 3)
     problem = planted_problem(
-        problem_key, num_classes=4, images_per_class=config.planted_images_per_class,
+        key=problem_key, num_classes=4, images_per_class=config.planted_images_per_class,
         tag_prevalence=prevalence, planted=planted_sets, base_accuracy=config.planted_base_accuracy,
     )
     truth = TagMatrix(problem.tags, problem.tag_names)
@@ -283,10 +290,12 @@ def _planted_descriptions(config: PrimeConfig, progress: bool) -> dict:
     search_kwargs = dict(tag_names=problem.tag_names, min_size=config.min_size,
                          min_drop=config.min_drop, min_gain=tuple(config.min_gain),
                          max_tags=config.max_tags, progress=progress)
-    clean = find_failure_modes(problem.tags, problem.correct, problem.labels, **search_kwargs)
-    observed = TagMatrix(flip_tags(flip_key, problem.tags, config.planted_flip_probability),
+    clean = find_failure_modes(problem.tags, errors=problem.errors, labels=problem.labels,
+                               **search_kwargs)
+    observed = TagMatrix(flip_tags(problem.tags, config.planted_flip_probability, key=flip_key),
                          problem.tag_names)
-    noisy = find_failure_modes(observed.tags, problem.correct, problem.labels, **search_kwargs)
+    noisy = find_failure_modes(observed.tags, errors=problem.errors, labels=problem.labels,
+                               **search_kwargs)
 
     embedder = TagSpaceEmbedder(truth)
     images = embedder.embed_images(np.arange(len(problem.labels)))
@@ -303,7 +312,7 @@ def _planted_descriptions(config: PrimeConfig, progress: bool) -> dict:
         }
         for name, texts in variants.items():
             quality = description_quality(images, embedder.embed_texts(texts), members,
-                                          problem.labels, labels, quality_key)
+                                          problem.labels, labels, key=quality_key)
             rows[name] = {"similarity": quality.similarity, "similarity_std": quality.similarity_std,
                           "auroc": quality.auroc, "mean_auroc": quality.mean_auroc}
     truth_members = np.stack([
@@ -312,7 +321,8 @@ def _planted_descriptions(config: PrimeConfig, progress: bool) -> dict:
     truth_texts = [f"a photo of a {class_names[label]}, " + ", ".join(problem.tag_names[t] for t in tags)
                    for label, tags in planted_sets]
     quality = description_quality(images, embedder.embed_texts(truth_texts), truth_members,
-                                  problem.labels, [label for label, _ in planted_sets], quality_key)
+                                  problem.labels, [label for label, _ in planted_sets],
+                                  key=quality_key)
     rows["planted truth on the true groups"] = {
         "similarity": quality.similarity, "similarity_std": quality.similarity_std,
         "auroc": quality.auroc, "mean_auroc": quality.mean_auroc,

@@ -26,6 +26,7 @@ from jfail.prime.search import (
     FailureMode,
     TagSetCounts,
     count_frequent_tag_sets,
+    count_tag_sets,
     find_failure_modes,
     pack_bits,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "background_tags",
     "concat_tags",
     "count_frequent_tag_sets",
+    "count_tag_sets",
     "describe",
     "description_quality",
     "evaluate_on_heldout",

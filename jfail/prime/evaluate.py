@@ -88,14 +88,15 @@ def mode_members(mode: FailureMode, tags, labels, tag_names: Sequence[str]) -> n
 
 
 def evaluate_on_heldout(
-    modes: Sequence[FailureMode], tags, correct, labels, *, tag_names: Sequence[str] | None = None
+    modes: Sequence[FailureMode], tags, *, errors, labels, tag_names: Sequence[str] | None = None
 ) -> list[HeldOutMode]:
     """Each mode on other data, by its tags alone (section 4.1).
 
     tags: [N', T'] bool (or a TagMatrix) of the held-out images, whose columns are found by the
-    modes' tag names; correct: [N'] bool; labels: [N'] int.
+    modes' tag names; errors (keyword-only): [N'] bool, True where the classifier is wrong;
+    labels (keyword-only): [N'] int.
     """
-    tags, tag_names, correct, labels = _check_data(tags, correct, labels, tag_names)
+    tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     results = []
     for mode in modes:
         in_class = labels == mode.label
@@ -128,11 +129,12 @@ def generalization_summary(heldout: Sequence[HeldOutMode], drop_thresholds=(0.2,
     return summary
 
 
-def subset_accuracies(mode: FailureMode, tags, correct, labels, *,
+def subset_accuracies(mode: FailureMode, tags, *, errors, labels,
                       tag_names: Sequence[str] | None = None) -> list[SubsetAccuracy]:
     """Table 1: the accuracy of the mode's class on images showing each non-empty subset of its
-    tags, from all tags down to single tags."""
-    tags, tag_names, correct, labels = _check_data(tags, correct, labels, tag_names)
+    tags, from all tags down to single tags. errors: [N] bool, True where the classifier is
+    wrong; labels: [N] int (both keyword-only)."""
+    tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     in_class = labels == mode.label
     rows = []
     for size in range(len(mode.tags), 0, -1):
@@ -142,15 +144,16 @@ def subset_accuracies(mode: FailureMode, tags, correct, labels, *,
     return rows
 
 
-def subset_drop_table(modes: Sequence[FailureMode], tags, correct, labels, *,
+def subset_drop_table(modes: Sequence[FailureMode], tags, *, errors, labels,
                       tag_names: Sequence[str] | None = None, min_images: int = 1) -> dict:
     """Table 2: for modes of k tags, the mean accuracy drop (A'_c - A') of the full tag set and
     of its subsets of k-1, ..., 1 tags, all on the given (held-out) data.
 
     Returns {k: {"modes": count, "drop": {j: mean drop over the modes' j-subsets}}}; a subset
-    (or a mode) with fewer than `min_images` images is left out of the mean.
+    (or a mode) with fewer than `min_images` images is left out of the mean. errors: [N] bool,
+    True where the classifier is wrong; labels: [N] int (both keyword-only).
     """
-    tags, tag_names, correct, labels = _check_data(tags, correct, labels, tag_names)
+    tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     table: dict[int, dict] = {}
     for k in sorted({len(m.tags) for m in modes}):
         if k < 2:
@@ -158,7 +161,8 @@ def subset_drop_table(modes: Sequence[FailureMode], tags, correct, labels, *,
         drops: dict[int, list[float]] = {j: [] for j in range(k, 0, -1)}
         used = 0
         for mode in (m for m in modes if len(m.tags) == k):
-            rows = subset_accuracies(mode, tags, correct, labels, tag_names=tag_names)
+            rows = subset_accuracies(mode, tags, errors=~correct, labels=labels,
+                                     tag_names=tag_names)
             if rows[0].size < min_images:
                 continue
             used += 1
@@ -179,15 +183,15 @@ def description_quality(
     members: np.ndarray,
     labels: np.ndarray,
     mode_labels: Sequence[int],
-    key: jax.Array,
     *,
+    key,
     num_outside: int | None = None,
 ) -> DescriptionQuality:
     """Section 4.3's three metrics.
 
     image_embeddings: [N, D] unit rows; text_embeddings: [M, D] unit rows, one per mode;
     members: [M, N] bool, the images of each mode; labels: [N]; mode_labels: [M], each mode's
-    class. Outside images are drawn (with `key`) from the mode's class but not the mode:
+    class. Outside images are drawn (with `key`, keyword-only: an int seed or a PRNG key) from the mode's class but not the mode:
     `num_outside` of them, by default as many as the mode has images.
     """
     image_embeddings = np.asarray(image_embeddings, np.float32)
@@ -260,7 +264,8 @@ def recovery_scores(modes: Sequence[FailureMode], planted: Sequence[tuple[int, S
     }
 
 
-def _check_data(tags, correct, labels, tag_names):
+def _check_data(tags, errors, labels, tag_names):
+    """-> tags, tag names, correct (the complement of `errors`), labels."""
     if isinstance(tags, TagMatrix) and tag_names is None:
         tag_names = tags.names
     tags = as_tag_array(tags)
@@ -269,12 +274,17 @@ def _check_data(tags, correct, labels, tag_names):
     tag_names = tuple(tag_names)
     if len(tag_names) != tags.shape[1]:
         raise ValueError(f"{len(tag_names)} tag names for {tags.shape[1]} tag columns")
-    correct = np.asarray(correct).astype(bool)
+    errors = np.asarray(errors)
+    if errors.dtype != bool:
+        if errors.size and not np.isin(errors, (0, 1)).all():
+            raise ValueError("errors must be booleans (True where the classifier is wrong) or 0/1, "
+                             f"got values {np.unique(errors)[:5]}")
+        errors = errors.astype(bool)
     labels = np.asarray(labels)
-    if correct.shape != (len(tags),) or labels.shape != (len(tags),):
-        raise ValueError(f"tags has {len(tags)} rows but correct has shape {correct.shape} and "
+    if errors.shape != (len(tags),) or labels.shape != (len(tags),):
+        raise ValueError(f"tags has {len(tags)} rows but errors has shape {errors.shape} and "
                          f"labels {labels.shape}")
-    return tags, tag_names, correct, labels
+    return tags, tag_names, ~errors, labels
 
 
 def _columns(names: Sequence[str], tag_names: Sequence[str]) -> list[int]:

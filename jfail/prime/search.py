@@ -39,6 +39,7 @@ __all__ = [
     "FailureMode",
     "TagSetCounts",
     "count_frequent_tag_sets",
+    "count_tag_sets",
     "find_failure_modes",
     "pack_bits",
 ]
@@ -95,9 +96,9 @@ class TagSetCounts(NamedTuple):
 
 def find_failure_modes(
     tags,
-    correct,
-    labels,
     *,
+    errors,
+    labels,
     tag_names: Sequence[str] | None = None,
     min_size: int = 30,
     min_drop: float = 0.30,
@@ -113,8 +114,9 @@ def find_failure_modes(
 ) -> list[FailureMode]:
     """All failure modes of every class (section 3.2), sorted by class, number of tags, accuracy.
 
-    tags: [N, T] bool (or 0/1, or a TagMatrix, whose names are then used); correct: [N] bool,
-    whether the classifier is right on each image; labels: [N] int, the true classes.
+    tags: [N, T] bool (or 0/1, or a TagMatrix, whose names are then used); errors
+    (keyword-only): [N] bool, True where the classifier is wrong; labels (keyword-only): [N] int,
+    the true classes.
     min_size, min_drop, min_gain, max_tags: the paper's s, a, (b2, b3, b4, ...) and l;
     min_gain[k - 2] applies to sets of k tags, so it needs at least max_tags - 1 entries.
     min_tag_count: per class, tags on fewer images are dropped before the search (section 3.1).
@@ -127,12 +129,12 @@ def find_failure_modes(
     if isinstance(tags, TagMatrix) and tag_names is None:
         tag_names = tags.names
     tags = as_tag_array(tags)
-    correct = _as_bool_vector(correct, "correct")
+    correct = ~_as_bool_vector(errors, "errors")
     labels = _as_label_vector(labels)
     num_images, num_tags = tags.shape
     if len(correct) != num_images or len(labels) != num_images:
         raise ValueError(
-            f"tags has {num_images} rows but correct has {len(correct)} entries and labels "
+            f"tags has {num_images} rows but errors has {len(correct)} entries and labels "
             f"{len(labels)}: they must describe the same images"
         )
     tag_names = _check_tag_names(tag_names, num_tags)
@@ -175,17 +177,18 @@ def find_failure_modes(
 
 
 def count_frequent_tag_sets(
-    tags, correct, *, min_size: int, max_tags: int, block_size: int = 4096
+    tags, *, errors, min_size: int, max_tags: int, block_size: int = 4096
 ) -> TagSetCounts:
     """Image and correct-image counts of every tag set of <= max_tags tags with >= min_size images.
 
-    tags: [n, T] bool for one group of images (e.g. one class); correct: [n] bool.
-    This is the exhaustive search's enumeration, without the failure-mode tests.
+    tags: [n, T] bool for one group of images (e.g. one class); errors (keyword-only): [n] bool,
+    True where the classifier is wrong. This is the exhaustive search's enumeration, without the
+    failure-mode tests.
     """
     tags = as_tag_array(tags)
-    correct = _as_bool_vector(correct, "correct")
+    correct = ~_as_bool_vector(errors, "errors")
     if len(correct) != tags.shape[0]:
-        raise ValueError(f"tags has {tags.shape[0]} rows but correct has {len(correct)} entries")
+        raise ValueError(f"tags has {tags.shape[0]} rows but errors has {len(correct)} entries")
     _check_hyperparameters(min_size, 0.0, (0.0,) * max(0, max_tags - 1), max_tags, 0)
     packed = _PackedClass.build(tags, correct)
     return _enumerate(packed, min_size=min_size, max_tags=max_tags, block_size=block_size)
@@ -379,16 +382,28 @@ def _count_sets(packed: _PackedClass, sets: np.ndarray, block_size: int):
     return np.concatenate(size_parts).astype(np.int64), np.concatenate(hit_parts).astype(np.int64)
 
 
-@jit
-def _count_kernel(tag_bits: jax.Array, correct_bits: jax.Array, sets: jax.Array):
-    """tag_bits [T + 1, W] uint32, correct_bits [W] uint32, sets [Q, k] int32 row indices
-    -> sizes, hits: [Q] int32 (popcounts of the AND of each set's rows, alone and with correct)."""
+def count_tag_sets(tag_bits: jax.Array, correct_bits: jax.Array, sets: jax.Array):
+    """PRIME's counting kernel, a pure function usable inside `jax.jit` and `jax.vmap`.
+
+    Args:
+      tag_bits: [T, W] uint32, row t the images showing tag t packed 32 per word (`pack_bits`).
+      correct_bits: [W] uint32, the correctly classified images packed the same way.
+      sets: [Q, k] int32 rows of `tag_bits` (repeat an index, or point at an all-ones row, for
+        sets of fewer than k tags).
+
+    Returns:
+      (sizes, hits): [Q] int32 each, the number of images showing every tag of each set, and how
+      many of those are correctly classified (popcounts of the AND of the set's rows).
+    """
     image_bits = tag_bits[sets[:, 0]]
     for position in range(1, sets.shape[1]):
         image_bits = image_bits & tag_bits[sets[:, position]]
     sizes = jax.lax.population_count(image_bits).astype(jnp.int32).sum(-1)
     hits = jax.lax.population_count(image_bits & correct_bits).astype(jnp.int32).sum(-1)
     return sizes, hits
+
+
+_count_kernel = jit(count_tag_sets)
 
 
 def _next_power_of_two(value: int) -> int:

@@ -33,10 +33,15 @@ class PlantedProblem(NamedTuple):
     tag_names: tuple[str, ...]
     planted: tuple[tuple[int, tuple[str, ...]], ...]
 
+    @property
+    def errors(self) -> np.ndarray:
+        """[N] bool, True where the classifier is wrong (the complement of `correct`)."""
+        return ~self.correct
+
 
 def planted_problem(
-    key: jax.Array,
     *,
+    key,
     num_classes: int,
     images_per_class: int,
     tag_prevalence: float | Sequence[float],
@@ -76,8 +81,8 @@ def planted_problem(
 
 
 def living17_shaped_problem(
-    key: jax.Array,
     *,
+    key,
     num_classes: int = 17,
     images_per_class: int = 5200,
     vocabulary_size: int = 400,
@@ -133,7 +138,7 @@ def living17_shaped_problem(
     return PlantedProblem(tags, labels, correct, names, tuple(planted))
 
 
-def flip_tags(key: jax.Array, tags: np.ndarray, flip_probability: float) -> np.ndarray:
+def flip_tags(tags: np.ndarray, flip_probability: float, *, key) -> np.ndarray:
     """`tags` ([N, T] bool) with each entry flipped independently with `flip_probability`."""
     if not 0 <= flip_probability <= 1:
         raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
