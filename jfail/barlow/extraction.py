@@ -359,37 +359,13 @@ def _prepare(model_fn, images):
     """`model_fn` as a pytree whose weights are every array it reads now, and the shape of its
     output for one image (a `ModelCallError` when it cannot be called on these images)."""
     example = jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)
-    model = _jit_argument(model_fn, example)
+    model = traced_model(model_fn, example)
     probe = call_shape(model, example)
     if not hasattr(probe, "shape"):
         raise ValueError(
             f"the model must return one array, got {jax.tree_util.tree_structure(probe)}."
         )
     return model, probe
-
-
-def _jit_argument(fn, *example):
-    """`traced_model(fn, *example)`, also for a callable object that is not a pytree (a
-    dataclass with `__call__`), which `traced_model` would return as it is: such an object is
-    traced through a function that calls it."""
-    model = traced_model(fn, *example)
-    leaves = jax.tree_util.tree_leaves(model)
-    if any(callable(leaf) and not hasattr(leaf, "shape") for leaf in leaves):
-        model = traced_model(_calling(fn), *example)
-    return model
-
-
-def _calling(fn):
-    """A function calling `fn`, the same one for equal `fn`s (so compilations are reused)."""
-    try:
-        return _calling_cached(fn)
-    except TypeError:  # unhashable
-        return lambda *args: fn(*args)
-
-
-@functools.lru_cache(maxsize=64)
-def _calling_cached(fn):
-    return lambda *args: fn(*args)
 
 
 def _check_feature_map(shape) -> None:

@@ -254,31 +254,7 @@ def _traced(fn, example):
         raise TypeError(f"expected a callable model, got {type(fn).__name__}.")
     if in_trace(fn, example):
         return fn
-    return _jit_argument(fn, example)
-
-
-def _jit_argument(fn, *example):
-    """`traced_model(fn, *example)`, also for a callable object that is not a pytree (a
-    dataclass with `__call__`), which `traced_model` would return as it is: such an object is
-    traced through a function that calls it."""
-    model = traced_model(fn, *example)
-    leaves = jax.tree_util.tree_leaves(model)
-    if any(callable(leaf) and not hasattr(leaf, "shape") for leaf in leaves):
-        model = traced_model(_calling(fn), *example)
-    return model
-
-
-def _calling(fn):
-    """A function calling `fn`, the same one for equal `fn`s (so compilations are reused)."""
-    try:
-        return _calling_cached(fn)
-    except TypeError:  # unhashable
-        return lambda *args: fn(*args)
-
-
-@functools.lru_cache(maxsize=64)
-def _calling_cached(fn):
-    return lambda *args: fn(*args)
+    return traced_model(fn, example)
 
 
 def _map_batches(fn, x, batch_size):

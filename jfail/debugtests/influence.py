@@ -206,31 +206,7 @@ def _traced_loss(loss_fn, params, x, y):
     traced, so a later call sees weights updated since (`traced_model`)."""
     if in_trace(params, x, y):
         return loss_fn
-    return _jit_argument(loss_fn, params, _head_spec(x, 1), _head_spec(y, 1))
-
-
-def _jit_argument(fn, *example):
-    """`traced_model(fn, *example)`, also for a callable object that is not a pytree (a
-    dataclass with `__call__`), which `traced_model` would return as it is: such an object is
-    traced through a function that calls it."""
-    model = traced_model(fn, *example)
-    leaves = jax.tree_util.tree_leaves(model)
-    if any(callable(leaf) and not hasattr(leaf, "shape") for leaf in leaves):
-        model = traced_model(_calling(fn), *example)
-    return model
-
-
-def _calling(fn):
-    """A function calling `fn`, the same one for equal `fn`s (so compilations are reused)."""
-    try:
-        return _calling_cached(fn)
-    except TypeError:  # unhashable
-        return lambda *args: fn(*args)
-
-
-@functools.lru_cache(maxsize=64)
-def _calling_cached(fn):
-    return lambda *args: fn(*args)
+    return traced_model(loss_fn, params, _head_spec(x, 1), _head_spec(y, 1))
 
 
 def _head_spec(array, size):

@@ -16,8 +16,8 @@ programs once per model structure and pass the weights as traced arguments, foun
   `func`, a module's methods) are code, and arrays they reach only through a closure or a global
   are constants of the program, as under `jax.jit`;
 - a bound method of a pytree (`nnx_module.features`, `eqx_module.__call__`): the pytree's leaves;
-- any other callable (closures, lambdas, `functools.partial`, bound methods of other objects):
-  it is traced once per call and every array it reads (closed-over, global, or a partial's
+- any other callable (closures, lambdas, `functools.partial`, bound methods of other objects,
+  callable objects that are not pytrees): it is traced once per call and every array it reads (closed-over, global, or a partial's
   argument) becomes a traced argument (`traced_model`). New arrays of the same shapes reuse the
   compiled program; Python numbers it reads stay constants of that program, as under `jax.jit`.
 
@@ -129,7 +129,7 @@ def needs_tracing(model: Callable, leaves: list) -> bool:
     owner = getattr(model, "__self__", model)
     if isinstance(owner, _nnx_module_type()):
         _refuse_training_mode(owner)
-    return any(isinstance(leaf, _OPAQUE) for leaf in leaves)
+    return any(_is_opaque(leaf) for leaf in leaves)
 
 
 def call_shape(model: Callable, *example):
@@ -148,12 +148,24 @@ def call_shape(model: Callable, *example):
 
 
 _OPAQUE = (types.FunctionType, types.MethodType, functools.partial)
+_PURE_JAX_CALLABLES = (jax.custom_jvp, jax.custom_vjp)
+
+
+def _is_opaque(leaf) -> bool:
+    """A pytree leaf that may read arrays JAX does not see: a Python function, method or
+    `functools.partial` (closure, globals, arguments), or any other callable object that is not
+    a pytree (its attributes). JAX's own function wrappers (`custom_jvp`, `custom_vjp`, jitted
+    functions such as `jax.nn.relu` inside an Equinox module) are code."""
+    if isinstance(leaf, _OPAQUE):
+        return True
+    if not callable(leaf) or _is_array(leaf) or isinstance(leaf, (type, *_PURE_JAX_CALLABLES)):
+        return False
+    return type(leaf).__module__.split(".")[0] not in ("jax", "jaxlib", "builtins", "numpy")
 
 
 def _hides_arrays(obj) -> bool:
-    """Whether `obj` may read arrays that are not its pytree leaves: it is, or holds as a leaf,
-    a Python function, method or `functools.partial` (whose closure, globals or arguments JAX
-    does not see). A `Partial`'s function and a module's methods are code, not leaves."""
+    """Whether `obj` may read arrays that are not its pytree leaves (see `_is_opaque`). A
+    `Partial`'s function and a module's methods are code, not leaves."""
     return needs_tracing(obj, jax.tree_util.tree_leaves(obj))
 
 
