@@ -43,11 +43,12 @@ none; 403), a request without exactly one Host header or whose absolute-form tar
 another host (400), a vote that is not `Content-Type: application/json` (415), has no
 Content-Length (411), declares more than 16 KiB (413), nests arrays or objects, is not JSON,
 or has missing, unknown or mistyped fields (400). Requests that are not valid HTTP/1.1 (a
-negative or non-numeric Content-Length, two different lengths, a request head over 16 KiB)
-get uvicorn's plain-text 400 and the connection is closed. A connection that leaves the
-server waiting longer than `timeout` (5 s by default) for a request head is closed, and a
-vote body that takes longer gets 408; past 256 open connections requests get 503 until some
-close. None of this writes to the log; only a failure of the server itself does (500).
+negative or non-numeric Content-Length, two different lengths, an unfinished request head
+of more than 16 KiB) get uvicorn's plain-text 400 and the connection is closed. A
+connection that leaves the server waiting longer than `timeout` (5 s by default) for a request
+head is closed, and a vote body that takes longer gets 408; past 256 open connections requests
+get 503 until some close. None of this writes to the log; only a failure of the server itself
+does (500).
 """
 
 from __future__ import annotations
