@@ -41,14 +41,14 @@ HEAD works wherever GET does. Refused: an unknown path (404), another method (40
 `Allow`), a Host header other than 127.0.0.1, localhost or [::1] (with this server's port or
 none; 403), a request without exactly one Host header or whose absolute-form target names
 another host (400), a vote that is not `Content-Type: application/json` (415), has no
-Content-Length (411), declares more than 16 KiB (413), nests arrays or objects, is not JSON,
-or has missing, unknown or mistyped fields (400). Requests that are not valid HTTP/1.1 (a
-negative or non-numeric Content-Length, two different lengths, an unfinished request head
-of more than 16 KiB) get uvicorn's plain-text 400 and the connection is closed. A
-connection that leaves the server waiting longer than `timeout` (5 s by default) for a request
-head is closed, and a vote body that takes longer gets 408; past 256 open connections requests
-get 503 until some close. None of this writes to the log; only a failure of the server itself
-does (500).
+Content-Length or has a Transfer-Encoding (411), declares more than 16 KiB (413), nests
+arrays or objects, is not JSON, or has missing, unknown or mistyped fields (400). Requests
+that are not valid HTTP/1.1 (a negative or non-numeric Content-Length, two different
+lengths, an unfinished request head of more than 16 KiB) get uvicorn's plain-text 400 and
+the connection is closed. A connection that leaves the server waiting longer than `timeout`
+(5 s by default) for a request head is closed, and a vote body that takes longer gets 408;
+past 256 open connections requests get 503 until some close. None of this writes to the
+log; only a failure of the server itself does (500, logged once).
 """
 
 from __future__ import annotations
@@ -683,6 +683,7 @@ def _listen(address: str, port: int) -> socket.socket:
     return sock
 
 
+@functools.lru_cache(maxsize=1)
 def _protocol_class():
     """uvicorn's h11 protocol with a deadline on the client while no request is being served.
 
@@ -816,9 +817,10 @@ class _HostGuard:
                 await _json(refusal.status, {"error": refusal.message})(scope, receive, send)
                 return
             await self.app(scope, receive, tracked_send)
-        except Exception:  # a bug or a database fault: report it, keep serving
-            _LOG.exception("annotation server: %s %s failed", scope.get("method"),
-                           scope.get("path"))
+        except Exception as error:  # a bug or a database fault: report it, keep serving
+            if not getattr(error, "logged_by_jfail", False):
+                _LOG.exception("annotation server: %s %s failed", scope.get("method"),
+                               scope.get("path"))
             if not started:
                 await _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})(
                     scope, receive, send)
@@ -886,8 +888,9 @@ def _application(app: _App, port: int, timeout: float):
             raise _BadRequest(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                               "a vote must be sent as Content-Type: application/json", close=True)
         length = request.headers.get("content-length")
-        if length is None:
-            raise _BadRequest(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required",
+        if length is None or "transfer-encoding" in request.headers:
+            raise _BadRequest(HTTPStatus.LENGTH_REQUIRED,
+                              "a vote needs a Content-Length (and no Transfer-Encoding)",
                               close=True)
         if not length.isdigit():  # uvicorn's h11 refuses these before they get here
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length is not a number",
@@ -898,7 +901,12 @@ def _application(app: _App, port: int, timeout: float):
         chunks = []
 
         async def read():
+            size = 0
             async for chunk in request.stream():
+                size += len(chunk)
+                if size > _MAX_BODY:  # more than declared: h11 should have refused it already
+                    raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                      f"a vote is at most {_MAX_BODY} bytes", close=True)
                 chunks.append(chunk)
 
         try:
@@ -934,8 +942,14 @@ def _application(app: _App, port: int, timeout: float):
         Route("/api/vote", vote, methods=["POST"]),
         Route("/images/{path:path}", image, methods=["GET"]),
     ]
+    async def server_error(request, error: Exception):  # logged before the client hears
+        _LOG.error("annotation server: %s %s failed", request.method, request.url.path,
+                   exc_info=error)
+        error.logged_by_jfail = True  # Starlette re-raises it to _HostGuard
+        return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
     starlette = Starlette(routes=routes, exception_handlers={
-        _BadRequest: bad_request, HTTPException: http_error})
+        _BadRequest: bad_request, HTTPException: http_error, Exception: server_error})
     starlette.router.redirect_slashes = False  # an unknown path is a 404, not a redirect
     return _HostGuard(starlette, port)
 
