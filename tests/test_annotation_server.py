@@ -624,6 +624,29 @@ def test_stalled_connections_are_dropped_within_the_timeout(run_dir, caplog, cap
     assert capfd.readouterr().err == ""
 
 
+def test_past_the_connection_limit_requests_get_503_until_stalled_clients_are_dropped(
+        run_dir, monkeypatch, caplog, capfd):
+    from jfail.defuse import annotation_server
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(annotation_server, "_MAX_CONNECTIONS", 8)
+    with serve(run_dir, timeout=1.0) as server:
+        opened = time.monotonic()
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                   for _ in range(10)]
+        deadline = time.monotonic() + 3
+        while len(server._server.server_state.connections) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert request(server, "GET", "/api/summary")[0] == 503  # refused at once, no hang
+        for connection in stalled:
+            with connection:
+                assert connection.recv(100) == b""  # dropped by the server
+        assert time.monotonic() - opened < 4
+        assert request(server, "GET", "/api/summary")[0] == 200
+    assert [r.getMessage() for r in caplog.records] == []
+    assert capfd.readouterr().err == ""
+
+
 @pytest.fixture
 def wide_run(tmp_path):
     """A run of 10 scenarios x 2 samples, 4 classes: 20 images to vote on."""
