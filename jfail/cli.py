@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     annotate = sub.add_parser("annotate", help="serve the Defuse annotation page (loopback only)")
     annotate.add_argument("run_dir", help="a Defuse run directory (with annotation/)")
     annotate.add_argument("--port", default="8765",
-                          help="port on 127.0.0.1, 1..65535 (default 8765)")
+                          help="port on 127.0.0.1, 1..65535, or 0 for a free one (default 8765)")
     return parser
 
 
@@ -183,8 +183,9 @@ def _annotate(run_dir: Path, args) -> int:
         return status
 
     port = args.port.strip()
-    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        return fail(f"--port must be an integer in 1..65535, got {args.port!r}", 2)
+    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        return fail(f"--port must be an integer in 0..65535 (0 picks a free port), got "
+                    f"{args.port!r}", 2)
     candidates = [run_dir, run_dir / "work", run_dir / "work" / "defuse"]
     found = next((c for c in candidates if (c / ANNOTATION_DIR / "labels.csv").is_file()), None)
     if found is None:

@@ -829,19 +829,33 @@ def test_cli_port_errors_are_one_line_and_an_exit_status(run_dir):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     with busy:
-        cases = [("70000", 2, "--port must be an integer in 1..65535, got '70000'"),
-                 ("http", 2, "--port must be an integer in 1..65535, got 'http'"),
+        cases = [("70000", 2, "--port must be an integer in 0..65535 (0 picks a free port), "
+                              "got '70000'"),
+                 ("-1", 2, "--port must be an integer in 0..65535"),
+                 ("http", 2, "--port must be an integer in 0..65535"),
                  (str(busy.getsockname()[1]), 1, "is already in use")]
         processes = [subprocess.Popen(
-            [sys.executable, "-m", "jfail.cli", "annotate", str(run_dir), "--port", port],
+            [sys.executable, "-m", "jfail.cli", "annotate", str(run_dir), f"--port={port}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for port, _, _ in cases]
+            for port, _, _ in cases + [("0", 0, "")]]
+        free = processes.pop()  # --port 0 still picks a free port
         try:
             outputs = [process.communicate(timeout=60) for process in processes]
+            free.stdout.readline()
+            url = free.stdout.readline().split()[1]
+            assert url.startswith("http://127.0.0.1:") and not url.endswith(":0/")
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/api/summary")
+            assert connection.getresponse().status == 200
+            connection.close()
+            free.send_signal(signal.SIGINT)
+            _, free_err = free.communicate(timeout=30)
         finally:
-            for process in processes:
+            for process in processes + [free]:
                 if process.poll() is None:
                     process.kill()
+    assert free.returncode == 0 and free_err == ""
     for (port, code, message), process, (out, err) in zip(cases, processes, outputs):
         assert process.returncode == code, (port, err)
         assert len(err.splitlines()) == 1 and err.startswith("jfail annotate: "), (port, err)
