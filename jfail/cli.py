@@ -183,7 +183,7 @@ def _annotate(run_dir: Path, args) -> int:
         return status
 
     port = args.port.strip()
-    if not (port.isascii() and port.isdigit() and int(port) <= 65535):
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
         return fail(f"--port must be an integer in 0..65535 (0 picks a free port), got "
                     f"{args.port!r}", 2)
     candidates = [run_dir, run_dir / "work", run_dir / "work" / "defuse"]

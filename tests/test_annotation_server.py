@@ -496,6 +496,8 @@ def hostile(port):
             "Content-Type: application/json", "Content-Length: -5"], body=good), 400),
         ("non-numeric Content-Length", raw_request(port, "POST", "/api/vote", headers=[
             "Content-Type: application/json", "Content-Length: 1e3"], body=good), 400),
+        ("5000-digit Content-Length", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Content-Length: " + "9" * 5000], body=good), 400),
         ("two Content-Lengths", raw_request(port, "POST", "/api/vote", headers=[
             "Content-Type: application/json", f"Content-Length: {len(good)}",
             "Content-Length: 3"], body=good), 400),
