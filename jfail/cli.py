@@ -217,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     annotate = sub.add_parser("annotate", parents=[common],
                               help="serve the Defuse annotation page (loopback only)")
     annotate.add_argument("run_dir", help="a Defuse run directory (with annotation/)")
-    annotate.add_argument("--port", type=int, default=8765)
+    annotate.add_argument("--port", default="8765",
+                          help="port on 127.0.0.1, 1..65535, or 0 for a free one (default 8765)")
     return parser
 
 
@@ -262,15 +263,32 @@ def _report(run_dir: Path) -> int:
 
 
 def _annotate(run_dir: Path, args) -> int:
-    """Serve the annotation folder of a Defuse run: RUN_DIR itself, or its work directory."""
+    """Serve the annotation folder of a Defuse run: RUN_DIR itself, or its work directory.
+
+    A bad --port or an unusable run directory is one line on stderr and exit status 2; a port
+    that cannot be bound (in use, privileged) is one line and exit status 1.
+    """
     from jfail.defuse.annotation_server import ANNOTATION_DIR, run_annotation_server
 
+    def fail(message: str, status: int) -> int:
+        print(f"jfail annotate: {message}", file=sys.stderr, flush=True)
+        return status
+
+    port = args.port.strip()
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        return fail(f"--port must be an integer in 0..65535 (0 picks a free port), got "
+                    f"{args.port!r}", 2)
     candidates = [run_dir, run_dir / "work", run_dir / "work" / "defuse"]
     found = next((c for c in candidates if (c / ANNOTATION_DIR / "labels.csv").is_file()), None)
     if found is None:
-        raise SystemExit(f"jfail annotate: no {ANNOTATION_DIR}/labels.csv in {run_dir} or its "
-                         "work directory; run `jfail defuse` (or `jfail demo`) first")
-    run_annotation_server(found, port=args.port)
+        return fail(f"no {ANNOTATION_DIR}/labels.csv in {run_dir} or its work directory; run "
+                    "`jfail defuse` (or `jfail demo`) first", 2)
+    try:
+        run_annotation_server(found, port=int(port))
+    except (FileNotFoundError, ValueError) as error:  # a damaged annotation folder
+        return fail(str(error), 2)
+    except OSError as error:  # the port cannot be bound: in use, or not ours to take
+        return fail(error.strerror or str(error), 1)
     return 0
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -392,3 +396,468 @@ def test_the_page_records_clicks_and_keys_in_chromium(server, run_dir):
         assert page.is_visible("#done") and not page.is_visible("#task")
         assert sum(a == "carol" for a, _, _ in rows(run_dir)) == 6
         assert problems == []
+
+
+# ---------------------------------------------------------------- hostile input and faults
+
+PAGE = (Path(__file__).parents[1] / "jfail" / "defuse" / "annotation_page.html").read_bytes()
+
+
+def exchange(port, data, *, half_close=False, wait=5.0):
+    """(status or None, headers, body, seconds) of raw bytes sent on a fresh connection.
+
+    Reads one response (or up to the server closing the connection); status None means the
+    server closed the connection without answering.
+    """
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as connection:
+        connection.sendall(data)
+        if half_close:
+            connection.shutdown(socket.SHUT_WR)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return None, {}, received, time.monotonic() - started
+            received += chunk
+        head, body = received.split(b"\r\n\r\n", 1)
+        status = int(head.split()[1])
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        expected = 0 if data.startswith(b"HEAD ") else int(headers.get("content-length", 0))
+        if "content-length" in headers:
+            while len(body) < expected:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+        else:  # uvicorn's own 400: the body runs to the end of the connection
+            while chunk := connection.recv(65536):
+                body += chunk
+        if headers.get("connection") == "close" or data.startswith(b"HEAD "):
+            while chunk := connection.recv(65536):  # nothing may follow (HEAD has no body)
+                body += chunk
+    return status, headers, body, time.monotonic() - started
+
+
+def raw_request(port, method, target, *, host=None, headers=(), body=b""):
+    host = f"127.0.0.1:{port}" if host is None else host
+    lines = [f"{method} {target} HTTP/1.1"] + ([f"Host: {host}"] if host else []) + list(headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+CLOSE = "Connection: close"
+
+
+def vote_bytes(port, body: bytes, *extra):
+    return raw_request(port, "POST", "/api/vote", body=body, headers=[
+        "Content-Type: application/json", f"Content-Length: {len(body)}", *extra])
+
+
+def hostile(port):
+    """(name, bytes, expected status: a 4xx, 200 where documented, None = closed unanswered)."""
+    good = json.dumps(GOOD).encode()
+    return [
+        ("two Host headers", raw_request(port, "GET", "/api/summary",
+                                         headers=["Host: evil.example"]), 400),
+        ("two Host headers, both loopback", raw_request(
+            port, "GET", "/api/summary", headers=[f"Host: localhost:{port}"]), 400),
+        ("evil Host", raw_request(port, "GET", "/api/summary", host="evil.example"), 403),
+        ("evil Host, our port", raw_request(port, "GET", "/", host=f"evil.example:{port}"), 403),
+        ("loopback Host, other port", raw_request(port, "GET", "/", host="127.0.0.1:1"), 403),
+        ("Host with a suffix", raw_request(port, "GET", "/", host=f"127.0.0.1:{port}.evil"),
+         403),
+        ("no Host (HTTP/1.0)", b"GET /api/summary HTTP/1.0\r\n\r\n", 400),
+        ("absolute URI, evil host", raw_request(port, "GET", "http://evil.example/api/summary"),
+         400),
+        ("absolute URI, userinfo", raw_request(
+            port, "GET", f"http://127.0.0.1:{port}@evil.example/api/summary"), 400),
+        ("absolute URI, https", raw_request(port, "GET", f"https://127.0.0.1:{port}/"), 400),
+        ("asterisk target", raw_request(port, "OPTIONS", "*"), 400),
+        ("absolute URI, this server", raw_request(
+            port, "GET", f"http://localhost:{port}/api/summary"), 200),
+        ("vote nested 10k deep", vote_bytes(port, b"[" * 10_000 + b"]" * 6_000), 400),
+        ("vote nested 8k deep, well formed", vote_bytes(port, b"[" * 8_000 + b"]" * 8_000), 400),
+        ("vote nested 10k deep, 20 kB", vote_bytes(port, b"[" * 10_000 + b"]" * 10_000), 413),
+        ("vote object nested 2.5k deep", vote_bytes(
+            port, b'{"a":' * 2_500 + b"1" + b"}" * 2_500), 400),
+        ("vote with a nested field", vote_bytes(
+            port, json.dumps({**GOOD, "annotator": {"name": "eve"}}).encode()), 400),
+        ("vote unclosed", vote_bytes(port, b"[" * 16_000), 400),
+        ("vote huge integer", vote_bytes(port, b'{"annotator": "e", "scenario": 0, "sample": 0, '
+                                               b'"label": ' + b"9" * 5000 + b"}"), 400),
+        ("vote NaN label", vote_bytes(port, b'{"annotator": "e", "scenario": 0, "sample": 0, '
+                                            b'"label": NaN}'), 400),
+        ("vote declares 100 kB", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Content-Length: 100000"], body=good), 413),
+        ("negative Content-Length", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Content-Length: -5"], body=good), 400),
+        ("non-numeric Content-Length", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Content-Length: 1e3"], body=good), 400),
+        ("5000-digit Content-Length", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Content-Length: " + "9" * 5000], body=good), 400),
+        ("two Content-Lengths", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", f"Content-Length: {len(good)}",
+            "Content-Length: 3"], body=good), 400),
+        ("chunked vote", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Transfer-Encoding: chunked"],
+            body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(good), good)), 411),
+        ("chunked vote with a Content-Length too", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/json", "Content-Length: 10", "Transfer-Encoding: chunked"],
+            body=b"%x\r\n%s\r\n0\r\n\r\n" % (30_000, b"x" * 30_000)), 411),
+        ("vote as a form", raw_request(port, "POST", "/api/vote", headers=[
+            "Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(good)}"],
+            body=good), 415),
+        ("made-up method", raw_request(port, "BREW", "/"), 405),
+        ("DELETE a vote", raw_request(port, "DELETE", "/api/vote"), 405),
+        ("HEAD the vote", raw_request(port, "HEAD", "/api/vote", headers=[CLOSE]), 405),
+        ("HEAD /", raw_request(port, "HEAD", "/", headers=[CLOSE]), 200),
+        ("HEAD the summary", raw_request(port, "HEAD", "/api/summary", headers=[CLOSE]),
+         200),
+        ("trailing slash", raw_request(port, "GET", "/api/summary/"), 404),
+        ("traversal", raw_request(port, "GET", "/images/../labels.csv"), 404),
+        ("traversal, encoded", raw_request(port, "GET", "/images/%2e%2e/classes.json"), 404),
+        ("traversal, encoded slash", raw_request(port, "GET", "/images/..%2fvotes.sqlite"), 404),
+        ("traversal, double encoded", raw_request(port, "GET", "/images/%252e%252e/labels.csv"),
+         404),
+        ("traversal, backslashes", raw_request(port, "GET", "/images/..%5c..%5clabels.csv"), 404),
+        ("traversal, absolute", raw_request(port, "GET", "/images//etc/passwd"), 404),
+        ("traversal above the root", raw_request(port, "GET", "/../../etc/passwd"), 404),
+        ("NUL in an image path", raw_request(
+            port, "GET", "/images/scenario_000/sample_00.png%00"), 404),
+        # h11 buffers at most 16 KiB of an unfinished request head
+        ("request head past 16 KiB", raw_request(
+            port, "GET", "/", headers=["X-Pad: " + "a" * 20_000])[:-4], 400),
+        ("URL past 16 KiB", b"GET /" + b"a" * 20_000, 400),
+        ("TLS handshake", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(64), 400),
+        ("bare newline junk", b"\r\n\r\n\r\n", 400),
+    ]
+
+
+def test_hostile_requests_get_a_4xx_and_the_server_keeps_answering(run_dir, caplog, capfd):
+    caplog.set_level(logging.WARNING)
+    with serve(run_dir, timeout=1.0) as server:
+        cases = hostile(server.port)
+        for name, data, expected in cases:
+            status, headers, body, _ = exchange(server.port, data)
+            assert status == expected, (name, status, body[:200])
+            if name.startswith("HEAD"):
+                assert body == b"", name  # no body, but the length GET would send
+                if name == "HEAD /":
+                    assert int(headers["content-length"]) == len(PAGE)
+                    assert headers["content-type"].startswith("text/html")
+            elif status == 400 and headers.get("content-type") != "application/json":
+                # HTTP that h11 cannot parse: uvicorn's plain 400, then the connection closes
+                assert headers["connection"] == "close" and body, name
+            else:
+                assert headers["content-type"] == "application/json", name
+                assert "error" in json.loads(body) or status == 200, name
+            # the server still answers an ordinary request after each
+            assert request(server, "GET", "/api/summary")[0] == 200, name
+        # truncated requests: the server waits for the rest, then closes without a word
+        for data in (b"GET /api/sum", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                     vote_bytes(server.port, json.dumps(GOOD).encode())[:-10]):
+            status, _, body, seconds = exchange(server.port, data, half_close=True)
+            assert (status, body) == (None, b"") and seconds < 4, data
+        assert request(server, "GET", "/api/summary")[1]["votes"] == 0
+        status, page, headers = request(server, "GET", "/")
+        assert status == 200 and page == PAGE
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+    assert rows(run_dir) == {}
+    assert [r.getMessage() for r in caplog.records] == []  # nothing in the log
+    assert capfd.readouterr().err == ""
+
+
+def test_stalled_connections_are_dropped_within_the_timeout(run_dir, caplog, capfd):
+    caplog.set_level(logging.WARNING)
+    timeout = 1.0
+    with serve(run_dir, timeout=timeout) as server:
+        port = server.port
+        stalls = (
+            [b""] * 20  # connect and say nothing
+            + [b"GET /api/summary HTTP/1.1\r\nHost: 127.0.0.1\r\n"] * 20  # half a head
+            + [raw_request(port, "POST", "/api/vote", headers=[  # a tenth of a body
+                "Content-Type: application/json", "Content-Length: 100"], body=b'{"annot')] * 20
+        )
+        opened = time.monotonic()
+        sockets = []
+        for data in stalls:
+            connection = socket.create_connection(("127.0.0.1", port), timeout=timeout + 4)
+            connection.sendall(data)
+            sockets.append(connection)
+        # a slow drip of a request head does not keep a connection open either
+        drip = socket.create_connection(("127.0.0.1", port), timeout=timeout + 4)
+        # the server answers others meanwhile
+        assert request(server, "GET", "/api/summary")[0] == 200
+        dripped = b""
+        for byte in b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+            try:
+                drip.sendall(bytes([byte]))
+            except OSError:  # closed by the server: the drip stops
+                break
+            dripped += bytes([byte])
+            time.sleep(0.1)
+            if time.monotonic() - opened > timeout + 3:
+                break
+        closed_after = []
+        for n, connection in enumerate(sockets + [drip]):
+            answer = b""
+            with connection:
+                try:
+                    while chunk := connection.recv(4096):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+            closed_after.append(time.monotonic() - opened)
+            if 40 <= n < 60:  # a vote whose body stopped coming is told why
+                assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+            else:  # a connection without a complete request head is just closed
+                assert answer == b"", answer[:100]
+        assert max(closed_after) < timeout + 3, max(closed_after)
+        assert len(dripped) < 40  # cut off mid-drip, long before the head was complete
+        deadline = time.monotonic() + 5
+        while server._server.server_state.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server._server.server_state.connections  # no connection held
+        assert request(server, "GET", "/api/summary")[1]["votes"] == 0
+    assert [r.getMessage() for r in caplog.records] == []
+    assert capfd.readouterr().err == ""
+
+
+def test_past_the_connection_limit_requests_get_503_until_stalled_clients_are_dropped(
+        run_dir, monkeypatch, caplog, capfd):
+    from jfail.defuse import annotation_server
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(annotation_server, "_MAX_CONNECTIONS", 8)
+    with serve(run_dir, timeout=1.0) as server:
+        opened = time.monotonic()
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                   for _ in range(10)]
+        deadline = time.monotonic() + 3
+        while len(server._server.server_state.connections) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert request(server, "GET", "/api/summary")[0] == 503  # refused at once, no hang
+        for connection in stalled:
+            with connection:
+                assert connection.recv(100) == b""  # dropped by the server
+        assert time.monotonic() - opened < 4
+        assert request(server, "GET", "/api/summary")[0] == 200
+    assert [r.getMessage() for r in caplog.records] == []
+    assert capfd.readouterr().err == ""
+
+
+@pytest.fixture
+def wide_run(tmp_path):
+    """A run of 10 scenarios x 2 samples, 4 classes: 20 images to vote on."""
+    samples = np.random.default_rng(1).uniform(size=(10, 2, 8, 8, 1)).astype(np.float32)
+    prepare_annotation(tmp_path, samples, np.zeros((10, 2), int), CLASSES)
+    return tmp_path
+
+
+def voting_jobs(annotators=8, k=10, q=2):
+    return [(f"annotator-{i}", s, t, (i + s + t) % len(CLASSES) - (i == t == 1))
+            for i in range(annotators) for s in range(k) for t in range(q)]
+
+
+def vote_until_acknowledged(port_of, job, deadline):
+    """Send one vote until a server acknowledges it: (status, attempts)."""
+    annotator, k, q, label = job
+    body = json.dumps({"annotator": annotator, "scenario": k, "sample": q, "label": label})
+    attempts = 0
+    while time.monotonic() < deadline:
+        attempts += 1
+        connection = http.client.HTTPConnection("127.0.0.1", port_of(job), timeout=10)
+        try:
+            connection.request("POST", "/api/vote", body, JSON)
+            response = connection.getresponse()
+            response.read()
+            if response.status in (200, 201):
+                return response.status, attempts
+            assert response.status == 503, response.status  # only while too many connect
+        except (OSError, http.client.HTTPException):
+            pass  # refused or cut off while the server restarts: not acknowledged, retry
+        finally:
+            connection.close()
+        time.sleep(0.02)
+    raise AssertionError(f"{job} was never acknowledged")
+
+
+def test_concurrent_annotators_across_a_restart_lose_and_duplicate_nothing(wide_run):
+    jobs = voting_jobs()  # 8 annotators x 20 votes
+    current = {}
+    acknowledged = []
+    restarted = threading.Event()
+    deadline = time.monotonic() + 60
+
+    def annotate(i):
+        mine = [job for job in jobs if job[0] == f"annotator-{i}"]
+        results = []
+        for n, job in enumerate(mine):
+            if n == 15:  # the last 5 votes of everyone go to the restarted server
+                assert restarted.wait(timeout=30)
+            results.append((job, *vote_until_acknowledged(lambda _: current["port"], job,
+                                                          deadline)))
+            acknowledged.append(job)
+        return results
+
+    first = serve(wide_run, timeout=2.0)
+    current["port"] = first.port
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(annotate, i) for i in range(8)]
+        while len(acknowledged) < 40 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        first.shutdown()  # mid-round: requests in progress finish, the rest are refused
+        stopped_at = len(acknowledged)
+        with serve(wide_run, port=first.port, timeout=2.0) as second:
+            restarted.set()
+            results = [item for future in futures for item in future.result()]
+            summary = request(second, "GET", "/api/summary")[1]
+    assert 40 <= stopped_at <= 120  # the restart fell in the middle of the round
+    assert sorted(job for job, _, _ in results) == sorted(jobs)
+    # a vote acknowledged at the first attempt was new; a retried one may find itself stored
+    assert all(status == 201 for _, status, attempts in results if attempts == 1)
+    assert all(status in (200, 201) for _, status, _ in results)
+    assert rows(wide_run) == {(a, k, q): label for a, k, q, label in jobs}
+    assert summary["votes"] == len(jobs) == 160
+    assert summary["annotators"] == {f"annotator-{i}": 20 for i in range(8)}
+
+
+def test_two_servers_on_one_database_store_every_vote_once(wide_run):
+    code = ("import sys; from jfail.defuse.annotation_server import run_annotation_server; "
+            "run_annotation_server(sys.argv[1], port=0)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(wide_run)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        with serve(wide_run) as here:
+            other.stdout.readline()
+            there = int(other.stdout.readline().split()[1].rstrip("/").rsplit(":", 1)[1])
+            jobs = voting_jobs()
+            ports = {job: (here.port, there)[n % 2] for n, job in enumerate(jobs)}
+            deadline = time.monotonic() + 60
+            gate = threading.Event()
+
+            def post(job):
+                gate.wait(timeout=10)
+                return vote_until_acknowledged(ports.get, job, deadline)
+
+            with ThreadPoolExecutor(16) as pool:
+                futures = [pool.submit(post, job) for job in jobs]
+                gate.set()
+                results = [future.result() for future in futures]
+            assert results == [(201, 1)] * len(jobs)  # each acknowledged once, as new
+            # the same vote re-cast through both servers at once stays one row
+            revotes = [(("annotator-0", 4, 1, label), port)
+                       for label in (0, 1, 2, 3) for port in (here.port, there)] * 2
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(
+                    lambda item: vote_until_acknowledged(lambda _: item[1], item[0], deadline),
+                    revotes))
+            assert statuses == [(200, 1)] * len(revotes)
+            summaries = [request(here, "GET", "/api/summary")[1]]
+            connection = http.client.HTTPConnection("127.0.0.1", there, timeout=10)
+            connection.request("GET", "/api/summary")
+            summaries.append(json.loads(connection.getresponse().read()))
+            connection.close()
+        other.send_signal(signal.SIGINT)
+        out, err = other.communicate(timeout=15)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert other.returncode == 0, err
+    assert "Stopped; 160 vote(s)" in out and err == ""
+    assert summaries[0] == summaries[1] and summaries[0]["votes"] == 160
+    stored = rows(wide_run)
+    assert len(stored) == 160 and stored[("annotator-0", 4, 1)] in (0, 1, 2, 3)
+    assert {key: label for key, label in stored.items() if key != ("annotator-0", 4, 1)} == {
+        (a, k, q): label for a, k, q, label in jobs if (a, k, q) != ("annotator-0", 4, 1)}
+
+
+def test_a_database_fault_is_one_logged_500_and_the_server_recovers(server, run_dir, caplog):
+    database = run_dir / "annotation" / VOTES_FILE
+    with sqlite3.connect(database) as connection:
+        connection.execute("ALTER TABLE votes RENAME TO elsewhere")
+    with caplog.at_level(logging.WARNING):
+        status, answer, headers = vote(server, **GOOD)
+    assert (status, answer) == (500, {"error": "internal error"})
+    assert headers["Content-Type"] == "application/json"
+    assert [(r.name, r.levelname) for r in caplog.records] == [
+        ("jfail.defuse.annotation_server", "ERROR")]
+    assert "no such table: votes" in caplog.text
+    with sqlite3.connect(database) as connection:
+        connection.execute("ALTER TABLE elsewhere RENAME TO votes")
+    assert vote(server, **GOOD)[0] == 201
+    assert rows(run_dir) == {("eve", 0, 0): 1}
+
+
+def test_annotator_names_are_normalized(server, run_dir):
+    spellings = [" Mal  Reynolds ", "MAL REYNOLDS", "mal\treynolds", "ｍａｌ\u00a0reynolds"]
+    assert vote(server, spellings[0], 0, 0, 1)[0] == 201
+    for label, name in enumerate(spellings[1:], start=2):
+        status, answer, _ = vote(server, name, 0, 0, label % 4)
+        assert status == 200 and answer["replaced"] is True, name
+    assert rows(run_dir) == {("mal reynolds", 0, 0): 0}
+    query = urllib.parse.urlencode({"annotator": "  Mal Reynolds"})
+    item = request(server, "GET", f"/api/next?{query}")[1]
+    assert item["progress"]["voted"] == 1 and (item["scenario"], item["sample"]) == (0, 1)
+    assert request(server, "GET", "/api/summary")[1]["annotators"] == {"mal reynolds": 1}
+    # brackets and quotes inside a name are not nesting
+    tricky = 'O\'Neil "[{[{" \\ }]'
+    assert vote(server, tricky, 0, 0, 2)[0] == 201
+    assert ('o\'neil "[{[{" \\ }]', 0, 0) in rows(run_dir)
+    for bad in ("x" * 101, "bob\x00", "\u200b\u2028", "   "):
+        assert vote(server, bad, 0, 1, 1)[0] == 400, repr(bad)
+        assert request(server, "GET", "/api/next?" + urllib.parse.urlencode(
+            {"annotator": bad}))[0] == 400, repr(bad)
+    assert len(rows(run_dir)) == 2
+
+
+def test_votes_under_old_spellings_are_merged_when_a_server_starts(run_dir):
+    with sqlite3.connect(run_dir / "annotation" / VOTES_FILE) as connection:
+        connection.executemany("INSERT INTO votes VALUES (?, ?, ?, ?, ?)", [
+            ("Alice", 0, 0, 1, 100.0), ("ALICE", 0, 0, 2, 200.0), ("Alice", 0, 1, 3, 50.0),
+            ("bob", 1, 0, 0, 10.0), ("Bob", 1, 0, 3, 5.0)])
+    with serve(run_dir) as server:
+        assert rows(run_dir) == {("alice", 0, 0): 2, ("alice", 0, 1): 3, ("bob", 1, 0): 0}
+        assert vote(server, "alice", 0, 1, 0)[0] == 200
+
+
+def test_cli_port_errors_are_one_line_and_an_exit_status(run_dir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])}
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    with busy:
+        cases = [("70000", 2, "--port must be an integer in 0..65535 (0 picks a free port), "
+                              "got '70000'"),
+                 ("http", 2, "--port must be an integer in 0..65535"),
+                 (str(busy.getsockname()[1]), 1, "is already in use")]
+        processes = [subprocess.Popen(
+            [sys.executable, "-m", "jfail.cli", "annotate", str(run_dir), f"--port={port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for port, _, _ in cases + [("0", 0, "")]]
+        free = processes.pop()  # --port 0 still picks a free port
+        try:
+            outputs = [process.communicate(timeout=60) for process in processes]
+            free.stdout.readline()
+            url = free.stdout.readline().split()[1]
+            assert url.startswith("http://127.0.0.1:") and not url.endswith(":0/")
+            port = int(url.rstrip("/").rsplit(":", 1)[1])
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/api/summary")
+            assert connection.getresponse().status == 200
+            connection.close()
+            free.send_signal(signal.SIGINT)
+            _, free_err = free.communicate(timeout=30)
+        finally:
+            for process in processes + [free]:
+                if process.poll() is None:
+                    process.kill()
+    assert free.returncode == 0 and free_err == ""
+    for (port, code, message), process, (out, err) in zip(cases, processes, outputs):
+        assert process.returncode == code, (port, err)
+        assert len(err.splitlines()) == 1 and err.startswith("jfail annotate: "), (port, err)
+        assert message in err and out == "", (port, err)

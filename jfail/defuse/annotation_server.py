@@ -14,6 +14,18 @@ that several people (each identified by the name they type) can label at once:
 names in `classes.json` and the votes in the SQLite database `votes.sqlite` (WAL mode, one row
 per annotator, scenario and sample; a re-vote replaces the annotator's earlier vote).
 
+The page is served by uvicorn (h11) with a Starlette application, bound to a loopback address
+only; any number of servers may share one run directory (each vote is one SQLite transaction,
+WAL mode, waiting up to 30 s for the write lock), so a restarted or second server loses and
+duplicates nothing.
+
+Annotators: a name is stored in normalized form, so that the same person typing it slightly
+differently stays one annotator: Unicode NFKC, surrounding whitespace removed, every run of
+inner whitespace made one space, then case-folded (" Mal  Reynolds " and "mal reynolds" are
+the same annotator). A normalized name is 1 to 100 printable characters. Votes stored under a
+name that is not in normalized form (earlier versions only stripped names) are renamed when a
+server starts, keeping the newest vote where two spellings voted on one sample.
+
 HTTP API (JSON; a request that is not understood gets a 4xx with `{"error": message}`):
 
     GET  /                                   the page (HTML, CSS and JS inline)
@@ -24,26 +36,45 @@ HTTP API (JSON; a request that is not understood gets a 4xx with `{"error": mess
     POST /api/vote  {annotator, scenario, sample, label}   label: class index or -1 (none)
          -> 201 (new vote) or 200 (replaced) {ok: true, replaced, progress}
     GET  /api/summary                        counts: votes, annotators, samples with votes
+
+HEAD works wherever GET does. Refused: an unknown path (404), another method (405, with
+`Allow`), a Host header other than 127.0.0.1, localhost or [::1] (with this server's port or
+none; 403), a request without exactly one Host header or whose absolute-form target names
+another host (400), a vote that is not `Content-Type: application/json` (415), has no
+Content-Length or has a Transfer-Encoding (411), declares more than 16 KiB (413), nests
+arrays or objects, is not JSON, or has missing, unknown or mistyped fields (400). Requests
+that are not valid HTTP/1.1 (a negative or non-numeric Content-Length, two different
+lengths, an unfinished request head of more than 16 KiB) get uvicorn's plain-text 400 and
+the connection is closed. A connection that leaves the server waiting longer than `timeout`
+(5 s by default) for a request head is closed, and a vote body that takes longer gets 408;
+past 256 open connections requests get 503 until some close. None of this writes to the
+log; only a failure of the server itself does (500, logged once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
+import errno
+import functools
+import importlib.resources
 import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import signal
 import socket
 import sqlite3
 import threading
 import time
+import unicodedata
 import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Sequence
 
@@ -79,8 +110,14 @@ VOTES_FILE = "votes.sqlite"
 CLASSES_FILE = "classes.json"
 
 _LOG = logging.getLogger(__name__)
-_MAX_BODY = 16 * 1024
+_PAGE_FILE = "annotation_page.html"
+_MAX_BODY = 16 * 1024  # bytes of a vote's body
+_MAX_NESTING = 2  # a vote is a flat object; deeper bodies are refused before parsing
+_MAX_HEAD = 16 * 1024  # bytes of a request line and headers (h11 answers 400 beyond)
 _MAX_NAME = 100
+_MAX_CONNECTIONS = 256  # open connections beyond which requests get 503 until some close
+_BACKLOG = 128
+_TIMEOUT = 5.0  # seconds a connection may keep the server waiting (see `serve`)
 _VOTE_KEYS = frozenset({"annotator", "scenario", "sample", "label"})
 
 
@@ -123,23 +160,26 @@ class AnnotationServer:
     `votes.sqlite`. `shutdown()` stops serving and frees the port; also a context manager.
     """
 
-    def __init__(self, httpd: "_HTTPServer", thread: threading.Thread):
-        self._httpd = httpd
+    def __init__(self, server, thread: threading.Thread, app: "_App", host: str, port: int):
+        self._server = server
         self._thread = thread
-        self.host = httpd.server_address[0]
-        self.port = int(httpd.server_address[1])
-        self.database = httpd.app.database
+        self._app = app
+        self.host = host
+        self.port = int(port)
+        self.database = app.database
 
     @property
     def url(self) -> str:
         return _url(self.host, self.port)
 
     def shutdown(self) -> None:
-        """Stop the server and wait for its thread; votes already answered are on disk."""
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join()
-        self._httpd.server_close()
+        """Stop the server and wait for its thread; votes already answered are on disk.
+
+        Requests in progress are finished first (a connection still sending its request is
+        dropped after the server's timeout); the port is free when this returns.
+        """
+        self._server.should_exit = True
+        self._thread.join()
 
     def __enter__(self) -> "AnnotationServer":
         return self
@@ -148,31 +188,32 @@ class AnnotationServer:
         self.shutdown()
 
 
-def serve(run_dir, *, host: str = "127.0.0.1", port: int = 0) -> AnnotationServer:
-    """Serve the annotation page of `run_dir` in a background thread; returns at once.
+def serve(
+    run_dir, *, host: str = "127.0.0.1", port: int = 0, timeout: float = _TIMEOUT
+) -> AnnotationServer:
+    """Serve the annotation page of `run_dir` in a background thread; returns once it listens.
 
     host: a loopback address (`127.0.0.1`, `::1` or `localhost`), anything else is a
-    ValueError; port: 0 picks a free port (see `.port` / `.url`).
+    ValueError; port: 0 picks a free port (see `.port` / `.url`), outside [0, 65535] a
+    ValueError, and a port that cannot be bound (in use, privileged) an OSError whose message
+    says so. timeout: seconds a client may keep the server waiting: for a request head on a
+    new or kept-alive connection (then the connection is closed) and for a vote's body (then
+    408); a positive number.
     """
-    httpd = _make_server(run_dir, host, port)
-    thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-        name="jfail-annotation-server", daemon=True,
-    )
-    thread.start()
-    return AnnotationServer(httpd, thread)
+    return _start(run_dir, host, port, timeout)
 
 
 def run_annotation_server(
-    run_dir, *, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False
+    run_dir, *, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False,
+    timeout: float = _TIMEOUT,
 ) -> None:
-    """Serve the annotation page of `run_dir` until Ctrl-C (`jfail annotate RUN_DIR`).
+    """Serve the annotation page of `run_dir` until Ctrl-C or SIGTERM (`jfail annotate RUN_DIR`).
 
-    Prints the URL to open (and opens it with `open_browser=True`); see `serve` for `host`.
+    Prints the URL to open (and opens it with `open_browser=True`); see `serve` for `host`,
+    `port` and `timeout` and the errors raised before serving starts.
     """
-    httpd = _make_server(run_dir, host, port)
-    app = httpd.app
-    url = _url(httpd.server_address[0], int(httpd.server_address[1]))
+    running = _start(run_dir, host, port, timeout)
+    app = running._app
     summary = app.summary()
     print(
         f"Defuse annotation: {app.layout.num_scenarios} scenarios x "
@@ -180,17 +221,25 @@ def run_annotation_server(
         f"{summary['votes']} vote(s) so far in {app.database}",
         flush=True,
     )
-    print(f"Open {url} (each annotator types a name; Ctrl-C stops the server)", flush=True)
+    print(f"Open {running.url} (each annotator types a name; Ctrl-C stops the server)",
+          flush=True)
     if open_browser:
         import webbrowser
 
-        webbrowser.open(url)
+        webbrowser.open(running.url)
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        httpd.serve_forever(poll_interval=0.25)
+        while running._thread.is_alive() and not stop.wait(0.25):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
-        httpd.server_close()
+        running.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"Stopped; {app.summary()['votes']} vote(s) in {app.database}", flush=True)
 
 
@@ -457,18 +506,67 @@ def _check_host(host: str) -> str:
     return address
 
 
+def _check_port(port) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer in [0, 65535] (0 picks a free port), "
+                         f"got {port!r}.")
+    return port
+
+
+def _check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+    return float(timeout)
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def _normalized_annotator(name: str) -> str:
+    """The stored form of an annotator name (see the module docstring)."""
+    return " ".join(unicodedata.normalize("NFKC", name).split()).casefold()
+
+
+def _valid_annotator(name: str) -> bool:
+    return 0 < len(name) <= _MAX_NAME and name.isprintable()
+
+
+class _BadRequest(Exception):
+    """A request the server refuses: answered with `status` and `{"error": message}`."""
+
+    def __init__(self, status: HTTPStatus, message: str, headers: dict | None = None,
+                 *, close: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, dict(headers or {})
+        if close:  # the body was not read: end the connection rather than parse what follows
+            self.headers["Connection"] = "close"
+
+
+def _check_annotator(name: str) -> str:
+    normalized = _normalized_annotator(name)
+    if not normalized:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "an annotator name is required")
+    if not _valid_annotator(normalized):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST,
+                          f"an annotator name is at most {_MAX_NAME} printable characters")
+    return normalized
+
+
 class _App:
-    """The server's state: the layout, the database and the lock that serialises writes."""
+    """The server's state: the layout, the database and the lock that serialises its writes.
+
+    The lock only orders this server's own writes; other servers on the same database are
+    ordered by SQLite (`BEGIN IMMEDIATE` under WAL, waiting up to 30 s for the write lock).
+    """
 
     def __init__(self, layout: _Layout):
         self.layout = layout
         self.database = layout.database
         self.write_lock = threading.Lock()
         _init_database(self.database)
+        _normalize_stored_names(self.database)
 
     def progress(self, connection, annotator: str) -> dict:
         voted = connection.execute(
@@ -519,9 +617,8 @@ class _App:
                 "samples_with_votes": int(samples),
                 "samples_without_votes": layout.total - int(samples)}
 
-    def image(self, path: str) -> Path | None:
-        """The file behind `/images/<path>` if labels.csv lists it, else None."""
-        relative = urllib.parse.unquote(path[len("/images/"):])
+    def image(self, relative: str) -> Path | None:
+        """The file behind `/images/<relative>` if labels.csv lists it, else None."""
         if relative not in set(self.layout.files.values()):
             return None
         file = (self.layout.directory / relative).resolve()
@@ -530,349 +627,430 @@ class _App:
         return file
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    app: _App
+def _normalize_stored_names(database: Path) -> None:
+    """Rename votes stored under names that are not in normalized form (earlier versions only
+    stripped names): one annotator's votes end up under one name, the newest vote per sample."""
+    with contextlib.closing(_connect(database)) as connection:
 
+        def stale():
+            names = [name for (name,) in connection.execute("SELECT DISTINCT annotator FROM votes")]
+            renamed = {name: _normalized_annotator(name) for name in names}
+            return {old: new for old, new in renamed.items()
+                    if new != old and _valid_annotator(new)}
 
-class _HTTPServer6(_HTTPServer):
-    address_family = socket.AF_INET6
-
-
-def _make_server(run_dir, host: str, port: int) -> _HTTPServer:
-    address = _check_host(host)
-    if not isinstance(port, int) or not 0 <= port < 65536:
-        raise ValueError(f"port must be an integer in [0, 65535], got {port!r}.")
-    app = _App(_load_layout(run_dir))
-    server_class = _HTTPServer
-    if ":" in address:
-        server_class = _HTTPServer6
-    httpd = server_class((address, port), _Handler)
-    httpd.app = app
-    return httpd
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: HTTPStatus, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-_ROUTES = {"/": ("GET",), "/index.html": ("GET",), "/api/next": ("GET",),
-           "/api/summary": ("GET",), "/api/vote": ("POST",)}
-_LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]", "::1"}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    server_version = "jfail-annotate"
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
-
-    def log_message(self, format, *args):
-        _LOG.debug("%s %s", self.address_string(), format % args)
-
-    def _dispatch(self, method: str) -> None:
-        try:
-            self._check_host_header()
-            path = urllib.parse.urlsplit(self.path).path
-            allowed = ("GET",) if path.startswith("/images/") else _ROUTES.get(path)
-            if allowed is None:
-                raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such page: {path}")
-            if method not in allowed:
-                raise _BadRequest(HTTPStatus.METHOD_NOT_ALLOWED,
-                                  f"{method} is not allowed on {path}; use {', '.join(allowed)}",
-                                  {"Allow": ", ".join(allowed)})
-            app = self.server.app
-            if path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, _PAGE.encode(), "text/html; charset=utf-8")
-            elif path == "/api/next":
-                self._json(HTTPStatus.OK, app.next_item(self._annotator_param()))
-            elif path == "/api/summary":
-                self._json(HTTPStatus.OK, app.summary())
-            elif path == "/api/vote":
-                replaced, progress = app.vote(*self._vote_body())
-                self._json(HTTPStatus.OK if replaced else HTTPStatus.CREATED,
-                           {"ok": True, "replaced": replaced, "progress": progress})
-            else:
-                file = app.image(path)
-                if file is None:
-                    raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such image: {path}")
-                self._send(HTTPStatus.OK, file.read_bytes(), "image/png",
-                           cache="private, max-age=3600")
-        except _BadRequest as error:
-            self._json(error.status, {"error": error.message}, error.headers)
-        except Exception:  # a bug or a database error: report it, keep serving
-            _LOG.exception("annotation server: %s %s failed", method, self.path)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
-
-    def _check_host_header(self) -> None:
-        """Refuse requests addressed to another host name (DNS rebinding)."""
-        host = self.headers.get("Host")
-        if host is None:
+        if not stale():
             return
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if name.lower() not in _LOOPBACK_NAMES:
-            raise _BadRequest(HTTPStatus.FORBIDDEN, f"Host {host!r} is not this loopback server")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for old, new in stale().items():
+                for k, q, label, at in connection.execute(
+                        "SELECT scenario, sample, label, voted_at FROM votes WHERE annotator = ?",
+                        (old,)).fetchall():
+                    kept = connection.execute(
+                        "SELECT voted_at FROM votes WHERE annotator = ? AND scenario = ? AND "
+                        "sample = ?", (new, k, q)).fetchone()
+                    if kept is None or kept[0] < at:
+                        connection.execute(
+                            "INSERT OR REPLACE INTO votes (annotator, scenario, sample, label, "
+                            "voted_at) VALUES (?, ?, ?, ?, ?)", (new, k, q, label, at))
+                connection.execute("DELETE FROM votes WHERE annotator = ?", (old,))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
 
-    def _annotator_param(self) -> str:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query,
-                                      keep_blank_values=True)
-        values = query.get("annotator", [])
+
+# ---------------------------------------------------------------- serving (uvicorn + Starlette)
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """A listening socket on (address, port); an OSError that says what to do if it is taken."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(_BACKLOG)
+    except OSError as error:
+        sock.close()
+        where = _url(address, port).rstrip("/")
+        if error.errno == errno.EADDRINUSE:
+            reason = (f"port {port} is already in use (another annotation server?); stop "
+                      "that program or choose another port")
+        else:
+            reason = error.strerror or str(error)
+        raise OSError(error.errno, f"cannot listen on {where}: {reason}") from None
+    return sock
+
+
+@functools.lru_cache(maxsize=1)
+def _protocol_class():
+    """uvicorn's h11 protocol with a deadline on the client while no request is being served.
+
+    uvicorn closes a keep-alive connection that stays silent for `timeout_keep_alive` after a
+    response, but waits forever for the first request of a connection and for a request head
+    that arrives a byte at a time. Here the same timeout runs from the moment a connection opens
+    or a response completes until the next complete request head, whatever trickles in
+    meanwhile; a request body is bounded by the application (408).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _DeadlineProtocol(H11Protocol):
+        _deadline = None
+        _waiting_cycle = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not self._waiting_cycle:
+                self._disarm()  # a new request head arrived: the application's limits apply
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            if self.cycle is cycle:  # no pipelined request started
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self._waiting_cycle = self.cycle
+                self._deadline = self.loop.call_later(self.timeout_keep_alive, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if self.cycle is self._waiting_cycle and not self.transport.is_closing():
+                with contextlib.suppress(h11.LocalProtocolError):
+                    self.conn.send(h11.ConnectionClosed())
+                self.transport.close()
+
+    return _DeadlineProtocol
+
+
+_HOST = re.compile(r"(127\.0\.0\.1|localhost|\[::1\])(?::([0-9]{1,5}))?", re.IGNORECASE)
+_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'unsafe-inline'; "
+        "script-src 'unsafe-inline'")
+
+
+@functools.lru_cache(maxsize=1)
+def _response_class():
+    """Starlette's Response, sending header names capitalised (`Content-Type`, not
+    `content-type`) as the page always did, for clients that look names up exactly."""
+    from starlette.responses import Response
+
+    class _Response(Response):
+        async def __call__(self, scope, receive, send):
+            async def capitalised(message):
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [
+                        (b"-".join(part.capitalize() for part in name.split(b"-")), value)
+                        for name, value in message["headers"]]}
+                await send(message)
+
+            await super().__call__(scope, receive, capitalised)
+
+    return _Response
+
+
+def _response(status: int, body: bytes, content_type: str, *, cache: str = "no-store",
+              headers: dict | None = None):
+    """A Starlette response (header names capitalised as they always were on the wire)."""
+    extra = {"Cache-Control": cache, "X-Content-Type-Options": "nosniff"}
+    if content_type.startswith("text/html"):
+        extra["Content-Security-Policy"] = _CSP
+    extra.update(headers or {})
+    return _response_class()(body, status_code=int(status), headers=extra,
+                             media_type=content_type)
+
+
+def _json(status: int, payload: dict, headers: dict | None = None):
+    return _response(status, json.dumps(payload).encode(), "application/json", headers=headers)
+
+
+@functools.lru_cache(maxsize=1)
+def _page() -> bytes:
+    return importlib.resources.files("jfail.defuse").joinpath(_PAGE_FILE).read_bytes()
+
+
+class _HostGuard:
+    """ASGI middleware refusing requests not addressed to this loopback server (DNS rebinding).
+
+    Every request needs exactly one Host header naming 127.0.0.1, localhost or [::1] (with this
+    server's port, or none); a request line in absolute form (`GET http://host:port/path`) must
+    name such a host too, and is then served as its path. Anything the guard does not let
+    through, or that fails inside the application, is answered here with the JSON error shape.
+    """
+
+    def __init__(self, app, port: int):
+        self.app, self.port = app, port
+
+    def allowed(self, host: str) -> bool:
+        match = _HOST.fullmatch(host)
+        return match is not None and match[2] in (None, str(self.port))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":  # uvicorn runs without lifespan and websockets
+            return
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await _json(refusal.status, {"error": refusal.message})(scope, receive, send)
+                return
+            await self.app(scope, receive, tracked_send)
+        except Exception as error:  # a bug or a database fault: report it, keep serving
+            if not getattr(error, "logged_by_jfail", False):
+                _LOG.exception("annotation server: %s %s failed", scope.get("method"),
+                               scope.get("path"))
+            if not started:
+                await _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})(
+                    scope, receive, send)
+
+    def refusal(self, scope) -> _BadRequest | None:
+        hosts = [value.decode("latin-1") for name, value in scope["headers"] if name == b"host"]
+        if len(hosts) != 1:
+            return _BadRequest(HTTPStatus.BAD_REQUEST,
+                               f"a request needs exactly one Host header, got {len(hosts)}")
+        if not self.allowed(hosts[0]):
+            return _BadRequest(HTTPStatus.FORBIDDEN,
+                               f"Host {hosts[0]!r} is not this loopback server")
+        target = scope.get("raw_path") or scope["path"].encode()
+        if not target.startswith(b"/"):
+            url = urllib.parse.urlsplit(target.decode("latin-1"))
+            if url.scheme.lower() != "http" or not self.allowed(url.netloc) or \
+                    not url.path.startswith("/"):
+                shown = target[:200].decode("latin-1")
+                return _BadRequest(HTTPStatus.BAD_REQUEST,
+                                   f"the request target {shown!r} is not a path on this "
+                                   "loopback server")
+            scope["raw_path"] = url.path.encode("latin-1")
+            scope["path"] = urllib.parse.unquote(url.path)
+        return None
+
+
+def _application(app: _App, port: int, timeout: float):
+    """The ASGI application: Starlette routes behind `_HostGuard`."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.routing import Route
+
+    async def page(request):
+        return _response(HTTPStatus.OK, _page(), "text/html; charset=utf-8")
+
+    def next_item(request):
+        values = request.query_params.getlist("annotator")
         if len(values) != 1:
             raise _BadRequest(HTTPStatus.BAD_REQUEST, "give exactly one ?annotator=NAME")
-        return _check_annotator(values[0])
+        return _json(HTTPStatus.OK, app.next_item(_check_annotator(values[0])))
 
-    def _vote_body(self) -> tuple[str, int, int, int]:
-        content_type = self.headers.get("Content-Type", "")
+    def summary(request):
+        return _json(HTTPStatus.OK, app.summary())
+
+    def image(request):
+        relative = request.path_params["path"]
+        file = app.image(relative)
+        if file is None:
+            raise _BadRequest(HTTPStatus.NOT_FOUND, f"no such image: /images/{relative}")
+        return _response(HTTPStatus.OK, file.read_bytes(), "image/png",
+                         cache="private, max-age=3600")
+
+    async def vote(request):
+        body = await _read_body(request)
+        annotator, scenario, sample, label = _parse_vote(body, app.layout)
+        replaced, progress = await run_in_threadpool(app.vote, annotator, scenario, sample, label)
+        return _json(HTTPStatus.OK if replaced else HTTPStatus.CREATED,
+                     {"ok": True, "replaced": replaced, "progress": progress})
+
+    async def _read_body(request) -> bytes:
+        content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise _BadRequest(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                              "a vote must be sent as Content-Type: application/json")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise _BadRequest(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-        try:
-            length = int(length)
-        except ValueError:
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-        if not 0 <= length <= _MAX_BODY:
+                              "a vote must be sent as Content-Type: application/json", close=True)
+        length = request.headers.get("content-length")
+        if length is None or "transfer-encoding" in request.headers:
+            raise _BadRequest(HTTPStatus.LENGTH_REQUIRED,
+                              "a vote needs a Content-Length (and no Transfer-Encoding)",
+                              close=True)
+        if not length.isdigit():  # uvicorn's h11 refuses these before they get here
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "Content-Length is not a number",
+                              close=True)
+        if int(length) > _MAX_BODY:
             raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"a vote is at most {_MAX_BODY} bytes")
+                              f"a vote is at most {_MAX_BODY} bytes", close=True)
+        chunks = []
+
+        async def read():
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > _MAX_BODY:  # more than declared: h11 should have refused it already
+                    raise _BadRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                      f"a vote is at most {_MAX_BODY} bytes", close=True)
+                chunks.append(chunk)
+
         try:
-            body = json.loads(self.rfile.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "a vote is a JSON object")
-        unknown, absent = set(body) - _VOTE_KEYS, _VOTE_KEYS - set(body)
-        if unknown or absent:
-            raise _BadRequest(HTTPStatus.BAD_REQUEST,
-                              "a vote has exactly the fields annotator, scenario, sample, label"
-                              f" (missing: {sorted(absent)}, unknown: {sorted(unknown)})")
-        if not isinstance(body["annotator"], str):
-            raise _BadRequest(HTTPStatus.BAD_REQUEST, "annotator must be a string")
-        annotator = _check_annotator(body["annotator"])
-        layout = self.server.app.layout
-        for field in ("scenario", "sample", "label"):
-            if type(body[field]) is not int:
-                raise _BadRequest(HTTPStatus.BAD_REQUEST, f"{field} must be an integer")
-        scenario, sample, label = body["scenario"], body["sample"], body["label"]
-        if (scenario, sample) not in layout.files:
-            raise _BadRequest(HTTPStatus.BAD_REQUEST,
-                              f"no sample {sample} of scenario {scenario} (the run has "
-                              f"{layout.num_scenarios} scenarios of {layout.per_scenario})")
-        if not NONE_OF_THE_ABOVE <= label < len(layout.classes):
-            raise _BadRequest(HTTPStatus.BAD_REQUEST,
-                              f"label must be a class index in [0, {len(layout.classes)}) or "
-                              f"{NONE_OF_THE_ABOVE} (none of the above), got {label}")
-        return annotator, scenario, sample, label
+            await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:
+            raise _BadRequest(HTTPStatus.REQUEST_TIMEOUT,
+                              f"the vote did not arrive within {timeout:g} s", close=True) from None
+        except ClientDisconnect:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "the connection closed mid-request",
+                              close=True) from None
+        return b"".join(chunks)
 
-    def _json(self, status: HTTPStatus, payload: dict, headers: dict | None = None) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", headers=headers)
+    async def bad_request(request, error: _BadRequest):
+        return _json(error.status, {"error": error.message}, error.headers)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, *,
-              cache: str = "no-store", headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", cache)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if content_type.startswith("text/html"):
-            self.send_header("Content-Security-Policy",
-                             "default-src 'self'; img-src 'self' data:; "
-                             "style-src 'unsafe-inline'; script-src 'unsafe-inline'")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    async def http_error(request, error: HTTPException):
+        path = request.url.path
+        if error.status_code == HTTPStatus.NOT_FOUND:
+            return _json(error.status_code, {"error": f"no such page: {path}"})
+        if error.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            allow = (error.headers or {}).get("Allow", "")
+            allowed = ", ".join(sorted(m for m in allow.split(", ") if m and m != "HEAD"))
+            return _json(error.status_code,
+                         {"error": f"{request.method} is not allowed on {path}; use {allowed}"},
+                         {"Allow": allowed})
+        return _json(error.status_code, {"error": str(error.detail)})
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/index.html", page, methods=["GET"]),
+        Route("/api/next", next_item, methods=["GET"]),
+        Route("/api/summary", summary, methods=["GET"]),
+        Route("/api/vote", vote, methods=["POST"]),
+        Route("/images/{path:path}", image, methods=["GET"]),
+    ]
+    async def server_error(request, error: Exception):  # logged before the client hears
+        _LOG.error("annotation server: %s %s failed", request.method, request.url.path,
+                   exc_info=error)
+        error.logged_by_jfail = True  # Starlette re-raises it to _HostGuard
+        return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"})
+
+    starlette = Starlette(routes=routes, exception_handlers={
+        _BadRequest: bad_request, HTTPException: http_error, Exception: server_error})
+    starlette.router.redirect_slashes = False  # an unknown path is a 404, not a redirect
+    return _HostGuard(starlette, port)
 
 
-def _check_annotator(name: str) -> str:
-    name = name.strip()
-    if not name:
-        raise _BadRequest(HTTPStatus.BAD_REQUEST, "an annotator name is required")
-    if len(name) > _MAX_NAME or not name.isprintable():
+def _parse_vote(raw: bytes, layout: _Layout) -> tuple[str, int, int, int]:
+    """(annotator, scenario, sample, label) of a vote's body; a _BadRequest if it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+    if _nesting(text) > _MAX_NESTING:
         raise _BadRequest(HTTPStatus.BAD_REQUEST,
-                          f"an annotator name is at most {_MAX_NAME} printable characters")
-    return name
+                          "a vote is one flat JSON object {annotator, scenario, sample, label}")
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "a vote is a JSON object")
+    unknown, absent = set(body) - _VOTE_KEYS, _VOTE_KEYS - set(body)
+    if unknown or absent:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST,
+                          "a vote has exactly the fields annotator, scenario, sample, label"
+                          f" (missing: {sorted(absent)}, unknown: {sorted(unknown)[:10]})")
+    if not isinstance(body["annotator"], str):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "annotator must be a string")
+    annotator = _check_annotator(body["annotator"])
+    for field in ("scenario", "sample", "label"):
+        if type(body[field]) is not int:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, f"{field} must be an integer")
+    scenario, sample, label = body["scenario"], body["sample"], body["label"]
+    if (scenario, sample) not in layout.files:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST,
+                          f"no sample {sample} of scenario {scenario} (the run has "
+                          f"{layout.num_scenarios} scenarios of {layout.per_scenario})")
+    if not NONE_OF_THE_ABOVE <= label < len(layout.classes):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST,
+                          f"label must be a class index in [0, {len(layout.classes)}) or "
+                          f"{NONE_OF_THE_ABOVE} (none of the above), got {label}")
+    return annotator, scenario, sample, label
 
 
-_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>Defuse annotation</title>
-<style>
-  [hidden] { display: none !important; }
-  body { font-family: system-ui, sans-serif; margin: 0; background: #f6f6f4; color: #222; }
-  main { max-width: 44rem; margin: 2rem auto; padding: 0 1rem; text-align: center; }
-  h1 { font-size: 1.3rem; font-weight: 600; }
-  #sample { width: 224px; height: 224px; image-rendering: pixelated; border: 1px solid #bbb;
-            background: #fff; margin: 0.5rem auto 1rem; display: block; }
-  #buttons { display: flex; flex-wrap: wrap; gap: 0.4rem; justify-content: center; }
-  button { font: inherit; padding: 0.45rem 0.9rem; border: 1px solid #888; border-radius: 4px;
-           background: #fff; cursor: pointer; }
-  button:hover:not(:disabled) { background: #e8eef8; }
-  button:disabled { opacity: 0.5; cursor: default; }
-  #none { margin-top: 0.8rem; }
-  #progress { color: #555; }
-  #error { color: #b00020; }
-  input { font: inherit; padding: 0.35rem; }
-</style>
-</head>
-<body data-state="login">
-<main>
-  <h1>Which class does this image show?</h1>
-  <form id="login">
-    <label>Your name <input id="annotator" name="annotator" maxlength="100"
-      autocomplete="username" required></label>
-    <button type="submit" id="start">Start</button>
-  </form>
-  <section id="task" hidden>
-    <p id="progress" aria-live="polite"></p>
-    <img id="sample" alt="a generated sample to label">
-    <div id="buttons"></div>
-    <button type="button" id="none" class="label" data-label="-1">None of the above</button>
-    <p><small>Keys: 0&ndash;9 pick a class, n is none of the above.</small></p>
-  </section>
-  <p id="done" hidden>You have labelled every image &mdash; thank you.</p>
-  <p id="error" role="alert" hidden></p>
-</main>
-<script>
-"use strict";
-const state = { annotator: null, item: null, classes: null };
-const $ = (id) => document.getElementById(id);
-const setState = (name) => { document.body.dataset.state = name; };
+def _nesting(text: str) -> int:
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings aside),
+    found in one pass without parsing, so that no input reaches the parser's recursion limit."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
-function showError(error) {
-  $("error").textContent = String(error.message || error);
-  $("error").hidden = false;
-  setState("error");
-}
 
-async function api(url, options) {
-  const response = await fetch(url, options);
-  const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
-  return body;
-}
+def _start(run_dir, host: str, port: int, timeout: float) -> "AnnotationServer":
+    """Check the arguments, open the database, bind, and serve in a background thread."""
+    import uvicorn
 
-function buildButtons(classes) {
-  const box = $("buttons");
-  box.replaceChildren();
-  classes.forEach((name, index) => {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "label";
-    button.dataset.label = String(index);
-    button.textContent = name;
-    box.appendChild(button);
-  });
-}
+    address, port, timeout = _check_host(host), _check_port(port), _check_timeout(timeout)
+    app = _App(_load_layout(run_dir))
+    sock = _listen(address, port)
+    bound = int(sock.getsockname()[1])
+    config = uvicorn.Config(
+        _application(app, bound, timeout), host=address, port=bound, loop="asyncio",
+        http=_protocol_class(), ws="none", lifespan="off", interface="asgi3",
+        log_config=None, log_level=logging.ERROR, access_log=False,  # no line per bad request
+        proxy_headers=False, server_header=False,
+        timeout_keep_alive=timeout, timeout_graceful_shutdown=max(1, math.ceil(timeout)),
+        limit_concurrency=_MAX_CONNECTIONS, backlog=_BACKLOG,
+        h11_max_incomplete_event_size=_MAX_HEAD,
+    )
+    server = uvicorn.Server(config)
+    failure = []
 
-function setEnabled(enabled) {
-  document.querySelectorAll("button.label").forEach((b) => { b.disabled = !enabled; });
-}
+    def run():
+        try:
+            server.run(sockets=[sock])
+        except BaseException as error:  # noqa: BLE001 - reported by _start / shutdown
+            failure.append(error)
+        finally:
+            sock.close()
 
-function showProgress(progress) {
-  $("progress").textContent =
-    `${state.annotator}: ${progress.voted} / ${progress.total} labelled`;
-}
-
-function loadImage(img, src) {
-  if (img.getAttribute("src") === src && img.complete) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    img.onload = () => resolve();
-    img.onerror = () => reject(new Error("the image did not load"));
-    img.src = src;
-  });
-}
-
-async function next() {
-  setEnabled(false);
-  setState("loading");
-  const item = await api(`/api/next?annotator=${encodeURIComponent(state.annotator)}`);
-  if (!state.classes) { state.classes = item.classes; buildButtons(item.classes); }
-  showProgress(item.progress);
-  if (item.done) {
-    state.item = null;
-    $("task").hidden = true;
-    $("done").hidden = false;
-    setState("done");
-    return;
-  }
-  state.item = item;
-  const img = $("sample");
-  img.dataset.scenario = String(item.scenario);
-  img.dataset.sample = String(item.sample);
-  await loadImage(img, item.image);
-  setEnabled(true);
-  setState("ready");
-}
-
-async function vote(label) {
-  if (!state.item || document.body.dataset.state !== "ready") return;
-  setEnabled(false);
-  setState("saving");
-  const { scenario, sample } = state.item;
-  const result = await api("/api/vote", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ annotator: state.annotator, scenario, sample, label }),
-  });
-  showProgress(result.progress);
-  await next();
-}
-
-function start(name) {
-  name = name.trim();
-  if (!name) return;
-  state.annotator = name;
-  const url = new URL(location.href);
-  url.searchParams.set("annotator", name);
-  history.replaceState(null, "", url);
-  $("login").hidden = true;
-  $("task").hidden = false;
-  next().catch(showError);
-}
-
-document.addEventListener("click", (event) => {
-  const button = event.target.closest("button.label");
-  if (button && !button.disabled) vote(Number(button.dataset.label)).catch(showError);
-});
-document.addEventListener("keydown", (event) => {
-  if (!state.classes || event.target instanceof HTMLInputElement) return;
-  if (event.key === "n") vote(-1).catch(showError);
-  else if (/^[0-9]$/.test(event.key) && Number(event.key) < state.classes.length)
-    vote(Number(event.key)).catch(showError);
-});
-$("login").addEventListener("submit", (event) => {
-  event.preventDefault();
-  start($("annotator").value);
-});
-const initial = new URLSearchParams(location.search).get("annotator");
-if (initial && initial.trim()) { $("annotator").value = initial; start(initial); }
-</script>
-</body>
-</html>
-"""
+    thread = threading.Thread(target=run, name="jfail-annotation-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if not server.started:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
+        raise RuntimeError(f"the annotation server did not start: {failure or 'timed out'}")
+    return AnnotationServer(server, thread, app, address, bound)
