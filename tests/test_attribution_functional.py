@@ -21,6 +21,7 @@ from jfail import attribution
 from jfail.debugtests import spearman, ssim
 from jfail.models import as_model
 from jfail.models.adapter import ModelCallError
+from jfail.models.cpu_gradients import cpu_friendly_gradients
 
 SIZE, CHANNELS, HIDDEN, CLASSES = 8, 3, 6, 3
 EPS = 1e-5  # BatchNorm's epsilon in Flax linen and NNX
@@ -35,10 +36,10 @@ FAST = {
     "lime": {"num_samples": 24},
     "kernel_shap": {"num_samples": 48},  # every coalition of 1 and S - 1 segments, 16 drawn
 }
-# One method per code path (gradient kernel, sampled gradients, path with a per-example
-# baseline, surrogates, propagation rules, patterns) for the styles not run on all methods.
-REPRESENTATIVE = ("gradient", "smoothgrad", "integrated_gradients", "lime", "lrp_epsilon",
-                  "pattern_attribution")
+# One method per code path (gradient kernel, sampled gradients, surrogates, propagation rules
+# with the bias folded in, patterns) for the styles not run on all methods; completeness_error
+# and fit_patterns run on every style.
+REPRESENTATIVE = ("gradient", "smoothgrad", "lime", "lrp_alpha_beta", "pattern_attribution")
 ALL = tuple(attribution.METHODS)
 
 
@@ -223,13 +224,6 @@ def _reference(name, seed):
     return _call(name, Partial(_apply, _params(seed)), _patterns(seed))
 
 
-def test_the_styles_compute_one_function():
-    expected = jax.jit(_apply)(_params(0), X)
-    for style, (make, _) in STYLES.items():
-        got = jax.jit(lambda m, x: m(x))(make(0)[0], X) if style != "closure" else make(0)[0](X)
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=style)
-
-
 def _assert_same_patterns(style, patterns, reference):
     assert len(patterns) == len(reference) == 3
     for got, want in zip(patterns, reference):
@@ -323,10 +317,12 @@ def test_grad_of_an_input_gradient_penalty_matches_finite_differences():
         def loss(p):
             model = Partial(smooth, p)
             g = attribution.gradient(model, x, TARGET)
-            ig = attribution.integrated_gradients(model, x, TARGET, steps=3)
-            sg = attribution.smoothgrad(model, x, TARGET, key=0, num_samples=2)
-            return jnp.sum(mask * (g**2 + ig**2 + sg**2))
+            ig = attribution.integrated_gradients(model, x, TARGET, steps=2)
+            return jnp.sum(mask * (g**2 + ig**2))
 
+        if jax.default_backend() == "cpu":  # the gradients run through the rewritten VJPs
+            rewritten = cpu_friendly_gradients(Partial(smooth, params))
+            assert str(jax.make_jaxpr(rewritten)(x)).count("custom_vjp_call") == 3  # conv, 2 dense
         value, grads = jax.jit(jax.value_and_grad(loss))(params)
         assert grads["conv"]["w"].dtype == jnp.float64
         flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -399,7 +395,6 @@ def test_ssim_and_spearman_under_jit_and_vmap():
     for metric in (ssim, spearman):
         looped = np.stack([np.asarray(metric(a[i], b[i])) for i in range(3)])
         np.testing.assert_allclose(jax.jit(jax.vmap(metric))(a, b), looped, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(jax.vmap(metric)(a, b), looped, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(jax.jit(metric)(a[0], b[0]), looped[0], rtol=1e-5, atol=1e-6)
     # A traced data range: SSIM of maps on [0, 2] with range 2 is SSIM of the halves on [0, 1].
     halved = jax.jit(lambda r: ssim(2 * a[0], 2 * b[0], data_range=r))(2.0)

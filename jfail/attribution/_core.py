@@ -6,8 +6,9 @@ padded, so one program serves every chunk), and calls the jitted kernel with the
 leaves as traced arguments: weights are never baked into the program as constants, and new weights
 of the same shapes reuse it. Noise keys are split per example as for the whole batch, so results
 do not depend on `batch_size`. Shapes and dtypes are checked on the host first
-(`check_host_inputs`), finiteness and target ranges in the same program as the attributions: a
-call with one chunk is one program and one wait for the device. On an accelerator, where a small
+(`check_host_inputs`); finiteness of the inputs and of the model's logits, and target ranges, in
+the same program as the attributions: a call with one chunk is one program and one wait for the
+device. On an accelerator, where a small
 batch takes well under a millisecond, each further dispatch or transfer is a visible share.
 
 Inside the caller's own `jax.jit`, `vmap` or `grad` (any input, target or weight a tracer) a
@@ -109,8 +110,9 @@ def run_chunked(
     The program that computes a chunk also reports whether its `x` is finite, whether the
     model's logits on it are, and its target's range; a NaN input, NaN or infinite logits or an
     out-of-range target raise a ValueError once the batch is done, so a call waits for the device
-    once. A kernel with the attribute `returns_logits = True` returns `(attributions, logits of
-    x)` (logits it computes anyway); for any other kernel the program evaluates `model(x)`. `nonfinite_errors`: one entry per `per_example` then `shared`
+    once. A kernel with the attribute `returns_logits = True` takes a keyword `with_logits` and,
+    when it is True, returns `(attributions, logits of x)` (logits it computes anyway); for any
+    other kernel the program evaluates `model(x)`. `nonfinite_errors`: one entry per `per_example` then `shared`
     array, None or the error message raised when that array holds NaN or infinite values.
     With one chunk the per-example keys are split inside that program.
     """
@@ -121,8 +123,7 @@ def run_chunked(
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
     if in_trace(model, x, target, key, per_example, shared):
         keys = None if key is None else jax.random.split(_as_key(key), batch)
-        out = kernel(model, x, target, keys, *per_example, *shared, **hparams)
-        return out[0] if getattr(kernel, "returns_logits", False) else out
+        return kernel(model, x, target, keys, *per_example, *shared, **hparams)
     arrays = tuple(per_example) + tuple(shared)
     nonfinite_errors = tuple(nonfinite_errors) + (None,) * (len(arrays) - len(nonfinite_errors))
     if len(nonfinite_errors) != len(arrays):
@@ -233,10 +234,10 @@ def _jitted(kernel, static, hparams, split_key: bool = False, checked: tuple = (
         model = static.rebuild(dynamic)
         if split_key:
             keys = jax.random.split(keys, x.shape[0])
-        out = kernel(model, x, target, keys, *arrays, **dict(hparams))
         if getattr(kernel, "returns_logits", False):
-            out, logits = out
+            out, logits = kernel(model, x, target, keys, *arrays, with_logits=True, **dict(hparams))
         else:
+            out = kernel(model, x, target, keys, *arrays, **dict(hparams))
             logits = model(x)
         classes = logits.shape[-1]  # a constant of the program
         finite = [jnp.all(jnp.isfinite(a)) for a, check in zip(arrays, checked) if check]

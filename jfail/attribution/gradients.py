@@ -194,7 +194,7 @@ def completeness_error(
     are equal the denominator is floored at 1e-12.
     """
     x, target = check_host_inputs(model, x, target)
-    attributions = jnp.asarray(attributions, jnp.float32)
+    attributions = jnp.asarray(attributions, x.dtype)
     if attributions.shape != x.shape:
         raise ValueError(
             f"completeness_error: attributions must be shaped like x {x.shape}, got "
@@ -253,13 +253,13 @@ def expected_gradients(
 # Kernels: one chunk of examples, jitted by run_chunked.
 
 
-def _gradient_kernel(model, x, target, keys):
-    return _target_logit_gradients(model, x, target, with_logits=True)
+def _gradient_kernel(model, x, target, keys, *, with_logits=False):
+    return _target_logit_gradients(model, x, target, with_logits=with_logits)
 
 
-def _input_x_gradient_kernel(model, x, target, keys):
+def _input_x_gradient_kernel(model, x, target, keys, *, with_logits=False):
     grads, logits = _target_logit_gradients(model, x, target, with_logits=True)
-    return x * grads, logits
+    return (x * grads, logits) if with_logits else x * grads
 
 
 _gradient_kernel.returns_logits = True  # run_chunked checks the logits the gradient computes
@@ -290,11 +290,12 @@ def _integrated_gradients_kernel(model, x, target, keys, *baseline, steps, metho
     return delta * mean_grad
 
 
-def _logit_gap_kernel(model, x, target, keys, *baseline):
+def _logit_gap_kernel(model, x, target, keys, *baseline, with_logits=False):
     baseline = baseline[0] if baseline else _minimum_baseline(x)
     logits = model(jnp.concatenate([x, baseline]))
     picked = pick_logits(logits, jnp.concatenate([target, target]))
-    return picked[: x.shape[0]] - picked[x.shape[0]:], logits[: x.shape[0]]
+    gap = picked[: x.shape[0]] - picked[x.shape[0]:]
+    return (gap, logits[: x.shape[0]]) if with_logits else gap
 
 
 _logit_gap_kernel.returns_logits = True

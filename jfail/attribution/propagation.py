@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from jfail.attribution._core import (
     check_host_inputs,
-    check_positive_int,
     logits_shape,
     run_chunked,
     split_model,
@@ -161,7 +160,9 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
                          "pass at least one training image.")
     if not np.all(np.isfinite(images)):
         raise ValueError("fit_patterns: images contain NaN or infinite values.")
-    check_positive_int("fit_patterns", "batch_size", batch_size)
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
+            or batch_size < 1:
+        raise ValueError(f"fit_patterns: batch_size must be >= 1, an integer; got {batch_size!r}.")
     example = jnp.asarray(images[:1], jnp.float32)
     dynamic, static = split_model(model, example)
     logits_shape(dynamic, static, example)  # a ModelCallError for a wrong size or channels
@@ -196,15 +197,14 @@ def propagate(model: Callable, x, target, rules: Rules, *, batch_size: int | Non
 # Private helpers.
 
 
-def _propagation_kernel(model, x, target, keys, *patterns, rules):
+def _propagation_kernel(model, x, target, keys, *patterns, rules, with_logits=False):
     forward = modified_forward(model, rules, list(patterns) if patterns else None)
     sink = jnp.zeros_like(x)
     logits, vjp = jax.vjp(forward, x, sink)
     seed = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
     grad_x, sink_relevance = vjp(seed)
-    if rules.relevance:
-        return x * grad_x + sink_relevance, logits
-    return grad_x, logits
+    out = x * grad_x + sink_relevance if rules.relevance else grad_x
+    return (out, logits) if with_logits else out
 
 
 _propagation_kernel.returns_logits = True  # run_chunked checks the logits of the forward pass
