@@ -85,7 +85,8 @@ def _call(name, model, patterns=None, x=X, target=TARGET, **extra):
 def _params(seed):
     k = jax.random.split(jax.random.key(seed), 6)
     return {
-        "conv": {"w": 0.5 * jax.random.normal(k[0], (3, 3, CHANNELS, 2)), "b": jnp.full((2,), 0.05)},
+        "conv": {"w": 0.5 * jax.random.normal(k[0], (3, 3, CHANNELS, 2)),
+                 "b": jnp.full((2,), 0.05)},
         "bn": {"scale": 1.0 + 0.2 * jax.random.normal(k[1], (2,)), "bias": jnp.full((2,), 0.1),
                "mean": 0.1 * jax.random.normal(k[2], (2,)),
                "var": 0.5 + jax.random.uniform(k[3], (2,))},
@@ -162,8 +163,8 @@ class _EqxNet(eqx.Module):
     def __init__(self, p):
         key = jax.random.key(0)
         conv = eqx.nn.Conv2d(CHANNELS, 2, 3, padding=1, key=key)
-        self.conv = eqx.tree_at(lambda c: (c.weight, c.bias), conv,
-                                (p["conv"]["w"].transpose(3, 2, 0, 1), p["conv"]["b"][:, None, None]))
+        weight, bias = p["conv"]["w"].transpose(3, 2, 0, 1), p["conv"]["b"][:, None, None]
+        self.conv = eqx.tree_at(lambda c: (c.weight, c.bias), conv, (weight, bias))
         linear = functools.partial(eqx.nn.Linear, key=key)
         self.hidden = eqx.tree_at(lambda d: (d.weight, d.bias), linear(SIZE * SIZE * 2, HIDDEN),
                                   (p["hidden"]["w"].T, p["hidden"]["b"]))
@@ -193,7 +194,8 @@ class _LinenNet(nn.Module):
 
 
 def _linen_variables(p):
-    dense = {name: {"kernel": p[name]["w"], "bias": p[name]["b"]} for name in ("conv", "hidden", "out")}
+    dense = {name: {"kernel": p[name]["w"], "bias": p[name]["b"]}
+             for name in ("conv", "hidden", "out")}
     return {"params": {**dense, "bn": {"scale": p["bn"]["scale"], "bias": p["bn"]["bias"]}},
             "batch_stats": {"bn": {"mean": p["bn"]["mean"], "var": p["bn"]["var"]}}}
 
@@ -290,7 +292,8 @@ def test_modules_and_closures_inside_the_callers_jit():
         model = STYLES[style][0](0)[0]
         for name in ("gradient", "lrp_epsilon"):
             if style == "closure":  # a closure is no jit argument: its weights are constants
-                traced = jax.jit(lambda x, name=name: attribution.METHODS[name](model, x, TARGET))(X)
+                method = attribution.METHODS[name]
+                traced = jax.jit(lambda x, method=method: method(model, x, TARGET))(X)
             else:
                 traced = jax.jit(lambda m, x, name=name: attribution.METHODS[name](m, x, TARGET))(
                     model, X)

@@ -46,9 +46,10 @@ def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
     """Validate `x: [B, H, W, C]` (float, finite) and `target` (None, an int, or `[B]` ints).
 
     Returns `(x, target)` as float32 `[B, H, W, C]` (float64 if `x` is and 64-bit types are
-    enabled) and int32 `[B]`; `target=None` means the model's predicted class. Waits for the device once (finiteness, target range); methods that
-    go straight on to `run_chunked` use `check_host_inputs`, whose device checks `run_chunked`
-    makes inside the method's own program.
+    enabled) and int32 `[B]`; `target=None` means the model's predicted class. Waits for the
+    device once (finiteness, target range); methods that go straight on to `run_chunked` use
+    `check_host_inputs`, whose device checks `run_chunked` makes inside the method's own
+    program.
     """
     x, target, classes = _checked_on_host(model, x, target)
     if in_trace(model, x, target):
@@ -112,9 +113,9 @@ def run_chunked(
     out-of-range target raise a ValueError once the batch is done, so a call waits for the device
     once. A kernel with the attribute `returns_logits = True` takes a keyword `with_logits` and,
     when it is True, returns `(attributions, logits of x)` (logits it computes anyway); for any
-    other kernel the program evaluates `model(x)`. `nonfinite_errors`: one entry per `per_example` then `shared`
-    array, None or the error message raised when that array holds NaN or infinite values.
-    With one chunk the per-example keys are split inside that program.
+    other kernel the program evaluates `model(x)`. `nonfinite_errors`: one entry per
+    `per_example` then `shared` array, None or the error message raised when that array holds
+    NaN or infinite values. With one chunk the per-example keys are split inside that program.
     """
     batch = x.shape[0]
     if batch_size is None:
