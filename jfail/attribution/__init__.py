@@ -16,6 +16,18 @@ of `batch_size` examples and vmapped over examples and noise samples.
 - What the paper compares and shows (`postprocess.py`): `absolute`, `reduce_channels`,
   `normalize_unit` ([0, 1]), `normalize_signed` ([-1, 1]).
 
+Inside the caller's `jax.jit`, `jax.vmap` or `jax.grad` every method is a pure function of its
+inputs and the model's weights (e.g. `jax.vmap(lambda p: gradient(Partial(apply, p), x, t))`
+over randomly initialized weights, or `jax.grad` of a penalty on `gradient` w.r.t. the weights);
+LIME and KernelSHAP then need `segments`, computed outside. `fit_patterns` is a host function.
+`key` (randomized methods) is keyword-only: a typed key, a raw `PRNGKey`, or an int seed, all
+drawing the same.
+
+On the host, bad inputs raise a ValueError that says what is wrong: an empty batch, images that
+are not `[B, H, W, C]` floats, NaN inputs, targets outside the classes, a model that returns
+NaN or infinite logits (found in the attribution's own program), and a
+`jfail.models.ModelCallError` for images of the wrong size or channels.
+
 `METHODS` maps each name to its function; `method_kwargs(name, train_images, patterns, key)`
 gives the extra arguments a method needs (baselines, patterns, a key) so that code can loop over
 all of them.

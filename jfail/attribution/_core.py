@@ -6,8 +6,9 @@ padded, so one program serves every chunk), and calls the jitted kernel with the
 leaves as traced arguments: weights are never baked into the program as constants, and new weights
 of the same shapes reuse it. Noise keys are split per example as for the whole batch, so results
 do not depend on `batch_size`. Shapes and dtypes are checked on the host first
-(`check_host_inputs`), finiteness and target ranges in the same program as the attributions: a
-call with one chunk is one program and one wait for the device. On an accelerator, where a small
+(`check_host_inputs`); finiteness of the inputs and of the model's logits, and target ranges, in
+the same program as the attributions: a call with one chunk is one program and one wait for the
+device. On an accelerator, where a small
 batch takes well under a millisecond, each further dispatch or transfer is a visible share.
 
 Inside the caller's own `jax.jit`, `vmap` or `grad` (any input, target or weight a tracer) a
@@ -33,8 +34,8 @@ from jfail.xla import jit
 
 __all__ = [
     "check_inputs", "check_host_inputs", "run_chunked", "split_model", "num_classes",
-    "map_over_samples", "pick_logits", "require_key", "check_positive_int", "sample_group_size",
-    "cpu_group_size", "CPU_INPUTS_PER_STEP",
+    "logits_shape", "map_over_samples", "pick_logits", "require_key", "check_positive_int",
+    "sample_group_size", "cpu_group_size", "CPU_INPUTS_PER_STEP",
 ]
 
 # On 2 AVX-512 cores the ResNet-18 gradient ran 25-30 % faster per image in steps of 40-100
@@ -46,10 +47,11 @@ CPU_INPUTS_PER_STEP = 96
 def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
     """Validate `x: [B, H, W, C]` (float, finite) and `target` (None, an int, or `[B]` ints).
 
-    Returns `(x, target)` as float32 `[B, H, W, C]` and int32 `[B]`; `target=None` means the
-    model's predicted class. Waits for the device once (finiteness, target range); methods that
-    go straight on to `run_chunked` use `check_host_inputs`, whose device checks `run_chunked`
-    makes inside the method's own program.
+    Returns `(x, target)` as float32 `[B, H, W, C]` (float64 if `x` is and 64-bit types are
+    enabled) and int32 `[B]`; `target=None` means the model's predicted class. Waits for the
+    device once (finiteness, target range); methods that go straight on to `run_chunked` use
+    `check_host_inputs`, whose device checks `run_chunked` makes inside the method's own
+    program.
     """
     x, target, classes = _checked_on_host(model, x, target)
     if in_trace(model, x, target):
@@ -69,7 +71,7 @@ def check_host_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]
 
 def num_classes(model: Callable, x: jax.Array) -> int:
     """Number of logits `model` returns for inputs shaped like `x`."""
-    return _logits_shape(*split_model(model, x), x).shape[-1]
+    return logits_shape(*split_model(model, x), x).shape[-1]
 
 
 def split_model(model: Any, *example) -> tuple[list, "_StaticModel"]:
@@ -108,11 +110,14 @@ def run_chunked(
     whole (e.g. `[N, H, W, C]` baselines), traced like the weights. Hyperparameters must be
     hashable (they are static in the compiled program). Returns the concatenated `[B, ...]` output.
 
-    The program that computes a chunk also reports whether its `x` is finite and its target's
-    range; a NaN or an out-of-range target raises a ValueError once the batch is done, so a call
-    waits for the device once. `nonfinite_errors`: one entry per `per_example` then `shared`
-    array, None or the error message raised when that array holds NaN or infinite values.
-    With one chunk the per-example keys are split inside that program.
+    The program that computes a chunk also reports whether its `x` is finite, whether the
+    model's logits on it are, and its target's range; a NaN input, NaN or infinite logits or an
+    out-of-range target raise a ValueError once the batch is done, so a call waits for the device
+    once. A kernel with the attribute `returns_logits = True` takes a keyword `with_logits` and,
+    when it is True, returns `(attributions, logits of x)` (logits it computes anyway); for any
+    other kernel the program evaluates `model(x)`. `nonfinite_errors`: one entry per
+    `per_example` then `shared` array, None or the error message raised when that array holds
+    NaN or infinite values. With one chunk the per-example keys are split inside that program.
     """
     batch = x.shape[0]
     if batch_size is None:
@@ -224,17 +229,22 @@ def pick_logits(logits, target):
 @functools.lru_cache(maxsize=256)
 def _jitted(kernel, static, hparams, split_key: bool = False, checked: tuple = ()):
     """The jitted chunk program: `(attributions, summary)`, summary an int32 vector `[x finite,
-    lowest target, highest target, number of classes, one finiteness flag per array of
-    checked]` (`checked`: static flags over per_example + shared), one transfer for all."""
+    lowest target, highest target, number of classes, logits finite, one finiteness flag per
+    array of checked]` (`checked`: static flags over per_example + shared), one transfer for
+    all."""
 
     def run(dynamic, x, target, keys, *arrays):  # arrays: the per-example chunks, then shared
         model = static.rebuild(dynamic)
         if split_key:
             keys = jax.random.split(keys, x.shape[0])
-        out = kernel(model, x, target, keys, *arrays, **dict(hparams))
-        classes = jax.eval_shape(model, x).shape[-1]  # a constant of the program
+        if getattr(kernel, "returns_logits", False):
+            out, logits = kernel(model, x, target, keys, *arrays, with_logits=True, **dict(hparams))
+        else:
+            out = kernel(model, x, target, keys, *arrays, **dict(hparams))
+            logits = model(x)
+        classes = logits.shape[-1]  # a constant of the program
         finite = [jnp.all(jnp.isfinite(a)) for a, check in zip(arrays, checked) if check]
-        flags = [*_input_summary(x, target), classes, *finite]
+        flags = [*_input_summary(x, target), classes, jnp.all(jnp.isfinite(logits)), *finite]
         return out, jnp.stack([jnp.asarray(flag, jnp.int32) for flag in flags])
 
     return jit(run)
@@ -245,8 +255,9 @@ def _model_output(dynamic, static, x):
     return static.rebuild(dynamic)(x)
 
 
-def _logits_shape(dynamic, static, x):
-    """`jax.eval_shape` of the model on `x`, remembered per model structure and array shapes:
+def logits_shape(dynamic, static, x):
+    """`jax.eval_shape` of the model `static.rebuild(dynamic)` (from `split_model`) on `x`, a
+    ModelCallError where it cannot be called on `x`; remembered per model structure and shapes:
     jit's own `eval_shape` re-checks every weight per call (0.06 ms for the Defuse CNN, 0.36 ms
     for ResNet-18)."""
     avals = tuple(None if leaf is None else (leaf.shape, leaf.dtype) for leaf in dynamic)
@@ -265,7 +276,8 @@ def _cached_logits_shape(static, avals, x_shape, x_dtype):
 
 
 def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, int]:
-    """The checks that need no device result: `(x float32, target int32, number of classes)`."""
+    """The checks that need no device result: `(x float32 or float64, target int32,
+    number of classes)`."""
     if not callable(model):
         raise TypeError(f"model must be a callable model(x) -> logits, got {type(model).__name__}.")
     x_array = np.asarray(x) if not isinstance(x, jax.Array) else x
@@ -278,13 +290,15 @@ def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, 
             f"x must hold floating-point images, got dtype {x_array.dtype}; convert integer "
             "images first, e.g. x.astype(np.float32) / 255."
         )
-    x = jnp.asarray(x_array, jnp.float32)
+    # float32, or float64 where the caller enabled it and passed it (e.g. for finite differences)
+    dtype = jax.dtypes.canonicalize_dtype(np.float64) if x_array.dtype == np.float64 else np.float32
+    x = jnp.asarray(x_array, dtype)
     traced = in_trace(model, x, target)
     if traced:
         logits = call_shape(model, x)
     else:
         dynamic, static = split_model(model, x)
-        logits = _logits_shape(dynamic, static, x)
+        logits = logits_shape(dynamic, static, x)
     if len(getattr(logits, "shape", ())) != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(
             f"model(x) must return logits [B, classes] = [{x.shape[0]}, K], got "
@@ -317,12 +331,18 @@ def _raise_for_summary(finite, low, high, classes: int) -> None:
 
 def _raise_for_chunks(summaries, nonfinite_errors) -> None:
     """Raise for the first problem any chunk's summary shows (see `_jitted`)."""
-    summaries = np.stack(summaries)  # [chunks, 4 + checked arrays]
+    summaries = np.stack(summaries)  # [chunks, 5 + checked arrays]
     low, high, classes = summaries[:, 1].min(), summaries[:, 2].max(), int(summaries[0, 3])
     _raise_for_summary(summaries[:, 0].all(), low, high, classes)
+    if not summaries[:, 4].all():
+        raise ValueError(
+            "the model returned non-finite logits (NaN or infinite) for finite inputs x, so the "
+            "attributions are meaningless; check the model's weights (e.g. a diverged training "
+            "run) and its input normalization."
+        )
     messages = [message for message in nonfinite_errors if message is not None]
     for index, message in enumerate(messages):
-        if not summaries[:, 4 + index].all():
+        if not summaries[:, 5 + index].all():
             raise ValueError(message)
 
 
@@ -377,9 +397,22 @@ def _is_array(leaf) -> bool:
 
 
 def _as_key(key) -> jax.Array:
+    """A typed PRNG key from a typed key, a raw uint32 key (`jax.random.PRNGKey`) or an int
+    seed; `key=0`, `jax.random.key(0)` and `jax.random.PRNGKey(0)` give the same draws, and
+    one compiled program serves all three."""
+    if isinstance(key, (bool, np.bool_)):
+        raise TypeError("key must be a PRNG key or an int seed, got a bool.")
     if isinstance(key, (int, np.integer)):
         return jax.random.key(int(key))
-    return key
+    if not hasattr(key, "dtype"):
+        raise TypeError(
+            f"key must be a PRNG key (jax.random.key(0)) or an int seed, got {type(key).__name__}."
+        )
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:  # a 0-d integer array: a seed
+        return jax.random.key(key)
+    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
 
 
 def _pad_rows(array, rows: int):

@@ -243,12 +243,15 @@ class _Interpreter:
                 None if isinstance(v, jcore.Literal) else sink_env.get(v) for v in eqn.invars
             ]
             if name in _LINEAR and sum(dep_mask) == 1:
-                chain = _affine_chain(jaxpr, index, consumers, is_dep)
+                tail = _layout_tail(jaxpr, index, consumers)
+                last = tail[-1] if tail else index
+                chain = _affine_chain(jaxpr, last, consumers, is_dep)
+                fused.update(tail)
                 fused.update(chain)
-                out_var = jaxpr.eqns[chain[-1]].outvars[0] if chain else eqn.outvars[0]
+                out_var = jaxpr.eqns[chain[-1] if chain else last].outvars[0]
                 env[out_var] = self._linear_block(
-                    eqn, [jaxpr.eqns[i] for i in chain], values, dep_mask, in_sinks, read,
-                    relu_gated=_relu_gated(jaxpr, out_var, consumers),
+                    eqn, [jaxpr.eqns[i] for i in tail], [jaxpr.eqns[i] for i in chain], values,
+                    dep_mask, in_sinks, read, relu_gated=_relu_gated(jaxpr, out_var, consumers),
                 )
                 continue
             if _is_relu(eqn):
@@ -298,16 +301,20 @@ class _Interpreter:
             if not isinstance(var, jcore.DropVar):
                 env[var] = value
 
-    def _linear_block(self, eqn, chain_eqns, values, dep_mask, in_sinks, read, relu_gated):
+    def _linear_block(self, eqn, tail_eqns, chain_eqns, values, dep_mask, in_sinks, read,
+                      relu_gated):
         kind = _LINEAR[eqn.primitive.name]
         position = dep_mask.index(True)
         u, weight = values[position], values[1 - position]
         sink = in_sinks[position]
         on_input = sink is not None
-        chain, chain_consts, carried = [], [], eqn.outvars[0]
+        tail = [(t.primitive, t.primitive.get_bind_params(t.params)) for t in tail_eqns]
+        block_out = (tail_eqns[-1] if tail_eqns else eqn).outvars[0]
+        out_aval = block_out.aval
+        chain, chain_consts, carried = [], [], block_out
         for c in chain_eqns:
             dep_pos = [i for i, v in enumerate(c.invars) if v is carried][0]
-            chain.append((c.primitive, c.params, dep_pos))
+            chain.append((c.primitive, c.primitive.get_bind_params(c.params), dep_pos))
             chain_consts.append([read(v) for i, v in enumerate(c.invars) if i != dep_pos])
             carried = c.outvars[0]
 
@@ -316,11 +323,13 @@ class _Interpreter:
         conv = (fast_conv(eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape)
                 if kind == "conv" and on_cpu() else None)
 
-        def lin(inp, w):
+        def lin(inp, w):  # the linear primitive, then the layout operations right after it
             args = [inp, w] if position == 0 else [w, inp]
-            if conv is not None:
-                return conv(*args, **eqn.params)
-            return eqn.primitive.bind(*args, **eqn.params)
+            out = conv(*args, **eqn.params) if conv is not None else eqn.primitive.bind(
+                *args, **eqn.params)
+            for primitive, params in tail:
+                out = primitive.bind(out, **params)
+            return out
 
         def affine(lin_out, consts):
             out = lin_out
@@ -330,8 +339,12 @@ class _Interpreter:
                 out = primitive.bind(*args, **params)
             return out
 
-        block = LinearBlock(kind, tuple(weight.shape), tuple(eqn.outvars[0].aval.shape),
-                            relu_gated, on_input, *_unit_axes(eqn, position))
+        weight_axes, output_axes = _unit_axes(eqn, position)
+        output_axes = _follow_axes(output_axes, tail_eqns, eqn.outvars[0].aval.shape)
+        if output_axes is None:
+            weight_axes, output_axes = (), ()
+        block = LinearBlock(kind, tuple(weight.shape), tuple(out_aval.shape), relu_gated,
+                            on_input, weight_axes, output_axes)
         block_index = len(self.blocks)
         self.blocks.append(block)
         if self.collect is not None:
@@ -548,26 +561,89 @@ def _consumers(jaxpr) -> dict:
 
 
 def _affine_chain(jaxpr, start, consumers, is_dep) -> list[int]:
-    """Indices of the element-wise affine equations with constant operands after `start`."""
+    """Indices of the element-wise affine equations with constant operands after `start`.
+
+    The chain may pass through reshapes that only add or drop unit axes (`vmap` of a
+    per-example layer, e.g. an Equinox convolution, wraps its output in such a pair) as long as
+    it ends at the block's output shape, so that every value of the chain maps element by
+    element onto the block output."""
     chain: list[int] = []
+    accepted = 0
+    shape = tuple(jaxpr.eqns[start].outvars[0].aval.shape)
     current = jaxpr.eqns[start].outvars[0]
     while True:
         users = consumers.get(current, [])
         if len(users) != 1 or users[0] < 0:
-            return chain
+            return chain[:accepted]
         eqn = jaxpr.eqns[users[0]]
-        if eqn.primitive.name not in _AFFINE:
-            return chain
-        positions = [i for i, v in enumerate(eqn.invars) if v is current]
-        others = [v for i, v in enumerate(eqn.invars) if i not in positions]
-        if len(positions) != 1 or any(is_dep(v) for v in others):
-            return chain
-        if eqn.primitive.name == "div" and positions[0] != 0:
-            return chain
-        if tuple(eqn.outvars[0].aval.shape) != tuple(current.aval.shape):
-            return chain
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        if eqn.primitive.name in _UNIT_RESHAPES:
+            if len(eqn.invars) != 1 or _without_units(out_shape) != _without_units(shape):
+                return chain[:accepted]
+        else:
+            if eqn.primitive.name not in _AFFINE:
+                return chain[:accepted]
+            positions = [i for i, v in enumerate(eqn.invars) if v is current]
+            others = [v for i, v in enumerate(eqn.invars) if i not in positions]
+            if len(positions) != 1 or any(is_dep(v) for v in others):
+                return chain[:accepted]
+            if eqn.primitive.name == "div" and positions[0] != 0:
+                return chain[:accepted]
+            if out_shape != tuple(current.aval.shape):
+                return chain[:accepted]
         chain.append(users[0])
         current = eqn.outvars[0]
+        if out_shape == shape:
+            accepted = len(chain)
+
+
+_UNIT_RESHAPES = {"reshape", "squeeze", "expand_dims"}
+
+
+def _layout_tail(jaxpr, start, consumers) -> list[int]:
+    """Indices of the transposes and unit-axis reshapes right after the linear equation `start`
+    (an Equinox layer under `vmap` transposes or wraps its output so): they are linear, so
+    they become part of the block, and its bias and BatchNorm chain can follow them."""
+    tail: list[int] = []
+    current = jaxpr.eqns[start].outvars[0]
+    while True:
+        users = consumers.get(current, [])
+        if len(users) != 1 or users[0] < 0:
+            return tail
+        eqn = jaxpr.eqns[users[0]]
+        if len(eqn.invars) != 1:
+            return tail
+        if eqn.primitive.name not in _UNIT_RESHAPES | {"transpose"}:
+            return tail
+        if eqn.primitive.name != "transpose" and _without_units(
+                eqn.outvars[0].aval.shape) != _without_units(current.aval.shape):
+            return tail
+        tail.append(users[0])
+        current = eqn.outvars[0]
+
+
+def _follow_axes(axes, tail_eqns, shape):
+    """Where the output axes `axes` of a linear primitive lie after its layout tail; None when
+    a unit-sized one of them is dropped."""
+    axes = list(axes)
+    shape = tuple(shape)
+    for eqn in tail_eqns:
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        if eqn.primitive.name == "transpose":
+            permutation = list(eqn.params["permutation"])
+            axes = [permutation.index(a) for a in axes]
+        else:
+            if any(shape[a] == 1 for a in axes):
+                return None
+            kept_in = [i for i, d in enumerate(shape) if d != 1]
+            kept_out = [i for i, d in enumerate(out_shape) if d != 1]
+            axes = [kept_out[kept_in.index(a)] for a in axes]
+        shape = out_shape
+    return tuple(axes)
+
+
+def _without_units(shape) -> tuple:
+    return tuple(d for d in shape if d != 1)
 
 
 def _unit_axes(eqn, position) -> tuple[tuple, tuple]:

@@ -194,7 +194,7 @@ def completeness_error(
     are equal the denominator is floored at 1e-12.
     """
     x, target = check_host_inputs(model, x, target)
-    attributions = jnp.asarray(attributions, jnp.float32)
+    attributions = jnp.asarray(attributions, x.dtype)
     if attributions.shape != x.shape:
         raise ValueError(
             f"completeness_error: attributions must be shaped like x {x.shape}, got "
@@ -253,12 +253,17 @@ def expected_gradients(
 # Kernels: one chunk of examples, jitted by run_chunked.
 
 
-def _gradient_kernel(model, x, target, keys):
-    return _target_logit_gradients(model, x, target)
+def _gradient_kernel(model, x, target, keys, *, with_logits=False):
+    return _target_logit_gradients(model, x, target, with_logits=with_logits)
 
 
-def _input_x_gradient_kernel(model, x, target, keys):
-    return x * _target_logit_gradients(model, x, target)
+def _input_x_gradient_kernel(model, x, target, keys, *, with_logits=False):
+    grads, logits = _target_logit_gradients(model, x, target, with_logits=True)
+    return (x * grads, logits) if with_logits else x * grads
+
+
+_gradient_kernel.returns_logits = True  # run_chunked checks the logits the gradient computes
+_input_x_gradient_kernel.returns_logits = True
 
 
 def _noisy_gradient_kernel(model, x, target, keys, noise_scale, *, statistic, num_samples,
@@ -285,10 +290,15 @@ def _integrated_gradients_kernel(model, x, target, keys, *baseline, steps, metho
     return delta * mean_grad
 
 
-def _logit_gap_kernel(model, x, target, keys, *baseline):
+def _logit_gap_kernel(model, x, target, keys, *baseline, with_logits=False):
     baseline = baseline[0] if baseline else _minimum_baseline(x)
-    logits = pick_logits(model(jnp.concatenate([x, baseline])), jnp.concatenate([target, target]))
-    return logits[: x.shape[0]] - logits[x.shape[0]:]
+    logits = model(jnp.concatenate([x, baseline]))
+    picked = pick_logits(logits, jnp.concatenate([target, target]))
+    gap = picked[: x.shape[0]] - picked[x.shape[0]:]
+    return (gap, logits[: x.shape[0]]) if with_logits else gap
+
+
+_logit_gap_kernel.returns_logits = True
 
 
 def _expected_gradients_kernel(model, x, target, keys, baselines, *, num_samples,
@@ -350,13 +360,20 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return np.linspace(0.0, 1.0, steps), weights
 
 
-def _target_logit_gradients(model, images, target):
-    """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`.
+def _target_logit_gradients(model, images, target, with_logits: bool = False):
+    """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`; with
+    `with_logits`, `(gradients, logits [N, K])`.
 
     On CPU, 4x4/2-like convolutions are differentiated through space-to-depth and convolutions
     of few input channels through patches (`jfail.models.cpu_gradients`)."""
     model = cpu_friendly_gradients(model)
-    return jax.grad(lambda batch: pick_logits(model(batch), target).sum())(images)
+
+    def objective(batch):
+        logits = model(batch)
+        return pick_logits(logits, target).sum(), logits
+
+    grads, logits = jax.grad(objective, has_aux=True)(images)
+    return (grads, logits) if with_logits else grads
 
 
 def _sample_gradients(model, samples, target, group):

@@ -22,7 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.attribution._core import check_host_inputs, run_chunked, split_model
+from jfail.attribution._core import (
+    check_host_inputs,
+    logits_shape,
+    run_chunked,
+    split_model,
+)
 from jfail.attribution._jaxpr import (
     AlphaBeta,
     Bounded,
@@ -136,13 +141,31 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
     and positions where the unit's ReLU is active (the two-component estimator A⁺), or over all of
     them for blocks without a ReLU after them (the linear estimator). Returns one weight-shaped
     array per block, in the order `pattern_net` consumes them.
+
+    A host function (it accumulates the statistics batch by batch in float64): call it outside
+    `jax.jit`; the patterns it returns can then be passed into a jitted `pattern_net`.
+
+    Raises:
+      ValueError: `images` is not a non-empty finite float batch `[N, H, W, C]`, or `batch_size`
+        is not a positive integer.
+      ModelCallError: the model cannot be called on images of this size and channels.
     """
+    if not callable(model):
+        raise TypeError(f"model must be a callable model(x) -> logits, got {type(model).__name__}.")
     images = np.asarray(images)
     if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"images must be float [N, H, W, C], got {images.dtype} {images.shape}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    dynamic, static = split_model(model, jnp.asarray(images[:1], jnp.float32))
+    if images.shape[0] == 0:
+        raise ValueError(f"fit_patterns got an empty batch of images (shape {images.shape}); "
+                         "pass at least one training image.")
+    if not np.all(np.isfinite(images)):
+        raise ValueError("fit_patterns: images contain NaN or infinite values.")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
+            or batch_size < 1:
+        raise ValueError(f"fit_patterns: batch_size must be >= 1, an integer; got {batch_size!r}.")
+    example = jnp.asarray(images[:1], jnp.float32)
+    dynamic, static = split_model(model, example)
+    logits_shape(dynamic, static, example)  # a ModelCallError for a wrong size or channels
     chunk = min(batch_size, len(images))
     stats_fn = _pattern_statistics_fn(static)
     totals = None
@@ -174,15 +197,17 @@ def propagate(model: Callable, x, target, rules: Rules, *, batch_size: int | Non
 # Private helpers.
 
 
-def _propagation_kernel(model, x, target, keys, *patterns, rules):
+def _propagation_kernel(model, x, target, keys, *patterns, rules, with_logits=False):
     forward = modified_forward(model, rules, list(patterns) if patterns else None)
     sink = jnp.zeros_like(x)
     logits, vjp = jax.vjp(forward, x, sink)
     seed = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
     grad_x, sink_relevance = vjp(seed)
-    if rules.relevance:
-        return x * grad_x + sink_relevance
-    return grad_x
+    out = x * grad_x + sink_relevance if rules.relevance else grad_x
+    return (out, logits) if with_logits else out
+
+
+_propagation_kernel.returns_logits = True  # run_chunked checks the logits of the forward pass
 
 
 def _relevance_rules(conv_rule, dense_rule, *, input_layer=None, residual=None) -> Rules:

@@ -32,6 +32,7 @@ from jfail.attribution._core import (
     run_chunked,
     sample_group_size,
 )
+from jfail.models.adapter import in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.xla import jit
 
@@ -214,7 +215,18 @@ def _prepare(name, model, x, target, key, num_samples, num_segments, segment_map
     check_positive_int(name, "num_segments", num_segments)
     x, target = check_inputs(model, x, target)
     if segment_map is None:
+        if in_trace(x):
+            raise ValueError(
+                f"{name}: inside jax.jit/vmap/grad with traced images, SLIC cannot segment them "
+                "(it runs on the host); pass segments=jfail.attribution.segments(images) "
+                "computed outside, an int array [B, H, W]."
+            )
         segment_map = segments(np.asarray(x), num_segments)
+    if in_trace(segment_map):
+        raise ValueError(
+            f"{name}: segments must be a concrete int array (its largest label fixes the shapes "
+            "of the program), not a traced value; compute it outside jax.jit/vmap."
+        )
     segment_map = np.asarray(segment_map)
     if segment_map.ndim == 2:
         segment_map = np.broadcast_to(segment_map, (x.shape[0],) + segment_map.shape)
@@ -234,7 +246,7 @@ def _prepare(name, model, x, target, key, num_samples, num_segments, segment_map
         except ValueError:
             raise ValueError(f"{name}: baseline of shape {fill.shape} does not broadcast to x "
                              f"{x.shape}.") from None
-        if not bool(jnp.all(jnp.isfinite(fill))):
+        if not in_trace(fill) and not bool(jnp.all(jnp.isfinite(fill))):
             raise ValueError(f"{name}: baseline contains NaN or infinite values.")
     return x, target, segment_map, count, fill
 

@@ -9,7 +9,9 @@
   rank (as `scipy.stats.spearmanr`); `absolute=True` ranks |a| and |b|.
 
 Both take batches `[B, H, W]` (or `[B, H, W, C]`, compared per channel and averaged for SSIM,
-flattened for Spearman) and return `[B]`, jitted and vmapped.
+flattened for Spearman) and return `[B]`. They are pure JAX functions: usable inside the
+caller's `jax.jit`, and under `jax.vmap` over a further leading axis (e.g. `[R, B, H, W]` maps
+of R randomized models), where they equal a loop over that axis.
 """
 
 from __future__ import annotations
@@ -29,7 +31,18 @@ _K1, _K2 = 0.01, 0.03
 
 
 def ssim(a, b, *, data_range: float = 1.0) -> jax.Array:
-    """Mean structural similarity per example. a, b: `[B, H, W]` or `[B, H, W, C]`. Returns `[B]`."""
+    """Mean structural similarity per example.
+
+    Args:
+      a, b: maps `[B, H, W]` or `[B, H, W, C]` of one shape, at least 11x11 pixels.
+      data_range: the maps' value range (a float > 0, or a traced scalar inside a jit).
+
+    Returns:
+      `[B]` SSIM in [-1, 1], 1 for identical maps.
+
+    Raises:
+      ValueError: different shapes, a wrong rank, maps under 11x11, or `data_range <= 0`.
+    """
     a, b = _paired(a, b, "ssim")
     if a.ndim == 3:
         a, b = a[..., None], b[..., None]
@@ -38,13 +51,24 @@ def ssim(a, b, *, data_range: float = 1.0) -> jax.Array:
     window = 2 * int(_TRUNCATE * _SIGMA + 0.5) + 1
     if min(a.shape[1:3]) < window:
         raise ValueError(f"ssim needs maps of at least {window}x{window} pixels, got {a.shape[1:3]}.")
-    if not data_range > 0:
+    if not isinstance(data_range, jax.core.Tracer) and not data_range > 0:
         raise ValueError(f"data_range must be > 0, got {data_range!r}.")
-    return _ssim(a, b, float(data_range))
+    return _ssim(a, b, jnp.asarray(data_range, jnp.float32))
 
 
 def spearman(a, b, *, absolute: bool = False) -> jax.Array:
-    """Spearman rank correlation per example of the flattened maps. a, b: `[B, ...]`. `[B]`."""
+    """Spearman rank correlation per example of the flattened maps.
+
+    Args:
+      a, b: maps `[B, ...]` of one shape.
+      absolute: rank `|a|` and `|b|` instead.
+
+    Returns:
+      `[B]` correlations in [-1, 1]; NaN where a map is constant (as SciPy).
+
+    Raises:
+      ValueError: different shapes, or fewer than 2 dimensions.
+    """
     a, b = _paired(a, b, "spearman")
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     if absolute:
@@ -88,7 +112,7 @@ def _blur(images):
     return images
 
 
-@jit(static_argnums=2)
+@jit
 def _ssim(a, b, data_range):
     c1, c2 = (_K1 * data_range) ** 2, (_K2 * data_range) ** 2
     mean_a, mean_b = _blur(a), _blur(b)
