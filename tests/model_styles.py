@@ -73,7 +73,7 @@ class Styled:
     weights: Callable[[], dict]  # the current weights as a plain dict
     _update: Callable[[float], Callable]
     transform: Callable | None
-
+    trainable: Callable[[], Any] | None = None  # what `fit` takes in this style
     def update(self, factor: float) -> Callable:
         """Scale both kernels by `factor` as this style's users change weights; the model to
         use next (the same object for "closure" and "nnx")."""
@@ -114,7 +114,12 @@ def _closure(sizes, key, transform):
         weights["w2"] = weights["w2"] * factor
         return model
 
-    return Styled("closure", model, lambda: dict(weights), update, transform)
+    def to_train():  # a closure has no weights to hand over: train its apply function
+        from jfail.train import trainable
+
+        return trainable(_reference_call(transform), dict(weights))
+
+    return Styled("closure", model, lambda: dict(weights), update, transform, to_train)
 
 
 def _partial(sizes, key, transform):
@@ -127,8 +132,13 @@ def _partial(sizes, key, transform):
         state["model"] = jax.tree_util.Partial(apply, weights)
         return state["model"]
 
+    def to_train():
+        from jfail.train import trainable
+
+        return trainable(apply, dict(state["model"].args[0]))
+
     return Styled("partial", state["model"], lambda: dict(state["model"].args[0]), update,
-                  transform)
+                  transform, to_train)
 
 
 class _NNXNet(nnx.Module):
@@ -158,7 +168,7 @@ def _nnx(sizes, key, transform):
         return {"w1": module.l1.kernel[...], "b1": module.l1.bias[...],
                 "w2": module.l2.kernel[...], "b2": module.l2.bias[...]}
 
-    return Styled("nnx", module, weights, update, transform)
+    return Styled("nnx", module, weights, update, transform, lambda: module)
 
 
 class _EqxNet(eqx.Module):
@@ -185,7 +195,7 @@ def _equinox(sizes, key, transform):
         m = state["model"]
         return {"w1": m.w1, "b1": m.b1, "w2": m.w2, "b2": m.b2}
 
-    return Styled("equinox", state["model"], weights, update, transform)
+    return Styled("equinox", state["model"], weights, update, transform, lambda: state["model"])
 
 
 class _LinenNet(nn.Module):
@@ -225,7 +235,16 @@ def _linen_bn(sizes, key, transform):
         state["weights"] = w
         return build(w)
 
-    return Styled("linen_bn", build(weights), lambda: dict(state["weights"]), update, transform)
+    def to_train():
+        from jfail.models import linen_apply
+        from jfail.train import trainable
+
+        variables = variables_of(state["weights"])
+        return trainable(linen_apply(net), variables["params"],
+                         {"batch_stats": variables["batch_stats"]})
+
+    return Styled("linen_bn", build(weights), lambda: dict(state["weights"]), update, transform,
+                  to_train)
 
 
 def _then(model, x, transform):

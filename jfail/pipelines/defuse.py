@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
         if not len(failure_set.labels):  # the annotators gave every mistake "none of the above"
             continue
         tick = time.perf_counter()
+        # Cached by pickle: the weights stay (.params, .state), the model (a closure) goes.
         sweeps[method] = _cached(
             workdir / f"correct_{method}.pkl",
             {**stage_key, "distill": distill_kwargs, "tau": config.tau, "rho": config.rho,
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
              "failing": failing, "labels": labels.tolist()},
             lambda fs=failure_set: correct(apply_fn, params, state, train, fs, val,
                                            config.lambdas, correction, evaluate_on=evaluate_on,
-                                           progress=progress))
+                                           progress=progress)._replace(model=None))
         timings[f"correct_{method}_seconds"] = time.perf_counter() - tick
 
     after = {method: _scores(apply_fn, sweep.params, sweep.state, evaluate_on, val)
