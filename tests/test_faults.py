@@ -31,9 +31,9 @@ def test_killed_training_runs_resume_to_the_uninterrupted_weights(tmp_path):
 def test_killed_vae_runs_resume_to_the_uninterrupted_weights(tmp_path):
     def command(workdir):
         return [sys.executable, "-m", "jfail.testing.faults", "vae", str(workdir),
-                "--epochs", "3"]
+                "--epochs", "2"]
 
-    _, trials = faults.kill_and_resume(command, SHARES, fingerprint=faults.vae_run_fingerprint,
+    _, trials = faults.kill_and_resume(command, SHARES[:1], fingerprint=faults.vae_run_fingerprint,
                                        workdir=lambda i: tmp_path / f"vae{i}")
     assert any(trial.killed for trial in trials)
     assert all(trial.resumed and trial.identical for trial in trials), trials

@@ -20,15 +20,14 @@ the logit JAX's clamped indexing picks). `batch_size` is ignored there.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.models.adapter import (
-    ModelCallError, call_shape, in_trace, needs_tracing, traced_model,
-)
+from jfail.keys import as_key
+from jfail.models.adapter import ModelCallError, call_shape, in_trace, split_model
 from jfail.models.cpu_gradients import on_cpu
 from jfail.xla import jit
 
@@ -74,22 +73,6 @@ def num_classes(model: Callable, x: jax.Array) -> int:
     return logits_shape(*split_model(model, x), x).shape[-1]
 
 
-def split_model(model: Any, *example) -> tuple[list, "_StaticModel"]:
-    """The model's array leaves (traced under jit) and a hashable rest to rebuild it with.
-
-    `example`: the arguments of one valid call (arrays or `ShapeDtypeStruct`s), with which a
-    model that is not a pytree is traced to find the arrays it reads
-    (`jfail.models.adapter.traced_model`). Without it the model is split as it is (inside a
-    trace, where whatever a closure reads is already part of the caller's computation).
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(model)
-    if example and needs_tracing(model, leaves):
-        leaves, treedef = jax.tree_util.tree_flatten(traced_model(model, *example))
-    dynamic = [leaf if _is_array(leaf) else None for leaf in leaves]
-    static = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
-    return dynamic, _StaticModel(treedef, static)
-
-
 def run_chunked(
     kernel: Callable,
     model: Callable,
@@ -125,7 +108,7 @@ def run_chunked(
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
     if in_trace(model, x, target, key, per_example, shared):
-        keys = None if key is None else jax.random.split(_as_key(key), batch)
+        keys = None if key is None else jax.random.split(as_key(key), batch)
         return kernel(model, x, target, keys, *per_example, *shared, **hparams)
     arrays = tuple(per_example) + tuple(shared)
     nonfinite_errors = tuple(nonfinite_errors) + (None,) * (len(arrays) - len(nonfinite_errors))
@@ -134,7 +117,7 @@ def run_chunked(
     shared = tuple(a if isinstance(a, (jax.Array, np.generic)) else jnp.asarray(a) for a in shared)
     chunk = min(batch_size, batch)
     split_inside = key is not None and chunk == batch
-    keys = None if key is None else _as_key(key)
+    keys = None if key is None else as_key(key)
     if key is not None and not split_inside:
         keys = jax.random.split(keys, batch)  # before chunking: results do not depend on chunks
     dynamic, static = split_model(model, x)
@@ -357,62 +340,6 @@ def _input_summary(x, target):
     if target.size == 0:
         return jnp.all(jnp.isfinite(x)), jnp.int32(0), jnp.int32(0)
     return jnp.all(jnp.isfinite(x)), jnp.min(target), jnp.max(target)
-
-
-class _StaticModel:
-    """Tree structure plus non-array leaves of a model; hashable for jit's cache."""
-
-    def __init__(self, treedef, static_leaves):
-        self.treedef = treedef
-        self.static_leaves = static_leaves
-        try:
-            self._hash = hash((treedef, static_leaves))
-        except TypeError:  # unhashable static leaves: fall back to identity
-            self._hash = hash((treedef, tuple(id(leaf) for leaf in static_leaves)))
-
-    def rebuild(self, dynamic):
-        leaves = [s if d is None else d for d, s in zip(dynamic, self.static_leaves)]
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        if not isinstance(other, _StaticModel) or self.treedef != other.treedef:
-            return False
-        if len(self.static_leaves) != len(other.static_leaves):
-            return False
-        return all(a is b or _safe_equal(a, b) for a, b in zip(self.static_leaves, other.static_leaves))
-
-
-def _safe_equal(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - objects whose == is not a plain bool are compared by identity
-        return False
-
-
-def _is_array(leaf) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or hasattr(leaf, "aval")
-
-
-def _as_key(key) -> jax.Array:
-    """A typed PRNG key from a typed key, a raw uint32 key (`jax.random.PRNGKey`) or an int
-    seed; `key=0`, `jax.random.key(0)` and `jax.random.PRNGKey(0)` give the same draws, and
-    one compiled program serves all three."""
-    if isinstance(key, (bool, np.bool_)):
-        raise TypeError("key must be a PRNG key or an int seed, got a bool.")
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
-    if not hasattr(key, "dtype"):
-        raise TypeError(
-            f"key must be a PRNG key (jax.random.key(0)) or an int seed, got {type(key).__name__}."
-        )
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    if jnp.issubdtype(key.dtype, jnp.integer) and key.ndim == 0:  # a 0-d integer array: a seed
-        return jax.random.key(key)
-    return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
 
 
 def _pad_rows(array, rows: int):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from jfail.attribution._core import split_model
+from jfail.models.adapter import split_model
 from jfail.models.cpu_gradients import fast_conv, on_cpu
 
 __all__ = [

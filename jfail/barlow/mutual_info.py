@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from jfail.barlow._checks import check_features_and_errors, check_groups
 from jfail.logs import progress_disabled
-from jfail.prime._random import as_key
+from jfail.keys import as_key
 from jfail.train.parallel import DataParallel
 from jfail.xla import jit
 

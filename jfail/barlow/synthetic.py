@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from jfail.barlow.trees import Condition, FailureTree
-from jfail.prime._random import as_key
+from jfail.keys import as_key
 
 __all__ = ["PlantedFailures", "planted_failures", "rule_recovered"]
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from jfail.barlow._checks import check_features_and_errors, check_groups
 from jfail.barlow.mutual_info import FeatureRanking, rank_groups
 from jfail.logs import progress_disabled
-from jfail.prime._random import as_key, host_seed
+from jfail.keys import as_key, host_seed
 
 if TYPE_CHECKING:  # scikit-learn is imported when a tree is fitted: it is slow to import
     from sklearn.tree import DecisionTreeClassifier

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jfail.keys import as_key
+
 
 class Batch(NamedTuple):
     """One mini-batch.
@@ -64,7 +66,7 @@ def batches(
     if first_epoch < 0:
         raise ValueError(f"first_epoch must be >= 0, got {first_epoch}.")
     if key is not None:
-        key = _as_key(key)
+        key = as_key(key)
     return _iterate(images, labels, batch_size, key, per_epoch, first_epoch, epochs)
 
 
@@ -74,7 +76,7 @@ def epoch_permutation(key, epoch: int, n: int) -> np.ndarray:
     Equal to ``jax.random.permutation(jax.random.fold_in(key, epoch), n)``.
     key: a jax PRNG key or an int seed.
     """
-    epoch_key = jax.random.fold_in(_as_key(key), epoch)
+    epoch_key = jax.random.fold_in(as_key(key), epoch)
     return np.asarray(jax.random.permutation(epoch_key, n))
 
 
@@ -126,9 +128,3 @@ def _length(array, name: str) -> int:
             f"{name} needs a leading example axis, got {type(array).__name__} "
             f"of shape {np.shape(array)}."
         ) from None
-
-
-def _as_key(key):
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
-    return key

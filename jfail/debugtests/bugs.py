@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfail.prime._random import as_key
+from jfail.keys import as_key
 
 __all__ = [
     "BACKGROUNDS",

@@ -17,7 +17,6 @@ The model is split at a layer into `features(x) -> activations [B, ...]` and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from typing import Callable, Sequence
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfail.models.adapter import in_trace, traced_model
-from jfail.prime._random import as_key, host_seed
+from jfail.keys import as_key, host_seed
 from jfail.xla import jit
 
 __all__ = [

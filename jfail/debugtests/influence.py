@@ -20,7 +20,6 @@ kernels, read at each call, so updated weights are seen and compilations are reu
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
 

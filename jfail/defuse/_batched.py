@@ -7,37 +7,12 @@ import functools
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jfail.attribution._core import split_model
+from jfail.models.adapter import split_model
 from jfail.models.adapter import call_shape
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.xla import jit
-
-
-def as_key(key, name: str = "key") -> jax.Array:
-    """A PRNG key from a typed key (`jax.random.key`), a raw uint32 key (`jax.random.PRNGKey`) or
-    an int seed; an int `s` gives the same draws as `jax.random.key(s)`."""
-    if key is None:
-        raise ValueError(f"{name} is required: pass an int seed or a key, e.g. {name}=0 or "
-                         f"{name}=jax.random.key(0).")
-    if isinstance(key, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int seed or a PRNG key, got a bool.")
-    if isinstance(key, (int, np.integer)):
-        return jax.random.key(int(key))
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"{name} must be one PRNG key, got a key array of shape {key.shape}.")
-        return key
-    array = key if isinstance(key, jax.Array) else np.asarray(key)
-    if array.dtype != np.uint32 or array.shape != (2,):
-        raise TypeError(
-            f"{name} must be an int seed, jax.random.key(seed) or a raw uint32 key of shape (2,), "
-            f"got {type(key).__name__} of dtype {getattr(array, 'dtype', None)} and shape "
-            f"{getattr(array, 'shape', None)}."
-        )
-    return jax.random.wrap_key_data(array)
 
 
 def map_batches(fn: Callable, x, batch_size: int, *, name: str = "model") -> Any:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.attribution._core import split_model
+from jfail.models.adapter import split_model
 from jfail.data.checks import check_images
 from jfail.models.adapter import call_shape, in_trace
 from jfail.xla import jit

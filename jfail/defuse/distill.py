@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.defuse._batched import as_key, map_batches
+from jfail.defuse._batched import map_batches
+from jfail.keys import as_key
 from jfail.models.adapter import call_shape, in_trace
 from jfail.xla import jit
 

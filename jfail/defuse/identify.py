@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.attribution._core import split_model
-from jfail.defuse._batched import as_key
+from jfail.models.adapter import split_model
+from jfail.keys import as_key
 from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape, in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients

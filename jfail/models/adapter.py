@@ -39,7 +39,8 @@ import jax
 import numpy as np
 
 __all__ = [
-    "ModelCallError", "as_model", "traced_model", "needs_tracing", "in_trace", "call_shape",
+    "ModelCallError", "StaticModel", "as_model", "call_shape", "in_trace", "needs_tracing",
+    "split_model", "traced_model",
 ]
 
 
@@ -132,6 +133,22 @@ def needs_tracing(model: Callable, leaves: list) -> bool:
     return any(_is_opaque(leaf) for leaf in leaves)
 
 
+def split_model(model: Any, *example) -> tuple[list, "StaticModel"]:
+    """The model's array leaves (traced under jit) and a hashable rest to rebuild it with.
+
+    `example`: the arguments of one valid call (arrays or `ShapeDtypeStruct`s), with which a
+    model that is not a pytree is traced to find the arrays it reads
+    (`traced_model`). Without it the model is split as it is (inside a
+    trace, where whatever a closure reads is already part of the caller's computation).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    if example and needs_tracing(model, leaves):
+        leaves, treedef = jax.tree_util.tree_flatten(traced_model(model, *example))
+    dynamic = [leaf if _is_array(leaf) else None for leaf in leaves]
+    static = tuple(None if _is_array(leaf) else leaf for leaf in leaves)
+    return dynamic, StaticModel(treedef, static)
+
+
 def call_shape(model: Callable, *example):
     """`jax.eval_shape(model, *example)`, with a failing call turned into a `ModelCallError`
     that names the input shapes."""
@@ -167,6 +184,39 @@ def _hides_arrays(obj) -> bool:
     """Whether `obj` may read arrays that are not its pytree leaves (see `_is_opaque`). A
     `Partial`'s function and a module's methods are code, not leaves."""
     return needs_tracing(obj, jax.tree_util.tree_leaves(obj))
+
+
+class StaticModel:
+    """Tree structure plus non-array leaves of a model; hashable for jit's cache."""
+
+    def __init__(self, treedef, static_leaves):
+        self.treedef = treedef
+        self.static_leaves = static_leaves
+        try:
+            self._hash = hash((treedef, static_leaves))
+        except TypeError:  # unhashable static leaves: fall back to identity
+            self._hash = hash((treedef, tuple(id(leaf) for leaf in static_leaves)))
+
+    def rebuild(self, dynamic):
+        leaves = [s if d is None else d for d, s in zip(dynamic, self.static_leaves)]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, StaticModel) or self.treedef != other.treedef:
+            return False
+        if len(self.static_leaves) != len(other.static_leaves):
+            return False
+        return all(a is b or _safe_equal(a, b) for a, b in zip(self.static_leaves, other.static_leaves))
+
+
+def _safe_equal(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects whose == is not a plain bool are compared by identity
+        return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 from typing import NamedTuple, Sequence
 
-import jax
 import numpy as np
 
 from jfail.prime._random import numpy_generator

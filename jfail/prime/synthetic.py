@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-import jax
 import numpy as np
 from scipy.special import ndtri
 

@@ -17,6 +17,7 @@ import optax
 from jfail.models.adapter import call_shape, in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
+from jfail.keys import as_key
 from jfail.xla import jit
 
 __all__ = ["Attack", "pgd_attack", "robust_accuracy", "as_key"]
@@ -182,22 +183,6 @@ def _project(x, delta, attack: Attack):
 def _l2_norm(v):
     return jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
 
-
-
-def as_key(key: Any) -> jax.Array:
-    """A PRNG key from a typed key, a raw uint32 key or an int seed (`jax.random.key(seed)`)."""
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    if hasattr(key, "dtype") and (
-        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.dtype == jnp.uint32 and key.shape and key.shape[-1] == 2)
-    ):
-        return key
-    if hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
-        return jax.random.key(key)
-    raise TypeError(
-        f"key must be a jax.random.key, a raw uint32 key or an int seed, got {key!r}"
-    )
 
 
 def _check_attack_inputs(model, x, labels, *, concrete: bool) -> None:
