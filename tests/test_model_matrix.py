@@ -26,8 +26,7 @@ def _assert_updated(before, after, reference, *, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("method", ["gradient", "smoothgrad", "integrated_gradients",
-                                    "guided_backprop", "lrp_epsilon", "lime"])
+@pytest.mark.parametrize("method", ["smoothgrad", "lrp_epsilon", "lime"])  # one per code path
 def test_attribution(style, method):
     net = network(style)
     fn = getattr(attribution, method)
