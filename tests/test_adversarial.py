@@ -43,7 +43,7 @@ def test_bad_attacks_are_refused():
 
 def test_adversarial_training_buys_robustness_on_digits():
     data = load("digits", "train")
-    train, val = train_val_split(data, 0.2, seed=0)
+    train, val = train_val_split(data, 0.2, key=0)
     module = DefuseCNN(num_classes=10, conv_features=(16, 16), hidden=(64,))
     params, state = init_classifier(module, train.images.shape[1:], jax.random.key(0))
     apply_fn = linen_apply(module)

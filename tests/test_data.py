@@ -346,7 +346,7 @@ def test_tfds_missing_package_says_how_to_install(monkeypatch):
 def test_train_val_split_is_stratified_disjoint_and_complete():
     labels = np.repeat([0, 1, 2], [50, 30, 20])
     full = indexed_data_set(labels)
-    train, val = data.train_val_split(full, 0.2, seed=3)
+    train, val = data.train_val_split(full, 0.2, key=3)
     train_ids, val_ids = recover_indices(train, 100), recover_indices(val, 100)
     assert not set(train_ids) & set(val_ids)
     np.testing.assert_array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(100))
@@ -355,18 +355,18 @@ def test_train_val_split_is_stratified_disjoint_and_complete():
     assert train.class_names == full.class_names
 
 
-def test_train_val_split_is_deterministic_in_seed():
+def test_train_val_split_is_deterministic_in_key():
     full = indexed_data_set(np.arange(200) % 4)
-    first = recover_indices(data.train_val_split(full, 0.25, seed=1)[1], 200)
-    again = recover_indices(data.train_val_split(full, 0.25, seed=1)[1], 200)
-    other = recover_indices(data.train_val_split(full, 0.25, seed=2)[1], 200)
+    first = recover_indices(data.train_val_split(full, 0.25, key=1)[1], 200)
+    again = recover_indices(data.train_val_split(full, 0.25, key=1)[1], 200)
+    other = recover_indices(data.train_val_split(full, 0.25, key=2)[1], 200)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, other)
 
 
 def test_train_val_split_unstratified_sizes():
     full = indexed_data_set(np.repeat([0, 1], [90, 10]))
-    train, val = data.train_val_split(full, 0.3, seed=0, stratified=False)
+    train, val = data.train_val_split(full, 0.3, key=0, stratified=False)
     assert (len(train.labels), len(val.labels)) == (70, 30)
 
 

@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--kill-at-epoch", type=int)
     args = parser.parse_args()
-    train, val = train_val_split(load("digits", "train"), 0.2, seed=0)
+    train, val = train_val_split(load("digits", "train"), 0.2, key=0)
     params, state = init_classifier(MODEL, train.images.shape[1:], jax.random.key(0))
 
     def on_epoch_end(epoch, record):

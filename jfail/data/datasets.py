@@ -33,6 +33,7 @@ import numpy as np
 
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx_cached
+from jfail.keys import host_seed
 from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
 from jfail.data.tfds_source import read_tfds
 
@@ -181,17 +182,30 @@ def check_dataset_name(name: str) -> None:
 
 
 def train_val_split(
-    data: Dataset, val_fraction: float = 0.1, *, seed: int = 0, stratified: bool = True
+    data: Dataset, val_fraction: float = 0.1, *, key=0, stratified: bool = True
 ) -> tuple[Dataset, Dataset]:
-    """Splits ``data`` into disjoint (train, val) parts, deterministic in ``seed``.
+    """Splits ``data`` into disjoint (train, val) parts, deterministic in ``key``.
 
     The validation part has round(val_fraction * N) examples. With
     ``stratified=True`` each class contributes in proportion to its size
     (within one example). Both parts keep the order of ``data``.
+
+    Args:
+      data: the examples to split.
+      val_fraction: the validation part's share, in (0, 1).
+      key: an int seed or a PRNG key (`jfail.keys.as_key`); the same key, the same split.
+      stratified: keep each class's share in both parts.
+
+    Returns:
+      ``(train, val)``, disjoint, together all of ``data``.
+
+    Raises:
+      ValueError: ``val_fraction`` outside (0, 1).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-    in_val = _split_mask(np.asarray(data.labels), val_fraction, seed=seed, stratified=stratified)
+    in_val = _split_mask(np.asarray(data.labels), val_fraction, seed=host_seed(key),
+                         stratified=stratified)
     return _take(data, ~in_val), _take(data, in_val)
 
 

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     full = load(config.dataset, "train")
     test = load(config.dataset, "test")
     train, val = train_val_split(full, classifier_config.val_fraction,
-                                 seed=classifier_config.train.seed)
+                                 key=classifier_config.train.seed)
     normal = _attributable(module, {"params": params, **state})
     summary["models"] = {"normal_test_accuracy": metrics["test_accuracy"]}
     if "table3" in parts:
@@ -362,11 +362,11 @@ def _spurious_model(config, module, classifier_config, full, test, workdir, keys
     names = tuple(full.class_names[c] for c in classes)
     spurious_train = Dataset(train_data.images, train_data.labels.astype(np.int32), names)
     spurious_test = Dataset(test_data.images, test_data.labels.astype(np.int32), names)
-    train, val = train_val_split(spurious_train, 0.1, seed=config.seed)
+    train, val = train_val_split(spurious_train, 0.1, key=config.seed)
     # the same split of the row numbers, for the background behind each training image
     row_numbers = np.arange(len(spurious_train.labels), dtype=np.float32)[:, None, None, None]
     rows, _ = train_val_split(Dataset(row_numbers, spurious_train.labels, names), 0.1,
-                              seed=config.seed)
+                              key=config.seed)
     train_rows = rows.images[:, 0, 0, 0].astype(np.int64)
     if not np.array_equal(spurious_train.labels[train_rows], train.labels):
         raise RuntimeError("the row split does not reproduce the spurious training split")

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     full = load(config.dataset, "train")
     test = load(config.dataset, "test")
     train, val = train_val_split(full, classifier_config.val_fraction,
-                                 seed=classifier_config.train.seed)
+                                 key=classifier_config.train.seed)
     module, params, state, _, classifier_metrics = trained_classifier(
         classifier_config, config.classifier_run, progress=progress)
     apply_fn = linen_apply(module)

@@ -221,7 +221,7 @@ def _classifier(config: PrimeConfig, progress: bool):
 def _splits(config: PrimeConfig, classifier_config) -> dict[str, Dataset]:
     """The classifier's own train / val split (same fraction and seed) and the test split."""
     full = load(config.dataset, "train")
-    train, val = train_val_split(full, classifier_config.val_fraction, seed=classifier_config.train.seed)
+    train, val = train_val_split(full, classifier_config.val_fraction, key=classifier_config.train.seed)
     return {"train": train, "val": val, "test": load(config.dataset, "test")}
 
 

@@ -53,7 +53,7 @@ def run_classifier(
         started = time.perf_counter()
         train_full = load(config.dataset, "train")
         test = load(config.dataset, "test")
-        train, val = train_val_split(train_full, config.val_fraction, seed=config.train.seed)
+        train, val = train_val_split(train_full, config.val_fraction, key=config.train.seed)
         log.info(
             "data %s: train %d, val %d, test %d, image %s",
             config.dataset, len(train.labels), len(val.labels), len(test.labels),
