@@ -375,14 +375,23 @@ def test_bad_inputs_raise_clear_errors():
                     attribution.METHODS[name](candidate, bad, 0, **extra)
             with pytest.raises(ModelCallError, match="shape"):
                 attribution.fit_patterns(candidate, bad)
-    # A model whose logits are NaN on finite inputs, found in the attribution's own program.
-    broken = _params(0)
-    broken["out"] = {"w": broken["out"]["w"], "b": jnp.array([0.0, jnp.nan, 0.0])}
+    # A diverged model (NaN weights): its NaN attributions raise, and say why.
+    params = _params(0)
+    broken = {**params, "hidden": {"w": params["hidden"]["w"] * jnp.nan,
+                                   "b": params["hidden"]["b"]}}
     for name in ("gradient", "smoothgrad", "lime", "kernel_shap", "lrp_epsilon"):
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(ValueError, match="non-finite logits"):
             _call(name, Partial(_apply, broken))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="non-finite logits"):
         attribution.completeness_error(Partial(_apply, broken), X, TARGET, X)
+    # A NaN logit of a class no example targets enters no gradient: no error, the same values
+    # (LRP's relevance of that logit is 0 x NaN, so LRP raises).
+    untargeted = {**params, "out": {"w": params["out"]["w"], "b": jnp.array([0.0, jnp.nan, 0.0])}}
+    with pytest.raises(ValueError, match="non-finite logits"):
+        _call("lrp_epsilon", Partial(_apply, untargeted))
+    for name in ("gradient", "integrated_gradients"):
+        np.testing.assert_allclose(_call(name, Partial(_apply, untargeted)),
+                                   _call(name, Partial(_apply, params)), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,3 +412,17 @@ def test_ssim_and_spearman_under_jit_and_vmap():
     # Known values: a rank-preserving transform has Spearman 1, a reversal -1.
     np.testing.assert_allclose(jax.jit(spearman)(a[0], np.exp(3 * a[0])), 1.0, atol=1e-6)
     np.testing.assert_allclose(jax.jit(spearman)(a[0], -a[0] ** 3), -1.0, atol=1e-6)
+
+
+def test_attributions_are_checked_inside_the_program_off_the_host(monkeypatch):
+    # Off the CPU backend the attributions' finiteness is a reduction in their own program; the
+    # same errors, and the same values, as the host's check.
+    from jfail.attribution import _core
+    params = _params(0)
+    broken = {**params, "hidden": {"w": params["hidden"]["w"] * jnp.nan,
+                                   "b": params["hidden"]["b"]}}
+    on_host = _call("gradient", Partial(_apply, params))
+    monkeypatch.setattr(_core, "_in_host_memory", lambda x: False)
+    np.testing.assert_array_equal(_call("gradient", Partial(_apply, params)), on_host)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        _call("gradient", Partial(_apply, broken))

@@ -93,14 +93,16 @@ def run_chunked(
     whole (e.g. `[N, H, W, C]` baselines), traced like the weights. Hyperparameters must be
     hashable (they are static in the compiled program). Returns the concatenated `[B, ...]` output.
 
-    The program that computes a chunk also reports whether its `x` is finite, whether the
-    model's logits on it are, and its target's range; a NaN input, NaN or infinite logits or an
-    out-of-range target raise a ValueError once the batch is done, so a call waits for the device
-    once. A kernel with the attribute `returns_logits = True` takes a keyword `with_logits` and,
-    when it is True, returns `(attributions, logits of x)` (logits it computes anyway); for any
-    other kernel the program evaluates `model(x)`. `nonfinite_errors`: one entry per
-    `per_example` then `shared` array, None or the error message raised when that array holds
-    NaN or infinite values. With one chunk the per-example keys are split inside that program.
+    The program that computes a chunk also reports whether its `x` is finite and its target's
+    range; a NaN input or an out-of-range target raise a ValueError once the batch is done, so a
+    call waits for the device once. Attributions that hold NaN or infinite values for finite
+    inputs raise a ValueError too, which says whether the model's logits on `x` are the cause
+    (they are computed only then). The attributions are checked on the host where they live in
+    host memory (the CPU backend: no copy, and no step added to the program) and by a reduction
+    inside the program elsewhere. A NaN logit that does not enter any attribution (a class no
+    example targets) is not an error. `nonfinite_errors`: one entry per `per_example` then
+    `shared` array, None or the error message raised when that array holds NaN or infinite
+    values. With one chunk the per-example keys are split inside that program.
     """
     batch = x.shape[0]
     if batch_size is None:
@@ -122,7 +124,9 @@ def run_chunked(
         keys = jax.random.split(keys, batch)  # before chunking: results do not depend on chunks
     dynamic, static = split_model(model, x)
     checked = tuple(message is not None for message in nonfinite_errors)
-    call = _jitted(kernel, static, tuple(sorted(hparams.items())), split_inside, checked)
+    on_host = _in_host_memory(x)
+    call = _jitted(kernel, static, tuple(sorted(hparams.items())), split_inside, checked,
+                   not on_host)
     outputs, summaries = [], []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
@@ -132,7 +136,10 @@ def run_chunked(
         out, summary = call(dynamic, *args, *shared)
         outputs.append(out if chunk == batch else out[: stop - start])
         summaries.append(summary)
-    _raise_for_chunks(jax.device_get(summaries), nonfinite_errors)
+    summaries = np.stack(jax.device_get(summaries))  # [chunks, 5 + checked arrays]
+    if on_host:  # the attributions' finiteness, read where they lie
+        summaries[:, 4] = [np.isfinite(np.asarray(out)).all() for out in outputs]
+    _raise_for_chunks(summaries, nonfinite_errors, lambda: _model_output(dynamic, static, x))
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=0)
 
 
@@ -210,27 +217,31 @@ def pick_logits(logits, target):
 
 
 @functools.lru_cache(maxsize=256)
-def _jitted(kernel, static, hparams, split_key: bool = False, checked: tuple = ()):
+def _jitted(kernel, static, hparams, split_key: bool = False, checked: tuple = (),
+            check_output: bool = True):
     """The jitted chunk program: `(attributions, summary)`, summary an int32 vector `[x finite,
-    lowest target, highest target, number of classes, logits finite, one finiteness flag per
-    array of checked]` (`checked`: static flags over per_example + shared), one transfer for
-    all."""
+    lowest target, highest target, number of classes, attributions finite (1 when not
+    `check_output`), one finiteness flag per array of checked]` (`checked`: static flags over
+    per_example + shared), one transfer for all."""
 
     def run(dynamic, x, target, keys, *arrays):  # arrays: the per-example chunks, then shared
         model = static.rebuild(dynamic)
         if split_key:
             keys = jax.random.split(keys, x.shape[0])
-        if getattr(kernel, "returns_logits", False):
-            out, logits = kernel(model, x, target, keys, *arrays, with_logits=True, **dict(hparams))
-        else:
-            out = kernel(model, x, target, keys, *arrays, **dict(hparams))
-            logits = model(x)
-        classes = logits.shape[-1]  # a constant of the program
+        out = kernel(model, x, target, keys, *arrays, **dict(hparams))
+        classes = jax.eval_shape(model, x).shape[-1]  # a constant of the program
+        out_finite = jnp.all(jnp.isfinite(out)) if check_output else True
         finite = [jnp.all(jnp.isfinite(a)) for a, check in zip(arrays, checked) if check]
-        flags = [*_input_summary(x, target), classes, jnp.all(jnp.isfinite(logits)), *finite]
+        flags = [*_input_summary(x, target), classes, out_finite, *finite]
         return out, jnp.stack([jnp.asarray(flag, jnp.int32) for flag in flags])
 
     return jit(run)
+
+
+def _in_host_memory(x) -> bool:
+    """Whether arrays computed from `x` lie in host memory (the CPU backend)."""
+    devices = x.devices() if isinstance(x, jax.Array) else {jax.devices()[0]}
+    return all(device.platform == "cpu" for device in devices)
 
 
 @jit(static_argnums=1)
@@ -312,21 +323,28 @@ def _raise_for_summary(finite, low, high, classes: int) -> None:
     _check_target_range(low, high, classes)
 
 
-def _raise_for_chunks(summaries, nonfinite_errors) -> None:
-    """Raise for the first problem any chunk's summary shows (see `_jitted`)."""
-    summaries = np.stack(summaries)  # [chunks, 5 + checked arrays]
+def _raise_for_chunks(summaries, nonfinite_errors, logits: Callable) -> None:
+    """Raise for the first problem any chunk's summary shows (see `_jitted`); `logits()`
+    computes the model's logits on the batch, to say why attributions are not finite."""
     low, high, classes = summaries[:, 1].min(), summaries[:, 2].max(), int(summaries[0, 3])
     _raise_for_summary(summaries[:, 0].all(), low, high, classes)
-    if not summaries[:, 4].all():
+    messages = [message for message in nonfinite_errors if message is not None]
+    for index, message in enumerate(messages):
+        if not summaries[:, 5 + index].all():
+            raise ValueError(message)
+    if summaries[:, 4].all():
+        return
+    if not np.isfinite(np.asarray(logits())).all():
         raise ValueError(
             "the model returned non-finite logits (NaN or infinite) for finite inputs x, so the "
             "attributions are meaningless; check the model's weights (e.g. a diverged training "
             "run) and its input normalization."
         )
-    messages = [message for message in nonfinite_errors if message is not None]
-    for index, message in enumerate(messages):
-        if not summaries[:, 5 + index].all():
-            raise ValueError(message)
+    raise ValueError(
+        "the attributions hold NaN or infinite values although x and the model's logits are "
+        "finite: the method overflowed (check its hyperparameters, e.g. a propagation rule's "
+        "epsilon, and the scale of x)."
+    )
 
 
 def _check_target_range(low, high, classes: int) -> None:

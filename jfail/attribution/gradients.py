@@ -253,17 +253,14 @@ def expected_gradients(
 # Kernels: one chunk of examples, jitted by run_chunked.
 
 
-def _gradient_kernel(model, x, target, keys, *, with_logits=False):
-    return _target_logit_gradients(model, x, target, with_logits=with_logits)
+def _gradient_kernel(model, x, target, keys):
+    return _target_logit_gradients(model, x, target)
 
 
-def _input_x_gradient_kernel(model, x, target, keys, *, with_logits=False):
-    grads, logits = _target_logit_gradients(model, x, target, with_logits=True)
-    return (x * grads, logits) if with_logits else x * grads
+def _input_x_gradient_kernel(model, x, target, keys):
+    return x * _target_logit_gradients(model, x, target)
 
 
-_gradient_kernel.returns_logits = True  # run_chunked checks the logits the gradient computes
-_input_x_gradient_kernel.returns_logits = True
 
 
 def _noisy_gradient_kernel(model, x, target, keys, noise_scale, *, statistic, num_samples,
@@ -290,15 +287,11 @@ def _integrated_gradients_kernel(model, x, target, keys, *baseline, steps, metho
     return delta * mean_grad
 
 
-def _logit_gap_kernel(model, x, target, keys, *baseline, with_logits=False):
+def _logit_gap_kernel(model, x, target, keys, *baseline):
     baseline = baseline[0] if baseline else _minimum_baseline(x)
     logits = model(jnp.concatenate([x, baseline]))
     picked = pick_logits(logits, jnp.concatenate([target, target]))
-    gap = picked[: x.shape[0]] - picked[x.shape[0]:]
-    return (gap, logits[: x.shape[0]]) if with_logits else gap
-
-
-_logit_gap_kernel.returns_logits = True
+    return picked[: x.shape[0]] - picked[x.shape[0]:]
 
 
 def _expected_gradients_kernel(model, x, target, keys, baselines, *, num_samples,
@@ -360,20 +353,17 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return np.linspace(0.0, 1.0, steps), weights
 
 
-def _target_logit_gradients(model, images, target, with_logits: bool = False):
-    """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`; with
-    `with_logits`, `(gradients, logits [N, K])`.
+def _target_logit_gradients(model, images, target):
+    """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`.
 
     On CPU, 4x4/2-like convolutions are differentiated through space-to-depth and convolutions
     of few input channels through patches (`jfail.models.cpu_gradients`)."""
     model = cpu_friendly_gradients(model)
 
     def objective(batch):
-        logits = model(batch)
-        return pick_logits(logits, target).sum(), logits
+        return pick_logits(model(batch), target).sum()
 
-    grads, logits = jax.grad(objective, has_aux=True)(images)
-    return (grads, logits) if with_logits else grads
+    return jax.grad(objective)(images)
 
 
 def _sample_gradients(model, samples, target, group):

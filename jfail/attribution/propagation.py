@@ -197,17 +197,13 @@ def propagate(model: Callable, x, target, rules: Rules, *, batch_size: int | Non
 # Private helpers.
 
 
-def _propagation_kernel(model, x, target, keys, *patterns, rules, with_logits=False):
+def _propagation_kernel(model, x, target, keys, *patterns, rules):
     forward = modified_forward(model, rules, list(patterns) if patterns else None)
     sink = jnp.zeros_like(x)
     logits, vjp = jax.vjp(forward, x, sink)
     seed = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
     grad_x, sink_relevance = vjp(seed)
-    out = x * grad_x + sink_relevance if rules.relevance else grad_x
-    return (out, logits) if with_logits else out
-
-
-_propagation_kernel.returns_logits = True  # run_chunked checks the logits of the forward pass
+    return x * grad_x + sink_relevance if rules.relevance else grad_x
 
 
 def _relevance_rules(conv_rule, dense_rule, *, input_layer=None, residual=None) -> Rules:
