@@ -307,7 +307,8 @@ class _logging_to:
         self.console = logging.StreamHandler(sys.stderr)
         self.console.setFormatter(logging.Formatter("%(message)s"))
         self.console.addFilter(
-            lambda record: record.levelno >= logging.WARNING or record.name in self._CONSOLE)
+            lambda record: record.name != "jfail.threads"
+            and (record.levelno >= logging.WARNING or record.name in self._CONSOLE))
         jfail_log = logging.getLogger("jfail")
         jfail_log.addHandler(self.console)
         jfail_log.propagate = False
@@ -317,12 +318,21 @@ class _logging_to:
         absl_log.addHandler(self.file)
         self.absl_propagate, absl_log.propagate = absl_log.propagate, False
         self.excepthook, threading.excepthook = threading.excepthook, self._thread_failed
+        # Native threads (tensorstore's callbacks into an event loop orbax has closed after a
+        # failed write) report errors nobody can catch through sys.unraisablehook: to the log
+        # file as well.
+        self.unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def _thread_failed(self, failure) -> None:
         logging.getLogger("jfail.threads").error(
             "thread %s failed", getattr(failure.thread, "name", "?"),
             exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
+
+    def _unraisable(self, unraisable) -> None:
+        logging.getLogger("jfail.threads").error(
+            "%s", unraisable.err_msg or "an error no caller could catch",
+            exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
     def __exit__(self, *exc):
         jfail_log = logging.getLogger("jfail")
@@ -331,6 +341,7 @@ class _logging_to:
         logging.getLogger("absl").removeHandler(self.file)
         logging.getLogger("absl").propagate = self.absl_propagate
         threading.excepthook = self.excepthook
+        sys.unraisablehook = self.unraisablehook
         for handler in (self.file, self.console):
             handler.close()
         jfail_log.propagate = True

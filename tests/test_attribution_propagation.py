@@ -254,6 +254,7 @@ def test_weights_are_traced_arguments_not_constants():
     compiled = _core._jitted(
         __import__("jfail.attribution.propagation", fromlist=["x"])._propagation_kernel, static,
         tuple(sorted({"rules": _rules_of_lrp_epsilon()}.items())), False, (),
+        not _core._in_host_memory(x),
     )
     before = compiled._cache_size()
     b = lrp_epsilon(second, x, TARGET)
