@@ -204,8 +204,10 @@ def mode_evidence(
       cannot be compared as independent samples; but the error rate of I'_{S \\ t} is a weighted
       mean of those of I'_S and R_t, so it lies below the rate of I'_S exactly when the rate of
       R_t does. The test asks whether t is needed at all (margin 0); the margin b_|S| is the
-      search's, on the search split. A mode of one tag has no minimality test: removing the
-      tag leaves the whole class, which the mode's own test already compares with.
+      search's, on the search split. Where R_t or I'_S is empty the p-value is 1: the tag cannot
+      be shown to be needed, and the mode is not significant. A mode of one tag has no
+      minimality test: removing the tag leaves the whole class, which the mode's own test
+      already compares with.
 
     All p-values (M mode tests and one per tag of every mode of two or more tags) go under one
     false-discovery control. Benjamini-Yekutieli is the default because the tests are dependent
