@@ -3,10 +3,12 @@ held-out data; writes `results/<name>.md`, `.json`, `.png` and `results/<name>/*
 
     python experiments/prime.py --config configs/prime_fmnist.py
 
-Steps: load (or train) the classifier; tag the search and held-out splits with the shape tagger
-(thresholds fitted on the search split); search every class exhaustively with the paper's
-hyperparameters, and greedily (A.6) for comparison; re-evaluate each mode on held-out data by its
-tags alone (section 4.1, Figure 4); compare 3-tag modes with their subsets (section 5.1, Tables 1
+Steps: load (or train) the classifier; tag the search split (by default the classifier's
+validation images) and the held-out split (the test split) with the shape tagger (thresholds
+fitted on the search split); search every class exhaustively with the paper's hyperparameters,
+and greedily (A.6) for comparison; re-evaluate each mode on held-out data by its tags alone
+(section 4.1, Figure 4), with an exact test of its error rate and of each tag's necessity under
+one false-discovery control (`jfail.prime.mode_evidence`), significant modes listed first; compare 3-tag modes with their subsets (section 5.1, Tables 1
 and 2); repeat for a grid of (s, a) (A.5); plot sample images of each mode; score descriptions
 against planted ground truth on a synthetic problem (section 4.3).
 """
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
+import os
 import shlex
 import sys
 import time
@@ -43,6 +48,7 @@ from jfail.prime import (  # noqa: E402
     flip_tags,
     frequent_tags,
     generalization_summary,
+    mode_evidence,
     mode_members,
     planted_problem,
     recovery_scores,
@@ -51,7 +57,8 @@ from jfail.prime import (  # noqa: E402
     subset_drop_table,
 )
 from jfail.train import predict  # noqa: E402
-from jfail.train.run import trained_classifier, write_json  # noqa: E402
+from jfail.stats import FDR_METHODS  # noqa: E402
+from jfail.train.run import trained_classifier  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 
@@ -73,13 +80,21 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
             raise ValueError(f"splits must be among {SPLITS}, got {split!r}")
     if config.search_split == config.heldout_split:
         raise ValueError("search_split and heldout_split must differ")
+    if config.fdr_method not in FDR_METHODS:
+        raise ValueError(f"fdr_method must be one of {FDR_METHODS}, got {config.fdr_method!r}")
+    if not 0 < config.alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {config.alpha}")
     out = Path(args.out or f"results/{config.name}")
     figures = out.parent / out.name
     figures.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet and sys.stderr.isatty()
     report = run(config, figures, progress=progress)
     report["command"] = command
-    write_json(out.with_suffix(".json"), report)
+    text = strict_json(report)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out.with_suffix(".json"))
+    report = json.loads(text)  # what the JSON holds (null for a missing number) is what is shown
     out.with_suffix(".md").write_text(_markdown(report, out))
     _figure4(report, out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
@@ -132,6 +147,10 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
 
     heldout_modes = evaluate_on_heldout(modes, heldout_tags, errors=~heldout_correct,
                                         labels=heldout.labels)
+    evidence = mode_evidence(modes, heldout_tags, errors=~heldout_correct, labels=heldout.labels,
+                             method=config.fdr_method, alpha=config.alpha)
+    order = sorted(range(len(modes)), key=lambda i: (not evidence[i].significant,
+                                                    _max_q(evidence[i]), i))
     summary = generalization_summary(heldout_modes)
     table1 = _table1(modes, heldout_modes, heldout_tags, heldout_correct, heldout.labels, class_names)
     table2 = {
@@ -178,7 +197,18 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
             "kept_per_class": {class_names[c]: int(keep[c].sum()) for c in range(len(class_names))},
             "prevalence_search": prevalence,
         },
-        "modes": [_mode_json(h, class_names) for h in heldout_modes],
+        "evidence": {
+            "method": config.fdr_method,
+            "alpha": config.alpha,
+            "candidates": len(modes),
+            "mode_tests": len(modes),
+            "minimality_tests": sum(len(e.minimality) for e in evidence),
+            "tests": len(modes) + sum(len(e.minimality) for e in evidence),
+            "significant": sum(e.significant for e in evidence),
+            "significant_by_size": _by_size([e.mode for e in evidence if e.significant],
+                                            config.max_tags),
+        },
+        "modes": [_mode_json(heldout_modes[i], evidence[i], class_names) for i in order],
         "modes_by_size": _by_size(modes, config.max_tags),
         "generalization": summary,
         "table1": table1,
@@ -377,8 +407,8 @@ def _figure4(report: dict, path: Path) -> None:
     fig.suptitle(
         f"{len(report['modes'])} failure modes (s = {report['config']['min_size']}, "
         f"a = {report['config']['min_drop']:.0%}); "
-        f"{summary['share_heldout_drop_at_least_0.25']:.0%} keep a drop >= 25 % on held-out data "
-        "(marker area: held-out images)"
+        f"{_num(summary['share_heldout_drop_at_least_0.25'], '.0%')} keep a drop >= 25 % on "
+        f"held-out data; {report['evidence']['significant']} significant (marker area: held-out images)"
     )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -469,8 +499,7 @@ def _markdown(report: dict, out: Path) -> str:
         f"- Classifier: `{report['classifier']['model']}` from `{report['classifier']['run']}` "
         f"(test accuracy {_pct(report['classifier']['test_accuracy'])}).",
         f"- Search split: `{search['name']}`, {search['images']:,} images, accuracy {_pct(search['accuracy'])} "
-        "(the images the classifier was trained on: the paper finds modes on the model's data and "
-        "checks them on unseen data, sections 4 and 4.1).",
+        f"({SPLIT_ROLES[search['name']]}).",
         f"- Held-out split: `{heldout['name']}`, {heldout['images']:,} images, accuracy {_pct(heldout['accuracy'])}.",
         f"- Tags: {len(report['tags']['names'])} shape tags ({', '.join(report['tags']['names'])}), "
         f"thresholds at the per-class {config['shape_quantiles'][0]:.0%} / {config['shape_quantiles'][1]:.0%} "
@@ -478,27 +507,37 @@ def _markdown(report: dict, out: Path) -> str:
         f"{config['min_tag_count']} images of a class dropped.",
         f"- Search: exhaustive, s = {config['min_size']}, a = {config['min_drop']:.0%}, "
         f"(b2, b3, b4) = ({', '.join(f'{b:.1%}' for b in config['min_gain'])}), l = {config['max_tags']} "
-        f"(the paper's Living17 settings; Fashion-MNIST has 5,400 training images a class, Living17 5,200).",
+        f"(the paper's Living17 settings; the search split has {search['images'] / len(names):,.0f} "
+        "images a class, Living17 5,200).",
         f"- Search time: {report['timing']['exhaustive_seconds']:.2f} s for all classes "
         f"({report['timing']['exhaustive_seconds_first_call']:.2f} s on the first call, with compilation); "
         f"tagging {report['timing']['tagging_seconds']:.1f} s; devices {', '.join(report['timing']['devices'])}.",
         "",
         "## Failure modes",
         "",
-        f"{len(report['modes'])} failure modes: "
-        + ", ".join(f"{count} with {size} tag{'s' if size > 1 else ''}"
+        f"{len(report['modes'])} failure modes on the search split: "
+        + ", ".join(f"{count} with {size} tag{'s' if int(size) > 1 else ''}"
                     for size, count in report["modes_by_size"].items())
-        + ". Accuracy on the search split (A_S over |I_S| images) and on the held-out split, by "
-        "the tags alone (A'_S over |I'_S|).",
+        + f". {_evidence_sentence(report)}",
         "",
-        "| class | A_c search | A'_c held out | tags | \\|I_S\\| | A_S | \\|I'_S\\| | A'_S |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "Accuracy on the search split (A_S over |I_S| images) and on the held-out split, by the "
+        "tags alone (A'_S over |I'_S|); the held-out error rate with its 95 % Wilson interval; "
+        "q: the mode's q-value; max q: the largest of its q-value and its tags' minimality "
+        "q-values (a mode is significant when it is at most alpha); significant modes first.",
+        "",
+        "| class | A_c search | A'_c held out | tags | \\|I_S\\| | A_S | \\|I'_S\\| | A'_S "
+        "| held-out error rate [95 % CI] | q | max q | significant |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for mode in report["modes"]:
+        low, high = mode["heldout_error_interval"]
         lines.append(
             f"| {mode['class']} | {_pct(mode['class_accuracy'])} | {_pct(mode['heldout_class_accuracy'])} | "
             f"{' + '.join(mode['tags'])} | {mode['size']} | {_pct(mode['accuracy'])} | "
-            f"{mode['heldout_size']} | {_pct(mode['heldout_accuracy'])} |"
+            f"{mode['heldout_size']} | {_pct(mode['heldout_accuracy'])} | "
+            f"{_pct(mode['heldout_error_rate'])} [{_pct(low)}, {_pct(high)}] | "
+            f"{_num(mode['q_value'], '.2g')} | {_num(mode['max_q_value'], '.2g')} | "
+            f"{'yes' if mode['significant'] else 'no'} |"
         )
     lines += [
         "",
@@ -518,7 +557,7 @@ def _markdown(report: dict, out: Path) -> str:
         f"25 %: {_pct(summary['share_heldout_drop_at_least_0.25'])}, 30 %: "
         f"{_pct(summary['share_heldout_drop_at_least_0.3'])} (paper, Living17: 86 % keep a drop of "
         "at least 25 %; CelebA: 79 % at least 20 %). "
-        f"Correlation of search and held-out mode accuracy: {summary['accuracy_correlation']:.2f}.",
+        f"Correlation of search and held-out mode accuracy: {_num(summary['accuracy_correlation'], '.2f')}.",
         "",
         "## Do we need combinations of tags? (Tables 1 and 2)",
         "",
@@ -601,28 +640,69 @@ def _markdown(report: dict, out: Path) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, row in planted["description_quality"].items():
-        lines.append(f"| {name} | {row['similarity']:.3f} | {row['similarity_std']:.3f} | "
-                     f"{row['auroc']:.3f} | {row['mean_auroc']:.3f} |")
+        lines.append(f"| {name} | {_num(row['similarity'], '.3f')} | {_num(row['similarity_std'], '.3f')} | "
+                     f"{_num(row['auroc'], '.3f')} | {_num(row['mean_auroc'], '.3f')} |")
     lines += [
         "",
         "## Notes",
         "",
         "- The shape tagger stands in for the paper's Recognize Anything Model, which cannot be "
-        "downloaded here. Its tags are coarse (19 of them, each on about 20 % of a class by "
-        "construction, more for `wide` and `tall`, which many garments reach at the frame), so "
-        "single tags rarely separate hard images and most modes combine 2 to 4 tags.",
-        "- The classifier fits its training images well, so the search split has few errors; "
-        "held-out groups are 5.4 times smaller than search groups (1,000 vs 5,400 images a class), "
-        "so held-out accuracies of single modes are noisy (see |I'_S|).",
+        f"downloaded here. Its tags are coarse ({len(report['tags']['names'])} of them, each on about "
+        f"{config['shape_quantiles'][0]:.0%} of a class by construction, more for `wide` and `tall`, "
+        "which many garments reach at the frame), so single tags rarely separate hard images and "
+        "most modes combine several tags.",
+        f"- {_size_note(search, heldout, len(names))}",
         "- Held-out accuracy uses the thresholds fitted on the search split; a mode absent from "
         "the held-out split (|I'_S| = 0) is left out of the generalization numbers.",
         "- Planted modes with flipped tags: the observed group of a planted mode is no longer pure "
-        f"(the 1-tag planted mode goes from 0 % to {_planted_accuracy(planted):.0%} accuracy), and among its hundreds "
+        f"(the 1-tag planted mode goes from 0 % to {_num(_planted_accuracy(planted), '.0%')} accuracy), and among its hundreds "
         "of supersets of 4 tags some fall a few standard deviations below it by chance and pass the "
         "small b4 = 2.5 % gain; the paper's criteria do not correct for the many sets tested, so "
-        "precision drops while recall stays. With the true tags recovery is exact.",
+        "precision drops while recall stays. With the true tags recovery is exact. Held-out "
+        "evidence with minimality tests removes these supersets "
+        "(`benchmarks/results/prime_planted.md`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+SPLIT_ROLES = {
+    "train": "the images the classifier was trained on, as in the paper (sections 4 and 4.1); its "
+             "errors there are rarer than on unseen data and not the ones it makes there",
+    "val": "the classifier's validation images, never trained on, so its errors there are those "
+           "it makes on unseen data; the held-out split is kept for the evidence",
+    "test": "the data set's test split",
+}
+
+
+def _size_note(search: dict, heldout: dict, num_classes: int) -> str:
+    per_search, per_heldout = search["images"] / num_classes, heldout["images"] / num_classes
+    if per_heldout < per_search:
+        relation = f"{per_search / per_heldout:.1f} times smaller than"
+    elif per_heldout > per_search:
+        relation = f"{per_heldout / per_search:.1f} times larger than"
+    else:
+        relation = "as large as"
+    return (f"Held-out groups are {relation} search groups ({per_heldout:,.0f} vs {per_search:,.0f} "
+            "images a class), and held-out accuracies of single modes are noisy (see |I'_S|); the "
+            "interval and the q-values say how much.")
+
+
+def _evidence_sentence(report: dict) -> str:
+    evidence = report["evidence"]
+    method = {"by": "Benjamini-Yekutieli", "bh": "Benjamini-Hochberg"}[evidence["method"]]
+    by_size = ", ".join(f"{count} with {size} tag{'s' if int(size) > 1 else ''}"
+                        for size, count in evidence["significant_by_size"].items())
+    return (
+        f"All {evidence['candidates']} candidates were tested on the held-out split "
+        f"`{report['splits']['heldout']['name']}`: {evidence['mode_tests']} tests of a mode's error "
+        "rate against its class's and "
+        f"{evidence['minimality_tests']} minimality tests (one per tag of every mode of two or "
+        "more tags: the mode's images against those that show its other tags but lack this one), "
+        f"{evidence['tests']} exact one-sided tests under one {method} false-discovery control "
+        f"(the tests share images and are not all positively dependent). "
+        f"{evidence['significant']} modes are significant at q <= {evidence['alpha']:g} "
+        f"({by_size})."
+    )
 
 
 def _planted_accuracy(planted: dict) -> float:
@@ -630,8 +710,14 @@ def _planted_accuracy(planted: dict) -> float:
     return single[0]["accuracy"] if single else float("nan")
 
 
-def _mode_json(held, class_names) -> dict:
+def _max_q(evidence) -> float:
+    """The largest q-value of a mode's tests: the mode is significant when it is at most alpha."""
+    return max([evidence.q_value] + [t.q_value for t in evidence.minimality])
+
+
+def _mode_json(held, evidence, class_names) -> dict:
     mode = held.mode
+    row = evidence.row(class_names)
     return {
         "label": mode.label,
         "class": class_names[mode.label],
@@ -644,12 +730,54 @@ def _mode_json(held, class_names) -> dict:
         "heldout_accuracy": held.accuracy,
         "heldout_class_accuracy": held.class_accuracy,
         "heldout_drop": held.drop,
+        "heldout_errors": row["heldout_errors"],
+        "heldout_error_rate": row["heldout_error_rate"],
+        "heldout_error_interval": row["interval"],
+        "heldout_class_error_rate": row["class_heldout_error_rate"],
+        "p_value": row["p_value"],
+        "q_value": row["q_value"],
+        "minimality": row["minimality"],
+        "max_q_value": _max_q(evidence),
+        "significant": row["significant"],
     }
 
 
 def _by_size(modes, max_tags) -> dict:
     counts = np.bincount([len(m.tags) for m in modes], minlength=max_tags + 1)
     return {size: int(counts[size]) for size in range(1, max_tags + 1)}
+
+
+def strict_json(report) -> str:
+    """`report` as strict JSON text: NaN and infinities become null, NumPy scalars and arrays
+    plain numbers and lists, tuples lists; written with `allow_nan=False`.
+
+    Raises:
+      TypeError: a value that is not a dict, list, tuple, str, bool, number, NumPy value or None.
+    """
+    return json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
+
+
+def _strict(value):
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+
+
+def _num(value, spec: str) -> str:
+    """A number formatted with `spec`, or "–" where it is missing (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
 
 
 def _jsonable(value):

@@ -2,20 +2,24 @@
 
 Tag the images (:mod:`jfail.prime.tags`, :mod:`jfail.prime.shape`, :mod:`jfail.prime.vlm`),
 search every class for small tag sets on which accuracy drops (:func:`find_failure_modes`), then
-check that the descriptions generalize to held-out data and describe their images well
-(:mod:`jfail.prime.evaluate`). :mod:`jfail.prime.synthetic` plants known modes.
+check on held-out data that they are still hard and still minimal (:func:`mode_evidence`) and
+that the descriptions describe their images well (:mod:`jfail.prime.evaluate`).
+:mod:`jfail.prime.synthetic` plants known modes.
 """
 
 from jfail.prime.config import PrimeConfig
 from jfail.prime.evaluate import (
     DescriptionQuality,
     HeldOutMode,
+    ModeEvidence,
     SubsetAccuracy,
+    TagEvidence,
     auroc,
     describe,
     description_quality,
     evaluate_on_heldout,
     generalization_summary,
+    mode_evidence,
     mode_members,
     recovery_scores,
     subset_accuracies,
@@ -57,12 +61,14 @@ __all__ = [
     "DescriptionQuality",
     "FailureMode",
     "HeldOutMode",
+    "ModeEvidence",
     "ImageTextEmbedder",
     "PlantedProblem",
     "PrimeConfig",
     "ShapeMeasure",
     "ShapeTagger",
     "SubsetAccuracy",
+    "TagEvidence",
     "TagMatrix",
     "TagSetCounts",
     "TagSpaceEmbedder",
@@ -84,6 +90,7 @@ __all__ = [
     "frequent_tags",
     "generalization_summary",
     "living17_shaped_problem",
+    "mode_evidence",
     "mode_members",
     "normalize_rows",
     "pack_bits",

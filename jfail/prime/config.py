@@ -15,9 +15,14 @@ class PrimeConfig:
     metrics yet, `classifier_config` is trained into it first. Failure modes are searched on
     `search_split` and re-evaluated on `heldout_split`:
       "train": the images the classifier was fitted on (the paper searches its training data and
-               checks unseen data, sections 4 and 4.1);
-      "val":   the classifier's validation images (never trained on);
-      "test":  the data set's test split.
+               checks unseen data, sections 4 and 4.1), where the model's errors are rarer
+               than on unseen data and not those it makes there;
+      "val":   the classifier's validation images (never trained on; the default);
+      "test":  the data set's test split (the default held-out split).
+    On the held-out split each mode gets an interval, an exact p-value for its error rate and
+    one for each tag's necessity, and q-values under `fdr_method` ("by": Benjamini-Yekutieli,
+    "bh": Benjamini-Hochberg); it is significant when all its q-values are at most `alpha`
+    (`jfail.prime.mode_evidence`).
 
     Search (section 3.2, A.2): min_size s = 30, min_drop a = 30 %, min_gain (b2, b3, b4) =
     (10, 5, 2.5) %, max_tags l = 4; tags on fewer than min_tag_count images of a class are
@@ -35,8 +40,10 @@ class PrimeConfig:
     dataset: str = "fashion_mnist"
     classifier_config: str = "configs/defuse_cnn_fmnist.py"
     classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"
-    search_split: str = "train"
+    search_split: str = "val"
     heldout_split: str = "test"
+    fdr_method: str = "by"
+    alpha: float = 0.05
     # tags
     shape_quantiles: tuple = (0.2, 0.8)
     ink_threshold: float = 0.2

@@ -1,6 +1,7 @@
 """Evaluating failure modes: generalization to held-out data (section 4.1, Figure 4, A.5), the
-number of tags (section 5.1, Tables 1 and 2), description quality (section 4.3, A.8) and, on
-synthetic data, recovery of planted modes.
+number of tags (section 5.1, Tables 1 and 2), description quality (section 4.3, A.8), held-out
+evidence with false-discovery control (`mode_evidence`) and, on synthetic data, recovery of
+planted modes.
 
 A found mode is re-evaluated on held-out data by its description alone: I'_S is every held-out
 image of the same class that shows all tags of S. Description quality embeds images and the
@@ -17,6 +18,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from jfail import stats
 from jfail.prime._random import numpy_generator
 from jfail.prime.search import FailureMode
 from jfail.prime.tags import TagMatrix, as_tag_array
@@ -24,12 +26,15 @@ from jfail.prime.tags import TagMatrix, as_tag_array
 __all__ = [
     "DescriptionQuality",
     "HeldOutMode",
+    "ModeEvidence",
     "SubsetAccuracy",
+    "TagEvidence",
     "auroc",
     "describe",
     "description_quality",
     "evaluate_on_heldout",
     "generalization_summary",
+    "mode_evidence",
     "mode_members",
     "recovery_scores",
     "subset_accuracies",
@@ -102,6 +107,208 @@ def evaluate_on_heldout(
         members = in_class & tags[:, _columns(mode.tags, tag_names)].all(axis=1)
         results.append(HeldOutMode(mode, int(members.sum()), _mean(correct[members]),
                                    _mean(correct[in_class])))
+    return results
+
+
+class TagEvidence(NamedTuple):
+    """Minimality of one tag t of a mode S, measured on held-out data.
+
+    size, errors: the held-out images of the mode's class that show every tag of S but t and lack
+    t (I'_{S \\ t} minus I'_S), and how many of them the model gets wrong; error_rate: errors /
+    size (None when size is 0); p_value: Fisher's exact one-sided test that the mode's images
+    are wrong more often than these; q_value: its adjusted p-value (`mode_evidence`).
+    """
+
+    tag: str
+    size: int
+    errors: int
+    error_rate: float | None
+    p_value: float
+    q_value: float
+
+    def row(self) -> dict:
+        """Plain Python values, strict-JSON ready (None for a missing rate)."""
+        return {"tag": self.tag, "size": self.size, "errors": self.errors,
+                "error_rate": self.error_rate, "p_value": self.p_value, "q_value": self.q_value}
+
+
+class ModeEvidence(NamedTuple):
+    """Held-out evidence for one failure mode (`mode_evidence`).
+
+    heldout_size, heldout_errors: |I'_S| and its misclassified images; heldout_error_rate: their
+    ratio (None when I'_S is empty); interval: its Wilson interval; class_size,
+    class_error_rate: the held-out images of the mode's class and their error rate (None when
+    there are none); p_value: the exact one-sided binomial test that the mode's error rate is
+    above its class's; q_value: its adjusted p-value; minimality: one `TagEvidence` per tag for
+    modes of two or more tags (empty otherwise, or when minimality was not tested);
+    significant: the mode's q-value and every tag's are at most alpha.
+    """
+
+    mode: FailureMode
+    heldout_size: int
+    heldout_errors: int
+    heldout_error_rate: float | None
+    interval: tuple[float, float]
+    class_size: int
+    class_error_rate: float | None
+    p_value: float
+    q_value: float
+    minimality: tuple[TagEvidence, ...]
+    significant: bool
+
+    def row(self, class_names: Sequence[str] | None = None) -> dict:
+        """The mode and its evidence as plain Python values, strict-JSON ready (no NaN)."""
+        mode = self.mode
+        return {
+            "label": int(mode.label),
+            "class": class_names[mode.label] if class_names is not None else None,
+            "tags": list(mode.tags),
+            "heldout_size": self.heldout_size,
+            "heldout_errors": self.heldout_errors,
+            "heldout_error_rate": self.heldout_error_rate,
+            "interval": list(self.interval),
+            "class_heldout_size": self.class_size,
+            "class_heldout_error_rate": self.class_error_rate,
+            "p_value": self.p_value,
+            "q_value": self.q_value,
+            "minimality": [t.row() for t in self.minimality],
+            "significant": self.significant,
+        }
+
+
+def mode_evidence(
+    modes: Sequence[FailureMode],
+    tags,
+    *,
+    errors,
+    labels,
+    tag_names: Sequence[str] | None = None,
+    method: str = "by",
+    alpha: float = 0.05,
+    minimality: bool = True,
+    confidence: float = 0.95,
+) -> list[ModeEvidence]:
+    """Held-out evidence for failure modes: their error rate, and that they are still minimal.
+
+    Each mode S of class c, found on a search split, is re-evaluated on held-out data by its tags
+    alone (section 4.1): I'_S is every held-out image of class c that shows all tags of S. Two
+    kinds of exact one-sided tests are made there:
+
+    - the mode: the number of errors in I'_S against Bin(|I'_S|, e'_c), e'_c the held-out error
+      rate of class c (`jfail.stats.binomial_p_value`); the paper's condition A_S <= A_c - a
+      (section 3.2) without its margin a, whose size the error rate and interval show;
+    - minimality, for every tag t of a mode of two or more tags (the paper's condition 3,
+      A_{S \\ t} >= A_S + b_|S|): the errors in I'_S against those in R_t = I'_{S \\ t} minus
+      I'_S, the images that show the other tags but lack t, by Fisher's exact test
+      (`jfail.stats.fisher_p_value`). I'_S is a subset of I'_{S \\ t}, so the two overlap and
+      cannot be compared as independent samples; but the error rate of I'_{S \\ t} is a weighted
+      mean of those of I'_S and R_t, so it lies below the rate of I'_S exactly when the rate of
+      R_t does. The test asks whether t is needed at all (margin 0); the margin b_|S| is the
+      search's, on the search split. Where R_t or I'_S is empty the p-value is 1: the tag cannot
+      be shown to be needed, and the mode is not significant. A mode of one tag has no
+      minimality test: removing the tag leaves the whole class, which the mode's own test
+      already compares with.
+
+    All p-values (M mode tests and one per tag of every mode of two or more tags) go under one
+    false-discovery control. Benjamini-Yekutieli is the default because the tests are dependent
+    in ways that are not all positive: a mode and its supersets share images, and the minimality
+    test of S compares I'_S with images that other modes' tests count as inside, so the
+    Benjamini-Hochberg condition (positive regression dependence) cannot be relied on.
+    A mode is `significant` when its own q-value and every tag's are at most alpha: without the
+    minimality tests every superset of a real failure mode (the failure plus any frequent tag)
+    would be significant too.
+
+    The held-out split must not have been used to choose the modes (search on a validation
+    split, evidence on the test split): then the candidates are exactly `modes`, and the
+    q-values control the false discovery rate among the significant ones.
+
+    Args:
+      modes: M failure modes (`find_failure_modes` on another split); only `label` and `tags`
+        are used.
+      tags: `[N, T]` bool (or 0/1, or a `TagMatrix`) tags of the held-out images; the modes'
+        tags are found by name.
+      errors: `[N]` bool, True where the classifier is wrong on held-out image n.
+      labels: `[N]` int, the held-out images' true classes.
+      tag_names: the T column names (default: the TagMatrix's names, else "tag0", "tag1", ...).
+      method: "by" (Benjamini-Yekutieli) or "bh" (Benjamini-Hochberg), `jfail.stats.q_values`.
+      alpha: the false discovery rate; a test is a discovery where its q-value is at most alpha.
+      minimality: False leaves the minimality tests out (only the M mode tests are corrected and
+        decide `significant`), to measure what they add.
+      confidence: the level of the Wilson interval.
+
+    Returns:
+      One `ModeEvidence` per mode, in the order of `modes`.
+
+    Raises:
+      ValueError: tags, errors and labels of different lengths, errors that are not boolean or
+        0/1, a mode tag that is not among the held-out tag names, an unknown `method`, or
+        `alpha` or `confidence` outside (0, 1).
+    """
+    if method not in stats.FDR_METHODS:
+        raise ValueError(f"method must be one of {stats.FDR_METHODS}, got {method!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
+    wrong = ~correct
+    known = set(tag_names)
+    for mode in modes:
+        missing = [name for name in mode.tags if name not in known]
+        if missing:
+            raise ValueError(f"mode {mode.label}: {' + '.join(mode.tags)} has tags {missing} that "
+                             "are not among the held-out tag names; tag both splits with the same "
+                             "tagger")
+    if not modes:
+        return []
+
+    counts, tag_counts = [], []  # (size, errors, class size, class errors); per mode [(size, errors)]
+    for mode in modes:
+        in_class = labels == mode.label
+        shown = tags[in_class][:, _columns(mode.tags, tag_names)]  # [N_c, k]
+        class_wrong = wrong[in_class]
+        inside = shown.all(axis=1)
+        counts.append((int(inside.sum()), int(class_wrong[inside].sum()), int(in_class.sum()),
+                       int(class_wrong.sum())))
+        rest = []
+        if minimality and len(mode.tags) >= 2:
+            for j in range(len(mode.tags)):
+                others = np.delete(shown, j, axis=1).all(axis=1) & ~shown[:, j]
+                rest.append((int(others.sum()), int(class_wrong[others].sum())))
+        tag_counts.append(rest)
+
+    size, num_wrong, class_size, class_wrong = np.array(counts, np.int64).T
+    baseline = np.where(class_size > 0, class_wrong / np.maximum(class_size, 1), 0.0)
+    mode_p = stats.binomial_p_value(num_wrong, size, baseline)
+    low, high = stats.wilson_interval(num_wrong, size, confidence=confidence)
+    owner = np.array([i for i, rest in enumerate(tag_counts) for _ in rest], np.int64)
+    rest = np.array([c for r in tag_counts for c in r], np.int64).reshape(-1, 2)
+    tag_p = stats.fisher_p_value(num_wrong[owner], size[owner], rest[:, 1], rest[:, 0])
+    q = stats.q_values(np.concatenate([mode_p, tag_p]), method=method)
+    mode_q, tag_q = q[: len(modes)], q[len(modes):]
+
+    results, start = [], 0
+    for i, mode in enumerate(modes):
+        stop = start + len(tag_counts[i])
+        tests = tuple(
+            TagEvidence(name, int(rest[j, 0]), int(rest[j, 1]), _rate(rest[j, 1], rest[j, 0]),
+                        float(tag_p[j]), float(tag_q[j]))
+            for name, j in zip(mode.tags, range(start, stop))
+        )
+        start = stop
+        results.append(ModeEvidence(
+            mode=mode,
+            heldout_size=int(size[i]),
+            heldout_errors=int(num_wrong[i]),
+            heldout_error_rate=_rate(num_wrong[i], size[i]),
+            interval=(float(low[i]), float(high[i])),
+            class_size=int(class_size[i]),
+            class_error_rate=_rate(class_wrong[i], class_size[i]),
+            p_value=float(mode_p[i]),
+            q_value=float(mode_q[i]),
+            minimality=tests,
+            significant=bool(mode_q[i] <= alpha and all(t.q_value <= alpha for t in tests)),
+        ))
     return results
 
 
@@ -292,6 +499,10 @@ def _columns(names: Sequence[str], tag_names: Sequence[str]) -> list[int]:
     if missing:
         raise KeyError(f"tags {missing} are not among the data's tag names")
     return [index[name] for name in names]
+
+
+def _rate(errors, size) -> float | None:
+    return float(errors) / float(size) if size > 0 else None
 
 
 def _mean(values) -> float:
