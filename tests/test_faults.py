@@ -1,10 +1,35 @@
-"""The kill harness itself. Training runs are killed at epoch boundaries in tests/test_train.py;
-`experiments/reliability.py` kills `jfail train`, a beta-VAE run and a demo stage at random
-moments and checks each rerun bitwise (minutes of work, kept out of the suite's time budget)."""
+"""SIGKILL at a random moment of a beta-VAE run, then the same command again: it resumes and ends
+with bitwise the weights of an uninterrupted run; and the kill harness itself. (Training runs are
+killed at epoch boundaries in tests/test_train.py; `experiments/reliability.py` kills `jfail
+train`, the VAE and a demo stage at several random moments each.)"""
 
+import os
 import sys
 
+import numpy as np
+import pytest
+
 from jfail.testing import faults
+
+# A random share of the reference run's wall time, the same each run; the killed run skips the
+# reference's compilation (about half its time), hence at most 0.45.
+SHARE = np.random.default_rng(7).uniform(0.15, 0.45)
+
+
+@pytest.mark.slow
+def test_a_vae_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_weights(tmp_path):
+    # The three processes share a compilation cache: the killed run and its rerun load the
+    # reference run's programs (the same executables, so the same bits) instead of compiling.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compiled"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+    def command(workdir):
+        return [sys.executable, "-m", "jfail.testing.faults", "vae", str(workdir), "--epochs", "2"]
+
+    _, trials = faults.kill_and_resume(command, [SHARE], fingerprint=faults.vae_run_fingerprint,
+                                       workdir=lambda i: tmp_path / f"vae{i}", env=env)
+    assert trials[0].killed and trials[0].resumed and trials[0].identical, trials
 
 
 def test_a_command_that_ends_before_the_kill_is_reported_as_not_killed(tmp_path):
