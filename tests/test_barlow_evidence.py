@@ -181,3 +181,15 @@ def test_bad_inputs_are_refused_with_a_reason():
     assert deep.top_leaf.conditions[0] == Condition(5, ">", 120.5)
     with pytest.raises(ValueError, match="tests feature 5"):
         leaf_evidence(deep, x, errors)
+
+
+def test_the_pipeline_config_refuses_evidence_on_the_images_the_trees_are_fitted_to():
+    from jfail.config import BarlowConfig, ConfigError, validate_config
+
+    validate_config(BarlowConfig())  # the default: fit on the validation images, measure on test
+    assert (BarlowConfig().split, BarlowConfig().evidence_split) == ("val", "test")
+    for split, evidence_split in (("train", "val"), ("val", "train"), ("test", "test")):
+        with pytest.raises(ConfigError, match="shares images"):
+            validate_config(BarlowConfig(split=split, evidence_split=evidence_split))
+    with pytest.raises(ConfigError, match="fdr_method"):
+        validate_config(BarlowConfig(fdr_method="holm"))
