@@ -14,6 +14,10 @@ readable rule over the original feature indices, and is scored by
 Algorithm 1 returns the valid leaves; the paper's Table 1 reports, over classes, how often the
 leaf of highest IV is valid (`valid_leaf_fraction`), and Tables 2-5 list that leaf's rule with
 BER, ER, EC and ALER (`failure_table`). When no leaf is valid, `FailureTree.reason` says why.
+
+These metrics are measured on the rows the tree was fitted to, as in the paper; with many groups
+some leaves pass by chance. `jfail.barlow.leaf_evidence` measures every leaf by its rule on
+held-out rows, with p-values and q-values over all of them.
 """
 
 from __future__ import annotations
