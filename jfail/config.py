@@ -66,13 +66,22 @@ class BarlowConfig:
 
     Each network is a classifier config plus the run directory that holds (or will hold) its
     trained weights; a missing run is trained first. Defaults are the paper's (δ = 0.1, τ = 0.2,
-    50 features by mutual information, trees of depth 1 and 3, grouping by label and by
-    prediction, failure analysis on the training split).
+    50 features by mutual information on every feature, trees of depth 1 and 3, grouping by label
+    and by prediction).
+
+    The trees are fitted on `split` and every leaf is measured on `evidence_split`
+    (`jfail.barlow.leaf_evidence`: held-out error rate, Wilson interval, exact binomial p-value,
+    `fdr_method` q-value; significant where q <= `alpha`). Splits: "train" (the whole training
+    split, the paper's choice), "val" (the standard classifier's validation part of it, held out
+    from its training: same fraction and seed), "test". The two must not share images, so
+    "train" and "val" cannot be paired. `screen`: None runs the mutual information on every
+    feature as the paper does; an int screens each group to that many features first.
     """
 
     name: str = "barlow_fmnist"
     dataset: str = "fashion_mnist"
-    split: str = "train"
+    split: str = "val"
+    evidence_split: str = "test"
     classifier_config: str = "configs/resnet18_fmnist.py"
     classifier_run: str = "runs/classifiers/resnet18_fmnist"
     robust_config: str = "configs/resnet18_fmnist_robust_l2.py"
@@ -82,6 +91,9 @@ class BarlowConfig:
     groupings: tuple = ("label", "prediction")
     delta: float = 0.1
     tau: float = 0.2
+    screen: int | None = None
+    fdr_method: str = "by"
+    alpha: float = 0.05
     attack_epsilon: float | None = None  # None: the paper's regime scaled to the image size
     attack_step_size: float | None = None
     attack_steps: int | None = None
@@ -268,10 +280,35 @@ def validate_config(config: Any) -> None:
                     check_dataset_name(value)
                 except ValueError as error:
                     raise ConfigError(f"{prefix}{name}: {error}") from error
+        if isinstance(config_part, BarlowConfig):
+            _check_barlow_splits(config_part, prefix)
         if isinstance(config_part, ClassifierRunConfig) and config_part.model not in MODEL_NAMES:
             raise ConfigError(
                 f"{prefix}model must be one of {', '.join(MODEL_NAMES)}, got {config_part.model!r}"
             )
+
+
+BARLOW_SPLITS = ("train", "val", "test")
+
+
+def _check_barlow_splits(config: "BarlowConfig", prefix: str) -> None:
+    for name in ("split", "evidence_split"):
+        value = getattr(config, name)
+        if value not in BARLOW_SPLITS:
+            raise ConfigError(f"{prefix}{name} must be one of {BARLOW_SPLITS}, got {value!r}")
+    pair = {config.split, config.evidence_split}
+    if len(pair) == 1 or pair == {"train", "val"}:
+        raise ConfigError(
+            f"{prefix}evidence_split {config.evidence_split!r} shares images with split "
+            f"{config.split!r}: leaves must be measured on images they were not fitted to "
+            "(e.g. split='val', evidence_split='test')"
+        )
+    if config.fdr_method not in ("bh", "by"):
+        raise ConfigError(f"{prefix}fdr_method must be 'bh' or 'by', got {config.fdr_method!r}")
+    if not 0 < config.alpha < 1:
+        raise ConfigError(f"{prefix}alpha must lie in (0, 1), got {config.alpha}")
+    if config.screen is not None and config.screen < 1:
+        raise ConfigError(f"{prefix}screen must be None or >= 1, got {config.screen}")
 
 
 def _config_parts(config, prefix):

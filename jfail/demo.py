@@ -104,7 +104,7 @@ def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
         "annotator": annotator,
         "ood_classifier": ood_classifier,
         "barlow": BarlowConfig(
-            name="barlow", dataset=data, split="train",
+            name="barlow", dataset=data, split="val", evidence_split="test",
             classifier_config=paths["classifier"], classifier_run=str(models / "classifier"),
             robust_config=paths["robust_l2"], robust_run=str(models / "robust_l2"),
             depths=(1, 3), groupings=("label", "prediction"), attack_steps=50, panel_images=4),

@@ -9,6 +9,9 @@
 - `mutual_information`, `rank_features`: scikit-learn's nearest-neighbour estimator in JAX.
 - `valid_leaf_fraction`, `failure_table`, `plot_feature_panel`: Table 1, Tables 2-5 and the
   per-feature figures.
+- `leaf_evidence`: every candidate leaf applied by its rule to held-out rows, with its held-out
+  error rate, a Wilson interval, an exact binomial p-value against its group's held-out error
+  rate and a Benjamini-Yekutieli q-value over all candidates (`LeafEvidence`).
 """
 
 from jfail.barlow.extraction import (
@@ -22,6 +25,7 @@ from jfail.barlow.extraction import (
     heatmap_batch,
     most_activating,
 )
+from jfail.barlow.evidence import LeafEvidence, leaf_evidence
 from jfail.barlow.mutual_info import (
     FeatureRanking,
     mutual_information,
@@ -48,6 +52,7 @@ __all__ = [
     "FailureTree",
     "FeatureRanking",
     "Leaf",
+    "LeafEvidence",
     "PlantedFailures",
     "attack_batch",
     "attack_settings",
@@ -59,6 +64,7 @@ __all__ = [
     "group_indices",
     "heatmap",
     "heatmap_batch",
+    "leaf_evidence",
     "most_activating",
     "mutual_information",
     "mutual_information_batch",

@@ -2,12 +2,16 @@
 
     python experiments/barlow.py --config configs/barlow_fmnist.py
 
-The training-split errors of a standard and of an ℓ2-robust ResNet-18 are explained with the
-robust model's penultimate features, as in the paper (Table 1: the fraction of groups whose leaf
-of highest importance is valid, for each model, grouping and depth; Tables 2-3 list the depth-1
-rules for the standard model's errors, Tables 4-5 for the robust model's). Beyond the paper, the
-standard model's errors are also explained with its own features. Writes `results/<name>.md`,
-`.json` and PNG panels.
+The errors of a standard and of an ℓ2-robust ResNet-18 on `config.split` (by default the standard
+classifier's validation images) are explained with the robust model's penultimate features, as in
+the paper (Table 1: the fraction of groups whose leaf of highest importance is valid, for each
+model, grouping and depth; Tables 2-3 list the depth-1 rules for the standard model's errors,
+Tables 4-5 for the robust model's). Beyond the paper, the standard model's errors are also
+explained with its own features, and every leaf of every search is measured on
+`config.evidence_split` (by default the test images) by its rule (`jfail.barlow.leaf_evidence`):
+held-out error rate, Wilson interval, exact binomial p-value against its group's held-out error
+rate and a q-value over all the search's leaves; the significant leaves are listed first. Writes
+`results/<name>.md`, strict `.json` (null for missing values) and PNG panels.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import jax
 import numpy as np
 
 from jfail import barlow
-from jfail.config import BarlowConfig, load_config
-from jfail.data import load
+from jfail.config import BarlowConfig, ConfigError, load_config, validate_config
+from jfail.data import Dataset, load, train_val_split
 from jfail.logs import quiet_libraries
 from jfail.models import linen_apply, model_fns
 from jfail.train import predict
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     config: BarlowConfig = load_config(args.config, args.set)
     if not isinstance(config, BarlowConfig):
         parser.error(f"{args.config} is not a Barlow config")
+    try:
+        validate_config(config)
+    except ConfigError as error:
+        parser.error(str(error))
     command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out_dir)
     figures = out / config.name
@@ -49,45 +57,67 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     started = time.perf_counter()
     progress = not args.quiet and sys.stderr.isatty()
 
-    data = load(config.dataset, config.split)
     runs = {  # (module, params, state, config, metrics), trained first when missing
         "standard": trained_classifier(load_config(config.classifier_config),
                                        config.classifier_run, progress=progress),
         "robust": trained_classifier(load_config(config.robust_config), config.robust_run,
                                      progress=progress),
     }
+    splits = _splits(config, runs["standard"][3])
+    data, heldout = splits[config.split], splits[config.evidence_split]
     networks = {name: run[:3] for name, run in runs.items()}
     fns = {name: model_fns(module, {"params": p, **s}) for name, (module, p, s) in networks.items()}
-    predictions = {
-        name: predict(linen_apply(module), p, s, data.images).argmax(-1)
-        for name, (module, p, s) in networks.items()
-    }
-    errors = {name: pred != data.labels for name, pred in predictions.items()}
-    features = {
-        name: barlow.features(fn.features, data.images, progress=progress)
-        for name, fn in fns.items()
-    }
+
+    def observe(part: Dataset):
+        """Each model's predictions, errors and features on one split."""
+        predictions = {
+            name: predict(linen_apply(module), p, s, part.images).argmax(-1)
+            for name, (module, p, s) in networks.items()
+        }
+        return {
+            "predictions": predictions,
+            "errors": {name: pred != part.labels for name, pred in predictions.items()},
+            "features": {
+                name: barlow.features(fn.features, part.images, progress=progress)
+                for name, fn in fns.items()
+            },
+            # each model's errors are grouped by the labels or by its own predictions
+            "groupings": {
+                name: {"label": part.labels, "prediction": predictions[name]} for name in networks
+            },
+        }
+
+    fitted, measured = observe(data), observe(heldout)
+    errors, features, groupings_of = fitted["errors"], fitted["features"], fitted["groupings"]
     class_names = data.class_names
-    groupings_of = {  # each model's errors are grouped by the labels or by its own predictions
-        name: {"label": data.labels, "prediction": predictions[name]} for name in networks
-    }
 
     def explain(extractor, analysed, depth, grouping):
         return barlow.failure_trees(
             features[extractor], errors[analysed], groupings_of[analysed][grouping],
             num_features=config.num_features, max_depth=depth, delta=config.delta,
-            tau=config.tau, key=config.seed, progress=progress,
+            tau=config.tau, screen=config.screen, key=config.seed, progress=progress,
+        )
+
+    def measure(extractor, analysed, grouping, result):
+        return barlow.leaf_evidence(
+            result, measured["features"][extractor], measured["errors"][analysed],
+            measured["groupings"][analysed][grouping], method=config.fdr_method,
+            alpha=config.alpha,
         )
 
     # Table 1, as the paper: each model's errors explained with the robust model's features.
     # Beyond it: the standard model's errors explained with its own (standard) features.
-    table1, extractor_rows, trees = [], [], {}
+    # Every search's leaves are measured on the held-out split; q-values are over all the leaves
+    # of one search (one model, extractor, depth and grouping: every group's tree).
+    table1, extractor_rows, trees, evidence = [], [], {}, {}
     for extractor, analysed, rows in (("robust", "standard", table1), ("robust", "robust", table1),
                                        ("standard", "standard", extractor_rows)):
         for depth in config.depths:
             for grouping in config.groupings:
                 result = explain(extractor, analysed, depth, grouping)
+                found = measure(extractor, analysed, grouping, result)
                 trees[(extractor, analysed, depth, grouping)] = result
+                evidence[(extractor, analysed, depth, grouping)] = found
                 rows.append({
                     "model": analysed,
                     "extractor": extractor,
@@ -98,6 +128,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
                         np.mean([t.aler - t.base_error_rate for t in result.values()])
                     ),
                     "groups": len(result),
+                    "candidate_leaves": found.num_candidates,
+                    "significant_leaves": found.num_significant,
                 })
 
     # Tables 2-5: depth-1 rules with robust features, for each analysed model and grouping.
@@ -105,9 +137,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     for analysed in ("standard", "robust"):
         for grouping in ("label", "prediction"):
             key = ("robust", analysed, 1, grouping)
-            tables[(analysed, grouping)] = (
-                trees[key] if key in trees else explain("robust", analysed, 1, grouping)
-            )
+            if key not in trees:
+                trees[key] = explain("robust", analysed, 1, grouping)
+                evidence[key] = measure("robust", analysed, grouping, trees[key])
+            tables[(analysed, grouping)] = trees[key]
 
     # Panels: for every valid depth-1 leaf of the standard classifier grouped by label.
     panels = []
@@ -130,23 +163,41 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     summary = {
         "command": command,
         "config": json.loads(json.dumps(config.__dict__, default=str)),
-        "data": {"name": config.dataset, "split": config.split, "images": len(data.labels)},
+        "data": {"name": config.dataset, "split": config.split, "images": len(data.labels),
+                 "evidence_split": config.evidence_split, "evidence_images": len(heldout.labels),
+                 "held_out_from_training": _held_out_from_training(config, runs)},
         "models": {name: _ARCHITECTURES.get(run[3].model, run[3].model) for name, run in runs.items()},
         "error_rates": {name: float(e.mean()) for name, e in errors.items()},
+        "evidence_error_rates": {name: float(e.mean()) for name, e in measured["errors"].items()},
         "test_metrics": {name: _test_metrics(run[4]) for name, run in runs.items()},
         "table1": table1,
         "extractor_comparison": extractor_rows,
+        "evidence": {
+            "method": config.fdr_method,
+            "alpha": config.alpha,
+            "candidate_leaves": sum(found.num_candidates for found in evidence.values()),
+            "significant_leaves": sum(found.num_significant for found in evidence.values()),
+            "searches": [
+                _evidence_record(key, found, class_names) for key, found in evidence.items()
+            ],
+        },
         "tables": {
             f"{analysed}_{grouping}": [
-                _tree_record(group, tree, class_names) for group, tree in result.items()
+                _tree_record(group, tree, class_names,
+                             _top_leaf_evidence(evidence[("robust", analysed, 1, grouping)],
+                                                group, tree))
+                for group, tree in result.items()
             ]
             for (analysed, grouping), result in tables.items()
         },
         "panels": panels,
         "seconds": time.perf_counter() - started,
     }
+    summary = _strict_json(summary)
     write_json(out / f"{config.name}.json", summary)
-    (out / f"{config.name}.md").write_text(_markdown(summary, tables, class_names, figures, out))
+    (out / f"{config.name}.md").write_text(
+        _markdown(summary, tables, evidence, class_names, figures, out)
+    )
     print((out / f"{config.name}.md").read_text())
 
 
@@ -179,7 +230,81 @@ def _panel(fns, data, tree, leaf, feature_index, config, key, path, title):
     )
 
 
-def _tree_record(group, tree, class_names) -> dict:
+def _splits(config: BarlowConfig, classifier_config) -> dict[str, Dataset]:
+    """The splits the config names: "train" (all of it), "val" (the standard classifier's own
+    validation part: same fraction and seed as its training) and "test"."""
+    wanted = {config.split, config.evidence_split}
+    parts: dict[str, Dataset] = {}
+    if wanted & {"train", "val"}:
+        full = load(config.dataset, "train")
+        parts["train"] = full
+        if "val" in wanted:
+            _, parts["val"] = train_val_split(
+                full, classifier_config.val_fraction, key=classifier_config.train.seed
+            )
+    if "test" in wanted:
+        parts["test"] = load(config.dataset, "test")
+    return parts
+
+
+def _held_out_from_training(config: BarlowConfig, runs) -> dict[str, dict[str, bool]]:
+    """Per model, whether the images the trees are fitted on and those the leaves are measured on
+    were kept out of its training (its own validation part, or the test split)."""
+    standard = runs["standard"][3]
+
+    def held_out(split, run_config):
+        if split == "test":
+            return True
+        if split == "train":
+            return False
+        return (run_config.dataset == standard.dataset
+                and run_config.val_fraction == standard.val_fraction
+                and run_config.train.seed == standard.train.seed)
+
+    return {
+        name: {"fit": held_out(config.split, run[3]),
+               "evidence": held_out(config.evidence_split, run[3])}
+        for name, run in runs.items()
+    }
+
+
+def _evidence_record(key, found, class_names) -> dict:
+    extractor, analysed, depth, grouping = key
+    rows = found.rows()
+    for row in rows:
+        row["name"] = class_names[int(row["group"])]
+    return {
+        "model": analysed,
+        "extractor": extractor,
+        "depth": depth,
+        "grouping": grouping,
+        "candidate_leaves": found.num_candidates,
+        "significant_leaves": found.num_significant,
+        "leaves": rows,  # significant first, then by q-value
+    }
+
+
+def _top_leaf_evidence(found, group, tree) -> dict | None:
+    """The held-out evidence of a tree's leaf of highest importance (None for an unsplit tree)."""
+    leaf = tree.top_leaf
+    for index, (name, candidate) in enumerate(zip(found.groups, found.leaves)):
+        if name == group and candidate is leaf:
+            return found.row(index)
+    return None
+
+
+def _strict_json(value):
+    """NaN and infinities as null, so that the JSON is strict."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def _tree_record(group, tree, class_names, heldout=None) -> dict:
     leaf = tree.top_leaf
     return {
         "group": int(group),
@@ -195,6 +320,7 @@ def _tree_record(group, tree, class_names) -> dict:
         "size": leaf.size,
         "errors_in_group": tree.num_errors,
         "reason": tree.reason,
+        "heldout": heldout,
     }
 
 
@@ -202,7 +328,7 @@ _ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "defuse_cnn"
                   "mlp": "MLP"}
 
 
-def _markdown(summary, tables, class_names, figures, out) -> str:
+def _markdown(summary, tables, evidence, class_names, figures, out) -> str:
     names = dict(enumerate(class_names))
     arch = summary["models"]
     lines = [
@@ -214,10 +340,15 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
         summary["command"],
         "```",
         "",
-        f"Data: {summary['data']['name']} {summary['data']['split']} split, "
-        f"{summary['data']['images']:,} images. Error rates: standard {arch['standard']} "
+        f"Data: {summary['data']['name']}. Trees are fitted on the {_split_words(summary, 'split')}:"
+        f" {summary['data']['images']:,} images, error rates standard {arch['standard']} "
         f"{100 * summary['error_rates']['standard']:.2f} %, robust {arch['robust']} "
-        f"{100 * summary['error_rates']['robust']:.2f} %. Run time {summary['seconds']:.0f} s.",
+        f"{100 * summary['error_rates']['robust']:.2f} %. Every leaf is measured on the "
+        f"{_split_words(summary, 'evidence_split')}: {summary['data']['evidence_images']:,} "
+        f"images, error rates {100 * summary['evidence_error_rates']['standard']:.2f} % and "
+        f"{100 * summary['evidence_error_rates']['robust']:.2f} %. "
+        + _held_out_sentence(summary)
+        + f" Run time {summary['seconds']:.0f} s.",
         "",
         "| model | test accuracy | test accuracy under PGD | attack |",
         "| --- | ---: | ---: | --- |",
@@ -252,6 +383,7 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
         "",
     ]
     lines += _fraction_table(summary["extractor_comparison"])
+    lines += _evidence_section(summary, evidence, names)
     titles = {
         ("standard", "label"): f"Table 2 analogue: standard {arch['standard']}, grouping by label",
         ("standard", "prediction"): f"Table 3 analogue: standard {arch['standard']}, grouping by "
@@ -261,7 +393,9 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
                                   "prediction",
     }
     for key, title in titles.items():
-        lines += ["", f"## {title}", "", "Depth-1 trees on robust features.", "",
+        lines += ["", f"## {title}", "", "Depth-1 trees on robust features; as in the paper, each metric is measured on the "
+                  "images the tree was fitted to (the held-out evidence of each top leaf is in "
+                  "the JSON, `tables.*.heldout`).", "",
                   barlow.failure_table(tables[key], names)]
     lines += ["", "## Panels", "",
               "Rows: most activating images of the leaf's feature in the group, their heatmaps, "
@@ -273,14 +407,80 @@ def _markdown(summary, tables, class_names, figures, out) -> str:
 
 def _fraction_table(rows) -> list[str]:
     lines = [
-        "| model explained | features | depth | grouping | valid-leaf fraction | mean ALER − BER | groups |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+        "| model explained | features | depth | grouping | valid-leaf fraction | mean ALER − BER "
+        "| groups | candidate leaves | significant on held-out images |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['extractor']} | {row['depth']} | {row['grouping']} | "
-            f"{row['valid_leaf_fraction']:.3f} | {row['mean_aler_minus_ber']:.4f} | {row['groups']} |"
+            f"{row['valid_leaf_fraction']:.3f} | {row['mean_aler_minus_ber']:.4f} | {row['groups']} "
+            f"| {row['candidate_leaves']} | {row['significant_leaves']} |"
         )
+    return lines
+
+
+_SPLIT_WORDS = {
+    "train": "training split",
+    "val": "standard classifier's validation images",
+    "test": "test split",
+}
+
+SIGNIFICANT_ROWS_SHOWN = 10
+
+
+def _split_words(summary, field) -> str:
+    return _SPLIT_WORDS[summary["data"][field]]
+
+
+def _held_out_sentence(summary) -> str:
+    held = summary["data"]["held_out_from_training"]
+    if all(flags["fit"] and flags["evidence"] for flags in held.values()):
+        return "Neither model was trained on any of these images."
+    parts = []
+    for name, flags in held.items():
+        if flags["fit"] and flags["evidence"]:
+            parts.append(f"the {name} model trained on neither")
+        elif flags["evidence"]:
+            parts.append(f"the {name} model trained on the images the trees are fitted on, "
+                         "not on those the leaves are measured on")
+        else:
+            parts.append(f"the {name} model trained on the images the leaves are measured on")
+    return "Of these images, " + "; ".join(parts) + "."
+
+
+def _evidence_section(summary, evidence, names) -> list[str]:
+    total = summary["evidence"]
+    method = {"by": "Benjamini-Yekutieli", "bh": "Benjamini-Hochberg"}[total["method"]]
+    lines = [
+        "",
+        "## Held-out evidence: significant leaves first",
+        "",
+        f"Every leaf of every search above was applied by its rule to the "
+        f"{summary['data']['evidence_images']:,} images of the "
+        f"{_split_words(summary, 'evidence_split')} (nothing refitted) and compared with its "
+        "group's error rate there: exact one-sided binomial p-value, 95 % Wilson interval, and "
+        f"{method} q-values over all the leaves of the search (every group's tree; the leaves of "
+        "one tree and the trees of overlapping groups are dependent tests). A leaf is significant "
+        f"where q ≤ {total['alpha']}. In all, {total['candidate_leaves']:,} candidate leaves were "
+        f"tested and {total['significant_leaves']:,} are significant. The JSON lists every "
+        "candidate with its evidence, significant ones first.",
+    ]
+    for (extractor, analysed, depth, grouping), found in evidence.items():
+        lines += [
+            "",
+            f"### {analysed} model's errors, {extractor} features, depth {depth}, by {grouping}",
+            "",
+            f"{found.num_significant} of {found.num_candidates} candidate leaves significant.",
+        ]
+        if found.num_significant:
+            lines += ["", found.table(names, limit=SIGNIFICANT_ROWS_SHOWN)]
+            if found.num_significant > SIGNIFICANT_ROWS_SHOWN:
+                lines += ["", f"{found.num_significant - SIGNIFICANT_ROWS_SHOWN} more significant "
+                          "leaves are in the JSON."]
+        elif found.num_candidates:
+            lines += ["", "The three candidates closest to significance:", "",
+                      found.table(names, significant_only=False, limit=3)]
     return lines
 
 
