@@ -52,8 +52,8 @@ def test_the_server_sections_are_written_from_the_numbers():
            "answered" in text
     assert "| chunked vote | 411 | 502 | no |" in text
     assert "| vote body cut short | closed | closed | yes |" in text
-    assert "3 server processes were started; together they wrote 4 line(s) on stderr, " \
-           "1 of them with a traceback" in text
+    assert "3 server processes were started (none with --debug); together they wrote 4 " \
+           "line(s) on stderr, and the stderr of 1 of them held a traceback" in text
     assert "exited 0 and resumed to a trained run" in text and "exit status 1, 1 line(s)" in text
     assert "no traceback" in text and "Traceback (most recent call last)" in text
 

@@ -352,9 +352,10 @@ def _server_markdown(server: dict) -> list[str]:
               f"{_yes(r['then_answered'])} |" for r in rows]
     lines += ["", "\"closed\" is a connection the server closed without an answer.", "",
               "## Annotation server: stderr", "",
-              f"{server['servers_started']} server processes were started; together they wrote "
-              f"{server['stderr_lines']} line(s) on stderr, {server['tracebacks']} of them with "
-              "a traceback (none ran with --debug). The last one stopped on Ctrl-C with exit "
+              f"{server['servers_started']} server processes were started (none with --debug); "
+              f"together they wrote {server['stderr_lines']} line(s) on stderr, and the stderr "
+              f"of {server['tracebacks']} of them held a traceback. The last one stopped on "
+              "Ctrl-C with exit "
               f"status {server['final_exit_status']}"
               + (" and its closing line." if server["final_stopped_line"]
                  else " and without its closing line.")]
