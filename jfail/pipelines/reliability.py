@@ -125,50 +125,55 @@ def run_server(folder: Path, *, annotators: int, images: int, kills: int,
     jobs = http_probe.voting_jobs(annotators, scenarios, per_scenario, len(CLASSES))
     servers = [http_probe.ServerProcess(run_dir, folder / "stderr0.txt").start()]
     port = servers[0].port
-    results, failures, lock = [], [], threading.Lock()
-    stop_by = time.monotonic() + deadline
+    try:
+        results, failures, lock = [], [], threading.Lock()
+        stop_by = time.monotonic() + deadline
 
-    def annotate(name):
-        for job in (j for j in jobs if j[0] == name):
-            try:
-                status, attempts = http_probe.vote_until_acknowledged(lambda _: port, job, stop_by)
-            except (http_probe.UnexpectedStatus, TimeoutError) as error:
+        def annotate(name):
+            for job in (j for j in jobs if j[0] == name):
+                try:
+                    status, attempts = http_probe.vote_until_acknowledged(
+                        lambda _: port, job, stop_by)
+                except (http_probe.UnexpectedStatus, TimeoutError) as error:
+                    with lock:
+                        failures.append({"vote": list(job), "error": str(error),
+                                         "status": getattr(error, "status", None)})
+                    continue
                 with lock:
-                    failures.append({"vote": list(job), "error": str(error),
-                                     "status": getattr(error, "status", None)})
-                continue
-            with lock:
-                results.append((job, status, attempts))
+                    results.append((job, status, attempts))
 
-    kill_rows = []
-    names = [f"annotator-{i}" for i in range(annotators)]
-    with ThreadPoolExecutor(max(1, annotators)) as pool:
-        futures = [pool.submit(annotate, name) for name in names]
-        for n in range(kills):
-            target = len(jobs) * (n + 1) // (kills + 1)
-            while len(results) + len(failures) < target and time.monotonic() < stop_by:
-                time.sleep(0.002)
-            at = len(results)
-            running = servers[-1].process.poll() is None
-            killed_at = time.perf_counter()
-            servers[-1].kill()
-            servers.append(_restart(run_dir, folder / f"stderr{n + 1}.txt", port))
-            kill_rows.append({"acknowledged_before": at, "was_running": running,
-                              "restart_seconds": round(time.perf_counter() - killed_at, 2)})
-        for future in futures:
-            future.result()
-    voting_seconds = time.perf_counter() - started
+        kill_rows = []
+        names = [f"annotator-{i}" for i in range(annotators)]
+        with ThreadPoolExecutor(max(1, annotators)) as pool:
+            futures = [pool.submit(annotate, name) for name in names]
+            for n in range(kills):
+                target = len(jobs) * (n + 1) // (kills + 1)
+                while len(results) + len(failures) < target and time.monotonic() < stop_by:
+                    time.sleep(0.002)
+                at = len(results)
+                running = servers[-1].process.poll() is None
+                killed_at = time.perf_counter()
+                servers[-1].kill()
+                servers.append(_restart(run_dir, folder / f"stderr{n + 1}.txt", port))
+                kill_rows.append({"acknowledged_before": at, "was_running": running,
+                                  "restart_seconds": round(time.perf_counter() - killed_at, 2)})
+            for future in futures:
+                future.result()
+        voting_seconds = time.perf_counter() - started
 
-    stored, duplicated = _stored_votes(run_dir)
-    sent = {(a, k, q): label for a, k, q, label in jobs}
-    acknowledged = {(a, k, q): label for (a, k, q, label), _, _ in results}
-    lost = sorted(key for key, label in acknowledged.items() if stored.get(key) != label)
-    unexpected = sorted(key for key in stored if key not in sent)
-    summary = http_probe.request(port, "GET", "/api/summary")[1]
+        stored, duplicated = _stored_votes(run_dir)
+        sent = {(a, k, q): label for a, k, q, label in jobs}
+        acknowledged = {(a, k, q): label for (a, k, q, label), _, _ in results}
+        lost = sorted(key for key, label in acknowledged.items() if stored.get(key) != label)
+        unexpected = sorted(key for key in stored if key not in sent)
+        summary = http_probe.request(port, "GET", "/api/summary")[1]
 
-    hostile_rows = _hostile_rows(port)
-    after = http_probe.request(port, "GET", "/api/summary")[1]
-    status = servers[-1].stop()
+        hostile_rows = _hostile_rows(port)
+        after = http_probe.request(port, "GET", "/api/summary")[1]
+        status = servers[-1].stop()
+    finally:  # nothing left running, whatever went wrong
+        for server in servers:
+            server.kill()
     stderr = [server.stderr for server in servers]
     return {
         "annotators": annotators, "images": images, "scenarios": scenarios,
