@@ -32,6 +32,18 @@ from jfail.defuse import (
     serve,
 )
 from jfail.defuse.annotation_server import VOTES_FILE
+from jfail.testing import http_probe
+from jfail.testing.http_probe import (
+    GOOD,
+    JSON,
+    ServerProcess,
+    exchange,
+    hostile,
+    raw_request,
+    truncated,
+    vote_until_acknowledged,
+    voting_jobs,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _browser import chromium  # noqa: E402
@@ -56,19 +68,7 @@ def server(run_dir):
 
 def request(server, method, path, body=None, headers=None):
     """(status, parsed JSON or raw bytes, response headers) of one raw HTTP request."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body)
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        data = response.read()
-        if response.getheader("Content-Type", "").startswith("application/json"):
-            data = json.loads(data)
-        return response.status, data, dict(response.getheaders())
-    finally:
-        connection.close()
+    return http_probe.request(server.port, method, path, body, headers)
 
 
 def vote(server, annotator, scenario, sample, label):
@@ -160,8 +160,6 @@ def test_next_vote_revote_and_done(server, run_dir):
     assert b"None of the above" in page and b"http" not in page.split(b"<script>")[1]
 
 
-GOOD = {"annotator": "eve", "scenario": 0, "sample": 0, "label": 1}
-JSON = {"Content-Type": "application/json"}
 BAD_REQUESTS = [
     # (method, path, body, headers, status)
     ("POST", "/api/vote", "{not json", JSON, 400),
@@ -403,139 +401,6 @@ def test_the_page_records_clicks_and_keys_in_chromium(server, run_dir):
 PAGE = (Path(__file__).parents[1] / "jfail" / "defuse" / "annotation_page.html").read_bytes()
 
 
-def exchange(port, data, *, half_close=False, wait=5.0):
-    """(status or None, headers, body, seconds) of raw bytes sent on a fresh connection.
-
-    Reads one response (or up to the server closing the connection); status None means the
-    server closed the connection without answering.
-    """
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as connection:
-        connection.sendall(data)
-        if half_close:
-            connection.shutdown(socket.SHUT_WR)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = connection.recv(65536)
-            if not chunk:
-                return None, {}, received, time.monotonic() - started
-            received += chunk
-        head, body = received.split(b"\r\n\r\n", 1)
-        status = int(head.split()[1])
-        headers = {}
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        expected = 0 if data.startswith(b"HEAD ") else int(headers.get("content-length", 0))
-        if "content-length" in headers:
-            while len(body) < expected:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    break
-                body += chunk
-        else:  # uvicorn's own 400: the body runs to the end of the connection
-            while chunk := connection.recv(65536):
-                body += chunk
-        if headers.get("connection") == "close" or data.startswith(b"HEAD "):
-            while chunk := connection.recv(65536):  # nothing may follow (HEAD has no body)
-                body += chunk
-    return status, headers, body, time.monotonic() - started
-
-
-def raw_request(port, method, target, *, host=None, headers=(), body=b""):
-    host = f"127.0.0.1:{port}" if host is None else host
-    lines = [f"{method} {target} HTTP/1.1"] + ([f"Host: {host}"] if host else []) + list(headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-CLOSE = "Connection: close"
-
-
-def vote_bytes(port, body: bytes, *extra):
-    return raw_request(port, "POST", "/api/vote", body=body, headers=[
-        "Content-Type: application/json", f"Content-Length: {len(body)}", *extra])
-
-
-def hostile(port):
-    """(name, bytes, expected status: a 4xx, 200 where documented, None = closed unanswered)."""
-    good = json.dumps(GOOD).encode()
-    return [
-        ("two Host headers", raw_request(port, "GET", "/api/summary",
-                                         headers=["Host: evil.example"]), 400),
-        ("two Host headers, both loopback", raw_request(
-            port, "GET", "/api/summary", headers=[f"Host: localhost:{port}"]), 400),
-        ("evil Host", raw_request(port, "GET", "/api/summary", host="evil.example"), 403),
-        ("evil Host, our port", raw_request(port, "GET", "/", host=f"evil.example:{port}"), 403),
-        ("loopback Host, other port", raw_request(port, "GET", "/", host="127.0.0.1:1"), 403),
-        ("Host with a suffix", raw_request(port, "GET", "/", host=f"127.0.0.1:{port}.evil"),
-         403),
-        ("no Host (HTTP/1.0)", b"GET /api/summary HTTP/1.0\r\n\r\n", 400),
-        ("absolute URI, evil host", raw_request(port, "GET", "http://evil.example/api/summary"),
-         400),
-        ("absolute URI, userinfo", raw_request(
-            port, "GET", f"http://127.0.0.1:{port}@evil.example/api/summary"), 400),
-        ("absolute URI, https", raw_request(port, "GET", f"https://127.0.0.1:{port}/"), 400),
-        ("asterisk target", raw_request(port, "OPTIONS", "*"), 400),
-        ("absolute URI, this server", raw_request(
-            port, "GET", f"http://localhost:{port}/api/summary"), 200),
-        ("vote nested 10k deep", vote_bytes(port, b"[" * 10_000 + b"]" * 6_000), 400),
-        ("vote nested 8k deep, well formed", vote_bytes(port, b"[" * 8_000 + b"]" * 8_000), 400),
-        ("vote nested 10k deep, 20 kB", vote_bytes(port, b"[" * 10_000 + b"]" * 10_000), 413),
-        ("vote object nested 2.5k deep", vote_bytes(
-            port, b'{"a":' * 2_500 + b"1" + b"}" * 2_500), 400),
-        ("vote with a nested field", vote_bytes(
-            port, json.dumps({**GOOD, "annotator": {"name": "eve"}}).encode()), 400),
-        ("vote unclosed", vote_bytes(port, b"[" * 16_000), 400),
-        ("vote huge integer", vote_bytes(port, b'{"annotator": "e", "scenario": 0, "sample": 0, '
-                                               b'"label": ' + b"9" * 5000 + b"}"), 400),
-        ("vote NaN label", vote_bytes(port, b'{"annotator": "e", "scenario": 0, "sample": 0, '
-                                            b'"label": NaN}'), 400),
-        ("vote declares 100 kB", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", "Content-Length: 100000"], body=good), 413),
-        ("negative Content-Length", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", "Content-Length: -5"], body=good), 400),
-        ("non-numeric Content-Length", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", "Content-Length: 1e3"], body=good), 400),
-        ("5000-digit Content-Length", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", "Content-Length: " + "9" * 5000], body=good), 400),
-        ("two Content-Lengths", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", f"Content-Length: {len(good)}",
-            "Content-Length: 3"], body=good), 400),
-        ("chunked vote", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", "Transfer-Encoding: chunked"],
-            body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(good), good)), 411),
-        ("chunked vote with a Content-Length too", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/json", "Content-Length: 10", "Transfer-Encoding: chunked"],
-            body=b"%x\r\n%s\r\n0\r\n\r\n" % (30_000, b"x" * 30_000)), 411),
-        ("vote as a form", raw_request(port, "POST", "/api/vote", headers=[
-            "Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(good)}"],
-            body=good), 415),
-        ("made-up method", raw_request(port, "BREW", "/"), 405),
-        ("DELETE a vote", raw_request(port, "DELETE", "/api/vote"), 405),
-        ("HEAD the vote", raw_request(port, "HEAD", "/api/vote", headers=[CLOSE]), 405),
-        ("HEAD /", raw_request(port, "HEAD", "/", headers=[CLOSE]), 200),
-        ("HEAD the summary", raw_request(port, "HEAD", "/api/summary", headers=[CLOSE]),
-         200),
-        ("trailing slash", raw_request(port, "GET", "/api/summary/"), 404),
-        ("traversal", raw_request(port, "GET", "/images/../labels.csv"), 404),
-        ("traversal, encoded", raw_request(port, "GET", "/images/%2e%2e/classes.json"), 404),
-        ("traversal, encoded slash", raw_request(port, "GET", "/images/..%2fvotes.sqlite"), 404),
-        ("traversal, double encoded", raw_request(port, "GET", "/images/%252e%252e/labels.csv"),
-         404),
-        ("traversal, backslashes", raw_request(port, "GET", "/images/..%5c..%5clabels.csv"), 404),
-        ("traversal, absolute", raw_request(port, "GET", "/images//etc/passwd"), 404),
-        ("traversal above the root", raw_request(port, "GET", "/../../etc/passwd"), 404),
-        ("NUL in an image path", raw_request(
-            port, "GET", "/images/scenario_000/sample_00.png%00"), 404),
-        # h11 buffers at most 16 KiB of an unfinished request head
-        ("request head past 16 KiB", raw_request(
-            port, "GET", "/", headers=["X-Pad: " + "a" * 20_000])[:-4], 400),
-        ("URL past 16 KiB", b"GET /" + b"a" * 20_000, 400),
-        ("TLS handshake", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(64), 400),
-        ("bare newline junk", b"\r\n\r\n\r\n", 400),
-    ]
-
-
 def test_hostile_requests_get_a_4xx_and_the_server_keeps_answering(run_dir, caplog, capfd):
     caplog.set_level(logging.WARNING)
     with serve(run_dir, timeout=1.0) as server:
@@ -557,10 +422,9 @@ def test_hostile_requests_get_a_4xx_and_the_server_keeps_answering(run_dir, capl
             # the server still answers an ordinary request after each
             assert request(server, "GET", "/api/summary")[0] == 200, name
         # truncated requests: the server waits for the rest, then closes without a word
-        for data in (b"GET /api/sum", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n",
-                     vote_bytes(server.port, json.dumps(GOOD).encode())[:-10]):
+        for name, data in truncated(server.port):
             status, _, body, seconds = exchange(server.port, data, half_close=True)
-            assert (status, body) == (None, b"") and seconds < 4, data
+            assert (status, body) == (None, b"") and seconds < 4, name
         assert request(server, "GET", "/api/summary")[1]["votes"] == 0
         status, page, headers = request(server, "GET", "/")
         assert status == 200 and page == PAGE
@@ -657,34 +521,6 @@ def wide_run(tmp_path):
     return tmp_path
 
 
-def voting_jobs(annotators=8, k=10, q=2):
-    return [(f"annotator-{i}", s, t, (i + s + t) % len(CLASSES) - (i == t == 1))
-            for i in range(annotators) for s in range(k) for t in range(q)]
-
-
-def vote_until_acknowledged(port_of, job, deadline):
-    """Send one vote until a server acknowledges it: (status, attempts)."""
-    annotator, k, q, label = job
-    body = json.dumps({"annotator": annotator, "scenario": k, "sample": q, "label": label})
-    attempts = 0
-    while time.monotonic() < deadline:
-        attempts += 1
-        connection = http.client.HTTPConnection("127.0.0.1", port_of(job), timeout=10)
-        try:
-            connection.request("POST", "/api/vote", body, JSON)
-            response = connection.getresponse()
-            response.read()
-            if response.status in (200, 201):
-                return response.status, attempts
-            assert response.status == 503, response.status  # only while too many connect
-        except (OSError, http.client.HTTPException):
-            pass  # refused or cut off while the server restarts: not acknowledged, retry
-        finally:
-            connection.close()
-        time.sleep(0.02)
-    raise AssertionError(f"{job} was never acknowledged")
-
-
 def test_concurrent_annotators_across_a_restart_lose_and_duplicate_nothing(wide_run):
     jobs = voting_jobs()  # 8 annotators x 20 votes
     current = {}
@@ -725,16 +561,11 @@ def test_concurrent_annotators_across_a_restart_lose_and_duplicate_nothing(wide_
     assert summary["annotators"] == {f"annotator-{i}": 20 for i in range(8)}
 
 
-def test_two_servers_on_one_database_store_every_vote_once(wide_run):
-    code = ("import sys; from jfail.defuse.annotation_server import run_annotation_server; "
-            "run_annotation_server(sys.argv[1], port=0)")
-    other = subprocess.Popen([sys.executable, "-c", code, str(wide_run)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def test_two_servers_on_one_database_store_every_vote_once(wide_run, tmp_path_factory):
+    other = ServerProcess(wide_run, tmp_path_factory.mktemp("other") / "stderr.txt").start()
     try:
+        there = other.port
         with serve(wide_run) as here:
-            other.stdout.readline()
-            there = int(other.stdout.readline().split()[1].rstrip("/").rsplit(":", 1)[1])
             jobs = voting_jobs()
             ports = {job: (here.port, there)[n % 2] for n, job in enumerate(jobs)}
             deadline = time.monotonic() + 60
@@ -757,18 +588,13 @@ def test_two_servers_on_one_database_store_every_vote_once(wide_run):
                     lambda item: vote_until_acknowledged(lambda _: item[1], item[0], deadline),
                     revotes))
             assert statuses == [(200, 1)] * len(revotes)
-            summaries = [request(here, "GET", "/api/summary")[1]]
-            connection = http.client.HTTPConnection("127.0.0.1", there, timeout=10)
-            connection.request("GET", "/api/summary")
-            summaries.append(json.loads(connection.getresponse().read()))
-            connection.close()
-        other.send_signal(signal.SIGINT)
-        out, err = other.communicate(timeout=15)
+            summaries = [request(here, "GET", "/api/summary")[1],
+                         http_probe.request(there, "GET", "/api/summary")[1]]
+        status = other.stop(timeout=15)
     finally:
-        if other.poll() is None:
-            other.kill()
-    assert other.returncode == 0, err
-    assert "Stopped; 160 vote(s)" in out and err == ""
+        other.kill()
+    assert status == 0, other.stderr
+    assert "Stopped; 160 vote(s)" in other.stdout and other.stderr == ""
     assert summaries[0] == summaries[1] and summaries[0]["votes"] == 160
     stored = rows(wide_run)
     assert len(stored) == 160 and stored[("annotator-0", 4, 1)] in (0, 1, 2, 3)

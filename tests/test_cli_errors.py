@@ -2,8 +2,6 @@
 with one line and status 1, and the same command resumes once there is room."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -58,31 +56,24 @@ def test_environment_faults_are_told_apart_from_bad_input():
     assert cli.describe_failure(RuntimeError("boom"))[0] == 1
 
 
-def _mount_tiny_tmpfs(path: Path, size: str) -> bool:
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True)
-    return done.returncode == 0
+def train_on(workdir):
+    return [sys.executable, "-m", "jfail.cli", "train", "--config", MLP, "--set",
+            "dataset=digits", "--set", "train.epochs=2", "--workdir", str(workdir)]
+
+
+def trained(workdir) -> bool:
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    return metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
 
 
 @pytest.mark.slow
 def test_full_disk_gives_one_line_status_1_and_the_rerun_resumes(tmp_path):
-    disk = tmp_path / "disk"
-    if not _mount_tiny_tmpfs(disk, "3m"):
-        pytest.skip("this machine does not let the tests mount a tmpfs")
-    try:
-        cmd = [sys.executable, "-m", "jfail.cli", "train", "--config", MLP, "--set",
-               "dataset=digits", "--set", "train.epochs=2", "--workdir", str(disk / "run")]
-        full = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert full.returncode == 1
-        lines = full.stderr.strip().splitlines()  # threads' failed writes go to the log file
-        assert len(lines) == 1, full.stderr[-2000:]
-        assert lines[0].startswith("jfail train: no space left on device"), full.stderr[-2000:]
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert again.returncode == 0, again.stderr[-2000:]
-        metrics = json.loads((disk / "run" / "metrics.json").read_text())
-        assert metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
-    finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
-        os.sync()
+    trial = faults.full_disk_and_rerun(train_on, tmp_path / "disk", size="3m", room="64m",
+                                       check=trained, cwd=tmp_path)
+    if trial.skipped:
+        pytest.skip(trial.skipped)
+    assert trial.status == 1
+    # threads' failed writes go to the log file
+    assert trial.stderr_lines == 1 and not trial.traceback, trial
+    assert trial.message.startswith("jfail train: no space left on device"), trial
+    assert trial.rerun_status == 0 and trial.resumed, trial

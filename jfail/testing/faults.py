@@ -9,6 +9,9 @@ trial get their own. A trial starts the command, kills it after `delay` seconds 
 running), then reruns it to completion on the same work directory and compares `fingerprint`
 of that directory with the reference's.
 
+`full_disk_and_rerun` runs a command on a tiny tmpfs until the disk is full, then again once
+there is room (needs the right to mount; root on Linux).
+
 `python -m jfail.testing.faults vae WORKDIR [--epochs N]` is a small resumable β-VAE run on
 scikit-learn's digits, for kill tests of `defuse.train_vae`.
 """
@@ -34,6 +37,9 @@ __all__ = [
     "try_bad_configs",
     "kill_and_resume",
     "run_killed",
+    "DiskFullTrial",
+    "full_disk_and_rerun",
+    "mount_tmpfs",
     "arrays_digest",
     "train_run_fingerprint",
     "vae_run_fingerprint",
@@ -154,6 +160,69 @@ def kill_and_resume(
         identical = resumed and fingerprint(directory) == reference
         trials.append(KillTrial(float(delay), killed, resumed, identical, seconds))
     return reference, trials
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskFullTrial:
+    """A command run on a full disk: its exit status, its stderr lines (the last in `message`),
+    whether a traceback appeared; then the rerun once there is room: its exit status and whether
+    `resumed` (exit 0 and the caller's check passed). `skipped` is the reason where the tmpfs
+    could not be mounted (then nothing else was measured)."""
+
+    skipped: str = ""
+    status: int | None = None
+    stderr_lines: int = 0
+    message: str = ""
+    traceback: bool = False
+    rerun_status: int | None = None
+    resumed: bool = False
+
+
+def mount_tmpfs(path: Path, size: str) -> str:
+    """Mount a tmpfs of `size` (e.g. "3m") on `path` (made here); "" or why it failed."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+    except OSError as error:
+        return f"mount could not be run: {error}"
+    return "" if done.returncode == 0 else (done.stderr.strip() or f"mount exit {done.returncode}")
+
+
+def full_disk_and_rerun(
+    command: Callable[[Path], Sequence[str]],
+    disk: Path,
+    *,
+    size: str = "3m",
+    room: str = "64m",
+    check: Callable[[Path], bool] = lambda workdir: True,
+    env=None,
+    cwd=None,
+    timeout: float = 300,
+) -> DiskFullTrial:
+    """Run `command(disk / "run")` on a tmpfs of `size` mounted on `disk`, remount it with
+    `room`, run the same command again and `check(disk / "run")`; unmounts at the end."""
+    disk = Path(disk)
+    reason = mount_tmpfs(disk, size)
+    if reason:
+        return DiskFullTrial(skipped=f"a {size} tmpfs could not be mounted ({reason})")
+    workdir = disk / "run"
+    try:
+        full = subprocess.run(command(workdir), env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+        lines = [line for line in full.stderr.splitlines() if line.strip()]
+        subprocess.run(["mount", "-o", f"remount,size={room}", str(disk)], check=True,
+                       capture_output=True)
+        again = subprocess.run(command(workdir), env=env, cwd=cwd, capture_output=True,
+                               text=True, timeout=timeout)
+        resumed = again.returncode == 0 and bool(check(workdir))
+        return DiskFullTrial(status=full.returncode, stderr_lines=len(lines),
+                             message=lines[-1] if lines else "",
+                             traceback="Traceback" in full.stderr,
+                             rerun_status=again.returncode, resumed=resumed)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+        os.sync()
 
 
 def arrays_digest(tree) -> str:
