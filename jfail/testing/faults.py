@@ -95,14 +95,19 @@ class ConfigTrial:
 
 
 def try_bad_configs(configs_dir: Path, scratch: Path, *, env=None) -> list[ConfigTrial]:
-    """Run every entry of `BAD_CONFIGS` as a `jfail` subprocess and record what it answered."""
+    """Run every entry of `BAD_CONFIGS` as a `jfail` subprocess and record what it answered.
+
+    The commands run in the folder above `configs_dir` and name their config relative to it
+    (`configs/<name>.py`), as a user in a checkout would."""
+    configs_dir = Path(configs_dir).absolute()
     trials = []
     for index, (command, config, overrides, expected) in enumerate(BAD_CONFIGS):
-        workdir = Path(scratch) / f"bad{index}"
-        argv = ["jfail", command, "--config", str(Path(configs_dir) / config),
+        workdir = Path(scratch).absolute() / f"bad{index}"
+        argv = ["jfail", command, "--config", str(Path(configs_dir.name) / config),
                 *[item for o in overrides for item in ("--set", o)], "--workdir", str(workdir)]
         done = subprocess.run([sys.executable, "-m", "jfail.cli", *argv[1:]], env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=300,
+                              cwd=configs_dir.parent)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         trials.append(ConfigTrial(
             argv=tuple(argv), status=done.returncode, stderr_lines=len(lines),
