@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jfail.pipelines import command_line
 from jfail import barlow
 from jfail.config import BarlowConfig, ConfigError, load_config, validate_config
 from jfail.data import Dataset, load, train_val_split
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
         validate_config(config)
     except ConfigError as error:
         parser.error(str(error))
-    command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(prog, argv)
     out = Path(args.out_dir)
     figures = out / config.name
     figures.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import hashlib
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 from tqdm.auto import tqdm
 import optax
 
+from jfail.pipelines import command_line
 from jfail import attribution
 from jfail.config import DebugTestsConfig, load_config
 from jfail.data import Dataset, load, train_val_split
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     except ValueError as error:
         parser.error(str(error))
     config = dataclasses.replace(config, parts=parts)
-    command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(prog, argv)
     out = Path(args.out_dir)
     figures = out / config.name
     figures.mkdir(parents=True, exist_ok=True)

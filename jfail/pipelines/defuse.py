@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import pickle
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.pipelines import command_line
 from jfail.config import DefuseConfig, config_to_dict, load_config
 from jfail.data import Dataset, load, train_val_split
 from jfail.defuse import (
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     config: DefuseConfig = load_config(args.config, args.set)
     if not isinstance(config, DefuseConfig):
         parser.error(f"{args.config} is not a Defuse config")
-    command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(prog, argv)
     workdir = Path(args.workdir or f"runs/defuse/{config.name}")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))

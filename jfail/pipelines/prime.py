@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jfail.pipelines import command_line
 from jfail.config import load_config  # noqa: E402
 from jfail.data import Dataset, load, train_val_split  # noqa: E402
 from jfail.logs import quiet_libraries  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     quiet_libraries()
-    command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(prog, argv)
     config = load_config(args.config, args.set)
     if not isinstance(config, PrimeConfig):
         raise TypeError(f"{args.config} must return a PrimeConfig, got {type(config).__name__}")

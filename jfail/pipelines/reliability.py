@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import shlex
 import sqlite3
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jfail.pipelines import command_line
 from jfail.testing import faults, http_probe
 
 __all__ = ["main", "run", "run_server", "markdown"]
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/reliabil
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument("--out", default="results/reliability")
     args = parser.parse_args(argv)
-    command = prog + " " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(prog, argv)
     report = run(kills=args.kills, demo_kills=args.demo_kills, seed=args.seed,
                  annotators=args.annotators, images=args.images, server_kills=args.server_kills)
     report["command"] = command
