@@ -292,6 +292,9 @@ def _annotate(run_dir: Path, args) -> int:
     return 0
 
 
+_UNRAISABLE_LOG = "jfail.threads.unraisable"
+
+
 class _logging_to:
     """jfail's log into `path`; stage messages and warnings on stderr."""
 
@@ -307,7 +310,7 @@ class _logging_to:
         self.console = logging.StreamHandler(sys.stderr)
         self.console.setFormatter(logging.Formatter("%(message)s"))
         self.console.addFilter(
-            lambda record: record.name != "jfail.threads"
+            lambda record: record.name != _UNRAISABLE_LOG
             and (record.levelno >= logging.WARNING or record.name in self._CONSOLE))
         jfail_log = logging.getLogger("jfail")
         jfail_log.addHandler(self.console)
@@ -319,8 +322,8 @@ class _logging_to:
         self.absl_propagate, absl_log.propagate = absl_log.propagate, False
         self.excepthook, threading.excepthook = threading.excepthook, self._thread_failed
         # Native threads (tensorstore's callbacks into an event loop orbax has closed after a
-        # failed write) report errors nobody can catch through sys.unraisablehook: to the log
-        # file as well.
+        # failed write) report errors nobody can catch through sys.unraisablehook: those go to
+        # the log file only, the failed write itself reaches the command's one line.
         self.unraisablehook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
@@ -330,7 +333,7 @@ class _logging_to:
             exc_info=(failure.exc_type, failure.exc_value, failure.exc_traceback))
 
     def _unraisable(self, unraisable) -> None:
-        logging.getLogger("jfail.threads").error(
+        logging.getLogger(_UNRAISABLE_LOG).error(
             "%s", unraisable.err_msg or "an error no caller could catch",
             exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
