@@ -338,7 +338,7 @@ def _server_markdown(server: dict) -> list[str]:
                   f"{k['restart_seconds']:.1f} |" for n, k in enumerate(kills)]
 
     rows = server["hostile"]
-    matched = sum(r["status"] == r["expected"] for r in rows)
+    matched = sum(r["status"] == r["expected"] and not r.get("error") for r in rows)
     answered = sum(r["then_answered"] for r in rows)
     errors = sum(r["status"] is not None and r["status"] >= 500 for r in rows)
     same = server["votes_after_hostile"] == server["votes_before_hostile"]
