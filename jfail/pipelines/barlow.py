@@ -25,12 +25,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jfail.pipelines import command_line
 from jfail import barlow
 from jfail.config import BarlowConfig, ConfigError, load_config, validate_config
 from jfail.data import Dataset, load, train_val_split
 from jfail.logs import quiet_libraries
 from jfail.models import linen_apply, model_fns
+from jfail.pipelines import command_line
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
@@ -462,8 +462,9 @@ def _evidence_section(summary, evidence, names) -> list[str]:
         "group's error rate there: exact one-sided binomial p-value, 95 % Wilson interval, and "
         f"{method} q-values over all the leaves of the search (every group's tree; the leaves of "
         "one tree and the trees of overlapping groups are dependent tests). A leaf is significant "
-        f"where q ≤ {total['alpha']}. In all, {total['candidate_leaves']:,} candidate leaves were "
-        f"tested and {total['significant_leaves']:,} are significant. The JSON lists every "
+        f"where q ≤ {total['alpha']}. Summed over the searches, each controlled on its own, "
+        f"{total['candidate_leaves']:,} candidate leaves were tested and "
+        f"{total['significant_leaves']:,} are significant. The JSON lists every "
         "candidate with its evidence, significant ones first.",
     ]
     for (extractor, analysed, depth, grouping), found in evidence.items():
