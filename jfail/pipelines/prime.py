@@ -31,11 +31,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jfail.pipelines import command_line
 from jfail.config import load_config  # noqa: E402
 from jfail.data import Dataset, load, train_val_split  # noqa: E402
 from jfail.logs import quiet_libraries  # noqa: E402
 from jfail.models import linen_apply  # noqa: E402
+from jfail.pipelines import command_line  # noqa: E402
 from jfail.prime import (  # noqa: E402
     PrimeConfig,
     TagMatrix,
@@ -668,8 +668,9 @@ def _markdown(report: dict, out: Path) -> str:
 SPLIT_ROLES = {
     "train": "the images the classifier was trained on, as in the paper (sections 4 and 4.1); its "
              "errors there are rarer than on unseen data and not the ones it makes there",
-    "val": "the classifier's validation images, never trained on, so its errors there are those "
-           "it makes on unseen data; the held-out split is kept for the evidence",
+    "val": "the classifier's validation images, not fitted on (they only picked the epoch), so "
+           "its errors there are close to those it makes on unseen data; the held-out split is "
+           "kept for the evidence",
     "test": "the data set's test split",
 }
 
