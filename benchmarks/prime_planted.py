@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name, write_results  # noqa: E402
 
+from jfail.pipelines import command_line  # noqa: E402
 from jfail.prime import find_failure_modes, flip_tags, mode_evidence, planted_problem  # noqa: E402
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
-    command = "python benchmarks/prime_planted.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("python benchmarks/prime_planted.py", argv)
     started = time.perf_counter()
     prevalence = np.full(args.num_tags, args.other_prevalence, np.float32)
     prevalence[:10] = args.planted_prevalence

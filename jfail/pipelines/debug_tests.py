@@ -50,7 +50,6 @@ import numpy as np
 from tqdm.auto import tqdm
 import optax
 
-from jfail.pipelines import command_line
 from jfail import attribution
 from jfail.config import DebugTestsConfig, load_config
 from jfail.data import Dataset, load, train_val_split
@@ -81,6 +80,7 @@ from jfail.models import (
     logits_fn,
     model_fns,
 )
+from jfail.pipelines import command_line
 from jfail.train import evaluate, fit, predict
 from jfail.train.run import trained_classifier, write_json
 from jfail.xla import jit

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.pipelines import command_line
 from jfail.config import DefuseConfig, config_to_dict, load_config
 from jfail.data import Dataset, load, train_val_split
 from jfail.defuse import (
@@ -48,6 +47,7 @@ from jfail.defuse import (
 from jfail.defuse import plots
 from jfail.logs import quiet_libraries
 from jfail.models import BetaVAE, decoder_fn, encoder_fn, linen_apply, logits_fn
+from jfail.pipelines import command_line
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
