@@ -158,18 +158,6 @@ def test_rows_are_strict_json_with_null_for_missing_rates():
     assert mode_evidence([], tags, errors=errors, labels=labels) == []
 
 
-def test_pipeline_json_is_strict():
-    from jfail.pipelines.prime import strict_json
-
-    report = {"a": float("nan"), "b": [1.0, float("inf"), np.float32(2.5)], "c": {"d": np.int64(3)},
-              "e": (np.bool_(True), None)}
-    text = strict_json(report)
-    assert json.loads(text, parse_constant=reject_constant) == {
-        "a": None, "b": [1.0, None, 2.5], "c": {"d": 3}, "e": [True, None]}
-    with pytest.raises(ValueError, match="not strict JSON"):
-        json.loads('{"a": NaN}', parse_constant=reject_constant)
-
-
 @pytest.mark.parametrize("change, message", [
     (dict(errors=np.array([1, 0, 2])), "errors must be booleans"),
     (dict(errors=np.array([True, False])), "3 rows"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jfail import barlow
+from jfail import barlow, jsonfile
 from jfail.config import BarlowConfig, ConfigError, load_config, validate_config
 from jfail.data import Dataset, load, train_val_split
 from jfail.logs import quiet_libraries
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
         "panels": panels,
         "seconds": time.perf_counter() - started,
     }
-    summary = _strict_json(summary)
+    summary = jsonfile.strict(summary, default=str)
     write_json(out / f"{config.name}.json", summary)
     (out / f"{config.name}.md").write_text(
         _markdown(summary, tables, evidence, class_names, figures, out)
@@ -291,17 +291,6 @@ def _top_leaf_evidence(found, group, tree) -> dict | None:
         if name == group and candidate is leaf:
             return found.row(index)
     return None
-
-
-def _strict_json(value):
-    """NaN and infinities as null, so that the JSON is strict."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    return value
 
 
 def _tree_record(group, tree, class_names, heldout=None) -> dict:

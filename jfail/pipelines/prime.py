@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jfail import jsonfile  # noqa: E402
 from jfail.config import load_config  # noqa: E402
 from jfail.data import Dataset, load, train_val_split  # noqa: E402
 from jfail.logs import quiet_libraries  # noqa: E402
@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
     progress = not args.quiet and sys.stderr.isatty()
     report = run(config, figures, progress=progress)
     report["command"] = command
-    text = strict_json(report)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out.with_suffix(".json"))
-    report = json.loads(text)  # what the JSON holds (null for a missing number) is what is shown
+    jsonfile.write(out.with_suffix(".json"), report)
+    # what the JSON holds (null for a missing number) is what is shown
+    report = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".md").write_text(_markdown(report, out))
     _figure4(report, out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
@@ -748,30 +746,6 @@ def _by_size(modes, max_tags) -> dict:
     return {size: int(counts[size]) for size in range(1, max_tags + 1)}
 
 
-def strict_json(report) -> str:
-    """`report` as strict JSON text: NaN and infinities become null, NumPy scalars and arrays
-    plain numbers and lists, tuples lists; written with `allow_nan=False`.
-
-    Raises:
-      TypeError: a value that is not a dict, list, tuple, str, bool, number, NumPy value or None.
-    """
-    return json.dumps(_strict(report), indent=2, allow_nan=False) + "\n"
-
-
-def _strict(value):
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _strict(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
 
 
 def _num(value, spec: str) -> str:

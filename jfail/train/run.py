@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import platform
 import shutil
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jfail import jsonfile
 from jfail.config import ClassifierRunConfig, config_from_dict, config_to_dict
 from jfail.data import load, train_val_split
 from jfail.logs import log_to_file
@@ -140,18 +140,16 @@ def trained_classifier(
 
 
 def write_json(path: str | Path, payload: Any) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """Write strict JSON atomically (`jfail.jsonfile.write`); other objects (a config's paths)
+    as their `str`."""
+    jsonfile.write(path, payload, default=str)
 
 
 def _claim_run_dir(run_dir: Path, config_dict: dict) -> None:
     config_path = run_dir / "config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text())
-        if previous != json.loads(json.dumps(config_dict, default=_json_default)):
+        if previous != json.loads(jsonfile.dumps(config_dict, default=str)):
             raise ValueError(
                 f"{run_dir} holds a run with a different config; choose another --workdir "
                 "or delete it"
@@ -166,8 +164,3 @@ def _save_weights(path: Path, params: Any, state: Any) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, {"params": params, "state": state})
 
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
