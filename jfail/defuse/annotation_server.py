@@ -228,9 +228,12 @@ def run_annotation_server(
 
         webbrowser.open(running.url)
     stop = threading.Event()
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # SIGINT too: a process started in the background by a script inherits SIGINT ignored,
+        # and `kill -INT` (or Ctrl-C in a terminal) must still stop the server.
+        previous = {number: signal.signal(number, lambda *_: stop.set())
+                    for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         while running._thread.is_alive() and not stop.wait(0.25):
             pass
@@ -238,8 +241,8 @@ def run_annotation_server(
         pass
     finally:
         running.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     print(f"Stopped; {app.summary()['votes']} vote(s) in {app.database}", flush=True)
 
 
