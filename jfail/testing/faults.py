@@ -137,13 +137,23 @@ def kill_and_resume(
     workdir: Callable[[int], Path],
     env=None,
     timeout: float = 600,
+    warm_up: bool = False,
 ) -> tuple[str, list[KillTrial]]:
     """The reference fingerprint and one `KillTrial` per share of the reference's wall time in
     `at` (see the module doc); a trial's `delay` is in seconds.
 
+    With `warm_up`, the command runs once first (in `workdir(-2)`, untimed) so that the timed
+    reference, the killed runs and their reruns all find the same caches filled (a JAX
+    compilation cache named in `env`): the kill moments are shares of a run like theirs.
+
     Raises:
-      RuntimeError: the reference run failed.
+      RuntimeError: the reference (or warm-up) run failed.
     """
+    if warm_up:
+        done = subprocess.run(command(workdir(-2)), env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"the warm-up run failed: {done.stderr[-2000:]}")
     reference_dir = workdir(-1)
     started = time.perf_counter()
     done = subprocess.run(command(reference_dir), env=env, capture_output=True, text=True,
