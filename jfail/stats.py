@@ -21,6 +21,7 @@ __all__ = [
     "FDR_METHODS",
     "Evidence",
     "binomial_p_value",
+    "check_options",
     "clopper_pearson_interval",
     "evidence",
     "fisher_p_value",
@@ -31,6 +32,17 @@ __all__ = [
 FDR_METHODS = ("bh", "by")
 """Benjamini-Hochberg (independent or positively dependent tests) and Benjamini-Yekutieli (any
 dependence, at a cost of a factor sum(1/i) in power)."""
+
+
+def check_options(*, method: str = "by", alpha: float = 0.05, confidence: float = 0.95) -> None:
+    """Raise a ValueError for a false-discovery `method` not in `FDR_METHODS`, or an `alpha` or
+    interval `confidence` outside (0, 1): the options every evidence function takes."""
+    if method not in FDR_METHODS:
+        raise ValueError(f"method must be one of {FDR_METHODS}, got {method!r}.")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
 
 
 def wilson_interval(errors, size, *, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:

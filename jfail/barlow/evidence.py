@@ -209,12 +209,7 @@ def leaf_evidence(
         )
     if not trees:
         raise ValueError("there are no trees to measure.")
-    if method not in stats.FDR_METHODS:
-        raise ValueError(f"method must be one of {stats.FDR_METHODS}, got {method!r}.")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}.")
+    stats.check_options(method=method, alpha=alpha, confidence=confidence)
     errors = np.asarray(errors)
     if errors.dtype != bool:
         raise ValueError(

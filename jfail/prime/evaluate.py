@@ -248,12 +248,7 @@ def mode_evidence(
         0/1, a mode tag that is not among the held-out tag names, an unknown `method`, or
         `alpha` or `confidence` outside (0, 1).
     """
-    if method not in stats.FDR_METHODS:
-        raise ValueError(f"method must be one of {stats.FDR_METHODS}, got {method!r}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    stats.check_options(method=method, alpha=alpha, confidence=confidence)
     tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     wrong = ~correct
     known = set(tag_names)
