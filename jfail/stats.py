@@ -24,6 +24,7 @@ __all__ = [
     "check_options",
     "clopper_pearson_interval",
     "evidence",
+    "evidence_from_counts",
     "fisher_p_value",
     "q_values",
     "wilson_interval",
@@ -193,8 +194,32 @@ def evidence(
         )
     if members.dtype != bool or errors.dtype != bool:
         raise ValueError("members and errors must be boolean arrays (errors: True = wrong).")
-    size = members.sum(axis=1)
-    wrong = (members & errors[None, :]).sum(axis=1)
+    return evidence_from_counts(
+        (members & errors[None, :]).sum(axis=1), members.sum(axis=1), baseline_rate,
+        method=method, alpha=alpha, confidence=confidence)
+
+
+def evidence_from_counts(
+    errors, size, baseline_rate, *, method: str = "by", alpha: float = 0.05,
+    confidence: float = 0.95,
+) -> Evidence:
+    """`evidence` from each candidate's held-out counts, for callers that hold row indices
+    rather than `[M, N]` masks.
+
+    Args:
+      errors: `[M]` held-out examples of each candidate the model gets wrong.
+      size: `[M]` held-out examples of each candidate.
+      baseline_rate, method, alpha, confidence: as for `evidence`.
+
+    Returns:
+      An `Evidence` over the M candidates (M may be 0).
+
+    Raises:
+      ValueError: negative counts, more errors than examples, or options out of range.
+    """
+    check_options(method=method, alpha=alpha, confidence=confidence)
+    wrong = np.asarray(errors, np.int64).reshape(-1)
+    size = np.asarray(size, np.int64).reshape(-1)
     baseline = np.broadcast_to(np.asarray(baseline_rate, np.float64), size.shape)
     low, high = wilson_interval(wrong, size, confidence=confidence)
     p = binomial_p_value(wrong, size, baseline)

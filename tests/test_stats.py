@@ -75,6 +75,10 @@ def test_evidence_recovers_a_planted_failure_and_rows_are_strict_json():
     assert row["interval"][0] < row["heldout_error_rate"] < row["interval"][1]
     empty = stats.evidence(np.zeros((1, n), bool), errors, 0.1).row(0)
     assert empty["heldout_error_rate"] is None and empty["p_value"] == 1.0
+    # the same evidence from counts alone (row indices instead of masks), and none for none
+    counted = stats.evidence_from_counts((members & errors).sum(1), members.sum(1), errors.mean())
+    assert [counted.row(i) for i in range(31)] == [result.row(i) for i in range(31)]
+    assert stats.evidence_from_counts([], [], 0.1).heldout_size.shape == (0,)
 
 
 def test_null_search_reports_nothing_in_at_least_95_of_100_seeds():

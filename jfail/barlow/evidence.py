@@ -247,22 +247,8 @@ def leaf_evidence(
     wrong = np.asarray([int(errors[i].sum()) for i in indices], np.int64)
     group_sizes = np.asarray(group_sizes, np.int64)
     baseline = np.asarray(group_errors, np.float64) / np.maximum(group_sizes, 1)
-    low, high = stats.wilson_interval(wrong, size, confidence=confidence)
-    p = stats.binomial_p_value(wrong, size, baseline)
-    q = stats.q_values(p, method=method)
-    evidence = stats.Evidence(
-        heldout_size=size,
-        heldout_errors=wrong,
-        heldout_error_rate=np.where(size > 0, wrong / np.maximum(size, 1), 0.0),
-        interval_low=np.asarray(low, np.float64).reshape(-1),
-        interval_high=np.asarray(high, np.float64).reshape(-1),
-        baseline_error_rate=baseline,
-        p_value=np.asarray(p, np.float64).reshape(-1),
-        q_value=np.asarray(q, np.float64).reshape(-1),
-        significant=np.asarray(q, np.float64).reshape(-1) <= alpha,
-        method=method,
-        alpha=float(alpha),
-    )
+    evidence = stats.evidence_from_counts(wrong, size, baseline, method=method, alpha=alpha,
+                                          confidence=confidence)
     return LeafEvidence(
         groups=tuple(names),
         leaves=tuple(leaves),
