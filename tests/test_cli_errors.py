@@ -1,8 +1,6 @@
 """Bad input ends a command with one line and status 2, before anything is written; a full disk
 with one line and status 1, and the same command resumes once there is room."""
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -56,20 +54,10 @@ def test_environment_faults_are_told_apart_from_bad_input():
     assert cli.describe_failure(RuntimeError("boom"))[0] == 1
 
 
-def train_on(workdir):
-    return [sys.executable, "-m", "jfail.cli", "train", "--config", MLP, "--set",
-            "dataset=digits", "--set", "train.epochs=2", "--workdir", str(workdir)]
-
-
-def trained(workdir) -> bool:
-    metrics = json.loads((workdir / "metrics.json").read_text())
-    return metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
-
-
 @pytest.mark.slow
 def test_full_disk_gives_one_line_status_1_and_the_rerun_resumes(tmp_path):
-    trial = faults.full_disk_and_rerun(train_on, tmp_path / "disk", size="3m", room="64m",
-                                       check=trained, cwd=tmp_path)
+    trial = faults.full_disk_and_rerun(faults.small_train_command, tmp_path / "disk", size="3m",
+                                       room="64m", check=faults.is_trained_run, cwd=tmp_path)
     if trial.skipped:
         pytest.skip(trial.skipped)
     assert trial.status == 1

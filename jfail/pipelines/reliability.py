@@ -93,8 +93,8 @@ def run(*, kills: int, demo_kills: int, seed: int, annotators: int = 50, images:
         disk = None
         if disk_full:
             disk = dataclasses.asdict(faults.full_disk_and_rerun(
-                _full_disk_command, scratch / "disk", size="3m", room="64m",
-                check=_trained, cwd=scratch))
+                faults.small_train_command, scratch / "disk", size="3m", room="64m",
+                check=faults.is_trained_run, cwd=scratch))
         server = run_server(scratch / "server", annotators=annotators, images=images,
                             kills=server_kills)
     return {"kills": kill_rows, "bad_configs": config_rows, "full_disk": disk, "server": server,
@@ -385,17 +385,6 @@ def _train_command(workdir: Path) -> list[str]:
     return [sys.executable, "-m", "jfail.cli", "train", "--quiet", "--config",
             str(REPO / "configs" / "annotator_mlp_mnist5k.py"), "--set", "dataset=digits",
             "--set", "train.epochs=4", "--set", "train.batch_size=256", "--workdir", str(workdir)]
-
-
-def _full_disk_command(workdir: Path) -> list[str]:
-    return [sys.executable, "-m", "jfail.cli", "train", "--config",
-            str(REPO / "configs" / "annotator_mlp_mnist5k.py"), "--set", "dataset=digits",
-            "--set", "train.epochs=2", "--workdir", str(workdir)]
-
-
-def _trained(workdir: Path) -> bool:
-    metrics = json.loads((Path(workdir) / "metrics.json").read_text())
-    return metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
 
 
 def _vae_command(workdir: Path) -> list[str]:

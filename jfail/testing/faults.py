@@ -40,6 +40,8 @@ __all__ = [
     "DiskFullTrial",
     "full_disk_and_rerun",
     "mount_tmpfs",
+    "small_train_command",
+    "is_trained_run",
     "arrays_digest",
     "train_run_fingerprint",
     "vae_run_fingerprint",
@@ -202,6 +204,20 @@ def mount_tmpfs(path: Path, size: str) -> str:
     except OSError as error:
         return f"mount could not be run: {error}"
     return "" if done.returncode == 0 else (done.stderr.strip() or f"mount exit {done.returncode}")
+
+
+def small_train_command(workdir: Path) -> list[str]:
+    """`jfail train` of the annotator MLP on scikit-learn's digits for 2 epochs into `workdir`:
+    a run that writes checkpoints within seconds (the full-disk trial's command)."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "annotator_mlp_mnist5k.py"
+    return [sys.executable, "-m", "jfail.cli", "train", "--config", str(config), "--set",
+            "dataset=digits", "--set", "train.epochs=2", "--workdir", str(workdir)]
+
+
+def is_trained_run(workdir: Path) -> bool:
+    """Whether `workdir` holds a finished `jfail train` run (a selected epoch, a test accuracy)."""
+    metrics = json.loads((Path(workdir) / "metrics.json").read_text())
+    return metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
 
 
 def full_disk_and_rerun(
