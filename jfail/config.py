@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jfail.defuse.vae import VAEConfig
+from jfail.prime.config import PrimeConfig
 from jfail.train.classifier import TrainConfig
 
 __all__ = [
@@ -282,6 +283,10 @@ def validate_config(config: Any) -> None:
                     raise ConfigError(f"{prefix}{name}: {error}") from error
         if isinstance(config_part, BarlowConfig):
             _check_barlow_splits(config_part, prefix)
+            _check_evidence_options(config_part, prefix)
+        if isinstance(config_part, PrimeConfig):
+            _check_prime_splits(config_part, prefix)
+            _check_evidence_options(config_part, prefix)
         if isinstance(config_part, ClassifierRunConfig) and config_part.model not in MODEL_NAMES:
             raise ConfigError(
                 f"{prefix}model must be one of {', '.join(MODEL_NAMES)}, got {config_part.model!r}"
@@ -303,12 +308,32 @@ def _check_barlow_splits(config: "BarlowConfig", prefix: str) -> None:
             f"{config.split!r}: leaves must be measured on images they were not fitted to "
             "(e.g. split='val', evidence_split='test')"
         )
-    if config.fdr_method not in ("bh", "by"):
-        raise ConfigError(f"{prefix}fdr_method must be 'bh' or 'by', got {config.fdr_method!r}")
-    if not 0 < config.alpha < 1:
-        raise ConfigError(f"{prefix}alpha must lie in (0, 1), got {config.alpha}")
     if config.screen is not None and config.screen < 1:
         raise ConfigError(f"{prefix}screen must be None or >= 1, got {config.screen}")
+
+
+PRIME_SPLITS = ("train", "val", "test")
+
+
+def _check_prime_splits(config: "PrimeConfig", prefix: str) -> None:
+    for name in ("search_split", "heldout_split"):
+        value = getattr(config, name)
+        if value not in PRIME_SPLITS:
+            raise ConfigError(f"{prefix}{name} must be one of {PRIME_SPLITS}, got {value!r}")
+    if config.search_split == config.heldout_split:
+        raise ConfigError(f"{prefix}search_split and heldout_split must differ, both are "
+                          f"{config.search_split!r}")
+
+
+def _check_evidence_options(config, prefix: str) -> None:
+    """The held-out evidence options of a Barlow or PRIME config (`jfail.stats`)."""
+    from jfail.stats import FDR_METHODS
+
+    if config.fdr_method not in FDR_METHODS:
+        raise ConfigError(f"{prefix}fdr_method must be one of {FDR_METHODS}, got "
+                          f"{config.fdr_method!r}")
+    if not 0 < config.alpha < 1:
+        raise ConfigError(f"{prefix}alpha must lie in (0, 1), got {config.alpha}")
 
 
 def _config_parts(config, prefix):

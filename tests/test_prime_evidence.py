@@ -174,3 +174,19 @@ def test_bad_input_raises_a_clear_value_error(change, message):
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
         mode_evidence(arguments.pop("modes"), arguments.pop("tags"), **arguments)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(search_split="trian"), "search_split must be one of"),
+    (dict(search_split="test"), "search_split and heldout_split must differ"),
+    (dict(fdr_method="holm"), "fdr_method must be one of"),
+    (dict(alpha=1.0), "alpha must lie in"),
+])
+def test_a_prime_config_with_bad_splits_or_evidence_options_is_refused_before_any_work(
+        change, message):
+    from jfail.config import ConfigError, validate_config
+    from jfail.prime import PrimeConfig
+
+    validate_config(PrimeConfig())
+    with pytest.raises(ConfigError, match=message):
+        validate_config(PrimeConfig(**change))

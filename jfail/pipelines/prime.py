@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jfail import jsonfile  # noqa: E402
-from jfail.config import load_config  # noqa: E402
+from jfail.config import ConfigError, load_config, validate_config  # noqa: E402
 from jfail.data import Dataset, load, train_val_split  # noqa: E402
 from jfail.logs import quiet_libraries  # noqa: E402
 from jfail.models import linen_apply  # noqa: E402
@@ -57,10 +57,8 @@ from jfail.prime import (  # noqa: E402
     subset_drop_table,
 )
 from jfail.train import predict  # noqa: E402
-from jfail.stats import FDR_METHODS  # noqa: E402
 from jfail.train.run import trained_classifier  # noqa: E402
 
-SPLITS = ("train", "val", "test")
 
 
 def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py") -> None:
@@ -75,15 +73,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
     config = load_config(args.config, args.set)
     if not isinstance(config, PrimeConfig):
         raise TypeError(f"{args.config} must return a PrimeConfig, got {type(config).__name__}")
-    for split in (config.search_split, config.heldout_split):
-        if split not in SPLITS:
-            raise ValueError(f"splits must be among {SPLITS}, got {split!r}")
-    if config.search_split == config.heldout_split:
-        raise ValueError("search_split and heldout_split must differ")
-    if config.fdr_method not in FDR_METHODS:
-        raise ValueError(f"fdr_method must be one of {FDR_METHODS}, got {config.fdr_method!r}")
-    if not 0 < config.alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {config.alpha}")
+    try:
+        validate_config(config)
+    except ConfigError as error:
+        parser.error(str(error))
     out = Path(args.out or f"results/{config.name}")
     figures = out.parent / out.name
     figures.mkdir(parents=True, exist_ok=True)
