@@ -4,11 +4,12 @@ run."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
 from pathlib import Path
+
+from jfail import jsonfile
 
 
 def cpu_name() -> str:
@@ -36,10 +37,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_results(out_dir, name: str, results: dict, markdown: str) -> None:
-    """`<out_dir>/<name>.json` (the results, indented) and `<name>.md`, each written atomically."""
+    """`<out_dir>/<name>.json` (the results, indented, strict: NaN as null, `jfail.jsonfile`)
+    and `<name>.md`, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / f"{name}.json", json.dumps(results, indent=2) + "\n")
+    jsonfile.write(out_dir / f"{name}.json", results)
     write_atomic(out_dir / f"{name}.md", markdown)
 
 
