@@ -6,10 +6,10 @@ padded, so one program serves every chunk), and calls the jitted kernel with the
 leaves as traced arguments: weights are never baked into the program as constants, and new weights
 of the same shapes reuse it. Noise keys are split per example as for the whole batch, so results
 do not depend on `batch_size`. Shapes and dtypes are checked on the host first
-(`check_host_inputs`); finiteness of the inputs and of the model's logits, and target ranges, in
-the same program as the attributions: a call with one chunk is one program and one wait for the
-device. On an accelerator, where a small
-batch takes well under a millisecond, each further dispatch or transfer is a visible share.
+(`check_host_inputs`); finiteness of the inputs and target ranges in the same program as the
+attributions, and the attributions' own finiteness where they lie (`run_chunked`): a call with
+one chunk is one program and one wait for the device. On an accelerator, where a small batch
+takes well under a millisecond, each further dispatch or transfer is a visible share.
 
 Inside the caller's own `jax.jit`, `vmap` or `grad` (any input, target or weight a tracer) a
 method is its kernel: the whole batch in one traced computation, shapes checked, values not (a

@@ -33,9 +33,9 @@ import numpy as np
 
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx_cached
-from jfail.keys import host_seed
 from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
 from jfail.data.tfds_source import read_tfds
+from jfail.keys import host_seed
 
 log = logging.getLogger(__name__)
 
