@@ -16,7 +16,8 @@
   its expected status and leave the server answering; the servers' stderr must hold no
   traceback.
 
-Every sentence of the Markdown is written from the JSON by `markdown()`.
+Every sentence of the Markdown is written from the JSON by `markdown()`, through the template
+`jfail/templates/reliability.j2` that also renders its section of a report page.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from jfail.pipelines import command_line
+from jfail.report import render_markdown
 from jfail.testing import faults, http_probe
 
 __all__ = ["main", "run", "run_server", "markdown"]
@@ -249,136 +251,8 @@ def _hostile_rows(port: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    """The results file, every sentence from `report`."""
-    kills, configs = report["kills"], report["bad_configs"]
-    killed = [k for k in kills if k["killed"]]
-    lines = ["# Reliability under faults and hostile input", "", "Produced by:", "", "```",
-             report["command"], "```", "", "## Kills and resumes", ""]
-    if kills:
-        good = sum(k["resumed"] and k["identical"] for k in kills)
-        lines += [
-            f"{len(kills)} runs were started and sent SIGKILL at a random moment; "
-            f"{len(killed)} were still running then. {good} of {len(kills)} reruns on the same "
-            "work directory ended with the uninterrupted run's weights and outputs, bit for bit.",
-            "", "| run | kill after (s) | was running | rerun exit 0 | identical | rerun (s) |",
-            "| --- | ---: | --- | --- | --- | ---: |",
-        ]
-        lines += [f"| {k['run']} | {k['delay']:.1f} | {_yes(k['killed'])} | {_yes(k['resumed'])} "
-                  f"| {_yes(k['identical'])} | {k['rerun_seconds']:.1f} |" for k in kills]
-    else:
-        lines.append("No kills were tried (--kills 0 and --demo-kills 0).")
-    one_line = sum(c["stderr_lines"] == 1 and c["status"] == 2 and c["says_what"]
-                   and not c["traceback"] and not c["workdir_created"] for c in configs)
-    lines += ["", "## Bad configs", "",
-              f"{len(configs)} bad configs and overrides were given to the `jfail` commands; "
-              f"{one_line} of {len(configs)} ended with one line on stderr that names the problem, "
-              "exit status 2, no traceback and no work directory.", "",
-              "| command | status | stderr lines | traceback | work directory made | message |",
-              "| --- | ---: | ---: | --- | --- | --- |"]
-    for c in configs:
-        shown = " ".join(a if "/" not in a else Path(a).name for a in c["argv"][:-2])
-        lines.append(f"| `{shown}` | {c['status']} | {c['stderr_lines']} | {_yes(c['traceback'])} "
-                     f"| {_yes(c['workdir_created'])} | {c['message'].replace('|', '/')} |")
-    lines += _full_disk_markdown(report.get("full_disk"))
-    if report.get("server") is not None:
-        lines += _server_markdown(report["server"])
-    lines += ["", f"All measurements took {report['seconds']:.0f} s.", ""]
-    return "\n".join(lines)
-
-
-def _full_disk_markdown(disk: dict | None) -> list[str]:
-    lines = ["", "## Full disk", ""]
-    if disk is None:
-        return lines + ["The full-disk run was not tried."]
-    if disk["skipped"]:
-        return lines + [f"Skipped: {disk['skipped']}."]
-    good = (disk["status"] == 1 and disk["stderr_lines"] == 1 and not disk["traceback"])
-    lines.append(
-        f"`jfail train` on a 3 MB tmpfs ended with exit status {disk['status']}, "
-        f"{disk['stderr_lines']} line(s) on stderr and {_no('a traceback', disk['traceback'])}"
-        f"{'' if good else ' (expected: status 1, one line, no traceback)'}. "
-        f"Once the tmpfs had 64 MB, the same command exited {disk['rerun_status']} and "
-        + ("resumed to a trained run." if disk["resumed"] else "did NOT end with a trained run."))
-    if disk["message"]:
-        lines += ["", f"Its line: `{disk['message']}`"]
-    return lines
-
-
-def _server_markdown(server: dict) -> list[str]:
-    kills = server["kills"]
-    lost, duplicated = len(server["lost"]), server["duplicated"]
-    failed = server["not_acknowledged"]
-    lines = [
-        "", "## Annotation server: annotators across kills", "",
-        f"{server['annotators']} annotators voted at once, each on all {server['images']} "
-        f"images ({server['scenarios']} scenarios x {server['samples_per_scenario']} samples): "
-        f"{server['votes_sent']} votes over fresh HTTP connections to `jfail annotate`, run as "
-        f"a subprocess. The server was sent SIGKILL {len(kills)} time(s) while they voted and "
-        "restarted on the same port each time; an annotator retried a vote until the server "
-        f"acknowledged it. {server['acknowledged']} of {server['votes_sent']} votes were "
-        f"acknowledged ({server['acknowledged_new']} as new, {server['acknowledged_replaced']} "
-        f"as replacing a stored vote: an earlier attempt was stored but its answer never "
-        f"arrived); {server['retried']} needed more than one attempt, {server['attempts']} "
-        f"attempts in all, in {server['voting_seconds']:.0f} s.",
-        "",
-        f"`votes.sqlite` then held {server['stored']} rows: {lost} acknowledged vote(s) lost "
-        f"(missing or with another label), {duplicated} duplicated and "
-        f"{len(server['unexpected_rows'])} that no annotator sent; the restarted server's "
-        f"summary counted {server['summary_votes']} votes.",
-    ]
-    if failed:
-        statuses = sorted({f["status"] for f in failed if f["status"] is not None})
-        lines += ["", f"{len(failed)} vote(s) were never acknowledged"
-                  + (f" (statuses {', '.join(map(str, statuses))})" if statuses else "")
-                  + f"; the first: {failed[0]['error']}."]
-    if kills:
-        lines += ["", "| kill | votes acknowledged before | server was running | "
-                      "back up after (s) |", "| ---: | ---: | --- | ---: |"]
-        lines += [f"| {n + 1} | {k['acknowledged_before']} | {_yes(k['was_running'])} | "
-                  f"{k['restart_seconds']:.1f} |" for n, k in enumerate(kills)]
-
-    rows = server["hostile"]
-    matched = sum(r["status"] == r["expected"] and not r.get("error") for r in rows)
-    answered = sum(r["then_answered"] for r in rows)
-    errors = sum(r["status"] is not None and r["status"] >= 500 for r in rows)
-    same = server["votes_after_hostile"] == server["votes_before_hostile"]
-    lines += [
-        "", "## Annotation server: hostile requests", "",
-        f"{len(rows)} hostile or truncated requests were sent to the last server, each on its "
-        f"own connection. {matched} of {len(rows)} got the expected answer, {errors} got a 5xx, "
-        f"and after {answered} of {len(rows)} the server answered an ordinary "
-        f"`GET /api/summary`. The vote count was {server['votes_before_hostile']} before and "
-        f"{server['votes_after_hostile']} after: "
-        + ("no request recorded a vote." if same else "some request changed the votes."),
-        "", "| request | expected | received | then answered |", "| --- | ---: | ---: | --- |",
-    ]
-    lines += [f"| {r['name']} | {_status(r['expected'])} | {_status(r['status'])}"
-              f"{'' if not r['error'] else ' (' + r['error'].replace('|', '/') + ')'} | "
-              f"{_yes(r['then_answered'])} |" for r in rows]
-    lines += ["", "\"closed\" is a connection the server closed without an answer.", "",
-              "## Annotation server: stderr", "",
-              f"{server['servers_started']} server processes were started (none with --debug); "
-              f"together they wrote {server['stderr_lines']} line(s) on stderr, and the stderr "
-              f"of {server['tracebacks']} of them held a traceback. The last one stopped on "
-              "Ctrl-C with exit "
-              f"status {server['final_exit_status']}"
-              + (" and its closing line." if server["final_stopped_line"]
-                 else " and without its closing line.")]
-    if server["stderr_excerpt"]:
-        lines += ["", "```", server["stderr_excerpt"].rstrip(), "```"]
-    return lines
-
-
-def _status(status) -> str:
-    return "closed" if status is None else str(status)
-
-
-def _no(thing: str, present: bool) -> str:
-    return thing if present else f"no {thing.split(' ', 1)[-1]}"
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "no"
+    """The results file, every sentence from `report` (template `jfail/templates/reliability.j2`)."""
+    return render_markdown("reliability", report, name="reliability")
 
 
 def _train_command(workdir: Path) -> list[str]:
