@@ -84,10 +84,9 @@ def render_markdown(template: str, result: Mapping, *, name: str) -> str:
       name: the stem of the result's files (`prime_fmnist` for `results/prime_fmnist.json`);
         figures live under `<name>/` beside it.
     Returns:
-      The Markdown text, ending in one newline.
+      The Markdown text.
     """
-    module = _template_module(template, result, name=name, blocks="_markdown.j2")
-    return str(module).rstrip("\n") + "\n"
+    return str(_template_module(template, result, name=name, blocks="_markdown.j2"))
 
 
 def build_report(
@@ -200,7 +199,9 @@ def _environment() -> jinja2.Environment:
         extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"],
     )
     environment.filters.update(fmt=format, pct=_percent, num=_number, median=_median,
-                               plural=_plural, basename_of_path=lambda path: Path(path).name)
+                               plural=_plural, basename_of_path=lambda path: Path(path).name,
+                               parent_of_path=lambda path: str(Path(path).parent),
+                               stem_of_path=lambda path: Path(path).stem)
     return environment
 
 

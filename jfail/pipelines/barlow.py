@@ -11,7 +11,8 @@ explained with its own features, and every leaf of every search is measured on
 `config.evidence_split` (by default the test images) by its rule (`jfail.barlow.leaf_evidence`):
 held-out error rate, Wilson interval, exact binomial p-value against its group's held-out error
 rate and a q-value over all the search's leaves; the significant leaves are listed first. Writes
-`results/<name>.md`, strict `.json` (null for missing values) and PNG panels.
+strict `results/<name>.json` (null for missing values), PNG panels, and `results/<name>.md`
+rendered from that JSON by the template `jfail/templates/barlow.j2`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jfail.data import Dataset, load, train_val_split
 from jfail.logs import quiet_libraries
 from jfail.models import linen_apply, model_fns
 from jfail.pipelines import command_line
+from jfail.report import render_markdown
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
@@ -195,9 +197,9 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     }
     summary = jsonfile.strict(summary, default=str)
     write_json(out / f"{config.name}.json", summary)
-    (out / f"{config.name}.md").write_text(
-        _markdown(summary, tables, evidence, class_names, figures, out)
-    )
+    # the Markdown shows what the JSON holds (null for a missing number)
+    summary = json.loads((out / f"{config.name}.json").read_text())
+    (out / f"{config.name}.md").write_text(render_markdown("barlow", summary, name=config.name))
     print((out / f"{config.name}.md").read_text())
 
 
@@ -315,163 +317,6 @@ def _tree_record(group, tree, class_names, heldout=None) -> dict:
 
 _ARCHITECTURES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "defuse_cnn": "Defuse CNN",
                   "mlp": "MLP"}
-
-
-def _markdown(summary, tables, evidence, class_names, figures, out) -> str:
-    names = dict(enumerate(class_names))
-    arch = summary["models"]
-    lines = [
-        f"# Barlow on {summary['data']['name']}",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        summary["command"],
-        "```",
-        "",
-        f"Data: {summary['data']['name']}. Trees are fitted on the {_split_words(summary, 'split')}:"
-        f" {summary['data']['images']:,} images, error rates standard {arch['standard']} "
-        f"{100 * summary['error_rates']['standard']:.2f} %, robust {arch['robust']} "
-        f"{100 * summary['error_rates']['robust']:.2f} %. Every leaf is measured on the "
-        f"{_split_words(summary, 'evidence_split')}: {summary['data']['evidence_images']:,} "
-        f"images, error rates {100 * summary['evidence_error_rates']['standard']:.2f} % and "
-        f"{100 * summary['evidence_error_rates']['robust']:.2f} %. "
-        + _held_out_sentence(summary)
-        + f" Run time {summary['seconds']:.0f} s.",
-        "",
-        "| model | test accuracy | test accuracy under PGD | attack |",
-        "| --- | ---: | ---: | --- |",
-    ]
-    for name, metrics in summary["test_metrics"].items():
-        attack = metrics.get("eval_attack")
-        robust = metrics.get("test_robust_accuracy")
-        lines.append(
-            f"| {name} {arch[name]} | {100 * metrics['test_accuracy']:.2f} % | "
-            + (f"{100 * robust:.2f} % |" if robust is not None else "- |")
-            + (f" ℓ{attack['norm'][1:]} ε = {attack['epsilon']}, {attack['steps']} steps |"
-               if attack else " - |")
-        )
-    lines += [
-        "",
-        "## Table 1: fraction of valid leaves",
-        "",
-        "As in the paper, each model's errors are explained with the robust model's features; "
-        "the leaf of highest IV per group is valid when ER > BER + δ and EC > τ "
-        f"(δ = {summary['config']['delta']}, τ = {summary['config']['tau']}). Paper (ImageNet, "
-        "1,000 classes): standard 0.596 / 0.211 / 0.900 / 0.649, robust 0.977 / 0.787 / 0.899 / "
-        "0.804 (depth 1 label, depth 1 prediction, depth 3 label, depth 3 prediction).",
-        "",
-    ]
-    lines += _fraction_table(summary["table1"])
-    lines += [
-        "",
-        "## Beyond the paper: which features explain the standard model's errors",
-        "",
-        "The standard model's errors explained with its own features (compare with the "
-        "'standard' rows of Table 1, which use the robust model's features).",
-        "",
-    ]
-    lines += _fraction_table(summary["extractor_comparison"])
-    lines += _evidence_section(summary, evidence, names)
-    titles = {
-        ("standard", "label"): f"Table 2 analogue: standard {arch['standard']}, grouping by label",
-        ("standard", "prediction"): f"Table 3 analogue: standard {arch['standard']}, grouping by "
-                                    "prediction",
-        ("robust", "label"): f"Table 4 analogue: robust {arch['robust']}, grouping by label",
-        ("robust", "prediction"): f"Table 5 analogue: robust {arch['robust']}, grouping by "
-                                  "prediction",
-    }
-    for key, title in titles.items():
-        lines += ["", f"## {title}", "", "Depth-1 trees on robust features; as in the paper, each metric is measured on the "
-                  "images the tree was fitted to (the held-out evidence of each top leaf is in "
-                  "the JSON, `tables.*.heldout`).", "",
-                  barlow.failure_table(tables[key], names)]
-    lines += ["", "## Panels", "",
-              "Rows: most activating images of the leaf's feature in the group, their heatmaps, "
-              "feature attacks, random failures in the leaf.", ""]
-    for panel in summary["panels"]:
-        lines.append(f"![{Path(panel).stem}]({Path(panel).relative_to(out)})")
-    return "\n".join(lines) + "\n"
-
-
-def _fraction_table(rows) -> list[str]:
-    lines = [
-        "| model explained | features | depth | grouping | valid-leaf fraction | mean ALER − BER "
-        "| groups | candidate leaves | significant on held-out images |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['extractor']} | {row['depth']} | {row['grouping']} | "
-            f"{row['valid_leaf_fraction']:.3f} | {row['mean_aler_minus_ber']:.4f} | {row['groups']} "
-            f"| {row['candidate_leaves']} | {row['significant_leaves']} |"
-        )
-    return lines
-
-
-_SPLIT_WORDS = {
-    "train": "training split",
-    "val": "standard classifier's validation images",
-    "test": "test split",
-}
-
-SIGNIFICANT_ROWS_SHOWN = 10
-
-
-def _split_words(summary, field) -> str:
-    return _SPLIT_WORDS[summary["data"][field]]
-
-
-def _held_out_sentence(summary) -> str:
-    held = summary["data"]["held_out_from_training"]
-    if all(flags["fit"] and flags["evidence"] for flags in held.values()):
-        return "Neither model was trained on any of these images."
-    parts = []
-    for name, flags in held.items():
-        if flags["fit"] and flags["evidence"]:
-            parts.append(f"the {name} model trained on neither")
-        elif flags["evidence"]:
-            parts.append(f"the {name} model trained on the images the trees are fitted on, "
-                         "not on those the leaves are measured on")
-        else:
-            parts.append(f"the {name} model trained on the images the leaves are measured on")
-    return "Of these images, " + "; ".join(parts) + "."
-
-
-def _evidence_section(summary, evidence, names) -> list[str]:
-    total = summary["evidence"]
-    method = {"by": "Benjamini-Yekutieli", "bh": "Benjamini-Hochberg"}[total["method"]]
-    lines = [
-        "",
-        "## Held-out evidence: significant leaves first",
-        "",
-        f"Every leaf of every search above was applied by its rule to the "
-        f"{summary['data']['evidence_images']:,} images of the "
-        f"{_split_words(summary, 'evidence_split')} (nothing refitted) and compared with its "
-        "group's error rate there: exact one-sided binomial p-value, 95 % Wilson interval, and "
-        f"{method} q-values over all the leaves of the search (every group's tree; the leaves of "
-        "one tree and the trees of overlapping groups are dependent tests). A leaf is significant "
-        f"where q ≤ {total['alpha']}. Summed over the searches, each controlled on its own, "
-        f"{total['candidate_leaves']:,} candidate leaves were tested and "
-        f"{total['significant_leaves']:,} are significant. The JSON lists every "
-        "candidate with its evidence, significant ones first.",
-    ]
-    for (extractor, analysed, depth, grouping), found in evidence.items():
-        lines += [
-            "",
-            f"### {analysed} model's errors, {extractor} features, depth {depth}, by {grouping}",
-            "",
-            f"{found.num_significant} of {found.num_candidates} candidate leaves significant.",
-        ]
-        if found.num_significant:
-            lines += ["", found.table(names, limit=SIGNIFICANT_ROWS_SHOWN)]
-            if found.num_significant > SIGNIFICANT_ROWS_SHOWN:
-                lines += ["", f"{found.num_significant - SIGNIFICANT_ROWS_SHOWN} more significant "
-                          "leaves are in the JSON."]
-        elif found.num_candidates:
-            lines += ["", "The three candidates closest to significance:", "",
-                      found.table(names, significant_only=False, limit=3)]
-    return lines
 
 
 if __name__ == "__main__":
