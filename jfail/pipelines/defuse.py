@@ -9,7 +9,8 @@ every scenario; samples 256 fine-tuning and 256 test images from each failure sc
 the classifier with `L(D) + λ·CE(D_f)` over the λ sweep, against the baseline that fine-tunes on
 the individually identified mistakes labelled by the annotators. Intermediate stages are cached
 in the run directory (`--workdir`, default `runs/defuse/<name>`), so a rerun only repeats what
-changed. Writes `results/<name>.md`, `.json` and PNGs under `results/<name>/`.
+changed. Writes `results/<name>.json`, PNGs under `results/<name>/`, and `results/<name>.md`
+rendered from that JSON by the template `jfail/templates/defuse.j2`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from jfail.defuse import plots
 from jfail.logs import quiet_libraries
 from jfail.models import BetaVAE, decoder_fn, encoder_fn, linen_apply, logits_fn
 from jfail.pipelines import command_line
+from jfail.report import render_markdown
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
@@ -385,103 +387,10 @@ def _cached(path: Path, key: dict, compute):
 def _write(out: Path, config, summary: dict, timings: dict, started: float) -> None:
     summary["timings"] = {**timings, "total_seconds_this_run": time.perf_counter() - started}
     write_json(out / f"{config.name}.json", summary)
-    (out / f"{config.name}.md").write_text(_markdown(summary, config))
+    # the Markdown shows what the JSON holds
+    summary = json.loads((out / f"{config.name}.json").read_text())
+    (out / f"{config.name}.md").write_text(render_markdown("defuse", summary, name=config.name))
     print(f"wrote {out / config.name}.md")
-
-
-def _markdown(s: dict, config) -> str:
-    lines = [f"# Defuse on {config.dataset}", "", "Produced by:", "", "```bash", s["command"], "```", ""]
-    ident = s["identification"]
-    lines += [
-        f"Classifier test accuracy {s['classifier']['test_accuracy']:.4f}. Annotators: "
-        f"{len(s['annotators']['test_accuracy'])} MLPs, test accuracy "
-        + ", ".join(f"{a:.3f}" for a in s["annotators"]["test_accuracy"])
-        + f"; their majority vote {s['annotators']['majority_test_accuracy']:.4f}.",
-        f"β-VAE: {s['vae']['epochs']} epochs, final loss {s['vae']['history'][-1]['loss']:.1f} "
-        f"(reconstruction {s['vae']['history'][-1]['reconstruction']:.1f}, "
-        f"KL {s['vae']['history'][-1]['kl']:.2f}).", "",
-        "## Identification", "",
-        f"{ident['images']} training images × {config.num_draws} draws = {ident['draws']:,} decodes.", "",
-        f"| noise | misclassified draws | rate | kept (≤ {config.max_per_image} per image) "
-        "| images with a failure |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for noise, r in ident["noise"].items():
-        name = "Beta(a, b) as written (μ + ε)" if noise == "paper" else "centred (μ + ε − a/(a+b))"
-        lines.append(f"| {name} | {r['misclassified_draws']:,} | {r['failure_rate']:.4f} | "
-                     f"{r['kept']:,} | {r['images_with_a_failure']} |")
-    failing = s["failure_scenarios"]
-    lines += ["", "## Distillation and review", "",
-              f"The Dirichlet-process GMM kept {s['distillation']['components_kept']} components "
-              f"(weight > {config.min_weight}); the annotators judged {len(failing)} of them failures "
-              f"(more than ρ = {config.rho} of {config.review_samples} samples disagree with the "
-              "classifier).", "",
-              "| scenario | weight | annotated label | disagreement | annotator agreement | failure |",
-              "| ---: | ---: | --- | ---: | ---: | :---: |"]
-    for r, w in zip(s["review"], s["distillation"]["weights"]):
-        lines.append(f"| {r['scenario']} | {w:.3f} | {r['label']} | {r['disagreement']:.1f} | "
-                     f"{r['agreement']:.2f} | {'yes' if r['is_failure'] else ''} |")
-    source = s["annotations"]
-    who = ("people on the annotation page" if source["source"] == "page"
-           else f"{config.num_annotators} simulated annotators (independently trained MLPs)")
-    lines += ["", f"![all scenarios]({config.name}/review_all_scenarios.png)", "",
-              f"Labels from {who}. Figure 6 analogue, the annotators' agreement per scenario:", "",
-              f"![agreement]({config.name}/agreement.png)", "",
-              f"To label the samples yourself: `jfail annotate {Path(source['folder']).parent}` "
-              "serves them on 127.0.0.1 to any number of people at once; rerun with "
-              "`--set annotations=page` to correct with their majority labels.", ""]
-    if not failing:
-        lines += [s["outcome"], ""]
-        return "\n".join(lines)
-    b, a = s["before"], s["after"]
-    lines += [
-        "## Figure 4: correction", "",
-        f"{len(failing)} failure scenarios, {s['failure_instances']:,} fine-tuning images "
-        f"({config.samples_per_scenario} per scenario) and as many held-out scenario test images. "
-        f"Baseline: {s['baseline']['used']:,} of the {s['baseline']['identified']:,} identified "
-        f"mistakes, labelled one by one by the annotators"
-        + (" (none kept a class label, so there is no baseline)." if not s["baseline"]["used"]
-           else "."), "",
-        "| model | λ | test accuracy | failure-scenario accuracy | val accuracy |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| before | | {b['test_accuracy']:.4f} | {b['scenario_accuracy']:.4f} | {b['val_accuracy']:.4f} |",
-    ]
-    for method in [m for m in ("baseline", "defuse") if m in a]:
-        r = a[method]
-        lines.append(f"| {method} | {r['lambda']:g} | {r['test_accuracy']:.4f} | "
-                     f"{r['scenario_accuracy']:.4f} | {r['val_accuracy']:.4f} |")
-    lines += ["", "Per scenario (accuracy on its held-out samples):", "",
-              "| scenario | label | before | baseline | defuse |", "| ---: | --- | ---: | ---: | ---: |"]
-    for i, (scenario, label) in enumerate(zip(failing, s["scenario_labels"])):
-        ps = s["per_scenario"]
-        lines.append(f"| {scenario} | {label} | {ps['before'][i]:.3f} | "
-                     + (f"{ps['baseline'][i]:.3f}" if "baseline" in ps else "–")
-                     + f" | {ps['defuse'][i]:.3f} |")
-    lines += ["", "## Figure 5: λ sweep", "", "| method | λ | epoch kept | val | test | failure scenarios |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for method, records in s["sweeps"].items():
-        for r in records:
-            lines.append(f"| {method} | {r['lambda']:g} | {r['best_epoch']} | {r['val_accuracy']:.4f} | "
-                         f"{r['test_accuracy']:.4f} | {r['scenario_accuracy']:.4f} |")
-    nov = s["novelty"]
-    lines += [
-        "", f"![trade-off]({config.name}/tradeoff.png)", "",
-        "## Samples", "",
-        f"![before]({config.name}/scenarios_before.png)", "",
-        f"![after]({config.name}/scenarios_defuse.png)", "",
-        "## Novelty (seed 003, §4.3)", "",
-        f"One sample from each of {nov['queries']} scenarios against the {nov['train_errors']} "
-        "misclassified training images: median ℓ2 distance to the nearest training error "
-        f"{np.median(nov['distance_to_nearest_train_error']):.2f}, to the nearest training image "
-        f"of any kind {np.median(nov['distance_to_nearest_train_image']):.2f}; the nearest error "
-        f"has the same prediction in {sum(nov['nearest_error_has_same_prediction'])} of "
-        f"{nov['queries']} cases.", "",
-        f"![novelty]({config.name}/novelty.png)", "",
-        "## Latent space", "", f"![t-SNE]({config.name}/tsne.png)", "",
-        "## Timings (seconds)", "",
-    ]
-    lines += [f"- {k}: {v:.1f}" for k, v in s["timings"].items()]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """PRIME (seed 004) on real data: shape tags, a trained classifier, failure modes checked on
-held-out data; writes `results/<name>.md`, `.json`, `.png` and `results/<name>/*.png`.
+held-out data; writes `results/<name>.json`, `.png`, `results/<name>/*.png`, and
+`results/<name>.md` rendered from that JSON by the template `jfail/templates/prime.j2`.
 
     python experiments/prime.py --config configs/prime_fmnist.py
 
@@ -56,6 +57,7 @@ from jfail.prime import (  # noqa: E402
     subset_accuracies,
     subset_drop_table,
 )
+from jfail.report import render_markdown  # noqa: E402
 from jfail.train import predict  # noqa: E402
 from jfail.train.run import trained_classifier  # noqa: E402
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
     jsonfile.write(out.with_suffix(".json"), report)
     # what the JSON holds (null for a missing number) is what is shown
     report = json.loads(out.with_suffix(".json").read_text())
-    out.with_suffix(".md").write_text(_markdown(report, out))
+    out.with_suffix(".md").write_text(render_markdown("prime", report, name=out.name))
     _figure4(report, out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
 
@@ -471,237 +473,6 @@ def _strip(images: np.ndarray, correct: np.ndarray, slots: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- report
 
 
-def _markdown(report: dict, out: Path) -> str:
-    config, summary = report["config"], report["generalization"]
-    search, heldout = report["splits"]["search"], report["splits"]["heldout"]
-    names = report["class_names"]
-    lines = [
-        "# PRIME on Fashion-MNIST with shape tags" if config["dataset"] == "fashion_mnist"
-        else f"# PRIME on {config['dataset']} with shape tags",
-        "",
-        "Produced by:",
-        "",
-        "```",
-        report["command"],
-        "```",
-        "",
-        "## Set-up",
-        "",
-        f"- Classifier: `{report['classifier']['model']}` from `{report['classifier']['run']}` "
-        f"(test accuracy {_pct(report['classifier']['test_accuracy'])}).",
-        f"- Search split: `{search['name']}`, {search['images']:,} images, accuracy {_pct(search['accuracy'])} "
-        f"({SPLIT_ROLES[search['name']]}).",
-        f"- Held-out split: `{heldout['name']}`, {heldout['images']:,} images, accuracy {_pct(heldout['accuracy'])}.",
-        f"- Tags: {len(report['tags']['names'])} shape tags ({', '.join(report['tags']['names'])}), "
-        f"thresholds at the per-class {config['shape_quantiles'][0]:.0%} / {config['shape_quantiles'][1]:.0%} "
-        "quantiles of the search split, applied unchanged to the held-out split; tags on fewer than "
-        f"{config['min_tag_count']} images of a class dropped.",
-        f"- Search: exhaustive, s = {config['min_size']}, a = {config['min_drop']:.0%}, "
-        f"(b2, b3, b4) = ({', '.join(f'{b:.1%}' for b in config['min_gain'])}), l = {config['max_tags']} "
-        f"(the paper's Living17 settings; the search split has {search['images'] / len(names):,.0f} "
-        "images a class, Living17 5,200).",
-        f"- Search time: {report['timing']['exhaustive_seconds']:.2f} s for all classes "
-        f"({report['timing']['exhaustive_seconds_first_call']:.2f} s on the first call, with compilation); "
-        f"tagging {report['timing']['tagging_seconds']:.1f} s; devices {', '.join(report['timing']['devices'])}.",
-        "",
-        "## Failure modes",
-        "",
-        f"{len(report['modes'])} failure modes on the search split: "
-        + ", ".join(f"{count} with {size} tag{'s' if int(size) > 1 else ''}"
-                    for size, count in report["modes_by_size"].items())
-        + f". {_evidence_sentence(report)}",
-        "",
-        "Accuracy on the search split (A_S over |I_S| images) and on the held-out split, by the "
-        "tags alone (A'_S over |I'_S|); the held-out error rate with its 95 % Wilson interval; "
-        "q: the mode's q-value; max q: the largest of its q-value and its tags' minimality "
-        "q-values (a mode is significant when it is at most alpha); significant modes first.",
-        "",
-        "| class | A_c search | A'_c held out | tags | \\|I_S\\| | A_S | \\|I'_S\\| | A'_S "
-        "| held-out error rate [95 % CI] | q | max q | significant |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for mode in report["modes"]:
-        low, high = mode["heldout_error_interval"]
-        lines.append(
-            f"| {mode['class']} | {_pct(mode['class_accuracy'])} | {_pct(mode['heldout_class_accuracy'])} | "
-            f"{' + '.join(mode['tags'])} | {mode['size']} | {_pct(mode['accuracy'])} | "
-            f"{mode['heldout_size']} | {_pct(mode['heldout_accuracy'])} | "
-            f"{_pct(mode['heldout_error_rate'])} [{_pct(low)}, {_pct(high)}] | "
-            f"{_num(mode['q_value'], '.2g')} | {_num(mode['max_q_value'], '.2g')} | "
-            f"{'yes' if mode['significant'] else 'no'} |"
-        )
-    lines += [
-        "",
-        "Class accuracy (search / held out): "
-        + "; ".join(f"{n} {_pct(a)} / {_pct(b)}" for n, a, b in zip(
-            names, report["class_accuracy"]["search"], report["class_accuracy"]["heldout"])),
-        "",
-        "## Generalization to held-out data (Figure 4)",
-        "",
-        f"![Figure 4 analogue]({out.name}.png)",
-        "",
-        f"Of the {summary['modes']} modes, {summary['modes_with_heldout_images']} have held-out images. "
-        f"Mean drop A_c - A_S: {_pct(summary['mean_search_drop'])} on the search split, "
-        f"{_pct(summary['mean_heldout_drop'])} on the held-out split; mean mode accuracy "
-        f"{_pct(summary['mean_search_accuracy'])} vs {_pct(summary['mean_heldout_accuracy'])}. "
-        f"Share of modes whose held-out drop is at least 20 %: {_pct(summary['share_heldout_drop_at_least_0.2'])}, "
-        f"25 %: {_pct(summary['share_heldout_drop_at_least_0.25'])}, 30 %: "
-        f"{_pct(summary['share_heldout_drop_at_least_0.3'])} (paper, Living17: 86 % keep a drop of "
-        "at least 25 %; CelebA: 79 % at least 20 %). "
-        f"Correlation of search and held-out mode accuracy: {_num(summary['accuracy_correlation'], '.2f')}.",
-        "",
-        "## Do we need combinations of tags? (Tables 1 and 2)",
-        "",
-    ]
-    table1 = report["table1"]
-    if table1:
-        lines += [
-            f"Table 1 analogue ({table1['rule']}): class {table1['class']} "
-            f"(held-out class accuracy {_pct(table1['class_accuracy'])}), and every subset of its tags, "
-            "on the held-out split. Table 2 below averages over all modes.",
-            "",
-            "| # tags | tags | held-out images | held-out accuracy |",
-            "| ---: | --- | ---: | ---: |",
-        ]
-        lines += [f"| {len(r['tags'])} | {'; '.join(r['tags'])} | {r['size']} | {_pct(r['accuracy'])} |"
-                  for r in table1["rows"]]
-    else:
-        lines.append("No 3-tag mode has held-out images, so there is no Table 1 analogue.")
-    lines += [
-        "",
-        "Table 2 analogue: mean accuracy drop (A'_c - A') of the modes with k tags and of their "
-        "subsets of fewer tags (each subset's images: the class's images with those tags), per split.",
-        "",
-        "| split | mode size k | modes | " + " | ".join(f"{j} tag{'s' if j > 1 else ''}" for j in range(config["max_tags"], 0, -1)) + " |",
-        "| --- | ---: | ---: | " + " | ".join("---:" for _ in range(config["max_tags"])) + " |",
-    ]
-    for split, table in report["table2"].items():
-        for k, row in table.items():
-            cells = [_pct(row["drop"].get(str(j), row["drop"].get(j))) if j <= int(k) else "" for j in range(config["max_tags"], 0, -1)]
-            lines.append(f"| {split} | {k} | {row['modes']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Paper, Table 2 (3-tag modes, unseen data): Living17 26.82 / 17.13 / 8.18 %, CelebA 23.25 / 16.84 / 9.02 %.",
-        "",
-        "## Exhaustive vs greedy search (A.6)",
-        "",
-        f"Greedy search with a beam of {report['greedy']['beam_width']} sets per size: "
-        f"{report['greedy']['modes']} modes ({', '.join(f'{c} with {s} tags' for s, c in report['greedy']['modes_by_size'].items())}) "
-        f"in {report['greedy']['seconds']:.2f} s, against {len(report['modes'])} in "
-        f"{report['timing']['exhaustive_seconds']:.2f} s exhaustively; every greedy mode is an exhaustive "
-        f"mode: {report['greedy']['subset_of_exhaustive']}.",
-        "",
-        "## Different (s, a) (A.5)",
-        "",
-        "![sweep](" + f"{out.name}/sweep.png" + ")",
-        "",
-        "| s | a | modes | by size (1/2/3/4 tags) | mean drop search | mean drop held out | held-out drop >= 20 % | >= 25 % |",
-        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for row in report["sweep"]:
-        s = row["summary"]
-        lines.append(
-            f"| {row['min_size']} | {row['min_drop']:.0%} | {row['modes']} | "
-            f"{'/'.join(str(row['modes_by_size'].get(str(k), row['modes_by_size'].get(k, 0))) for k in range(1, config['max_tags'] + 1))} | "
-            f"{_pct(s['mean_search_drop'])} | {_pct(s['mean_heldout_drop'])} | "
-            f"{_pct(s['share_heldout_drop_at_least_0.2'])} | {_pct(s['share_heldout_drop_at_least_0.25'])} |"
-        )
-    lines += ["", "## Sample images per mode", ""]
-    lines += [f"- {name}: ![{name}]({path})" for name, path in report["grids"].items()]
-    planted = report["planted"]
-    lines += [
-        "",
-        "## Description quality against planted ground truth (section 4.3)",
-        "",
-        "No pretrained vision-language model can be loaded here, so the three metrics of section 4.3 "
-        "are computed in a ground-truth image-text space: a synthetic problem of "
-        f"{planted['images']:,} images in 4 classes, one planted failure mode each "
-        f"({'; '.join(f'class{l}: ' + ' + '.join(t) for l, t in planted['planted'])}; accuracy 0 inside, "
-        f"{config['planted_base_accuracy']:.0%} elsewhere). An image embeds as its true attribute vector, a "
-        "description as the attributes it names (cosine similarity). The search sees the true tags "
-        f"with each entry flipped with probability {config['planted_flip_probability']:.0%}.",
-        "",
-        f"- Recovery with the true tags: precision {_pct(planted['recovery_clean_tags']['precision'])}, "
-        f"recall {_pct(planted['recovery_clean_tags']['recall'])}.",
-        f"- Recovery with flipped tags: precision {_pct(planted['recovery_noisy_tags']['precision'])}, "
-        f"recall {_pct(planted['recovery_noisy_tags']['recall'])} "
-        f"({planted['recovery_noisy_tags']['found']} modes found).",
-        "",
-        "| descriptions | similarity (mean) | similarity std | AUROC (pooled) | AUROC (mean per mode) |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, row in planted["description_quality"].items():
-        lines.append(f"| {name} | {_num(row['similarity'], '.3f')} | {_num(row['similarity_std'], '.3f')} | "
-                     f"{_num(row['auroc'], '.3f')} | {_num(row['mean_auroc'], '.3f')} |")
-    lines += [
-        "",
-        "## Notes",
-        "",
-        "- The shape tagger stands in for the paper's Recognize Anything Model, which cannot be "
-        f"downloaded here. Its tags are coarse ({len(report['tags']['names'])} of them, each on about "
-        f"{config['shape_quantiles'][0]:.0%} of a class by construction, more for `wide` and `tall`, "
-        "which many garments reach at the frame), so single tags rarely separate hard images and "
-        "most modes combine several tags.",
-        f"- {_size_note(search, heldout, len(names))}",
-        "- Held-out accuracy uses the thresholds fitted on the search split; a mode absent from "
-        "the held-out split (|I'_S| = 0) is left out of the generalization numbers.",
-        "- Planted modes with flipped tags: the observed group of a planted mode is no longer pure "
-        f"(the 1-tag planted mode goes from 0 % to {_num(_planted_accuracy(planted), '.0%')} accuracy), and among its hundreds "
-        "of supersets of 4 tags some fall a few standard deviations below it by chance and pass the "
-        "small b4 = 2.5 % gain; the paper's criteria do not correct for the many sets tested, so "
-        "precision drops while recall stays. With the true tags recovery is exact. Held-out "
-        "evidence with minimality tests removes these supersets "
-        "(`benchmarks/results/prime_planted.md`).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-SPLIT_ROLES = {
-    "train": "the images the classifier was trained on, as in the paper (sections 4 and 4.1); its "
-             "errors there are rarer than on unseen data and not the ones it makes there",
-    "val": "the classifier's validation images, not fitted on (they only picked the epoch), so "
-           "its errors there are close to those it makes on unseen data; the held-out split is "
-           "kept for the evidence",
-    "test": "the data set's test split",
-}
-
-
-def _size_note(search: dict, heldout: dict, num_classes: int) -> str:
-    per_search, per_heldout = search["images"] / num_classes, heldout["images"] / num_classes
-    if per_heldout < per_search:
-        relation = f"{per_search / per_heldout:.1f} times smaller than"
-    elif per_heldout > per_search:
-        relation = f"{per_heldout / per_search:.1f} times larger than"
-    else:
-        relation = "as large as"
-    return (f"Held-out groups are {relation} search groups ({per_heldout:,.0f} vs {per_search:,.0f} "
-            "images a class), and held-out accuracies of single modes are noisy (see |I'_S|); the "
-            "interval and the q-values say how much.")
-
-
-def _evidence_sentence(report: dict) -> str:
-    evidence = report["evidence"]
-    method = {"by": "Benjamini-Yekutieli", "bh": "Benjamini-Hochberg"}[evidence["method"]]
-    by_size = ", ".join(f"{count} with {size} tag{'s' if int(size) > 1 else ''}"
-                        for size, count in evidence["significant_by_size"].items())
-    return (
-        f"All {evidence['candidates']} candidates were tested on the held-out split "
-        f"`{report['splits']['heldout']['name']}`: {evidence['mode_tests']} tests of a mode's error "
-        "rate against its class's and "
-        f"{evidence['minimality_tests']} minimality tests (one per tag of every mode of two or "
-        "more tags: the mode's images against those that show its other tags but lack this one), "
-        f"{evidence['tests']} exact one-sided tests under one {method} false-discovery control "
-        f"(the tests share images and are not all positively dependent). "
-        f"{evidence['significant']} modes are significant at q <= {evidence['alpha']:g} "
-        f"({by_size})."
-    )
-
-
-def _planted_accuracy(planted: dict) -> float:
-    single = [m for m in planted["noisy_modes"] if len(m["tags"]) == 1]
-    return single[0]["accuracy"] if single else float("nan")
-
-
 def _max_q(evidence) -> float:
     """The largest q-value of a mode's tests: the mode is significant when it is at most alpha."""
     return max([evidence.q_value] + [t.q_value for t in evidence.minimality])
@@ -756,12 +527,6 @@ def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
-
-
-def _pct(value) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "–"
-    return f"{100 * value:.1f} %"
 
 
 def _slug(name: str) -> str:
