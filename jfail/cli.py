@@ -233,6 +233,7 @@ def _train(config, run_dir: Path, progress: bool) -> int:
 
 def _method(args, config, run_dir: Path) -> int:
     """One method's pipeline with a config's settings, then the run's report."""
+    from jfail.pipelines import report_source
     from jfail.report import write_report
 
     title, module_name = _PIPELINES[args.command]
@@ -247,10 +248,12 @@ def _method(args, config, run_dir: Path) -> int:
         argv.append("--quiet")
     from jfail.logs import stdout_to_file
 
+    pipeline = importlib.import_module(module_name)
     with stdout_to_file(run_dir / "jfail.log"):
         # the pipeline records the command that reruns exactly this step
-        importlib.import_module(module_name).main(argv, prog=f"python -m {module_name}")
-    report = write_report(run_dir, [(title, run_dir / f"{config.name}.md")], title=f"jfail {title}")
+        pipeline.main(argv, prog=f"python -m {module_name}")
+    report = write_report(run_dir, [(title, report_source(pipeline, run_dir / config.name))],
+                          title=f"jfail {title}")
     print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
     return 0
 

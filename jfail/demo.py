@@ -146,11 +146,13 @@ def run_demo(
     dataset: force one of `DATA_PREFERENCE`; methods: a subset of the command names in
     `METHODS`; config_hook: edits the dict of `demo_configs` before anything runs (tests use it
     to shrink the run further). Each method's Markdown, JSON and figures land in
-    `run_dir/<method>/`; `run_dir/demo.md` records the data set, the timings and the commands.
+    `run_dir/<method>/`; `run_dir/demo.json` records the data set, the timings and the commands,
+    and `run_dir/demo.md` says it (template `jfail/templates/demo.j2`).
     """
     import importlib
 
-    from jfail.report import write_report
+    from jfail.pipelines import report_source
+    from jfail.report import Result, render_markdown, write_report
 
     run_dir = Path(run_dir).absolute()  # section paths below are handed to the report as is
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,12 +190,18 @@ def run_demo(
         timings[command] = time.perf_counter() - started
         commands[command] = f"python -m {module_name} " + " ".join(argv)
         log.info("%s: done in %.0f s", title, timings[command])
-        sections.append((title, out / f"{config.name}.md"))
-    overview = run_dir / "demo.md"
-    overview.write_text(_overview(reason, configs, timings, commands))
-    (run_dir / "demo.json").write_text(json.dumps(
-        {"dataset": name, "reason": reason, "seconds": timings, "commands": commands}, indent=2))
-    return write_report(run_dir, [("Overview", overview), *sections],
+        sections.append((title, report_source(pipeline, out / config.name)))
+    classifier = configs["classifier"]
+    summary = {
+        "dataset": name, "reason": reason, "seconds": timings, "commands": commands,
+        "classifier": {"dataset": classifier.dataset, "epochs": classifier.train.epochs},
+        "titles": {command: title for command, title, _ in METHODS},
+        "debugtests_methods": list(configs["debugtests"].methods or ()),
+        "attribution_methods": len(attribution.METHODS),
+    }
+    (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "demo.md").write_text(render_markdown("demo", summary, name="demo"))
+    return write_report(run_dir, [("Overview", Result("demo", run_dir / "demo.json")), *sections],
                         title=f"jfail demo on {name}")
 
 
@@ -213,25 +221,3 @@ def _first_loadable(names) -> tuple[str | None, list[str]]:
             continue
         return name, skipped
     return None, skipped
-
-
-def _overview(reason: str, configs: dict, timings: dict, commands: dict) -> str:
-    classifier = configs["classifier"]
-    lines = [
-        "# jfail demo", "",
-        f"Data: {reason}. Every method ran on `{classifier.dataset}` with the Defuse CNN "
-        f"({classifier.train.epochs} epochs); the settings are cut to fit minutes of CPU, so "
-        "the numbers below show the methods working, not the papers' results (those are the "
-        "full runs of `configs/`, written to `results/`).", "",
-        "| method | seconds | rerun with |", "| --- | ---: | --- |",
-    ]
-    titles = {command: title for command, title, _ in METHODS}
-    for command, seconds in timings.items():
-        lines.append(f"| {titles[command]} | {seconds:.0f} | `{commands[command]}` |")
-    methods = configs["debugtests"].methods or ()
-    if "debugtests" in timings and methods:
-        lines += ["", f"The debugging tests ran {len(methods)} attribution methods "
-                  f"({', '.join(methods)}); the full run has all {len(attribution.METHODS)}."]
-    lines += ["", f"Total: {sum(timings.values()):.0f} s. Each stage's config is a file under "
-              "`configs/` in this run directory; the log is `jfail.log`.", ""]
-    return "\n".join(lines)

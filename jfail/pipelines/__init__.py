@@ -5,6 +5,7 @@
 
 import shlex
 import sys
+from pathlib import Path
 
 
 def command_line(prog: str, argv: list[str] | None) -> str:
@@ -12,3 +13,21 @@ def command_line(prog: str, argv: list[str] | None) -> str:
     when `argv` is None), shell-quoted, with no trailing space when there are none."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join([prog, shlex.join(args)]) if args else prog
+
+
+def report_source(pipeline, results: Path):
+    """What a run's report shows of a pipeline's results `results` (`<out>/<name>`, no suffix).
+
+    Args:
+      pipeline: the pipeline's module; its `REPORT_TEMPLATE` names the template that renders its
+        JSON (a pipeline without one is shown from its Markdown file).
+      results: the folder and name of its results files.
+    Returns:
+      A `jfail.report.Result` of `<results>.json`, or the path of `<results>.md`.
+    """
+    from jfail.report import Result
+
+    template = getattr(pipeline, "REPORT_TEMPLATE", None)
+    if template is None:
+        return results.parent / f"{results.name}.md"
+    return Result(template, results.parent / f"{results.name}.json")

@@ -37,6 +37,10 @@ from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
 
+REPORT_TEMPLATE = "barlow"
+"""The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
+
+
 def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.py") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     write_json(out / f"{config.name}.json", summary)
     # the Markdown shows what the JSON holds (null for a missing number)
     summary = json.loads((out / f"{config.name}.json").read_text())
-    (out / f"{config.name}.md").write_text(render_markdown("barlow", summary, name=config.name))
+    markdown = render_markdown(REPORT_TEMPLATE, summary, name=config.name)
+    (out / f"{config.name}.md").write_text(markdown)
     print((out / f"{config.name}.md").read_text())
 
 

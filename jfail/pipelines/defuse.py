@@ -54,6 +54,10 @@ from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
 
+REPORT_TEMPLATE = "defuse"
+"""The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
+
+
 def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.py") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
@@ -389,7 +393,8 @@ def _write(out: Path, config, summary: dict, timings: dict, started: float) -> N
     write_json(out / f"{config.name}.json", summary)
     # the Markdown shows what the JSON holds
     summary = json.loads((out / f"{config.name}.json").read_text())
-    (out / f"{config.name}.md").write_text(render_markdown("defuse", summary, name=config.name))
+    markdown = render_markdown(REPORT_TEMPLATE, summary, name=config.name)
+    (out / f"{config.name}.md").write_text(markdown)
     print(f"wrote {out / config.name}.md")
 
 

@@ -62,6 +62,9 @@ from jfail.train import predict  # noqa: E402
 from jfail.train.run import trained_classifier  # noqa: E402
 
 
+REPORT_TEMPLATE = "prime"
+"""The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
+
 
 def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
     jsonfile.write(out.with_suffix(".json"), report)
     # what the JSON holds (null for a missing number) is what is shown
     report = json.loads(out.with_suffix(".json").read_text())
-    out.with_suffix(".md").write_text(render_markdown("prime", report, name=out.name))
+    out.with_suffix(".md").write_text(render_markdown(REPORT_TEMPLATE, report, name=out.name))
     _figure4(report, out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
 

@@ -45,6 +45,10 @@ __all__ = ["main", "run", "run_server", "markdown"]
 REPO = Path(__file__).resolve().parents[2]
 
 
+REPORT_TEMPLATE = "reliability"
+"""The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
+
+
 def main(argv: list[str] | None = None, prog: str = "python experiments/reliability.py") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=3, help="kills per training and VAE run")
@@ -252,7 +256,7 @@ def _hostile_rows(port: int) -> list[dict]:
 
 def markdown(report: dict) -> str:
     """The results file, every sentence from `report` (template `jfail/templates/reliability.j2`)."""
-    return render_markdown("reliability", report, name="reliability")
+    return render_markdown(REPORT_TEMPLATE, report, name="reliability")
 
 
 def _train_command(workdir: Path) -> list[str]:
