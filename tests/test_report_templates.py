@@ -24,6 +24,8 @@ PAIRS = [
     ("reliability", ROOT / "results" / "reliability.json"),
     ("barlow", FIXTURES / "barlow.json"),
     ("defuse", FIXTURES / "defuse.json"),
+    ("prime", FIXTURES / "prime.json"),
+    ("demo", FIXTURES / "demo.json"),
 ]
 # a 1x1 PNG, standing in for the figures the results refer to
 PIXEL = bytes.fromhex(
