@@ -85,6 +85,8 @@ def render_markdown(template: str, result: Mapping, *, name: str) -> str:
         figures live under `<name>/` beside it.
     Returns:
       The Markdown text.
+    Raises:
+      ValueError: for an unknown template, or a result without a field the template shows.
     """
     return str(_template_module(template, result, name=name, blocks="_markdown.j2"))
 
@@ -220,7 +222,16 @@ def _template_module(template: str, result: Mapping, *, name: str, blocks: str,
 
     context = {"r": result, "name": name, "blocks": blocks, "inline": inline, "anchor": anchor,
                "image_src": image}
-    return _environment().get_template(f"{template}.j2").make_module(context)
+    try:
+        source = _environment().get_template(f"{template}.j2")
+    except jinja2.TemplateNotFound:
+        known = sorted(path.stem for path in TEMPLATES.glob("[!_]*.j2") if "." not in path.stem)
+        raise ValueError(f"no report template {template!r}; known: {', '.join(known)}") from None
+    try:
+        return source.make_module(context)
+    except jinja2.UndefinedError as error:
+        raise ValueError(f"the structured result given to template {template!r} lacks a field "
+                         f"it shows ({error}); pass the dict the pipeline wrote as JSON") from None
 
 
 def _percent(value, digits: int = 1) -> str:
