@@ -200,7 +200,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
         extensions=["jinja2.ext.do", "jinja2.ext.loopcontrols"],
     )
-    environment.filters.update(fmt=format, pct=_percent, num=_number, median=_median,
+    environment.filters.update(fmt=format, pct=_percent, num=_number, mean=_mean, median=_median,
                                plural=_plural, basename_of_path=lambda path: Path(path).name,
                                parent_of_path=lambda path: str(Path(path).parent),
                                stem_of_path=lambda path: Path(path).stem)
@@ -246,6 +246,12 @@ def _number(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return format(value, spec)
+
+
+def _mean(values) -> float:
+    import numpy as np
+
+    return float(np.mean(list(values)))
 
 
 def _median(values) -> float:
