@@ -151,11 +151,10 @@ def _run(parser, args) -> int:
 def _load_checked_config(args):
     """The command's config with its overrides, validated before anything is written."""
     from jfail import config as configs
-    from jfail.prime.config import PrimeConfig
 
     expected = {"train": configs.ClassifierRunConfig, "barlow": configs.BarlowConfig,
                 "defuse": configs.DefuseConfig, "debugtests": configs.DebugTestsConfig,
-                "prime": PrimeConfig}[args.command]
+                "prime": configs.PrimeConfig}[args.command]
     try:
         config = configs.load_config(args.config, args.set)
     except FileNotFoundError as error:
