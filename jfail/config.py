@@ -1,7 +1,10 @@
 """Run configurations: plain dataclasses, loaded from Python files in `configs/`.
 
-A config file defines `get_config()` returning one of the dataclasses here. `load_config(path,
-overrides)` imports it and applies `key=value` overrides (dotted for nested fields, e.g.
+The dataclasses' defaults are the papers' settings (each field's comment names its section) or,
+where a paper gives none, the Fashion-MNIST experiment's. A config file defines `get_config()`
+returning one of the dataclasses here, stating only what differs from its base with
+`derive_config`: the dataclass's defaults or another file in `configs/` (a robust classifier is
+the standard one plus an attack). `load_config(path, overrides)` imports it and applies `key=value` overrides (dotted for nested fields, e.g.
 `train.epochs=3`); an unknown key is an error that lists the valid ones, and every value is
 checked against its field's type (`check_types`) before the dataclass sees it, so a bad value is
 reported by its key, before any data is loaded or any file written.
@@ -15,7 +18,7 @@ import importlib.util
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from jfail.defuse.vae import VAEConfig
 from jfail.train.classifier import TrainConfig
@@ -26,6 +29,7 @@ __all__ = [
     "DebugTestsConfig",
     "DefuseConfig",
     "PrimeConfig",
+    "derive_config",
     "load_config",
     "write_config",
     "apply_overrides",
@@ -284,6 +288,43 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
     return apply_overrides(config, overrides)
 
 
+def derive_config(base: Any, changes: Mapping[str, Any] | None = None) -> Any:
+    """`base` with `changes` applied: how a file in `configs/` states only what differs.
+
+    Args:
+      base: a config dataclass instance; a config dataclass type, standing for its defaults; or
+        the path of a config file, read with `load_config` (in a config file,
+        `Path(__file__).with_name("resnet18_fmnist.py")` names a sibling).
+      changes: `{key: value}`, keys as `--set` writes them (dotted for nested fields, e.g.
+        `{"train.epochs": 2}`), values as Python objects (a nested dataclass, a tuple, ...).
+        Each value is checked against its field's type, as an override is.
+
+    Returns:
+      A new config; `base` is left as it was.
+
+    Raises:
+      UnknownConfigKeyError: a key that names no field (the message lists the valid ones).
+      ConfigError: a value that does not fit its field, naming the key.
+    """
+    if isinstance(base, (str, Path)):
+        config = load_config(base)
+    elif isinstance(base, type) and dataclasses.is_dataclass(base):
+        config = base()
+    elif dataclasses.is_dataclass(base):
+        config = base
+    else:
+        raise TypeError(f"base must be a config dataclass, its type or a config file path, got "
+                        f"{type(base).__name__}")
+    for key, value in (changes or {}).items():
+        try:
+            config = _replace_path(config, key.split("."), value, key, source="")
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as error:  # the dataclass's own check of the new value
+            raise ConfigError(f"{key}: {error}") from error
+    return config
+
+
 def write_config(path: str | Path, config: Any, *, doc: str = "") -> Path:
     """Write `config` (a dataclass) as a config file that `load_config` reads back equal.
 
@@ -501,7 +542,9 @@ def _fits(value: Any, hint: Any) -> bool:
     return True
 
 
-def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> Any:
+def _replace_path(config: Any, path: list[str], value: Any, full_key: str, *,
+                  source: str = "--set ") -> Any:
+    """`config` with the field at `path` set to `value`; `source` prefixes a bad value's key."""
     names = [f.name for f in dataclasses.fields(config)]
     head = path[0]
     if head not in names:
@@ -516,7 +559,7 @@ def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> An
             if value is None:
                 raise ConfigError(f"config key {full_key!r} nests too deep inside dict {head!r}")
         elif dataclasses.is_dataclass(child):
-            value = _replace_path(child, path[1:], value, full_key)
+            value = _replace_path(child, path[1:], value, full_key, source=source)
         else:
             raise ConfigError(f"config key {full_key!r}: {head!r} is a value, not a section")
     else:
@@ -525,7 +568,7 @@ def _replace_path(config: Any, path: list[str], value: Any, full_key: str) -> An
             value = tuple(value)
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        _check_value(value, hint, f"--set {full_key}")
+        _check_value(value, hint, f"{source}{full_key}")
     return dataclasses.replace(config, **{head: value})
 
 
