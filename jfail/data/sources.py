@@ -48,6 +48,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jfail import jsonfile
 from jfail.data.datasets import (
     DATASET_NAMES,
     SUBSET_SEED,
@@ -566,8 +567,7 @@ def write_arrayrecord(
         raise ValueError(f"{count} images but {len(labels)} labels; give one label per image.")
     meta = {"format": RECORD_FORMAT, "num_records": count, "labels": labels,
             "class_names": list(class_names) if class_names is not None else []}
-    with open(path + ".json", "w") as handle:
-        json.dump(meta, handle)
+    jsonfile.write(path + ".json", meta)
     return path
 
 
