@@ -47,10 +47,12 @@ def _subprocess_env():
     return env
 
 
-def test_outputs_equal_the_model_on_the_whole_array_with_a_padded_last_batch(tmp_path):
+def test_outputs_equal_the_model_on_the_whole_array_with_a_padded_last_batch(tmp_path, capsys):
     source = script.toy_source()
     outputs = map_dataset(script.tiny_model, source, tmp_path / "run", batch_size=8,
-                          progress=False)
+                          progress=True)
+    bar = capsys.readouterr().err
+    assert "map toy" in bar and "27/27" in bar and "img/s" in bar  # throughput and ETA
     reference = _reference(source)
     assert outputs.num_examples == 27
     stored = outputs.read()

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 from jfail import jsonfile
 from jfail.engine.distributed import BATCH_AXIS, batch_mesh
 from jfail.logs import progress_disabled
+from jfail.models.adapter import traced_model
+from jfail.xla import jit
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,11 @@ def map_dataset(
     Args:
       fn: ``fn(images) -> pytree of arrays`` with images [B, H, W, C]
         float32 in [0, 1] and every output leaf [B, ...] (logits [B, K],
-        features [B, D], attributions [B, H, W, C], ...); it is jitted.
+        features [B, D], attributions [B, H, W, C], ...): any JAX callable
+        (closure, ``Partial``, NNX or Equinox module). It is jitted with its
+        weights, as they are at this call, as traced arguments replicated
+        on every device (``jfail.models.adapter.traced_model``), not as
+        constants baked into the program.
       source: an :class:`~jfail.data.ImageSource`, or a name for
         :func:`jfail.data.open_source` (``"imagefolder:/data/pets@64"``).
       out_dir: the folder of the outputs; a new or empty folder, or that of
@@ -234,7 +240,10 @@ def map_dataset(
         log.info("%s: %d of %d batches already done in %s; continuing", source.name,
                  first_batch, num_batches, out_dir)
 
-    compiled = jax.jit(fn, in_shardings=sharding, out_shardings=sharding)
+    replicated = NamedSharding(mesh, P())
+    model = _replicate(traced_model(fn, jax.ShapeDtypeStruct(batch_shape, np.float32)),
+                       replicated)
+    compiled = jit(_apply, in_shardings=(replicated, sharding), out_shardings=sharding)
     local_batches = _local_batches(source, batch_size, lo, rows, first_batch, num_batches,
                                    prefetch, num_threads)
     bar = tqdm(total=num_examples, initial=min(first_batch * batch_size, num_examples),
@@ -244,7 +253,7 @@ def map_dataset(
     try:
         for batch_index, local_images in enumerate(local_batches, start=first_batch):
             images = jax.make_array_from_process_local_data(sharding, local_images, batch_shape)
-            output = compiled(images)  # dispatched; the previous batch is written meanwhile
+            output = compiled(model, images)  # dispatched; the previous batch is written meanwhile
             if pending is not None:
                 _write_batch(*pending, stores, out_dir, batch_size, lo, rows, num_examples, bar)
             pending = (batch_index, output)
@@ -281,6 +290,23 @@ def open_outputs(out_dir: str | os.PathLike) -> MappedOutputs:
     arrays = {output["name"]: LazyArray(output["name"], _open_array(_array_path(out_dir, output["name"])))
               for output in meta["outputs"]}
     return MappedOutputs(out_dir, meta["num_examples"], arrays)
+
+
+def _apply(model, images):
+    return model(images)
+
+
+def _replicate(model, replicated):
+    """The model's arrays as global arrays with a full copy on every device of every process."""
+    import jax
+
+    def place(leaf):
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
+            return leaf
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, model)
 
 
 def _treedef(fn, batch_shape):
