@@ -4,7 +4,7 @@
     python tests/engine_script.py distributed OUT PORT PROCESS_ID
 
 `run` maps the model over the toy source into OUT in batches of BATCH_SIZE; the source stops
-(sleeps) at example BLOCK_FROM, so the run never ends and the test can kill it mid-way. `distributed` is one
+(sleeps) at examples BLOCK_FROM up to the last but one, so the run never ends and the test can kill it mid-way. `distributed` is one
 of two processes with two simulated CPU devices each, joined through a coordinator on
 localhost:PORT, mapping the same model over the same source.
 """
@@ -31,7 +31,7 @@ def toy_source(block_from=None):
 
     class Blocking(ArraySource):
         def __getitem__(self, index):
-            if index >= block_from:
+            if block_from <= index < NUM_EXAMPLES - 1:  # the last one is read for a fingerprint
                 time.sleep(600)
             return super().__getitem__(index)
 

@@ -171,10 +171,11 @@ def test_tfds_source_matches_load_under_mock_data():
 
 def test_builtin_names_are_sources_equal_to_load():
     loaded = data.load("digits@28[:10%]", "test")
-    source = open_source("digits[:10%]", "test", image_size=28)
-    whole = read_all(source)
-    np.testing.assert_array_equal(whole.images, loaded.images)
-    np.testing.assert_array_equal(whole.labels, loaded.labels)
+    for source in (open_source("digits[:10%]", "test", image_size=28),
+                   open_source("digits[:10%]@28", "test")):
+        whole = read_all(source)
+        np.testing.assert_array_equal(whole.images, loaded.images)
+        np.testing.assert_array_equal(whole.labels, loaded.labels)
     rgb = open_source("digits[:10%]", "test", channels=3)
     np.testing.assert_array_equal(rgb[5]["image"], np.repeat(data.load("digits[:10%]", "test").images[5], 3, -1))
 
@@ -203,6 +204,11 @@ def test_bad_names_and_folders_are_clear_errors(tmp_path):
         open_source(f"imagefolder:{tmp_path}[:0%]")
     with pytest.raises(ValueError, match="channels must be 1, 3 or None"):
         open_source("digits", channels=2)
+    for name in ("imagefolder:/data/pets@64[:10%]", "tfds:mnist", "arrayrecord:/a/*.ar",
+                 "fashion_mnist@28[:10%]", "fashion_mnist[:10%]@28"):
+        data.check_source_name(name)  # nothing is read: none of these exist here
+    with pytest.raises(ValueError, match="Unknown data set 'nope'"):
+        data.check_source_name("nope")
 
 
 # ---------------------------------------------------------------- Grain loader

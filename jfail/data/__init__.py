@@ -21,6 +21,7 @@ from jfail.data.idx import read_idx
 from jfail.data.sources import (
     ArraySource,
     ImageSource,
+    check_source_name,
     open_source,
     read_all,
     write_arrayrecord,
@@ -40,6 +41,7 @@ __all__ = [
     "check_dataset_name",
     "check_images",
     "check_labels",
+    "check_source_name",
     "epoch_permutation",
     "fashion_mnist_search_dirs",
     "load",

@@ -21,7 +21,8 @@ One function, :func:`open_source`, resolves every data set name:
   ``mnist5k``, ``digits``): loaded into memory by ``load`` and served from
   there, so their examples equal ``load``'s arrays exactly.
 
-Every name may end with ``@S`` and then ``[:P%]``, as in ``load``:
+Every name may end with ``@S`` and then ``[:P%]``, as in ``load`` (or the
+two the other way round; a subset does not depend on the image size):
 ``@S`` makes every image SxS (streamed sources: the shorter side is resized
 to S, bilinear, then the centre SxS is cropped; built-in names: ``load``'s
 bilinear resize), ``[:P%]`` keeps the same fixed class-stratified P percent
@@ -71,6 +72,7 @@ RECORD_MAGIC = b"JFI1"
 _HEADER = struct.Struct("<4sI")
 
 _SUFFIXES = re.compile(r"(?:@(?P<size>\d+))?(?:\[:(?P<percent>\d+(?:\.\d+)?)%\])?$")
+_SUFFIXES_PERCENT_FIRST = re.compile(r"\[:(?P<percent>\d+(?:\.\d+)?)%\]@(?P<size>\d+)$")
 _SPLIT_FOLDERS = ("train", "test", "val", "validation")
 
 
@@ -468,28 +470,11 @@ def open_source(
         data set that is not available locally.
       ImportError: ``tfds:`` without tensorflow_datasets.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"a data set name must be a non-empty string, got {name!r}.")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}.")
-    suffixes = _SUFFIXES.search(name)
-    base = name[: suffixes.start()]
-    size = _size(name, suffixes["size"], image_size)
-    percent = None if suffixes["percent"] is None else float(suffixes["percent"])
-    if percent is not None and not 0 < percent <= 100:
-        raise ValueError(f"{name!r}: the percentage must be in (0, 100], got {percent:g}.")
-
-    scheme, colon, rest = base.partition(":")
-    if not colon and base in DATASET_NAMES:
-        return _open_builtin(name, base, split, size, percent, channels, data_dir)
-    if not colon or scheme not in SCHEMES:
-        raise ValueError(
-            f"Unknown data set {name!r}. Known: {', '.join(f'{s}:...' for s in SCHEMES)} "
-            f"({', '.join(_SCHEME_HELP)}) or a built-in name ({', '.join(DATASET_NAMES)}); "
-            "each may end with @S (SxS images) and [:P%] (a stratified P percent)."
-        )
-    if not rest:
-        raise ValueError(f"{name!r}: '{scheme}:' must be followed by {_SCHEME_HELP[SCHEMES.index(scheme)]}.")
+    scheme, rest, size, percent = _parse(name, image_size)
+    if scheme is None:
+        return _open_builtin(name, rest, split, size, percent, channels, data_dir)
     if (image_key, label_key) != ("image", "label") and scheme != "tfds":
         raise ValueError(f"image_key and label_key only apply to 'tfds:<name>' data sets, not {name!r}.")
     if scheme == "imagefolder":
@@ -511,6 +496,42 @@ def open_source(
                             data_dir=None if data_dir is None else os.fspath(data_dir),
                             image_key=image_key, label_key=label_key)
     return _percent(source, percent, name) if percent is not None else source
+
+
+def check_source_name(name: str) -> None:
+    """Raises unless :func:`open_source` understands ``name`` (nothing is read or opened).
+
+    Raises:
+      TypeError: ``name`` is not a non-empty string.
+      ValueError: an unknown scheme or built-in name, a scheme without its
+        argument, bad ``@S`` or ``[:P%]`` suffixes.
+    """
+    _parse(name, None)
+
+
+def _parse(name, image_size):
+    """(scheme or None for a built-in name, the rest without suffixes, size, percent)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a data set name must be a non-empty string, got {name!r}.")
+    suffixes = _SUFFIXES_PERCENT_FIRST.search(name) or _SUFFIXES.search(name)
+    base = name[: suffixes.start()]
+    size = _size(name, suffixes["size"], image_size)
+    percent = None if suffixes["percent"] is None else float(suffixes["percent"])
+    if percent is not None and not 0 < percent <= 100:
+        raise ValueError(f"{name!r}: the percentage must be in (0, 100], got {percent:g}.")
+    scheme, colon, rest = base.partition(":")
+    if not colon and base in DATASET_NAMES:
+        return None, base, size, percent
+    if not colon or scheme not in SCHEMES:
+        raise ValueError(
+            f"Unknown data set {name!r}. Known: {', '.join(f'{s}:...' for s in SCHEMES)} "
+            f"({', '.join(_SCHEME_HELP)}) or a built-in name ({', '.join(DATASET_NAMES)}); "
+            "each may end with @S (SxS images) and [:P%] (a stratified P percent)."
+        )
+    if not rest:
+        raise ValueError(
+            f"{name!r}: '{scheme}:' must be followed by {_SCHEME_HELP[SCHEMES.index(scheme)]}.")
+    return scheme, rest, size, percent
 
 
 def write_arrayrecord(

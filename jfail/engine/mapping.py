@@ -219,6 +219,7 @@ def map_dataset(
     meta = {
         "format": FORMAT,
         "source": source.name,
+        "source_fingerprint": _fingerprint(source),
         "num_examples": num_examples,
         "image_shape": list(source.image_shape),
         "batch_size": batch_size,
@@ -292,6 +293,18 @@ def open_outputs(out_dir: str | os.PathLike) -> MappedOutputs:
     return MappedOutputs(out_dir, meta["num_examples"], arrays)
 
 
+def _fingerprint(source) -> str:
+    """A digest of the first and last examples, so a rerun over other data is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in sorted({0, len(source) - 1}):
+        example = source[index]
+        digest.update(np.ascontiguousarray(example["image"], np.float32).tobytes())
+        digest.update(np.int64(example["label"]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _apply(model, images):
     return model(images)
 
@@ -359,7 +372,9 @@ def _prepare(out_dir: str, meta: dict, num_batches: int) -> int:
     """Process 0: create or check out_dir; returns the first batch not finished everywhere."""
     existing = _read_meta(out_dir)
     if existing is None:
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
+        # Arrays and an empty done/ without engine.json: a run killed while creating them.
+        if os.path.isdir(out_dir) and (set(os.listdir(out_dir)) - {ARRAYS_DIR, DONE_DIR}
+                                       or _done_chunks(out_dir)):
             raise ValueError(
                 f"{out_dir} is not empty and holds no map_dataset run; give a new or empty folder.")
         os.makedirs(os.path.join(out_dir, DONE_DIR), exist_ok=True)
