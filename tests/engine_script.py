@@ -4,7 +4,8 @@
     python tests/engine_script.py distributed OUT PORT PROCESS_ID
 
 `run` maps the model over the toy source into OUT in batches of BATCH_SIZE; the source stops
-(sleeps) at examples BLOCK_FROM up to the last but one, so the run never ends and the test can kill it mid-way. `distributed` is one
+(sleeps) at examples BLOCK_FROM up to the last but one, so the run never ends and the test can
+kill it mid-way. `distributed` is one
 of two processes with two simulated CPU devices each, joined through a coordinator on
 localhost:PORT, mapping the same model over the same source.
 """
@@ -39,7 +40,7 @@ def toy_source(block_from=None):
 
 
 def tiny_model(images):
-    """A two-layer net with fixed weights: logits [B, 3], features [B, 4] and a per-image sum [B]."""
+    """A two-layer net with fixed weights: logits [B, 3], features [B, 4], pixel sums [B]."""
     import jax.numpy as jnp
     import numpy as np
 

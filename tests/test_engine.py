@@ -38,7 +38,9 @@ def _read_bytes(out_dir):
 
 def _finished_chunks(out_dir):
     done = out_dir / "done"
-    return len([name for name in os.listdir(done) if name.endswith(".json")]) if done.is_dir() else 0
+    if not done.is_dir():
+        return 0
+    return len([name for name in os.listdir(done) if name.endswith(".json")])
 
 
 def _subprocess_env():
@@ -65,7 +67,8 @@ def test_outputs_equal_the_model_on_the_whole_array_with_a_padded_last_batch(tmp
     meta = json.loads((tmp_path / "run" / "engine.json").read_text())
     assert meta["num_chunks"] == 4 and meta["chunk_rows"] == 8 and meta["source"] == "toy"
     assert sorted(os.listdir(tmp_path / "run" / "done")) == [f"{i:09d}.json" for i in range(4)]
-    assert json.loads((tmp_path / "run" / "done" / "000000003.json").read_text()) == {"rows": [24, 27]}
+    last = json.loads((tmp_path / "run" / "done" / "000000003.json").read_text())
+    assert last == {"rows": [24, 27]}
 
 
 def test_a_named_image_folder_source_goes_through_the_engine(tmp_path):
@@ -77,8 +80,8 @@ def test_a_named_image_folder_source_goes_through_the_engine(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
     name = f"imagefolder:{tmp_path / 'images'}@8"
     outputs = map_dataset(script.tiny_model, name, tmp_path / "run", batch_size=4, progress=False)
-    np.testing.assert_allclose(outputs.read()["features"], _reference(open_source(name))["features"],
-                               rtol=1e-6, atol=1e-6)
+    expected = _reference(open_source(name))["features"]
+    np.testing.assert_allclose(outputs.read()["features"], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_reads_stay_a_few_batches_ahead_of_the_written_chunks(tmp_path):
@@ -109,8 +112,8 @@ def test_a_rerun_rewrites_only_unfinished_chunks_and_gives_the_same_bytes(tmp_pa
     import tensorstore as ts
 
     for name in finished:
-        store = ts.open({"driver": "zarr", "kvstore": {"driver": "file",
-                                                      "path": str(out_dir / "arrays" / name)}}).result()
+        path = str(out_dir / "arrays" / name)
+        store = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": path}}).result()
         store[16:24].write(np.full(store[16:24].shape, 7, store.dtype.numpy_dtype)).result()
     for chunk in (4, 5):
         os.remove(out_dir / "done" / f"{chunk:09d}.json")
@@ -124,8 +127,8 @@ def test_a_rerun_rewrites_only_unfinished_chunks_and_gives_the_same_bytes(tmp_pa
             read.append(int(index))
             return super().__getitem__(index)
 
-    images = read_all(source).images
-    map_dataset(script.tiny_model, Counted(images, read_all(source).labels, source.class_names, "toy"),
+    whole = read_all(source)
+    map_dataset(script.tiny_model, Counted(whole.images, whole.labels, whole.class_names, "toy"),
                 out_dir, batch_size=4, progress=False)
     # Chunks 0-3 (rows 0-15) were not recomputed; row 0 is read once, for the source's fingerprint.
     assert sorted(set(read)) == [0, *range(16, 27)] and read.count(0) == 1
@@ -199,7 +202,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     source = script.toy_source()
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         map_dataset(script.tiny_model, source, tmp_path / "a", batch_size=0)
-    with pytest.raises(ValueError, match=r"output 'output' of fn has shape \(\) .* batch axis first"):
+    with pytest.raises(ValueError, match=r"output 'output' of fn has shape \(\) .* axis first"):
         map_dataset(lambda x: x.sum(), source, tmp_path / "b", batch_size=4)
     with pytest.raises(ValueError, match="Unknown data set 'nope:x'"):
         map_dataset(script.tiny_model, "nope:x", tmp_path / "c", batch_size=4)
@@ -221,7 +224,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 
 def test_initialize_distributed_refuses_partial_or_inconsistent_clusters():
-    with pytest.raises(ValueError, match="Give all of coordinator=, num_processes= and process_id="):
+    with pytest.raises(ValueError, match="Give all of coordinator=, num_processes= and process_id"):
         initialize_distributed("localhost:1234")
     with pytest.raises(ValueError, match=r"process_id must be an integer in \[0, 2\)"):
         initialize_distributed("localhost:1234", 2, 2)

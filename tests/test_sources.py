@@ -95,7 +95,7 @@ def test_images_of_different_sizes_need_an_image_size(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a" / "0.png")
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "a" / "1.png")
     source = open_source(f"imagefolder:{tmp_path}")
-    with pytest.raises(ValueError, match=r"1\.png is 9x8 but the first image .* is 8x8; .*image_size="):
+    with pytest.raises(ValueError, match=r"1\.png is 9x8 but the first image .* is 8x8; .*size="):
         source[1]
     assert open_source(f"imagefolder:{tmp_path}@8")[1]["image"].shape == (8, 8, 1)
 
@@ -148,7 +148,8 @@ def test_arrayrecord_refuses_foreign_records_and_bad_writer_input(tmp_path):
     with pytest.raises(ValueError, match="2 images but 3 labels"):
         write_arrayrecord(tmp_path / "x.ar", np.zeros((2, 4, 4, 1), np.uint8), [0, 1, 0])
     with pytest.raises(ValueError, match="image_format must be 'png' or 'jpeg'"):
-        write_arrayrecord(tmp_path / "x.ar", np.zeros((1, 4, 4, 1), np.uint8), [0], image_format="gif")
+        write_arrayrecord(tmp_path / "x.ar", np.zeros((1, 4, 4, 1), np.uint8), [0],
+                          image_format="gif")
 
 
 # ---------------------------------------------------------------- TFDS and built-in sets
@@ -177,7 +178,8 @@ def test_builtin_names_are_sources_equal_to_load():
         np.testing.assert_array_equal(whole.images, loaded.images)
         np.testing.assert_array_equal(whole.labels, loaded.labels)
     rgb = open_source("digits[:10%]", "test", channels=3)
-    np.testing.assert_array_equal(rgb[5]["image"], np.repeat(data.load("digits[:10%]", "test").images[5], 3, -1))
+    grey = data.load("digits[:10%]", "test").images[5]
+    np.testing.assert_array_equal(rgb[5]["image"], np.repeat(grey, 3, axis=-1))
 
 
 # ---------------------------------------------------------------- errors
@@ -221,8 +223,8 @@ def test_loader_shards_are_disjoint_deterministic_and_resumable():
                               np.arange(24) % 4, list("abcd"), "toy")
 
     def labels_seen(shard, key=5):
-        stream = data.loader(source, 3, key=key,
-                             shard_options=grain.sharding.ShardOptions(shard, 2, drop_remainder=True))
+        shards = grain.sharding.ShardOptions(shard, 2, drop_remainder=True)
+        stream = data.loader(source, 3, key=key, shard_options=shards)
         return [np.round(batch["image"].ravel() * 24).astype(int) for batch in stream]
 
     first, second = labels_seen(0), labels_seen(1)

@@ -476,12 +476,14 @@ def open_source(
     if scheme is None:
         return _open_builtin(name, rest, split, size, percent, channels, data_dir)
     if (image_key, label_key) != ("image", "label") and scheme != "tfds":
-        raise ValueError(f"image_key and label_key only apply to 'tfds:<name>' data sets, not {name!r}.")
+        raise ValueError(
+            f"image_key and label_key only apply to 'tfds:<name>' data sets, not {name!r}.")
     if scheme == "imagefolder":
         source = ImageFolderSource(_split_folder(rest, split, name), image_size=size,
                                    channels=channels, name=name)
     elif scheme == "arrayrecord":
-        paths = sorted(p for p in globbing.glob(os.path.expanduser(rest)) if not p.endswith(".json"))
+        paths = sorted(path for path in globbing.glob(os.path.expanduser(rest))
+                       if not path.endswith(".json"))
         if not paths:
             raise DatasetNotFoundError(
                 f"{name!r}: no files match {rest!r}. Write ArrayRecord files with "
@@ -692,7 +694,8 @@ def _encode(image, image_format: str, index: int) -> bytes:
         array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
     buffer = io.BytesIO()
     pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    pil.save(buffer, format=image_format.upper(), **({"quality": 95} if image_format == "jpeg" else {}))
+    options = {"quality": 95} if image_format == "jpeg" else {}
+    pil.save(buffer, format=image_format.upper(), **options)
     return buffer.getvalue()
 
 

@@ -67,7 +67,8 @@ def initialize_distributed(
     if all(given):
         if not isinstance(coordinator, str) or coordinator.rpartition(":")[2].isdigit() is False:
             raise ValueError(f"coordinator must be 'host:port', got {coordinator!r}.")
-        if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        if (isinstance(num_processes, bool) or not isinstance(num_processes, int)
+                or num_processes < 1):
             raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}.")
         if (isinstance(process_id, bool) or not isinstance(process_id, int)
                 or not 0 <= process_id < num_processes):

@@ -288,8 +288,10 @@ def open_outputs(out_dir: str | os.PathLike) -> MappedOutputs:
         raise ValueError(
             f"the run in {out_dir} is not finished: {done} of {meta['num_chunks']} chunks are "
             "done. Run map_dataset again with the same arguments to finish it.")
-    arrays = {output["name"]: LazyArray(output["name"], _open_array(_array_path(out_dir, output["name"])))
-              for output in meta["outputs"]}
+    arrays = {}
+    for output in meta["outputs"]:
+        name = output["name"]
+        arrays[name] = LazyArray(name, _open_array(_array_path(out_dir, name)))
     return MappedOutputs(out_dir, meta["num_examples"], arrays)
 
 
