@@ -22,6 +22,8 @@ so processes never write the same chunk.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -47,6 +49,9 @@ FORMAT = "jfail-engine-v1"
 METADATA_FILE = "engine.json"
 ARRAYS_DIR = "arrays"
 DONE_DIR = "done"
+
+MAX_PENDING_WRITES = 2
+"""Batches of outputs that may wait for the writer thread before the engine waits for it."""
 
 
 class LazyArray:
@@ -137,12 +142,14 @@ def map_dataset(
     :func:`jfail.engine.batch_mesh`); each process reads only its own rows
     of it. The last batch is padded with copies of the last example, and
     the padding's outputs are dropped. Outputs go to ``out_dir`` (layout in
-    the module doc), each chunk followed by a marker once it is on disk; a
+    the module doc) from a writer thread while the devices compute the next
+    batches, each chunk followed by a marker once it is on disk; a
     run started again over the same ``out_dir`` with the same arguments
     skips the finished chunks and gives the same bytes as one uninterrupted
     run (``fn`` must be the same deterministic function: the engine cannot
     check that). Host memory holds about ``prefetch`` + 2 batches of inputs
-    and outputs, whatever the size of the data set.
+    and outputs (inputs: ``prefetch`` + 2; outputs: MAX_PENDING_WRITES + 1),
+    whatever the size of the data set.
 
     In a multi-host run (:func:`jfail.engine.initialize_distributed`) every
     process calls this with the same arguments and ``out_dir`` on a file
@@ -162,8 +169,9 @@ def map_dataset(
         an earlier run with the same arguments (which is then continued).
       batch_size: examples per global batch, a multiple of the number of devices.
       split: the split, when ``source`` is a name.
-      prefetch: batches read ahead of the devices, per process.
-      num_threads: threads reading and decoding examples, per process.
+      prefetch: batches read ahead of the devices, per process (each on its
+        own thread).
+      num_threads: threads reading and decoding the examples of one batch, per process.
       progress: show a progress bar with throughput and time left (None: when
         stderr is a terminal).
       devices: the devices to shard over (default: every device of every process).
@@ -250,17 +258,26 @@ def map_dataset(
     bar = tqdm(total=num_examples, initial=min(first_batch * batch_size, num_examples),
                desc=f"map {source.name}", unit="img", dynamic_ncols=True,
                disable=progress_disabled(progress) or jax.process_index() != 0)
-    pending = None
+    # One writer thread copies each batch's outputs to the host, writes them and then the
+    # chunk's marker, in batch order, while the devices compute the next batches; at most
+    # MAX_PENDING_WRITES batches of outputs wait for it.
+    writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jfail-write")
+    pending = collections.deque()
     try:
         for batch_index, local_images in enumerate(local_batches, start=first_batch):
             images = jax.make_array_from_process_local_data(sharding, local_images, batch_shape)
-            output = compiled(model, images)  # dispatched; the previous batch is written meanwhile
-            if pending is not None:
-                _write_batch(*pending, stores, out_dir, batch_size, lo, rows, num_examples, bar)
-            pending = (batch_index, output)
-        if pending is not None:
-            _write_batch(*pending, stores, out_dir, batch_size, lo, rows, num_examples, bar)
+            output = compiled(model, images)  # dispatched, not waited for
+            pending.append(writer.submit(_write_batch, batch_index, output, stores, out_dir,
+                                         batch_size, lo, rows, num_examples, bar))
+            while len(pending) > MAX_PENDING_WRITES or (pending and pending[0].done()):
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
     finally:
+        for future in pending:
+            future.cancel()
+        writer.shutdown(wait=True)
+        local_batches.close()
         bar.close()
     _barrier("jfail-engine-finished")
     return result
@@ -432,18 +449,30 @@ def _barrier(name: str) -> None:
 
 def _local_batches(source, batch_size, lo, rows, first_batch, num_batches, prefetch,
                    num_threads):
-    """Yields this process's rows of every batch from first_batch on: [rows, H, W, C] float32."""
+    """Yields this process's rows of every batch from first_batch on: [rows, H, W, C] float32.
+
+    Grain reads whole batches ahead (at most `prefetch` of them, each on its own thread); the
+    rows of one batch are read and decoded by a pool of `num_threads` threads. Grain's own
+    per-example prefetching costs about a millisecond per example, too much for small images.
+    """
     import grain
 
     last = len(source) - 1
+    pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="jfail-read")
 
-    def read(position: int) -> np.ndarray:
-        batch, row = divmod(position, rows)
-        return np.asarray(source[min(batch * batch_size + lo + row, last)]["image"], np.float32)
+    def read_row(position: int) -> np.ndarray:
+        return np.asarray(source[min(position, last)]["image"], np.float32)
 
-    dataset = grain.MapDataset.range(first_batch * rows, num_batches * rows).map(read)
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch * rows)
-    return iter(dataset.to_iter_dataset(options).batch(rows))
+    def read_batch(batch: int) -> np.ndarray:
+        positions = range(batch * batch_size + lo, batch * batch_size + lo + rows)
+        return np.stack(list(pool.map(read_row, positions)))
+
+    dataset = grain.MapDataset.range(first_batch, num_batches).map(read_batch)
+    options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+    try:
+        yield from dataset.to_iter_dataset(options)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _write_batch(batch_index, output, stores, out_dir, batch_size, lo, rows, num_examples, bar):
