@@ -27,6 +27,7 @@ def loader(
     drop_remainder: bool = True,
     num_threads: int = 8,
     prefetch: int = 2,
+    worker_count: int = 0,
 ):
     """A Grain data loader of mini-batches of ``source``.
 
@@ -40,8 +41,12 @@ def loader(
         ``ShardByJaxProcess(drop_remainder=True)``: process p of P reads
         its own 1/P of the examples, all processes the same number.
       drop_remainder: drop the last, smaller batch of the stream.
-      num_threads: threads decoding examples.
+      num_threads: threads decoding examples (per worker process).
       prefetch: batches read ahead of the consumer.
+      worker_count: Grain worker processes (0: read in this process). Grain's
+        per-example path costs of the order of a millisecond an example
+        under load; workers spread that, and JPEG decoding, over cores
+        (the source is pickled to them; jfail's sources are picklable).
 
     Returns:
       A ``grain.DataLoader``; iterating it yields ``{"image": [B, H, W, C]
@@ -67,7 +72,7 @@ def loader(
         data_source=source,
         sampler=sampler,
         operations=[grain.transforms.Batch(batch_size, drop_remainder=drop_remainder)],
-        worker_count=0,
+        worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=num_threads,
                                        prefetch_buffer_size=prefetch * batch_size),
     )
