@@ -230,3 +230,6 @@ def test_initialize_distributed_refuses_partial_or_inconsistent_clusters():
         initialize_distributed("localhost:1234", 2, 2)
     with pytest.raises(ValueError, match="coordinator must be 'host:port'"):
         initialize_distributed("localhost", 2, 0)
+    jax.numpy.ones(2).sum()  # JAX is in use in this process, as in any process after a computation
+    with pytest.raises(RuntimeError, match="must run before any JAX computation"):
+        initialize_distributed()

@@ -80,6 +80,11 @@ def initialize_distributed(
             local_device_ids=local_device_ids, initialization_timeout=timeout_s,
         )
     except (ValueError, RuntimeError) as error:
+        if "before any JAX" in str(error):
+            raise RuntimeError(
+                "initialize_distributed must run before any JAX computation (arrays, jit calls, "
+                "even jax.devices()): call it first thing in every process."
+            ) from error
         if all(given):
             raise RuntimeError(
                 f"Could not join the JAX run coordinated by {coordinator} as process {process_id} "
