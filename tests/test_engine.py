@@ -17,6 +17,7 @@ from PIL import Image
 
 from jfail.data import ArraySource, open_source, read_all
 from jfail.engine import initialize_distributed, map_dataset, open_outputs
+from jfail.models import ModelCallError
 
 SCRIPT = Path(__file__).with_name("engine_script.py")
 REPO = SCRIPT.parent.parent
@@ -204,6 +205,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         map_dataset(script.tiny_model, source, tmp_path / "a", batch_size=0)
     with pytest.raises(ValueError, match=r"output 'output' of fn has shape \(\) .* axis first"):
         map_dataset(lambda x: x.sum(), source, tmp_path / "b", batch_size=4)
+    with pytest.raises(ModelCallError, match=r"\(4, 8, 8, 1\)"):
+        map_dataset(lambda x: x.reshape(4, 28 * 28), source, tmp_path / "b2", batch_size=4)
     with pytest.raises(ValueError, match="Unknown data set 'nope:x'"):
         map_dataset(script.tiny_model, "nope:x", tmp_path / "c", batch_size=4)
     with pytest.raises(TypeError, match="wrap arrays in jfail.data.ArraySource"):

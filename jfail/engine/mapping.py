@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from jfail import jsonfile
 from jfail.engine.distributed import BATCH_AXIS, batch_mesh
 from jfail.logs import progress_disabled
-from jfail.models.adapter import traced_model
+from jfail.models.adapter import call_shape, traced_model
 from jfail.xla import jit
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ def map_dataset(
         count, an output leaf without the batch axis, an ``out_dir`` that
         holds something else or a run with other arguments.
       TypeError: ``fn`` is not callable.
+      jfail.models.ModelCallError: ``fn`` cannot be called on a batch of the source's images.
     """
     import jax
     from jax.sharding import NamedSharding
@@ -215,7 +216,7 @@ def map_dataset(
 
     sharding = NamedSharding(mesh, P(BATCH_AXIS))
     batch_shape = (batch_size, *source.image_shape)
-    outputs = _output_specs(fn, batch_shape)
+    outputs, treedef = _output_specs(fn, batch_shape)
     lo, hi = _local_rows(sharding, batch_shape)
     rows = hi - lo
     num_processes = jax.process_count()
@@ -241,7 +242,7 @@ def map_dataset(
     first_batch = _agree(lambda: _prepare(out_dir, meta, num_batches), out_dir)
     stores = {name: _open_array(_array_path(out_dir, name)) for name in outputs}
     arrays = {name: LazyArray(name, store) for name, store in stores.items()}
-    tree = jax.tree_util.tree_unflatten(_treedef(fn, batch_shape), list(arrays.values()))
+    tree = jax.tree_util.tree_unflatten(treedef, list(arrays.values()))
     result = MappedOutputs(out_dir, num_examples, arrays, tree)
     if first_batch >= num_batches:
         return result
@@ -341,19 +342,13 @@ def _replicate(model, replicated):
     return jax.tree_util.tree_map(place, model)
 
 
-def _treedef(fn, batch_shape):
+def _output_specs(fn, batch_shape):
+    """({leaf name: (shape, dtype)} of fn's output for one batch, its treedef); checks the
+    batch axis. A call that fails is a ModelCallError naming the input shape."""
     import jax
 
-    return jax.tree_util.tree_structure(
-        jax.eval_shape(fn, jax.ShapeDtypeStruct(batch_shape, np.float32)))
-
-
-def _output_specs(fn, batch_shape) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Leaf name -> (shape, dtype) of fn's output for one batch; checks the batch axis."""
-    import jax
-
-    structure = jax.eval_shape(fn, jax.ShapeDtypeStruct(batch_shape, np.float32))
-    leaves = jax.tree_util.tree_flatten_with_path(structure)[0]
+    structure = call_shape(fn, jax.ShapeDtypeStruct(batch_shape, np.float32))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(structure)
     if not leaves:
         raise ValueError("fn returned no arrays; it must return a pytree of [B, ...] arrays.")
     specs = {}
@@ -366,7 +361,7 @@ def _output_specs(fn, batch_shape) -> dict[str, tuple[tuple[int, ...], np.dtype]
         if name in specs:
             raise ValueError(f"two outputs of fn are both called {name!r}; rename one.")
         specs[name] = (tuple(leaf.shape), np.dtype(leaf.dtype))
-    return specs
+    return specs, treedef
 
 
 def _leaf_name(path) -> str:
