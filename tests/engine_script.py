@@ -7,9 +7,11 @@
 (sleeps) at examples BLOCK_FROM up to the last but one, so the run never ends and the test can
 kill it mid-way. `distributed` is one
 of two processes with two simulated CPU devices each, joined through a coordinator on
-localhost:PORT, mapping the same model over the same source.
+localhost:PORT, mapping the same model over the same source; it writes the indices it read to
+OUT.reads-PROCESS_ID.json.
 """
 
+import json
 import os
 import sys
 import time
@@ -18,7 +20,8 @@ NUM_EXAMPLES = 27
 BATCH_SIZE = 8
 
 
-def toy_source(block_from=None):
+def toy_source(block_from=None, reads=None):
+    """27 random 8x8x1 images; with `reads` (a list) every index read is appended to it."""
     import numpy as np
 
     from jfail.data import ArraySource
@@ -26,9 +29,16 @@ def toy_source(block_from=None):
     rng = np.random.default_rng(11)
     images = rng.random((NUM_EXAMPLES, 8, 8, 1), dtype=np.float32)
     labels = np.arange(NUM_EXAMPLES) % 3
-    source = ArraySource(images, labels, ("a", "b", "c"), "toy")
+    if reads is not None:
+
+        class Recorded(ArraySource):
+            def __getitem__(self, index):
+                reads.append(int(index))
+                return super().__getitem__(index)
+
+        return Recorded(images, labels, ("a", "b", "c"), "toy")
     if block_from is None:
-        return source
+        return ArraySource(images, labels, ("a", "b", "c"), "toy")
 
     class Blocking(ArraySource):
         def __getitem__(self, index):
@@ -64,13 +74,18 @@ def main():
 
         assert initialize_distributed(f"localhost:{port}", 2, process_id) == (process_id, 2)
         assert jax.device_count() == 4
-        batch_size, block_from = BATCH_SIZE, None
+        reads = []
+        source, batch_size = toy_source(reads=reads), BATCH_SIZE
     else:
-        batch_size, block_from = int(sys.argv[3]), int(sys.argv[4])
+        process_id, reads = None, None
+        source, batch_size = toy_source(block_from=int(sys.argv[4])), int(sys.argv[3])
     from jfail.engine import map_dataset
 
-    map_dataset(tiny_model, toy_source(block_from), out, batch_size=batch_size, prefetch=1,
-                num_threads=2, progress=False)
+    map_dataset(tiny_model, source, out, batch_size=batch_size, prefetch=1, num_threads=2,
+                progress=False)
+    if reads is not None:
+        with open(f"{out}.reads-{process_id}.json", "w") as handle:
+            json.dump(sorted(set(reads)), handle)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,11 @@ def test_two_processes_with_two_devices_each_equal_one_process(tmp_path):
 
     meta = json.loads((out_dir / "engine.json").read_text())
     assert (meta["num_processes"], meta["chunk_rows"], meta["num_chunks"]) == (2, 4, 8)
+    # Each process read its own 4 rows of every batch of 8 (padding repeats example 26), and the
+    # first and last examples for the source's fingerprint.
+    reads = [json.loads((tmp_path / f"two.reads-{p}.json").read_text()) for p in (0, 1)]
+    assert reads[0] == [*range(0, 4), *range(8, 12), *range(16, 20), 24, 25, 26]
+    assert reads[1] == [0, *range(4, 8), *range(12, 16), *range(20, 24), 26]
     # One process on one device, with the two-process run's 2 rows per device, the same bytes.
     one = map_dataset(script.tiny_model, script.toy_source(), tmp_path / "one",
                       batch_size=script.BATCH_SIZE // 4, progress=False).read()
