@@ -81,6 +81,7 @@ class BarlowConfig:
 
     name: str = "barlow_fmnist"
     dataset: str = "fashion_mnist"
+    model: str | None = None  # "package.module:function": the user's model, no classifier runs
     split: str = "val"
     evidence_split: str = "test"
     classifier_config: str = "configs/resnet18_fmnist.py"
@@ -265,7 +266,9 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
 def validate_config(config: Any) -> None:
     """Everything about a config that can be checked without loading data or writing a file:
     field types (`check_types`), data set names (every field named `dataset` or ending in
-    `_dataset`, nested configs too) and classifier model names.
+    `_dataset`, nested configs too), classifier model names, and the form of a user's
+    `model="package.module:function"` (importing and calling it is
+    `jfail.models.user.user_model_for_data`'s part).
 
     Raises:
       ConfigError: naming the field and what it accepts.
@@ -287,10 +290,44 @@ def validate_config(config: Any) -> None:
         if isinstance(config_part, PrimeConfig):
             _check_prime_splits(config_part, prefix)
             _check_evidence_options(config_part, prefix)
+        if isinstance(config_part, DebugTestsConfig):
+            _check_debug_tests_choices(config_part, prefix)
+        if isinstance(config_part, DefuseConfig):
+            from jfail.defuse.identify import NOISE_MODES
+
+            if config_part.noise not in NOISE_MODES:
+                raise ConfigError(f"{prefix}noise must be one of {NOISE_MODES}, got "
+                                  f"{config_part.noise!r}")
+        if isinstance(config_part, (BarlowConfig, PrimeConfig)) and config_part.model is not None:
+            _check_user_model_spec(config_part.model, prefix)
         if isinstance(config_part, ClassifierRunConfig) and config_part.model not in MODEL_NAMES:
             raise ConfigError(
                 f"{prefix}model must be one of {', '.join(MODEL_NAMES)}, got {config_part.model!r}"
             )
+
+
+def _check_debug_tests_choices(config: "DebugTestsConfig", prefix: str) -> None:
+    """The parts and attribution methods a debugging-tests config names exist."""
+    from jfail.attribution import METHODS
+    from jfail.pipelines.debug_tests import PARTS
+
+    unknown = sorted(set(config.parts) - set(PARTS))
+    if unknown or not config.parts:
+        raise ConfigError(f"{prefix}parts: " + (f"unknown parts {unknown}; " if unknown else
+                                                "no part to run; ")
+                          + f"choose one or more of {', '.join(PARTS)}")
+    unknown = sorted(set(config.methods or ()) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"{prefix}methods: unknown methods {unknown}; known: {sorted(METHODS)}")
+
+
+def _check_user_model_spec(spec: str, prefix: str) -> None:
+    from jfail.models.user import _SPEC
+
+    if not _SPEC.match(spec.strip()):
+        raise ConfigError(f"{prefix}model must look like package.module:function (a function of "
+                          f"no arguments that returns the model), e.g. my_models:classifier; got "
+                          f"{spec!r}")
 
 
 BARLOW_SPLITS = ("train", "val", "test")

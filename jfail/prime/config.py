@@ -34,10 +34,15 @@ class PrimeConfig:
     four classes with one planted mode of 1, 2, 3 and 4 tags each (planted tags on a share
     planted_prevalence[0] of images, the others on planted_prevalence[1]); the search sees the
     true tags flipped with planted_flip_probability.
+
+    `model`: instead of the classifier run, one's own model, `"package.module:function"`
+    (`jfail.models.user`); "val" is then a fixed share of the training split
+    (`jfail.models.user.USER_VAL_FRACTION`, drawn with `seed`).
     """
 
     name: str = "prime_fmnist"
     dataset: str = "fashion_mnist"
+    model: str | None = None  # "package.module:function": the user's model, no classifier run
     classifier_config: str = "configs/defuse_cnn_fmnist.py"
     classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"
     search_split: str = "val"
