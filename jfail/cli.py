@@ -188,7 +188,8 @@ def _check_models(config, run_dir: Path) -> None:
 
     if getattr(config, "model", None) is not None and not isinstance(
             config, configs.ClassifierRunConfig):
-        needs = ("features",) if isinstance(config, configs.BarlowConfig) else ()
+        needs = {configs.BarlowConfig: ("features",), configs.DefuseConfig: ("trainable",)}.get(
+            type(config), ())
         user_model_for_data(config.model, config.dataset, needs=needs)
         return
     inside = run_dir.resolve()
@@ -197,7 +198,8 @@ def _check_models(config, run_dir: Path) -> None:
         if (where / "metrics.json").is_file() or where.is_relative_to(inside):
             continue
         other = (" or give model=package.module:function (your own model)"
-                 if isinstance(config, (configs.BarlowConfig, PrimeConfig)) else "")
+                 if isinstance(config, (configs.BarlowConfig, configs.DefuseConfig, PrimeConfig))
+                 else "")
         raise configs.ConfigError(
             f"{field}: no trained classifier in {path}: train one with `{command}`{other}")
 

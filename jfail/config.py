@@ -112,10 +112,17 @@ class DefuseConfig:
     components, weight threshold 0.01, down-sampling to 50,000; τ = 0.5; 10 reviewed samples per
     scenario, ρ = 0.5; 256 fine-tuning and 256 test samples per scenario; Adam 1e-3, minibatch
     256, 3 epochs per λ over the paper's 17 values of λ.
+
+    `model`: instead of the classifier run, one's own model, `"package.module:function"`
+    (`jfail.models.user`; the classifier must hold its weights as a pytree, for fine-tuning):
+    the annotators and the β-VAE (unless the model gives an encoder and decoder) are then
+    trained on `dataset` into the run's work directory, and "val" is a fixed share of the
+    training split.
     """
 
     name: str = "defuse_fmnist"
     dataset: str = "fashion_mnist"
+    model: str | None = None  # "package.module:function": the user's model, no classifier run
     classifier_config: str = "configs/defuse_cnn_fmnist.py"
     classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"
     annotator_config: str = "configs/annotator_mlp_fmnist.py"
@@ -298,7 +305,8 @@ def validate_config(config: Any) -> None:
             if config_part.noise not in NOISE_MODES:
                 raise ConfigError(f"{prefix}noise must be one of {NOISE_MODES}, got "
                                   f"{config_part.noise!r}")
-        if isinstance(config_part, (BarlowConfig, PrimeConfig)) and config_part.model is not None:
+        if isinstance(config_part, (BarlowConfig, DefuseConfig, PrimeConfig)) \
+                and config_part.model is not None:
             _check_user_model_spec(config_part.model, prefix)
         if isinstance(config_part, ClassifierRunConfig) and config_part.model not in MODEL_NAMES:
             raise ConfigError(

@@ -194,10 +194,12 @@ def check_dataset_name(name: str) -> None:
     modified = _MODIFIED_NAME.match(name)
     base = modified["base"] if modified else name
     if base not in DATASET_NAMES:
+        folder = (f" ({name!r} is a folder here: write 'imagefolder:{name}' or './{name}' to read "
+                  "it as one)" if os.path.isdir(name) else "")
         raise ValueError(
             f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)} (each may end "
             "with @S to resize and [:P%] for a stratified subset), 'tfds:<name>', or "
-            "'imagefolder:<path>' for a folder with one subfolder of images per class."
+            f"'imagefolder:<path>' for a folder with one subfolder of images per class{folder}."
         )
 
 

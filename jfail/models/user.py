@@ -44,8 +44,11 @@ class UserModel:
       classifier: `classifier(x: [B, H, W, C] in [0, 1]) -> logits [B, K]`, in inference mode.
       features: `features(x) -> [B, D]`, e.g. the penultimate layer: the features Barlow explains
         errors with (robust features, as the paper, when the model is robust). Barlow needs it.
-      decoder: `decoder(z: [B, Z]) -> images [B, H, W, C]` in [0, 1], a generative model of the
-        data (for Defuse).
+      encoder, decoder: `encoder(x) -> (mu [B, Z], logvar [B, Z])` and `decoder(z: [B, Z]) ->
+        images [B, H, W, C]` in [0, 1], a generative model of the data: Defuse searches its
+        latent space for failures. Without both, Defuse trains a β-VAE on the data into its run
+        directory. Defuse also fine-tunes the classifier, so there it must hold its weights as a
+        pytree (`jax.tree_util.Partial(apply, params)`, a Flax NNX or Equinox module).
       image_size: the side S the model takes (S x S images): an image folder is resized to it
         unless its name says `@S` itself. None: the data's own size.
       num_classes: K; checked against the classifier's output and the data's classes.
@@ -67,6 +70,7 @@ class UserModel:
 
     classifier: Callable
     features: Callable | None = None
+    encoder: Callable | None = None
     decoder: Callable | None = None
     image_size: int | None = None
     num_classes: int | None = None
@@ -141,7 +145,21 @@ def check_user_model(user: UserModel, image_shape: tuple[int, ...] | None, *,
 
     from jfail.models.adapter import ModelCallError, call_shape
 
+    if "trainable" in needs:
+        from jfail.train.trainable import trainable
+
+        try:
+            trainable(user.classifier)
+        except TypeError as error:
+            raise UserModelError(
+                f"{where}: this method fine-tunes the classifier, whose weights jfail cannot find "
+                f"({error}); return it as a pytree that holds them: "
+                "jax.tree_util.Partial(apply, params), a Flax NNX or an Equinox module") from error
+    if (user.encoder is None) != (user.decoder is None):
+        raise UserModelError(f"{where}: give both encoder and decoder, or neither")
     for name in needs:
+        if name == "trainable":
+            continue
         if getattr(user, name) is None:
             raise UserModelError(f"{where}: this method needs the model's {name}; return "
                                  f"UserModel(classifier=..., {name}=...) "
@@ -164,6 +182,8 @@ def check_user_model(user: UserModel, image_shape: tuple[int, ...] | None, *,
             raise UserModelError(f"{where}: its {name} must return {what}; on [2, "
                                  f"{', '.join(map(str, image_shape))}] images it returned "
                                  f"{_describe(outputs[name])}")
+    if user.encoder is not None:
+        _check_autoencoder(user, example, image_shape, where)
     classes = outputs["classifier"].shape[1]
     if user.num_classes is not None and classes != user.num_classes:
         raise UserModelError(f"{where}: num_classes is {user.num_classes} but the classifier "
@@ -243,7 +263,7 @@ def _as_user_model(returned: Any, where: str) -> UserModel:
                 "model(x) -> logits, or UserModel(classifier=..., features=..., ...) "
                 "(jfail.models.user.UserModel), or a dict with those keys")
         returned = UserModel(classifier=returned)
-    for name in ("classifier", "features", "decoder"):
+    for name in ("classifier", "features", "encoder", "decoder"):
         value = getattr(returned, name)
         if (value is not None or name == "classifier") and not callable(value):
             raise UserModelError(f"{where}: its {name} is a {type(value).__name__}, not a "
@@ -255,6 +275,33 @@ def _as_user_model(returned: Any, where: str) -> UserModel:
             raise UserModelError(f"{where}: its {name} must be None or an integer >= {least}, "
                                  f"got {value!r}")
     return returned
+
+
+def _check_autoencoder(user: UserModel, example, image_shape, where: str) -> None:
+    import jax
+    import numpy as np
+
+    from jfail.models.adapter import ModelCallError, call_shape
+
+    try:
+        codes = call_shape(user.encoder, example)
+    except ModelCallError as error:
+        raise UserModelError(f"{where}: its encoder cannot be called on the data's images: "
+                             f"{error}") from error
+    shapes = [getattr(c, "shape", None) for c in codes] if isinstance(codes, (tuple, list)) else []
+    if len(shapes) != 2 or any(s is None or len(s) != 2 or s[0] != 2 for s in shapes) \
+            or shapes[0] != shapes[1]:
+        raise UserModelError(f"{where}: its encoder must return (mu [B, Z], logvar [B, Z]); it "
+                             f"returned {_describe(codes)}")
+    try:
+        images = call_shape(user.decoder, jax.ShapeDtypeStruct(tuple(shapes[0]), np.float32))
+    except ModelCallError as error:
+        raise UserModelError(f"{where}: its decoder cannot be called on its encoder's codes "
+                             f"{tuple(shapes[0])}: {error}") from error
+    if tuple(getattr(images, "shape", ())) != (2, *image_shape):
+        raise UserModelError(f"{where}: its decoder must return images [B, "
+                             f"{', '.join(map(str, image_shape))}]; it returned "
+                             f"{_describe(images)}")
 
 
 def _num_classes(dataset: str) -> int | None:
