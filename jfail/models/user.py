@@ -106,7 +106,7 @@ def load_user_model(spec: str) -> UserModel:
                 f"attribute {attr!r}; its callables: {', '.join(names) or 'none'}")
         target = getattr(target, part)
     if not callable(target):
-        raise UserModelError(f"{where}: {attr} is a {type(target).__name__}, not a function; name "
+        raise UserModelError(f"{where}: {attr} is of type {type(target).__name__}, not a function; name "
                              "a function of no arguments that returns the model")
     try:
         returned = target()
@@ -259,14 +259,14 @@ def _as_user_model(returned: Any, where: str) -> UserModel:
     elif not isinstance(returned, UserModel):
         if not callable(returned):
             raise UserModelError(
-                f"{where}: returned a {type(returned).__name__}; return the model callable "
+                f"{where}: returned an object of type {type(returned).__name__}; return the model callable "
                 "model(x) -> logits, or UserModel(classifier=..., features=..., ...) "
                 "(jfail.models.user.UserModel), or a dict with those keys")
         returned = UserModel(classifier=returned)
     for name in ("classifier", "features", "encoder", "decoder"):
         value = getattr(returned, name)
         if (value is not None or name == "classifier") and not callable(value):
-            raise UserModelError(f"{where}: its {name} is a {type(value).__name__}, not a "
+            raise UserModelError(f"{where}: its {name} is of type {type(value).__name__}, not a "
                                  "callable")
     for name, least in (("image_size", 1), ("num_classes", 2)):
         value = getattr(returned, name)
