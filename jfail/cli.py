@@ -5,12 +5,16 @@
     jfail defuse --config configs/defuse_fmnist.py
     jfail debugtests --config configs/debug_tests.py
     jfail prime --config configs/prime_fmnist.py
+    jfail barlow --config configs/barlow_fmnist.py --set model=my_models:classifier \
+        --set dataset=imagefolder:my_images       # one's own model and images
     jfail train --config configs/defuse_cnn_mnist5k.py
     jfail report RUN_DIR                         # rebuild RUN_DIR/report.html
     jfail annotate RUN_DIR                       # the Defuse annotation page on 127.0.0.1
 
 Every command writes a run directory (`--workdir`, default `runs/<command>-<time>`) with a log
-file, `jfail.log`; the method commands and the demo also write `report.html`. Progress bars show
+file, `jfail.log`; the method commands and the demo also write `report.html`. A method command
+reads its classifiers from finished `jfail train` runs (or the model `model=package.module:function`
+returns, `jfail.models.user`) and trains none outside its run directory. Progress bars show
 on a terminal and never with `--quiet` or when stderr is not a terminal (CI, pipes).
 """
 

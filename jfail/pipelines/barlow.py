@@ -12,6 +12,10 @@ explained with its own features, and every leaf of every search is measured on
 held-out error rate, Wilson interval, exact binomial p-value against its group's held-out error
 rate and a q-value over all the search's leaves; the significant leaves are listed first. Writes
 `results/<name>.md`, strict `.json` (null for missing values) and PNG panels.
+
+With `model="package.module:function"` (one's own model, `jfail.models.user`) there are no
+classifier runs: that model's errors are explained with its own features, with the same held-out
+evidence, depth-1 rule tables and panels.
 """
 
 from __future__ import annotations
