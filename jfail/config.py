@@ -77,6 +77,10 @@ class BarlowConfig:
     from its training: same fraction and seed), "test". The two must not share images, so
     "train" and "val" cannot be paired. `screen`: None runs the mutual information on every
     feature as the paper does; an int screens each group to that many features first.
+
+    `model`: instead of the two classifier runs, one's own model, `"package.module:function"`
+    (`jfail.models.user`): its errors are explained with its own `features`. "val" is then a
+    fixed share of the training split (`jfail.models.user.USER_VAL_FRACTION`, drawn with `seed`).
     """
 
     name: str = "barlow_fmnist"
@@ -330,9 +334,9 @@ def _check_debug_tests_choices(config: "DebugTestsConfig", prefix: str) -> None:
 
 
 def _check_user_model_spec(spec: str, prefix: str) -> None:
-    from jfail.models.user import _SPEC
+    from jfail.models.user import is_model_spec
 
-    if not _SPEC.match(spec.strip()):
+    if not is_model_spec(spec):
         raise ConfigError(f"{prefix}model must look like package.module:function (a function of "
                           f"no arguments that returns the model), e.g. my_models:classifier; got "
                           f"{spec!r}")

@@ -190,18 +190,15 @@ def test_a_classifier_run_inside_the_run_directory_may_be_trained_there(workspac
 
 
 BAD_MODELS = [
-    ("barlow", "no_such_module:planted", "no module named 'no_such_module' in the current "
-                                         "directory"),
+    ("barlow", "no_such_module:planted", "no module named 'no_such_module' in the current"),
     ("barlow", "my_models:plantd", "has no attribute 'plantd'; its callables: "),
     ("barlow", "my_models:NOT_CALLABLE", "NOT_CALLABLE is of type int, not a function"),
     ("barlow", "my_models:returns_int", "returned an object of type int; return the model"),
     ("barlow", "my_models:bad_key", "unknown: weights"),
     ("barlow", "my_models:needs_argument", "name a function of no arguments"),
     ("barlow", "my_models:fails", "fails() failed with RuntimeError: weights.npy is missing"),
-    ("barlow", "my_models:wrong_size", "its classifier cannot be called on the data's images "
-                                       "[B, 28, 28, 1]"),
-    ("barlow", "my_models:four_classes", "the classifier returns 4 logits but the data has 3 "
-                                         "classes"),
+    ("barlow", "my_models:wrong_size", "classifier cannot be called on the data's images [B, 28"),
+    ("barlow", "my_models:four_classes", "the classifier returns 4 logits but the data has 3"),
     ("barlow", "my_models:classifier_only", "this method needs the model's features"),
     ("barlow", "my_models", "model must look like package.module:function"),
     ("defuse", "my_models:closure_for_defuse", "this method fine-tunes the classifier"),

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Callable
 
 __all__ = ["USER_VAL_FRACTION", "UserModel", "UserModelError", "check_user_model",
-           "load_user_model", "user_dataset_name", "user_model_for_data"]
+           "is_model_spec", "load_user_model", "user_dataset_name", "user_model_for_data"]
 
 USER_VAL_FRACTION = 0.1
 """With a user's model, the "val" split is this stratified share of the data set's training split
@@ -74,6 +74,11 @@ class UserModel:
     decoder: Callable | None = None
     image_size: int | None = None
     num_classes: int | None = None
+
+
+def is_model_spec(spec: str) -> bool:
+    """Whether `spec` has the form `package.module:function` (nothing is imported)."""
+    return isinstance(spec, str) and _SPEC.match(spec.strip()) is not None
 
 
 def load_user_model(spec: str) -> UserModel:
@@ -232,6 +237,7 @@ def _import(module_name: str, where: str):
     here = os.getcwd()
     if here not in sys.path and "" not in sys.path:
         sys.path.insert(0, here)
+    importlib.invalidate_caches()  # a module written since the interpreter started
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:
