@@ -93,10 +93,15 @@ class BarlowConfig:
     from its training: same fraction and seed), "test". The two must not share images, so
     "train" and "val" cannot be paired. `screen`: None runs the mutual information on every
     feature as the paper does; an int screens each group to that many features first.
+
+    `model`: instead of the two classifier runs, one's own model, `"package.module:function"`
+    (`jfail.models.user`): its errors are explained with its own `features`. "val" is then a
+    fixed share of the training split (`jfail.models.user.USER_VAL_FRACTION`, drawn with `seed`).
     """
 
     name: str = "barlow_fmnist"  # no paper value
     dataset: str = "fashion_mnist"  # no paper value (the paper: ImageNet, appendix F)
+    model: str | None = None  # "package.module:function": the user's model, no classifier runs
     # Appendix F fits on ImageNet's training split; jfail fits on the classifier's validation
     # images instead, whose errors are those it makes on unseen data, and measures every leaf on
     # a second split (no paper value: the held-out evidence is jfail's).
@@ -134,10 +139,17 @@ class DefuseConfig:
     image; K = 100 components, weight threshold 0.01, down-sampling to 50,000; τ = 0.5; 10
     reviewed samples per scenario, 5 annotators, ρ = 0.5; 256 fine-tuning and 256 test samples
     per scenario; Adam 1e-3, minibatch 256, 3 epochs per λ over the paper's 17 values of λ.
+
+    `model`: instead of the classifier run, one's own model, `"package.module:function"`
+    (`jfail.models.user`; the classifier must hold its weights as a pytree, for fine-tuning):
+    the annotators and the β-VAE (unless the model gives an encoder and decoder) are then
+    trained on `dataset` into the run's work directory, and "val" is a fixed share of the
+    training split.
     """
 
     name: str = "defuse_fmnist"  # no paper value
     dataset: str = "fashion_mnist"  # no paper value (the paper: MNIST, SVHN, German signs)
+    model: str | None = None  # "package.module:function": the user's model, no classifier run
     classifier_config: str = "configs/defuse_cnn_fmnist.py"  # no paper value (B.2's CNN)
     classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"  # no paper value
     annotator_config: str = "configs/annotator_mlp_fmnist.py"  # no paper value
@@ -260,10 +272,15 @@ class PrimeConfig:
     four classes with one planted mode of 1, 2, 3 and 4 tags each (planted tags on a share
     planted_prevalence[0] of images, the others on planted_prevalence[1]); the search sees the
     true tags flipped with planted_flip_probability.
+
+    `model`: instead of the classifier run, one's own model, `"package.module:function"`
+    (`jfail.models.user`); "val" is then a fixed share of the training split
+    (`jfail.models.user.USER_VAL_FRACTION`, drawn with `seed`).
     """
 
     name: str = "prime_fmnist"  # no paper value
     dataset: str = "fashion_mnist"  # no paper value (the paper: Living17, CelebA, ...)
+    model: str | None = None  # "package.module:function": the user's model, no classifier run
     classifier_config: str = "configs/defuse_cnn_fmnist.py"  # no paper value
     classifier_run: str = "runs/classifiers/defuse_cnn_fmnist"  # no paper value
     # section 4.1 searches one set and checks unseen (test) images; jfail searches the
@@ -392,7 +409,9 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
 def validate_config(config: Any) -> None:
     """Everything about a config that can be checked without loading data or writing a file:
     field types (`check_types`), data set names (every field named `dataset` or ending in
-    `_dataset`, nested configs too) and classifier model names.
+    `_dataset`, nested configs too), classifier model names, and the form of a user's
+    `model="package.module:function"` (importing and calling it is
+    `jfail.models.user.user_model_for_data`'s part).
 
     Raises:
       ConfigError: naming the field and what it accepts.
@@ -414,10 +433,45 @@ def validate_config(config: Any) -> None:
         if isinstance(config_part, PrimeConfig):
             _check_prime_splits(config_part, prefix)
             _check_evidence_options(config_part, prefix)
+        if isinstance(config_part, DebugTestsConfig):
+            _check_debug_tests_choices(config_part, prefix)
+        if isinstance(config_part, DefuseConfig):
+            from jfail.defuse.identify import NOISE_MODES
+
+            if config_part.noise not in NOISE_MODES:
+                raise ConfigError(f"{prefix}noise must be one of {NOISE_MODES}, got "
+                                  f"{config_part.noise!r}")
+        if isinstance(config_part, (BarlowConfig, DefuseConfig, PrimeConfig)) \
+                and config_part.model is not None:
+            _check_user_model_spec(config_part.model, prefix)
         if isinstance(config_part, ClassifierRunConfig) and config_part.model not in MODEL_NAMES:
             raise ConfigError(
                 f"{prefix}model must be one of {', '.join(MODEL_NAMES)}, got {config_part.model!r}"
             )
+
+
+def _check_debug_tests_choices(config: "DebugTestsConfig", prefix: str) -> None:
+    """The parts and attribution methods a debugging-tests config names exist."""
+    from jfail.attribution import METHODS
+    from jfail.pipelines.debug_tests import PARTS
+
+    unknown = sorted(set(config.parts) - set(PARTS))
+    if unknown or not config.parts:
+        raise ConfigError(f"{prefix}parts: " + (f"unknown parts {unknown}; " if unknown else
+                                                "no part to run; ")
+                          + f"choose one or more of {', '.join(PARTS)}")
+    unknown = sorted(set(config.methods or ()) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"{prefix}methods: unknown methods {unknown}; known: {sorted(METHODS)}")
+
+
+def _check_user_model_spec(spec: str, prefix: str) -> None:
+    from jfail.models.user import is_model_spec
+
+    if not is_model_spec(spec):
+        raise ConfigError(f"{prefix}model must look like package.module:function (a function of "
+                          f"no arguments that returns the model), e.g. my_models:classifier; got "
+                          f"{spec!r}")
 
 
 BARLOW_SPLITS = ("train", "val", "test")

@@ -11,13 +11,17 @@ from jfail.data.datasets import (
     FASHION_MNIST_CLASS_NAMES,
     Dataset,
     check_dataset_name,
+    dataset_image_shape,
     fashion_mnist_search_dirs,
+    image_folder_name_parts,
+    is_image_folder_name,
     load,
     mnist_search_dirs,
     train_val_split,
 )
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx
+from jfail.data.imagefolder import image_folder_shape, load_image_folder
 from jfail.data.sources import (
     ArraySource,
     ImageSource,
@@ -42,8 +46,13 @@ __all__ = [
     "check_images",
     "check_labels",
     "check_source_name",
+    "dataset_image_shape",
     "epoch_permutation",
     "fashion_mnist_search_dirs",
+    "image_folder_name_parts",
+    "image_folder_shape",
+    "is_image_folder_name",
+    "load_image_folder",
     "load",
     "loader",
     "mnist_search_dirs",

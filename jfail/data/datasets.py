@@ -13,8 +13,11 @@ in [0, 1] and labels: [N] int32. Data sets:
   0..16 are divided by 16). Same fixed split as mnist5k.
 - ``tfds:<name>``: any TensorFlow Datasets image classification data set
   that has been prepared locally.
+- ``imagefolder:<path>`` (or a path with a ``/`` in it, e.g. ``./my_images``):
+  a folder with one subfolder of PNG or JPEG images per class
+  (:mod:`jfail.data.imagefolder`).
 
-A built-in name takes two optional modifiers, for quick runs and for pairing
+A built-in name or an image folder takes two optional modifiers, for quick runs and for pairing
 data sets of different sizes: ``@S`` resizes every image to SxS (bilinear),
 ``[:P%]`` keeps a fixed class-stratified P percent of each split, e.g.
 ``"fashion_mnist[:10%]"`` (6,000 train / 1,000 test) or ``"digits@28"``.
@@ -33,6 +36,7 @@ import numpy as np
 
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx_cached
+from jfail.data.imagefolder import image_folder_classes, image_folder_shape, load_image_folder
 from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
 from jfail.data.tfds_source import read_tfds
 from jfail.keys import host_seed
@@ -104,11 +108,13 @@ def load(
 ) -> Dataset:
     """Loads one split of a data set into memory.
 
-    name: one of DATASET_NAMES or ``"tfds:<name>"``; a built-in name may
+    name: one of DATASET_NAMES, ``"tfds:<name>"`` or ``"imagefolder:<path>"``
+      (a name with a ``/`` is a path too); a built-in name or a folder may
       end with ``@S`` (resize to SxS) and then ``[:P%]`` (a fixed stratified
       P percent of the split), e.g. ``"digits@28[:50%]"``.
-    split: ``"train"`` or ``"test"``; mnist5k and digits also accept
-      ``"all"``; ``tfds:`` names accept any TFDS split (``"train[:10%]"``).
+    split: ``"train"`` or ``"test"``; mnist5k, digits and a folder without
+      train/ and test/ subfolders also accept ``"all"``; ``tfds:`` names
+      accept any TFDS split (``"train[:10%]"``).
     data_dir: for fashion_mnist and mnist, a directory with the IDX files,
       searched first; for ``tfds:`` names, the TFDS data dir.
     image_key, label_key: the TFDS features to read (``tfds:`` names only).
@@ -126,6 +132,10 @@ def load(
         raise TypeError(f"name must be a string, got {type(name).__name__}.")
     if name.startswith("tfds:"):
         return _load_tfds(name[len("tfds:"):], split, data_dir, image_key, label_key)
+    if is_image_folder_name(name):
+        path, size, percent = image_folder_name_parts(name)
+        data = load_image_folder(path, split, image_size=size)
+        return _percent_subset(data, percent, name) if percent is not None else data
     modified = _MODIFIED_NAME.match(name)
     if modified and (modified["size"] or modified["percent"]):
         data = load(modified["base"], split, data_dir=data_dir, image_key=image_key,
@@ -138,7 +148,8 @@ def load(
     if name not in DATASET_NAMES:
         raise ValueError(
             f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)}, "
-            "or 'tfds:<name>' for any prepared TensorFlow Datasets data set."
+            "or 'tfds:<name>' for any prepared TensorFlow Datasets data set, or "
+            "'imagefolder:<path>' for a folder with one subfolder of images per class."
         )
     if (image_key, label_key) != ("image", "label"):
         raise ValueError(
@@ -172,13 +183,69 @@ def check_dataset_name(name: str) -> None:
         raise TypeError(f"a data set name must be a string, got {type(name).__name__}.")
     if name.startswith("tfds:") and len(name) > len("tfds:"):
         return
+    if is_image_folder_name(name):
+        path, size, percent = image_folder_name_parts(name)
+        if size is not None and not 1 <= size <= 4096:
+            raise ValueError(f"{name!r}: the size after '@' must be in [1, 4096], got {size}.")
+        if percent is not None and not 0 < percent <= 100:
+            raise ValueError(f"{name!r}: the percentage must be in (0, 100], got {percent}.")
+        image_folder_classes(path)
+        return
     modified = _MODIFIED_NAME.match(name)
     base = modified["base"] if modified else name
     if base not in DATASET_NAMES:
+        folder = (f" ({name!r} is a folder here: write 'imagefolder:{name}' or './{name}' to read "
+                  "it as one)" if os.path.isdir(name) else "")
         raise ValueError(
             f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)} (each may end "
-            "with @S to resize and [:P%] for a stratified subset), or 'tfds:<name>'."
+            "with @S to resize and [:P%] for a stratified subset), 'tfds:<name>', or "
+            f"'imagefolder:<path>' for a folder with one subfolder of images per class{folder}."
         )
+
+
+def dataset_image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int] | None:
+    """`(H, W, C)` of the images `load(name)` returns, found without reading the pixels; None for
+    a ``tfds:`` name (known only once read).
+
+    image_size: for an image folder whose name has no ``@S``, the size it is resized to.
+
+    Raises:
+      ValueError: a name `check_dataset_name` refuses, or an image folder `image_folder_shape`
+        refuses.
+    """
+    check_dataset_name(name)
+    if name.startswith("tfds:"):
+        return None
+    if is_image_folder_name(name):
+        path, size, _ = image_folder_name_parts(name)
+        return image_folder_shape(path, size if size is not None else image_size)
+    modified = _MODIFIED_NAME.match(name)
+    side = int(modified["size"]) if modified["size"] else _BUILT_IN_SIDES[modified["base"]]
+    return (side, side, 1)
+
+
+_BUILT_IN_SIDES = {"digits": 8, "fashion_mnist": 28, "mnist": 28, "mnist5k": 28}
+
+IMAGE_FOLDER_PREFIX = "imagefolder:"
+
+
+def is_image_folder_name(name: str) -> bool:
+    """Whether `load` reads `name` as an image folder: ``imagefolder:<path>``, or a name with a
+    path separator in it (``./my_images``, ``/data/pets@64``)."""
+    return name.startswith(IMAGE_FOLDER_PREFIX) or (
+        not name.startswith("tfds:") and ("/" in name or os.sep in name))
+
+
+def image_folder_name_parts(name: str) -> tuple[str, int | None, float | None]:
+    """`(path, size or None, percent or None)` of an image-folder name, e.g.
+    ``"imagefolder:pets@64[:10%]"`` -> ``("pets", 64, 10.0)``."""
+    match = _IMAGE_FOLDER_NAME.match(name[len(IMAGE_FOLDER_PREFIX):]
+                                     if name.startswith(IMAGE_FOLDER_PREFIX) else name)
+    if match is None:
+        raise ValueError(f"{name!r}: {IMAGE_FOLDER_PREFIX!r} must be followed by a folder, e.g. "
+                         "'imagefolder:my_images'.")
+    return (match["path"], int(match["size"]) if match["size"] else None,
+            float(match["percent"]) if match["percent"] else None)
 
 
 def train_val_split(
@@ -318,6 +385,10 @@ def _dataset_from_idx(image_path: str, label_path: str, class_names) -> Dataset:
         )
     return Dataset(_uint8_to_unit_float(images[..., None]), labels.astype(np.int32), class_names)
 
+
+_IMAGE_FOLDER_NAME = re.compile(
+    r"^(?P<path>.+?)(?:@(?P<size>\d+))?(?:\[:(?P<percent>\d+(?:\.\d+)?)%\])?$"
+)
 
 _MODIFIED_NAME = re.compile(
     r"^(?P<base>[a-z0-9_]+)(?:@(?P<size>\d+))?(?:\[:(?P<percent>\d+(?:\.\d+)?)%\])?$"

@@ -26,6 +26,7 @@ from jfail.models.convert import (
 from jfail.models.mlp import MLP
 from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
+from jfail.models.user import UserModel, UserModelError, load_user_model
 
 __all__ = [
     "BasicBlock",
@@ -39,6 +40,8 @@ __all__ = [
     "ModelCallError",
     "ModelFns",
     "Normalizer",
+    "UserModel",
+    "UserModelError",
     "ResNet",
     "VAEDecoder",
     "VAEEncoder",
@@ -54,6 +57,7 @@ __all__ = [
     "linen_model",
     "load_robustness_checkpoint",
     "load_torchvision_resnet",
+    "load_user_model",
     "logits_fn",
     "model_fns",
     "normalized_model_fns",

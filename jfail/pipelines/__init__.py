@@ -12,3 +12,19 @@ def command_line(prog: str, argv: list[str] | None) -> str:
     when `argv` is None), shell-quoted, with no trailing space when there are none."""
     args = sys.argv[1:] if argv is None else argv
     return " ".join([prog, shlex.join(args)]) if args else prog
+
+
+def user_splits(dataset: str, wanted: set[str], *, seed: int) -> dict:
+    """The splits of `dataset` a method on one's own model reads: "train" (all of it), "val"
+    (`jfail.models.user.USER_VAL_FRACTION` of it, stratified, drawn with `seed`) and "test"."""
+    from jfail.data import load, train_val_split
+    from jfail.models.user import USER_VAL_FRACTION
+
+    parts = {}
+    if wanted & {"train", "val"}:
+        parts["train"] = load(dataset, "train")
+        if "val" in wanted:
+            _, parts["val"] = train_val_split(parts["train"], USER_VAL_FRACTION, key=seed)
+    if "test" in wanted:
+        parts["test"] = load(dataset, "test")
+    return parts

@@ -12,6 +12,10 @@ explained with its own features, and every leaf of every search is measured on
 held-out error rate, Wilson interval, exact binomial p-value against its group's held-out error
 rate and a q-value over all the search's leaves; the significant leaves are listed first. Writes
 `results/<name>.md`, strict `.json` (null for missing values) and PNG panels.
+
+With `model="package.module:function"` (one's own model, `jfail.models.user`) there are no
+classifier runs: that model's errors are explained with its own features, with the same held-out
+evidence, depth-1 rule tables and panels.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from jfail import barlow, jsonfile
 from jfail.config import BarlowConfig, ConfigError, load_config, validate_config
 from jfail.data import Dataset, load, train_val_split
 from jfail.logs import quiet_libraries
-from jfail.models import linen_apply, model_fns
-from jfail.pipelines import command_line
+from jfail.models import ModelFns, linen_apply, model_fns
+from jfail.models.user import USER_VAL_FRACTION, check_user_model, user_model_for_data
+from jfail.pipelines import command_line, user_splits
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
@@ -57,6 +62,9 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     started = time.perf_counter()
     progress = not args.quiet and sys.stderr.isatty()
 
+    if config.model is not None:
+        _user_model_main(config, command, out, figures, started, progress)
+        return
     runs = {  # (module, params, state, config, metrics), trained first when missing
         "standard": trained_classifier(load_config(config.classifier_config),
                                        config.classifier_run, progress=progress),
@@ -212,7 +220,8 @@ def _panel(fns, data, tree, leaf, feature_index, config, key, path, title):
     members = tree.indices
     values = np.asarray(barlow.features(fns.features, data.images[members]))[:, feature_index]
     top = members[np.argsort(-values)[: config.panel_images]]
-    channels = np.shape(fns.feature_map(data.images[top[:1]]))[-1]
+    channels = (None if fns.feature_map is None
+                else np.shape(fns.feature_map(data.images[top[:1]]))[-1])
     if channels == np.shape(fns.features(data.images[top[:1]]))[-1]:
         heatmaps = barlow.heatmap(fns.feature_map, data.images[top], feature_index)
     else:  # features are not a pooled feature map (e.g. a dense layer): no spatial map to show
@@ -228,6 +237,149 @@ def _panel(fns, data, tree, leaf, feature_index, config, key, path, title):
         data.images[top], np.asarray(heatmaps), np.asarray(attacked), data.images[failures],
         title, path,
     )
+
+
+def _user_model_main(config: BarlowConfig, command: str, out: Path, figures: Path,
+                     started: float, progress: bool) -> None:
+    """Barlow on one's own model (`config.model`): its errors on `config.split` explained with its
+    own features, every leaf measured on `config.evidence_split`, depth-1 rules and panels."""
+    user, dataset = user_model_for_data(config.model, config.dataset, needs=("features",))
+    splits = user_splits(dataset, {config.split, config.evidence_split}, seed=config.seed)
+    data, heldout = splits[config.split], splits[config.evidence_split]
+    check_user_model(user, data.images.shape[1:], num_classes=len(data.class_names),
+                     needs=("features",), where=f"model={config.model}")
+    class_names = data.class_names
+
+    def observe(part: Dataset):
+        predictions = np.asarray(predict(user.classifier, part.images)).argmax(-1)
+        return {"errors": predictions != part.labels,
+                "features": barlow.features(user.features, part.images, progress=progress),
+                "groupings": {"label": part.labels, "prediction": predictions}}
+
+    fitted, measured = observe(data), observe(heldout)
+    rows, trees, evidence = [], {}, {}
+    for depth in sorted(set(config.depths) | {1}):
+        for grouping in config.groupings:
+            result = barlow.failure_trees(
+                fitted["features"], fitted["errors"], fitted["groupings"][grouping],
+                num_features=config.num_features, max_depth=depth, delta=config.delta,
+                tau=config.tau, screen=config.screen, key=config.seed, progress=progress)
+            found = barlow.leaf_evidence(
+                result, measured["features"], measured["errors"],
+                measured["groupings"][grouping], method=config.fdr_method, alpha=config.alpha)
+            key = ("user", "user", depth, grouping)
+            trees[key], evidence[key] = result, found
+            if depth not in config.depths:  # depth 1 only for the rule tables
+                continue
+            rows.append({
+                "model": "user", "extractor": "user", "depth": depth, "grouping": grouping,
+                "valid_leaf_fraction": barlow.valid_leaf_fraction(result),
+                "mean_aler_minus_ber": float(
+                    np.mean([t.aler - t.base_error_rate for t in result.values()])),
+                "groups": len(result),
+                "candidate_leaves": found.num_candidates,
+                "significant_leaves": found.num_significant,
+            })
+    shown = {key: found for key, found in evidence.items() if key[2] in config.depths}
+
+    panels = []
+    fns = ModelFns(logits=user.classifier, features=user.features, feature_map=None)
+    key = jax.random.key(config.seed)
+    if "label" in config.groupings:
+        for group, tree in trees[("user", "user", 1, "label")].items():
+            leaf = tree.top_leaf
+            if not leaf.valid or not leaf.conditions:
+                continue
+            feature_index = leaf.conditions[0].feature
+            path = figures / f"panel_label_{group}_feature_{feature_index}.png"
+            _panel(fns, data, tree, leaf, feature_index, config,
+                   jax.random.fold_in(key, int(group)), path,
+                   title=f"label {class_names[group]}: {leaf.rule} "
+                   f"(ER {leaf.error_rate:.3f} vs BER {tree.base_error_rate:.3f}, "
+                   f"EC {leaf.error_coverage:.3f})")
+            panels.append(str(path))
+
+    summary = {
+        "command": command,
+        "config": json.loads(json.dumps(config.__dict__, default=str)),
+        "data": {"name": dataset, "split": config.split, "images": len(data.labels),
+                 "evidence_split": config.evidence_split, "evidence_images": len(heldout.labels),
+                 "held_out_from_training": None, "user_model": True},
+        "models": {"user": config.model},
+        "error_rates": {"user": float(fitted["errors"].mean())},
+        "evidence_error_rates": {"user": float(measured["errors"].mean())},
+        "class_error_rates": {
+            class_names[c]: float(fitted["errors"][data.labels == c].mean())
+            if (data.labels == c).any() else None for c in range(len(class_names))},
+        "table1": rows,
+        "evidence": {
+            "method": config.fdr_method,
+            "alpha": config.alpha,
+            "candidate_leaves": sum(found.num_candidates for found in shown.values()),
+            "significant_leaves": sum(found.num_significant for found in shown.values()),
+            "searches": [_evidence_record(k, found, class_names) for k, found in shown.items()],
+        },
+        "tables": {
+            f"user_{grouping}": [
+                _tree_record(group, tree, class_names,
+                             _top_leaf_evidence(evidence[("user", "user", 1, grouping)], group,
+                                                tree))
+                for group, tree in trees[("user", "user", 1, grouping)].items()]
+            for grouping in config.groupings
+        },
+        "panels": panels,
+        "seconds": time.perf_counter() - started,
+    }
+    summary = jsonfile.strict(summary, default=str)
+    write_json(out / f"{config.name}.json", summary)
+    tables = {grouping: trees[("user", "user", 1, grouping)] for grouping in config.groupings}
+    (out / f"{config.name}.md").write_text(
+        _user_markdown(summary, tables, shown, class_names, out))
+    print((out / f"{config.name}.md").read_text())
+
+
+def _user_markdown(summary, tables, evidence, class_names, out) -> str:
+    names = dict(enumerate(class_names))
+    data = summary["data"]
+    per_class = ", ".join(f"{name} {100 * rate:.1f} %" for name, rate in
+                          summary["class_error_rates"].items() if rate is not None)
+    lines = [
+        f"# Barlow on {data['name']} with the model {summary['models']['user']}",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        summary["command"],
+        "```",
+        "",
+        f"Data: {data['name']}. Trees are fitted on the {_split_words(summary, 'split')}: "
+        f"{data['images']:,} images, error rate {100 * summary['error_rates']['user']:.2f} % "
+        f"(by class: {per_class}). Every leaf is measured on the "
+        f"{_split_words(summary, 'evidence_split')}: {data['evidence_images']:,} images, error "
+        f"rate {100 * summary['evidence_error_rates']['user']:.2f} %. The model's errors are "
+        "explained with its own features; jfail does not know which of these images it was "
+        f"trained on. Run time {summary['seconds']:.0f} s.",
+        "",
+        "## Valid leaves",
+        "",
+        "The leaf of highest IV per group is valid when ER > BER + δ and EC > τ "
+        f"(δ = {summary['config']['delta']}, τ = {summary['config']['tau']}).",
+        "",
+    ]
+    lines += _fraction_table(summary["table1"])
+    lines += _evidence_section(summary, evidence, names)
+    for grouping, result in tables.items():
+        lines += ["", f"## Depth-1 rules, grouping by {grouping}", "",
+                  "Measured on the images the tree was fitted to (the held-out evidence of each "
+                  "top leaf is in the JSON, `tables.*.heldout`).", "",
+                  barlow.failure_table(result, names)]
+    lines += ["", "## Panels", "",
+              "Rows: most activating images of the leaf's feature in the group, (no heatmaps: "
+              "the model gives no feature map), feature attacks, random failures in the leaf.",
+              ""]
+    for panel in summary["panels"]:
+        lines.append(f"![{Path(panel).stem}]({Path(panel).relative_to(out)})")
+    return "\n".join(lines) + "\n"
 
 
 def _splits(config: BarlowConfig, classifier_config) -> dict[str, Dataset]:
@@ -418,8 +570,16 @@ _SPLIT_WORDS = {
 SIGNIFICANT_ROWS_SHOWN = 10
 
 
+_USER_SPLIT_WORDS = {
+    "train": "training split",
+    "val": f"fixed {USER_VAL_FRACTION:.0%} of the training split",
+    "test": "test split",
+}
+
+
 def _split_words(summary, field) -> str:
-    return _SPLIT_WORDS[summary["data"][field]]
+    words = _USER_SPLIT_WORDS if summary["data"].get("user_model") else _SPLIT_WORDS
+    return words[summary["data"][field]]
 
 
 def _held_out_sentence(summary) -> str:
