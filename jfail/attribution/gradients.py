@@ -62,14 +62,15 @@ def gradient(model: Callable, x, target=None, *, key=None, batch_size: int | Non
     The paper's Grad map is the absolute value of this; apply `postprocess.absolute` for it.
     `key` is accepted for a uniform signature and unused.
     """
-    x, target = check_host_inputs(model, x, target)
-    return run_chunked(_gradient_kernel, model, x, target, batch_size=batch_size)
+    x, target, parts = check_host_inputs(model, x, target)
+    return run_chunked(_gradient_kernel, model, x, target, parts=parts, batch_size=batch_size)
 
 
 def input_x_gradient(model: Callable, x, target=None, *, key=None, batch_size: int | None = None):
     """Element-wise `x * gradient(x)`, signed: `[B, H, W, C]` (Shrikumar et al., 2016)."""
-    x, target = check_host_inputs(model, x, target)
-    return run_chunked(_input_x_gradient_kernel, model, x, target, batch_size=batch_size)
+    x, target, parts = check_host_inputs(model, x, target)
+    return run_chunked(_input_x_gradient_kernel, model, x, target, parts=parts,
+                       batch_size=batch_size)
 
 
 def smoothgrad(
@@ -174,10 +175,10 @@ def integrated_gradients(
         raise ValueError(f"integrated_gradients: method must be one of {IG_RULES}, got {method!r}.")
     minimum_steps = 2 if method == "riemann_trapezoid" else 1
     check_positive_int("integrated_gradients", "steps", steps, minimum=minimum_steps)
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     baseline = _resolve_baseline("integrated_gradients", x, baseline)
     return run_chunked(
-        _integrated_gradients_kernel, model, x, target, batch_size=batch_size,
+        _integrated_gradients_kernel, model, x, target, parts=parts, batch_size=batch_size,
         per_example=baseline, nonfinite_errors=_baseline_errors("integrated_gradients", baseline),
         steps=int(steps), method=method, sample_batch_size=sample_group_size(sample_batch_size),
     )
@@ -193,7 +194,7 @@ def completeness_error(
     the attributions were computed for (None = predicted class, as there). Where the two logits
     are equal the denominator is floored at 1e-12.
     """
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     attributions = jnp.asarray(attributions, x.dtype)
     if attributions.shape != x.shape:
         raise ValueError(
@@ -202,7 +203,8 @@ def completeness_error(
         )
     baseline = _resolve_baseline("completeness_error", x, baseline)
     logit_gap = run_chunked(
-        _logit_gap_kernel, model, x, target, batch_size=batch_size, per_example=baseline,
+        _logit_gap_kernel, model, x, target, parts=parts, batch_size=batch_size,
+        per_example=baseline,
         nonfinite_errors=_baseline_errors("completeness_error", baseline),
     )
     total = attributions.reshape(x.shape[0], -1).sum(axis=1)
@@ -229,7 +231,7 @@ def expected_gradients(
     """
     require_key("expected_gradients", key)
     check_positive_int("expected_gradients", "num_samples", num_samples)
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     if baselines is None:
         raise ValueError(
             "expected_gradients needs baselines: an array [N, H, W, C] of reference images "
@@ -242,8 +244,8 @@ def expected_gradients(
             f"shape {baselines.shape}."
         )
     return run_chunked(
-        _expected_gradients_kernel, model, x, target, key=key, batch_size=batch_size,
-        shared=(baselines,),
+        _expected_gradients_kernel, model, x, target, parts=parts, key=key,
+        batch_size=batch_size, shared=(baselines,),
         nonfinite_errors=("expected_gradients: baselines contain NaN or infinite values.",),
         num_samples=int(num_samples), sample_batch_size=sample_group_size(sample_batch_size),
     )
@@ -317,9 +319,9 @@ def _noisy_gradients(name, statistic, model, x, target, key, batch_size, num_sam
     check_positive_int(name, "num_samples", num_samples)
     if not np.isscalar(noise_scale) or not np.isfinite(noise_scale) or noise_scale < 0:
         raise ValueError(f"{name}: noise_scale must be a finite float >= 0, got {noise_scale!r}.")
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     return run_chunked(
-        _noisy_gradient_kernel, model, x, target, key=key, batch_size=batch_size,
+        _noisy_gradient_kernel, model, x, target, parts=parts, key=key, batch_size=batch_size,
         shared=(np.float32(noise_scale),), statistic=statistic, num_samples=int(num_samples),
         sample_batch_size=sample_group_size(sample_batch_size),
     )
