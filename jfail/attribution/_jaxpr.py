@@ -34,7 +34,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jfail.models.adapter import split_model
-from jfail.models.cpu_gradients import fast_conv, on_cpu
+from jfail.xla.cpu_gradients import fast_conv, on_cpu
 
 __all__ = [
     "Rules",
@@ -319,7 +319,7 @@ class _Interpreter:
             carried = c.outvars[0]
 
         # On XLA:CPU, strided and few-channel convolutions get faster input gradients
-        # (models/cpu_gradients.py); the rules below differentiate `lin`.
+        # (jfail/xla/cpu_gradients.py); the rules below differentiate `lin`.
         conv = (fast_conv(eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape)
                 if kind == "conv" and on_cpu() else None)
 

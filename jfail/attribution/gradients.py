@@ -38,8 +38,7 @@ from jfail.attribution._core import (
     run_chunked,
     sample_group_size,
 )
-from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = [
     "gradient",
@@ -357,7 +356,7 @@ def _target_logit_gradients(model, images, target):
     """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`.
 
     On CPU, 4x4/2-like convolutions are differentiated through space-to-depth and convolutions
-    of few input channels through patches (`jfail.models.cpu_gradients`)."""
+    of few input channels through patches (`jfail.xla.cpu_gradients`)."""
     model = cpu_friendly_gradients(model)
 
     def objective(batch):

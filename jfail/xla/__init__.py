@@ -39,7 +39,9 @@ from typing import Callable
 import jax
 from jax.extend import core as jax_core
 
-__all__ = ["jit", "compiler_options", "OPTIONS"]
+from jfail.xla.cpu_gradients import cpu_friendly_gradients, on_cpu
+
+__all__ = ["jit", "compiler_options", "OPTIONS", "cpu_friendly_gradients", "on_cpu"]
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 GPU_OPTIONS = {
