@@ -97,17 +97,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
+
+from jfail.xla import jaxpr as jaxpr_interpreter
 
 __all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "phased_conv",
            "phased", "transposed_conv", "transposed", "few_channel_conv", "few_channels",
            "one_window_conv", "one_window", "dense_dot", "dense", "on_cpu", "FEW_CHANNELS"]
 
 FEW_CHANNELS = 4  # `few_channels`: at most this many input channels; `transposed`: more outputs
-
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-          "remat2": "jaxpr", "checkpoint": "jaxpr"}
-
 
 def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callable:
     """`fn(*args, **kwargs)` with the same values whose VJP avoids XLA:CPU's slow convolutions
@@ -131,7 +128,7 @@ def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callabl
 
         arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
         closed, out_shape = jax.make_jaxpr(of_arrays, return_shape=True)(*arrays)
-        outs = _evaluate(closed.jaxpr, closed.consts, arrays)
+        outs = jaxpr_interpreter.evaluate(closed.jaxpr, closed.consts, arrays, _RULES)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return rewritten
@@ -286,49 +283,6 @@ def dense_dot(lhs, rhs, **params):
 # Private helpers.
 
 
-def _evaluate(jaxpr, consts, args):
-    env: dict = {}
-
-    def read(atom):
-        return atom.val if isinstance(atom, jcore.Literal) else env[atom]
-
-    for var, value in zip(jaxpr.constvars, consts):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        values = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        rule = _rule(eqn)
-        if rule is not None:
-            outs = rule(*values, **eqn.params)
-        elif name in _CALLS and _contains_rewritten(eqn.params[_CALLS[name]]):
-            closed = eqn.params[_CALLS[name]]
-            inner, inner_consts = (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") \
-                else (closed, ())
-            outs = _evaluate(inner, inner_consts, values)
-        else:
-            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-        if not eqn.primitive.multiple_results:
-            outs = [outs]
-        for var, value in zip(eqn.outvars, outs):
-            if not isinstance(var, jcore.DropVar):
-                env[var] = value
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _contains_rewritten(closed) -> bool:
-    """Whether a (closed) jaxpr has an equation `_rule` rewrites, at any depth of calls."""
-    jaxpr = closed.jaxpr if hasattr(closed, "jaxpr") else closed
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if _rule(eqn) is not None:
-            return True
-        if name in _CALLS and _contains_rewritten(eqn.params[_CALLS[name]]):
-            return True
-    return False
-
-
 def _ungrouped_2d(params) -> bool:
     """Whether a `conv_general_dilated` has 2 spatial dimensions and no feature or batch
     grouping, what every rewrite here assumes."""
@@ -391,15 +345,19 @@ def _vjp_rhs(rule):
     return cotangent
 
 
-def _rule(eqn):
-    """`fast_conv` for a `conv_general_dilated` equation, `dense_dot` for a `dense` product,
-    else None."""
-    name, shapes = eqn.primitive.name, [v.aval.shape for v in eqn.invars]
-    if name == "conv_general_dilated":
-        return fast_conv(eqn.params, *shapes)
-    if name == "dot_general" and len(shapes) == 2 and dense(eqn.params, *shapes):
-        return dense_dot
-    return None
+def _conv_rule(eqn):
+    """`fast_conv`'s rule for a `conv_general_dilated` equation, or None."""
+    return fast_conv(eqn.params, *[v.aval.shape for v in eqn.invars])
+
+
+def _dot_rule(eqn):
+    """`dense_dot` for a `dot_general` equation `dense` accepts, else None."""
+    shapes = [v.aval.shape for v in eqn.invars]
+    return dense_dot if len(shapes) == 2 and dense(eqn.params, *shapes) else None
+
+
+# What `cpu_friendly_gradients` rewrites; calls into custom derivatives are kept whole.
+_RULES = {"conv_general_dilated": _conv_rule, "dot_general": _dot_rule}
 
 
 def _nhwc_conv(lhs, rhs, params):
