@@ -16,9 +16,8 @@ samples in groups of that many per example with `jax.lax.map`, bounding the mode
 memory to `batch_size * sample_batch_size` images; the inputs and gradients of all samples of a
 chunk are still held, `batch_size * num_samples` images. The default, None, evaluates all
 samples at once on an accelerator and, on CPU, in groups of at most 96 model inputs per step
-(`_core.cpu_group_size`), which keeps the activations in cache: SmoothGrad of 32 images ran at
-1.27x (ResNet-18) and 1.74x (Defuse CNN) the speed of all 1,600 inputs at once. Pass
-`sample_batch_size=num_samples` for one step.
+(`_core.cpu_group_size`), which keeps the activations in cache (timings:
+`benchmarks/results/cpu_step_size.md`). Pass `sample_batch_size=num_samples` for one step.
 """
 
 from __future__ import annotations

@@ -1,93 +1,37 @@
-"""Convolutions and their gradients without XLA:CPU's slow paths: input-dilated convolutions
-(strided input gradients, transposed convolutions), images with few channels and convolutions
-inside loops.
+"""Convolutions and products whose values and gradients avoid XLA:CPU's slow paths.
 
-JAX differentiates a strided convolution into a convolution with `lhs_dilation` (the output
-cotangent spread out with zeros). XLA:CPU has no fast kernel for that and runs it as a generic
-loop: on the 4x4/2 layers of the Defuse CNN (batch 200) the input gradient took 31-62 ms against
-1-13 ms for the forward pass (XLA's Eigen convolutions, which `jfail.xla.jit` selects). A
-stride-s convolution is also a stride-1 convolution of the space-to-depth rearranged input (s x s
-blocks stacked into channels) with a rearranged kernel, and the transpose of that is an ordinary
-convolution (4-8x faster on those layers).
+XLA:CPU runs some convolutions as a generic loop, several times slower than its Eigen kernels:
+input-dilated ones (JAX's input gradient of a strided convolution, transposed convolutions),
+those of images with few channels, those with one output position, and any convolution in a
+loop body (`jax.lax.map`, `scan`: only top-level convolutions get the NHWC / HWIO layouts Eigen
+needs). JAX's input gradient of a dense layer `x @ W` is also slow, contracting `W` on its second
+axis. Each rule below computes the same sums in another order (agreement to float32 rounding,
+the original multiply-adds and no more), as a `custom_vjp` where only a cotangent changes:
 
-`strided_conv(lhs, rhs, **params)` is the primitive in the forward pass, with the lhs (input)
-cotangent computed through that rearrangement (the same sums in another order: agreement to
-float32 rounding) and JAX's own rhs (weight) cotangent. `eligible` limits it to windows that
-overlap and tile the stride (kernel a multiple of the stride, e.g. 4x4/2), where it does exactly
-the original multiply-adds; 3x3/2 would pay 16/9 of them.
+- `strided_conv` (`eligible`: kernels a multiple of the stride, e.g. 4x4/2): the input cotangent
+  through space-to-depth, a stride-1 convolution of `s x s` blocks stacked into channels;
+- `phased_conv` (`phased`: other strides, e.g. ResNet's 3x3/2 and 1x1/2, and stride 1): the input
+  cotangent one output phase (residue modulo the stride) at a time, each a stride-1 convolution
+  with that phase's kernel taps, interleaved; at stride 1 one phase, the kernel laid out as HWIO
+  by an explicit transpose, which XLA keeps inside loops;
+- `transposed_conv` (`transposed`: input dilation, more than `FEW_CHANNELS` outputs): the value
+  phase by phase too, its cotangents JAX's derivatives of that;
+- `few_channel_conv` (`few_channels`: at most `FEW_CHANNELS` input channels; takes precedence):
+  patches (`kh * kw * C` channels) times the kernel as a matrix;
+- `one_window_conv` (`one_window`: a single output position): one matrix product;
+- `dense_dot` (`dense`): the input cotangent times the kernel transposed in memory, behind an
+  optimization barrier so that XLA does not fold the transpose back.
 
-Other strided convolutions (ResNet's 3x3/2 and 1x1/2) get `phased_conv`: JAX's input gradient,
-a convolution of the cotangent dilated by the strides, splits by output phase (rows and columns
-of one residue modulo the dilation), and each phase is a stride-1 convolution with the kernel
-taps of that phase (3x3/2: 2x2, 2x1, 1x2 and 1x1 taps, the original multiply-adds exactly),
-interleaved afterwards. On an AVX-512 EPYC at batch 200 the input gradient of ResNet-18's 28x28
-16->32 3x3/2 layer took 3.0-5.3 ms against 6.6-10 ms, of its 1x1/2 shortcut 0.3-0.5 against
-0.7-0.8, and no longer on its 7x7 and 14x14 layers (a whole input gradient 3-5 % faster);
-`phased` says which convolutions qualify.
-
-Transposed convolutions (input dilation, Defuse's VAE decoder) are the same slow loop in the
-forward pass and in both gradients. `transposed_conv` evaluates them phase by phase too, and
-their cotangents are JAX's derivatives of that (stride-1 convolutions only). Decoder layers at
-batch 2048, forward / both cotangents: 4x4x32 -> 8x8x32 45 / 151 -> 10 / 40 ms, 8x8x32 -> 16x16x32
-190 / 889 -> 54 / 168 ms, 7x7x32 -> 14x14x32 153 / 593 -> 42 / 96 ms. To one output channel
-Eigen's stride-1 kernels are slower than the loop (30 / 72 -> 60 / 586 ms), so `transposed`
-leaves convolutions with at most `FEW_CHANNELS` output channels alone.
-
-Convolutions of images with few channels (the first layer of a network on grey or colour images)
-are a second slow case: XLA's Eigen kernels took 3-7 ms for the forward pass of a 1-channel layer
-at batch 200 (3x3 to 8 or 16 channels, 4x4/2 to 64) and 3-7 ms for its input gradient, 10-48 ms
-for the input gradient of 3-channel 3x3 layers. Written as patches (the kh x kw shifted windows
-side by side, `kh * kw * C` channels) times the kernel reshaped to a matrix, the same sums took
-1.1-1.8 ms forward and 0.9-1.3 ms backward with one channel and 4-11 ms backward with three;
-with 8 or more channels patches were 5-10x slower than Eigen, hence `FEW_CHANNELS = 4`.
-`few_channel_conv(lhs, rhs, **params)` computes the input cotangent of convolutions with at most
-`FEW_CHANNELS` input channels that way, and with one channel also the value and the kernel
-cotangent; `few_channels` says which convolutions qualify (it takes precedence over `eligible`).
-
-Convolutions with a single output position (a kernel window covering the whole padded input,
-the Defuse CNN's 4x4/2 layer from 3x3 to 1x1) are a third: Eigen took 0.43 ms for it at batch
-32 and 1.9 ms at batch 200, against 0.11 and 0.15 ms for the same sums as one matrix product
-(`one_window_conv`, the window's patch times the kernel as a matrix; the cotangents 0.33 ->
-0.19 and 0.72 -> 0.53 ms). Larger outputs measured no faster as patches (4x4 and 7x7 outputs:
-1.2-7x slower), hence `one_window`.
-
-Convolutions inside a loop body (`jax.lax.map`, `scan`, `fori_loop`: grouped samples, PGD and
-feature attacks) are a fourth. XLA:CPU gives only the top-level computation's convolutions the
-NHWC / HWIO layouts its Eigen kernels need; in a loop body JAX's input gradient of a stride-1
-convolution keeps its flipped kernel with the channels swapped as `01oi` and runs as the
-generic loop. The input gradient of one 28x28 16->16 3x3 layer, 4 groups of 50 images through
-`jax.lax.map`, took 95 ms against 13 ms at the top level, and a ResNet-18 (width 16) input
-gradient of 200 images in 4 groups 833 ms against 109 ms. `phased_conv` takes stride-1
-convolutions as one phase: the transposed convolution with its kernel laid out as HWIO by an
-explicit transpose, which XLA keeps in loops (the same ResNet-18 gradient in 4 groups: 104
-ms), and which measured the same as JAX's own at the top level (2395-2416 images/s at batch
-32, 1877-1895 at batch 200). Convolutions of other layouts (NCHW / OIHW, as models ported from
-PyTorch are written) are slow in a loop body even in the forward pass: a 28x28 16->16 3x3 layer
-on 4 groups of 50 took 85 ms against 5 ms at the top level, and its gradient 172 against 9 ms.
-Every rule here therefore computes the value on NHWC / HWIO operands (explicit transposes,
-none for those layouts): 5.1 and 9.5 ms in the loop. The stride-1 convolutions that
-space-to-depth and the phases are made of are `phased_conv`s too, so that JAX's derivatives of
-them are canonical in loops as well (a Defuse CNN input gradient of 200 images in 5 groups: 30
--> 13 ms).
-
-Dense layers are a fifth: JAX's input gradient of `x @ W` (`W: [K, N]`, contracted on its
-first axis, as Flax's `Dense` writes it) is `g @ W.T` as a product contracting `W`'s second
-axis, which XLA:CPU ran up to 2.7x slower than the same product with `W.T` laid out as a matrix
-(784 -> 512 at batch 40: 631 against 234 us; 1.0-1.3x for 256- and 1024-wide layers).
-`dense_dot` computes that cotangent with the transposed kernel made explicit (behind an
-optimization barrier, which keeps XLA from folding the transpose back into the product);
-`dense` says which products qualify. A 784-512-256-10 MLP's input gradient
-(`jfail.models.MLP(10, (512, 256))`) took 0.40 instead of 0.90 ms at batch 32 and 1.23 instead
-of 1.73 ms at batch 200, with identical values.
-
-`fast_conv` picks among the five convolution rules for one convolution.
-`cpu_friendly_gradients(fn)` re-evaluates `fn`'s jaxpr with every such convolution, and every
-`dense` product, replaced (so a transposed convolution's value changes too, to float32
-rounding); off CPU (cuDNN has fast strided transposes) it returns `fn` itself.
+Every rewritten convolution computes its value on NHWC / HWIO operands (explicit transposes,
+none for those layouts), so that it is fast inside loops too. `fast_conv` picks the rule for one
+convolution. `cpu_friendly_gradients(fn)` re-evaluates `fn`'s jaxpr (`jfail.xla.jaxpr.evaluate`)
+with every such convolution and `dense` product replaced (a transposed convolution's value
+changes too, to float32 rounding); off CPU (cuDNN has fast strided transposes) it returns `fn`.
 jfail's training steps, PGD, feature attacks and gradient attributions apply it to the model
 before differentiating, LIME and KernelSHAP to the model they query in groups, Defuse's decoding
-to the decoder; the modified back-propagation methods use `fast_conv` for the convolutions of
-their linear blocks.
+to the decoder; modified back-propagation uses `fast_conv` for its linear blocks' convolutions.
+
+The timings behind each rule and threshold are in `benchmarks/results/cpu_gradients.md`.
 """
 
 from __future__ import annotations
