@@ -1,7 +1,8 @@
 """Modified back-propagation on any JAX function, by rewriting its jaxpr.
 
 `modified_forward(model, rules)` traces `model(x)` to a jaxpr with the model's weights as inputs
-and re-evaluates it equation by equation. Equations that do not depend on the image run as they
+and re-evaluates it equation by equation (with the environment and call handling of
+`jfail.xla.jaxpr`). Equations that do not depend on the image run as they
 are. Equations that do are rewritten:
 
 - ReLU (`jax.nn.relu`, i.e. a `custom_jvp_call` around `max(x, 0)`, or a bare `max(x, 0)`) becomes
@@ -118,6 +119,16 @@ class Rules:
     relevance: bool = False
 
     def for_block(self, kind: str, on_input: bool):
+        """The rule for one linear block.
+
+        Args:
+            kind: 'dense' (`dot_general`) or 'conv' (`conv_general_dilated`).
+            on_input: whether the block is fed by the image.
+
+        Returns:
+            `input_layer` for a block on the input when it is set, else `dense` or `conv`
+            (None: the ordinary gradient).
+        """
         if on_input and self.input_layer is not None:
             return self.input_layer
         return self.dense if kind == "dense" else self.conv
@@ -139,8 +150,22 @@ class LinearBlock:
 def modified_forward(model: Callable, rules: Rules, patterns: Sequence[jax.Array] | None = None):
     """`f(x, sink) -> logits` equal to `model(x)` whose VJP follows `rules`.
 
-    x: `[B, H, W, C]`; sink: zeros shaped like x (its cotangent is input-layer relevance).
-    `patterns`: one array per linear block (weight-shaped), needed by `PatternRule`.
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        rules: how ReLUs, linear blocks and residual sums are differentiated.
+        patterns: one array per linear block, shaped like its weight, for `PatternRule`
+            (from `fit_patterns`); None otherwise.
+
+    Returns:
+        `f(x, sink)`: x `[B, H, W, C]`; sink zeros shaped like x, whose cotangent is the
+        input-layer relevance. Returns the logits `[B, K]`.
+
+    Raises:
+        UnsupportedPrimitiveError: (when `f` is called) with `rules.strict`, for an
+            image-dependent primitive without a rule.
+        ValueError: (when `f` is called) if `patterns` is missing for a `PatternRule`, has
+            another length than the model's linear blocks, or a pattern is not shaped like its
+            block's weight.
     """
     dynamic, call = _traceable(model)
 
@@ -162,11 +187,22 @@ def modified_forward(model: Callable, rules: Rules, patterns: Sequence[jax.Array
 
 
 def linear_blocks(model: Callable, x: jax.Array, collect: Callable | None = None):
-    """The model's linear blocks in evaluation order (`LinearBlock`s) and, if `collect` is given,
-    the list of `collect(block, u, weight, lin_out, z, lin)` per block, evaluated on `x`.
+    """The model's linear blocks in evaluation order and what `collect` reads of each on `x`.
 
-    `lin(u, w)` applies the block's linear primitive with weight w; u: its input; lin_out: the
-    primitive's output; z: the block output after the folded affine chain.
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]`.
+        collect: None, or `collect(block, u, weight, lin_out, z, lin)` called per block: u its
+            input, lin_out the linear primitive's output, z the block output after the folded
+            affine chain, `lin(u, w)` the block's linear primitive applied with weight w.
+
+    Returns:
+        `(blocks, collected)`: the `LinearBlock`s, and the list of `collect`'s results (empty
+        when `collect` is None).
+
+    Raises:
+        UnsupportedPrimitiveError: for an image-dependent primitive modified back-propagation
+            has no rule for.
     """
     dynamic, call = _traceable(model)
     closed = jax.make_jaxpr(call)(dynamic, x)

@@ -53,7 +53,18 @@ OPTIONS = {**CPU_OPTIONS, **GPU_OPTIONS}
 def jit(fun: Callable | None = None, /, **jit_kwargs):
     """`jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)`, made at first use.
 
-    With `fun` omitted, returns a decorator (`@jit(static_argnums=0)`).
+    Args:
+        fun: the function to compile; omitted, `jit` returns a decorator
+            (`@jit(static_argnums=0)`).
+        **jit_kwargs: what `jax.jit` takes (`static_argnums`, `donate_argnums` ...), except
+            `compiler_options`.
+
+    Returns:
+        A callable used like `jax.jit(fun)` (calls, `.lower`, `.eval_shape` ...): compiled with
+        jfail's options at the top level, a plain `jax.jit` while another function is traced.
+
+    Raises:
+        TypeError: if `compiler_options` is passed (they are jfail's own; call `jax.jit`).
     """
     if "compiler_options" in jit_kwargs:
         raise TypeError("jit: compiler_options are jfail's own; call jax.jit to pass others.")
@@ -64,8 +75,14 @@ def jit(fun: Callable | None = None, /, **jit_kwargs):
 
 @functools.lru_cache(maxsize=None)
 def compiler_options() -> dict | None:
-    """The options of `OPTIONS` the installed XLA accepts (each checked once, alone, by compiling
-    a one-operation program), or None if it accepts none of them."""
+    """The options of `OPTIONS` the installed XLA accepts.
+
+    Each option is checked once, alone, by compiling a one-operation program on JAX's default
+    backend; the answer is remembered (`compiler_options.cache_clear()` forgets it).
+
+    Returns:
+        A dict of option name -> value, or None if XLA accepts none of them.
+    """
     accepted = {name: value for name, value in OPTIONS.items() if _accepts({name: value})}
     return accepted or None
 

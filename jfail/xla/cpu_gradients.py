@@ -51,11 +51,19 @@ __all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "p
 FEW_CHANNELS = 4  # `few_channels`: at most this many input channels; `transposed`: more outputs
 
 def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callable:
-    """`fn(*args, **kwargs)` with the same values whose VJP avoids XLA:CPU's slow convolutions
-    and products (dilated convolutions, dense layers' kernels contracted on their second axis).
+    """`fn` with the same values whose VJP avoids XLA:CPU's slow convolutions and products.
 
-    `platform`: where the program runs (None: JAX's default backend). Elsewhere `fn` is returned.
     Custom-derivative calls (`custom_jvp`, `custom_vjp`, e.g. `jax.nn.relu`) are kept as they are.
+
+    Args:
+        fn: a JAX function `fn(*args, **kwargs)`; its array arguments are traced, the others
+            (flags, Python numbers, modules) stay static.
+        platform: where the program runs (None: JAX's default backend).
+
+    Returns:
+        On CPU, a function called like `fn` that traces it and re-evaluates its jaxpr with the
+        convolutions `fast_conv` picks and the products `dense` accepts replaced; elsewhere
+        `fn` itself. Errors `fn` raises while being traced propagate unchanged.
     """
     if not on_cpu(platform):
         return fn
@@ -79,14 +87,32 @@ def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callabl
 
 
 def on_cpu(platform: str | None = None) -> bool:
-    """Whether programs run on XLA:CPU: `platform`, or JAX's default backend when None."""
+    """Whether programs run on XLA:CPU.
+
+    Args:
+        platform: a JAX platform name ("cpu", "gpu", "tpu"), or None for JAX's default backend.
+
+    Returns:
+        True for "cpu".
+    """
     return (platform or jax.default_backend()) == "cpu"
 
 
 def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | None:
-    """`one_window_conv`, `few_channel_conv`, `strided_conv`, `phased_conv`, `transposed_conv` or
-    None (XLA's own rules are fine) for a `conv_general_dilated` with these params and operand
-    shapes, called like the primitive."""
+    """The rule that replaces a `conv_general_dilated` on CPU, if any.
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        lhs_shape: the input's shape, in its own layout.
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        `one_window_conv`, `few_channel_conv`, `strided_conv`, `phased_conv` or
+        `transposed_conv` (tried in that order), called like the primitive; None where XLA's own
+        rules are fine.
+    """
     if one_window(params, lhs_shape, rhs_shape):
         return one_window_conv
     if few_channels(params, lhs_shape):
@@ -101,10 +127,21 @@ def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | No
 
 
 def eligible(params: dict, rhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params gets the space-to-depth backward pass:
-    a convolution `phased` accepts whose windows overlap and tile the stride (4x4/2: the
+    """Whether a convolution gets the space-to-depth input gradient (`strided_conv`).
+
+    That is a convolution `phased` accepts whose windows overlap and tile the stride (4x4/2: the
     rearranged convolution does exactly the original multiply-adds; 3x3/2 would pay 16/9 of
-    them and 1x1/2 does not overlap, both go phase by phase)."""
+    them and 1x1/2 does not overlap, both go phase by phase).
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        True if `strided_conv` applies.
+    """
     strides = tuple(params["window_strides"])
     spatial = [rhs_shape[axis] for axis in params["dimension_numbers"].rhs_spec[2:]]
     return (
@@ -117,15 +154,34 @@ def eligible(params: dict, rhs_shape: tuple) -> bool:
 def strided_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is computed by
     space-to-depth (see the module docstring); the value is computed on NHWC / HWIO operands
-    and the rhs cotangent is JAX's derivative of that."""
+    and the rhs cotangent is JAX's derivative of that.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     return _with_rules(lhs, rhs, params, _nhwc_conv, _vjp_lhs(_space_to_depth_conv),
                             _vjp_rhs(_nhwc_conv))
 
 
 def phased(params: dict) -> bool:
-    """Whether `conv_general_dilated` with these params gets `phased_conv`: 2 spatial
-    dimensions, no dilation, no grouping, non-negative padding (any strides; stride 1 is one
-    phase)."""
+    """Whether a convolution gets `phased_conv`: 2 spatial dimensions, no dilation, no grouping,
+    non-negative padding (any strides; stride 1 is one phase).
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+
+    Returns:
+        True if `phased_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and all(d == 1 for d in params["lhs_dilation"])
@@ -138,16 +194,37 @@ def phased_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is computed
     phase by phase (see the module docstring; with unit strides as one convolution with the
     kernel laid out as HWIO); the value is computed on NHWC / HWIO operands and the rhs
-    cotangent is JAX's derivative of that."""
+    cotangent is JAX's derivative of that.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     strided = any(s > 1 for s in params["window_strides"])
     lhs_cotangent = _phase_lhs_cotangent if strided else _flipped_kernel_lhs_cotangent
     return _with_rules(lhs, rhs, params, _nhwc_conv, lhs_cotangent, _vjp_rhs(_nhwc_conv))
 
 
 def transposed(params: dict, rhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params gets `transposed_conv`: 2 spatial
-    dimensions, input (lhs) dilation above 1 with unit window strides (a transposed
-    convolution), no kernel dilation, no grouping, more than `FEW_CHANNELS` output channels."""
+    """Whether a convolution gets `transposed_conv`: 2 spatial dimensions, input (lhs) dilation
+    above 1 with unit window strides (a transposed convolution), no kernel dilation, no
+    grouping, more than `FEW_CHANNELS` output channels.
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        True if `transposed_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and any(d > 1 for d in params["lhs_dilation"])
@@ -160,15 +237,36 @@ def transposed(params: dict, rhs_shape: tuple) -> bool:
 def transposed_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` for a transposed convolution,
     computed phase by phase (see the module docstring); both cotangents are JAX's derivatives
-    of that formulation (stride-1 convolutions, padding and interleaving)."""
+    of that formulation (stride-1 convolutions, padding and interleaving).
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     return _phase_dilated_conv(lhs, rhs, params)
 
 
 def one_window(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params and shapes gets `one_window_conv`: 2
-    spatial dimensions and a single output position (the kernel window covers the padded
-    input, e.g. the Defuse CNN's last convolution, 3x3 -> 1x1), no input dilation, no
-    grouping, non-negative padding."""
+    """Whether a convolution gets `one_window_conv`: 2 spatial dimensions and a single output
+    position (the kernel window covers the padded input, e.g. the Defuse CNN's last
+    convolution, 3x3 -> 1x1), no input dilation, no grouping, non-negative padding.
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        lhs_shape: the input's shape, in its own layout.
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        True if `one_window_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and _output_size(params, lhs_shape, rhs_shape) == [1, 1]
@@ -180,14 +278,35 @@ def one_window(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
 def one_window_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` for a convolution with one output
     position, as the window's patch times the kernel reshaped to a matrix (one matrix product);
-    both cotangents are JAX's derivatives of that."""
+    both cotangents are JAX's derivatives of that.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     return _patch_conv(lhs, rhs, params)
 
 
 def few_channels(params: dict, lhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params gets `few_channel_conv`: 2 spatial
-    dimensions, at most `FEW_CHANNELS` input channels, no input dilation (a transposed
-    convolution), no grouping, non-negative padding (kernel dilation and strides are fine)."""
+    """Whether a convolution gets `few_channel_conv`: 2 spatial dimensions, at most
+    `FEW_CHANNELS` input channels, no input dilation (a transposed convolution), no grouping,
+    non-negative padding (kernel dilation and strides are fine).
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        lhs_shape: the input's shape, in its own layout.
+
+    Returns:
+        True if `few_channel_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and lhs_shape[params["dimension_numbers"].lhs_spec[1]] <= FEW_CHANNELS
@@ -199,15 +318,36 @@ def few_channels(params: dict, lhs_shape: tuple) -> bool:
 def few_channel_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is the
     transpose of patches times a matrix (see the module docstring); with one input channel the
-    value and the rhs cotangent are computed that way too, otherwise on NHWC / HWIO operands."""
+    value and the rhs cotangent are computed that way too, otherwise on NHWC / HWIO operands.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     single = lhs.shape[params["dimension_numbers"].lhs_spec[1]] == 1
     value = _patch_conv if single else _nhwc_conv
     return _with_rules(lhs, rhs, params, value, _vjp_lhs(_patch_conv), _vjp_rhs(value))
 
 
 def dense(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
-    """Whether `dot_general` with these params and operand shapes gets `dense_dot`: a matrix
-    `rhs: [K, N]` contracted on its first axis with the last axis of `lhs`, no batch axes."""
+    """Whether a `dot_general` gets `dense_dot`: a matrix `rhs: [K, N]` contracted on its first
+    axis with the last axis of `lhs: [..., K]`, no batch axes.
+
+    Args:
+        params: the equation's parameters (`dimension_numbers`, `precision`,
+            `preferred_element_type`).
+        lhs_shape: the left operand's shape.
+        rhs_shape: the right operand's shape.
+
+    Returns:
+        True if `dense_dot` applies.
+    """
     (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = params["dimension_numbers"]
     return (
         len(rhs_shape) == 2 and not lhs_batch and not rhs_batch
@@ -218,7 +358,16 @@ def dense(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
 def dense_dot(lhs, rhs, **params):
     """`lax.dot_general_p.bind(lhs, rhs, **params)` (a product `dense` accepts) whose lhs
     cotangent multiplies by the explicitly transposed `rhs` (see the module docstring); the rhs
-    cotangent is JAX's."""
+    cotangent is JAX's.
+
+    Args:
+        lhs: `[..., K]`.
+        rhs: `[K, N]`.
+        **params: the parameters of the `dot_general` equation it replaces.
+
+    Returns:
+        `[..., N]`, the primitive's value.
+    """
     return _with_rules(lhs, rhs, params, _bind_dot, _transposed_kernel_lhs_cotangent,
                        _vjp_rhs(_bind_dot))
 
