@@ -2,8 +2,8 @@
 
 `modified_forward(model, rules)` traces `model(x)` to a jaxpr with the model's weights as inputs
 and re-evaluates it equation by equation (with the environment and call handling of
-`jfail.xla.jaxpr`). Equations that do not depend on the image run as they
-are. Equations that do are rewritten:
+`jfail.xla.jaxpr`). Equations that do not depend on the image run as they are, all of them
+first. Equations that do are rewritten:
 
 - ReLU (`jax.nn.relu`, i.e. a `custom_jvp_call` around `max(x, 0)`, or a bare `max(x, 0)`) becomes
   a `custom_vjp` whose backward pass is the rule's: gradient, guided or deconvnet.
