@@ -28,8 +28,7 @@ import numpy as np
 
 from jfail.keys import as_key
 from jfail.models.adapter import ModelCallError, StaticModel, call_shape, in_trace, split_model
-from jfail.models.cpu_gradients import on_cpu
-from jfail.xla import jit
+from jfail.xla import jit, on_cpu
 
 __all__ = [
     "ModelParts", "check_inputs", "check_host_inputs", "run_chunked", "split_model", "num_classes",

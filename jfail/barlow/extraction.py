@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
 from jfail.models.adapter import call_shape, in_trace, traced_model
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = [
     "AttackSettings",

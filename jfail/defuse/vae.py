@@ -25,9 +25,8 @@ from jfail.data import batches, check_images, num_batches
 from jfail.defuse._batched import map_batches
 from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.checkpoint import RunCheckpointer
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["VAEConfig", "VAEResult", "vae_loss", "train_vae", "encode"]
 

@@ -12,7 +12,6 @@ from jfail.models.callables import (
     model_fns,
     stateless_apply,
 )
-from jfail.models.cpu_gradients import cpu_friendly_gradients, strided_conv
 from jfail.models.cnn import BetaVAE, DefuseCNN, VAEDecoder, VAEEncoder
 from jfail.models.convert import (
     IMAGENET_MEAN,
@@ -48,7 +47,6 @@ __all__ = [
     "as_callable",
     "as_model",
     "build_classifier",
-    "cpu_friendly_gradients",
     "decoder_fn",
     "encoder_fn",
     "in_trace",
@@ -65,6 +63,5 @@ __all__ = [
     "resnet50",
     "resnet_variables_from_torch",
     "stateless_apply",
-    "strided_conv",
     "traced_model",
 ]

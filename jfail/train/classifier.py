@@ -33,12 +33,11 @@ from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, check_images, check_labels, num_batches
 from jfail.models.adapter import call_shape, traced_model
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.adversarial import Attack, as_key, pgd_attack
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.parallel import DataParallel
 from jfail.train.trainable import TrainableModel, is_trainable_style, trainable
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = [
     "TrainConfig",
