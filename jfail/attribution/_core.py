@@ -36,9 +36,8 @@ __all__ = [
     "sample_group_size", "cpu_group_size", "CPU_INPUTS_PER_STEP",
 ]
 
-# On 2 AVX-512 cores the ResNet-18 gradient ran 25-30 % faster per image in steps of 40-100
-# inputs than of 200, and SmoothGrad of 32 images (1,600 inputs) at 1.27x (ResNet-18) and 1.74x
-# (Defuse CNN) the speed of one step when the steps were kept under 100 inputs.
+# Steps of at most 96 inputs keep a CPU's activations in cache; the timings behind the figure are
+# in benchmarks/results/cpu_step_size.md.
 CPU_INPUTS_PER_STEP = 96
 
 
