@@ -100,6 +100,27 @@ def test_images_of_different_sizes_need_an_image_size(tmp_path):
     assert open_source(f"imagefolder:{tmp_path}@8", "all")[1]["image"].shape == (8, 8, 1)
 
 
+def test_load_and_the_source_share_one_split_channel_and_crop_rule(tmp_path):
+    _write_folder(tmp_path, ["a", "b"], per_class=5, size=(6, 10), mode="L")
+    Image.fromarray(RNG.integers(0, 256, (10, 6, 3), dtype=np.uint8)).save(tmp_path / "b" / "9.png")
+    name = f"imagefolder:{tmp_path}@4"
+    parts = {split: open_source(name, split) for split in ("train", "test", "all")}
+    # one colour file among grey ones (the first is grey): every image is RGB
+    assert {source.image_shape for source in parts.values()} == {(4, 4, 3)}
+    # no split folders: test is the fixed stratified 20 %, train the rest
+    assert sorted(parts["train"].paths + parts["test"].paths) == sorted(parts["all"].paths)
+    np.testing.assert_array_equal(np.bincount(parts["test"].labels()), [1, 1])
+    for split, source in parts.items():
+        loaded, streamed = data.load(name, split), read_all(source)
+        np.testing.assert_array_equal(loaded.images, streamed.images)
+        np.testing.assert_array_equal(loaded.labels, streamed.labels)
+    # 6 wide, 10 tall -> 4 wide, 7 tall, the centre 4 rows kept
+    with Image.open(parts["all"].paths[0]) as image:
+        first = np.asarray(image.convert("RGB").resize((4, 7), Image.BILINEAR))
+    np.testing.assert_array_equal(data.load(name, "all").images[0], first[1:5] / np.float32(255))
+    assert data.dataset_image_shape(name) == (4, 4, 3)
+
+
 # ---------------------------------------------------------------- ArrayRecord
 
 

@@ -37,7 +37,6 @@ import numpy as np
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx_cached
 from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
-from jfail.data.tfds_source import read_tfds
 from jfail.keys import host_seed
 
 log = logging.getLogger(__name__)
@@ -56,9 +55,10 @@ FASHION_MNIST_INSTALL_COMMAND = "apt-get install -y dataset-fashion-mnist"
 FIXED_SPLIT_SEED = 20240601
 """Seed of the fixed train/test split of mnist5k, digits and image folders.
 
-Those data sets have no official test split (an image folder: no split folders), so ``load`` draws one: a
-stratified FIXED_TEST_FRACTION of each class (numpy ``default_rng`` with
-this seed) is ``"test"``, the rest ``"train"``; ``"all"`` is everything.
+Those data sets (and an image folder without split folders) have no
+official test split, so ``load`` draws one: a stratified FIXED_TEST_FRACTION
+of each class (numpy ``default_rng`` with this seed) is ``"test"``, the rest
+``"train"``; ``"all"`` is everything.
 For mnist5k that is exactly 100 test images per class (4,000 / 1,000).
 Both parts keep the order of the source file; note that mnist5k's file is
 sorted by class.
@@ -339,8 +339,9 @@ def _load_idx_data_set(name, split, search_dirs, class_names, get_hint) -> Datas
 
     searched.append(f"tfds:{name}")
     try:
-        images, labels, _ = read_tfds(name, split)
-        return Dataset(images, labels, class_names)
+        from jfail.data.sources import TfdsSource, read_all
+
+        return read_all(TfdsSource(name, split))._replace(class_names=class_names)
     except ImportError:
         notes.append(f"tfds:{name} (tensorflow_datasets is not installed)")
     except DatasetNotFoundError as error:

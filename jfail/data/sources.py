@@ -902,6 +902,9 @@ def _fit_image(image, size: int | None, channels: int | None, *, where: str) -> 
                 raise ValueError(
                     f"{where} has dtype {array.dtype}; only uint8 and float images are supported.")
             return _fit_float(array.astype(np.float32), size, channels)
+        if (array.shape[-1] in (1, 3) and channels in (None, array.shape[-1])
+                and size in (None, array.shape[0]) and size in (None, array.shape[1])):
+            return np.divide(array, np.float32(255), dtype=np.float32)  # what Pillow would give
         image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     if channels is None:
         channels = 1 if image.mode in _GRAY_MODES else 3
