@@ -254,8 +254,15 @@ class ImageFolderSource(_DecodedSource):
         class_names, paths, labels = _class_files(folder, name)
         _check_same_classes(folders, class_names, folder, name)
         if part != "all":
-            in_test = _split_mask(labels, FIXED_TEST_FRACTION, seed=FIXED_SPLIT_SEED,
-                                  stratified=True)
+            try:
+                in_test = _split_mask(labels, FIXED_TEST_FRACTION, seed=FIXED_SPLIT_SEED,
+                                      stratified=True)
+            except ValueError as error:
+                raise ValueError(
+                    f"{name!r}: {len(labels)} images are too few for the fixed train/test split "
+                    f"({str(error).rstrip('.')}); read split 'all', or add train/ and test/ "
+                    "split folders."
+                ) from None
             keep = np.flatnonzero(in_test if part == "test" else ~in_test)
             paths, labels = [paths[i] for i in keep], labels[keep]
         self.root = root
