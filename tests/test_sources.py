@@ -32,7 +32,7 @@ def _write_folder(root, classes, per_class, size=(8, 8), mode="RGB", ending="png
 
 def test_image_folder_reads_pixels_labels_and_sorted_class_names(tmp_path):
     written = _write_folder(tmp_path, ["zebra", "ant", "moth"], per_class=3)
-    source = open_source(f"imagefolder:{tmp_path}")
+    source = open_source(f"imagefolder:{tmp_path}", "all")
     assert source.class_names == ("ant", "moth", "zebra")
     assert len(source) == 9 and source.image_shape == (8, 8, 3)
     np.testing.assert_array_equal(source.labels(), [0, 0, 0, 1, 1, 1, 2, 2, 2])
@@ -50,13 +50,13 @@ def test_image_folder_resize_keeps_the_centre_and_channels_follow_luma(tmp_path)
     tall[28:] = (0, 0, 255)
     os.makedirs(tmp_path / "only")
     Image.fromarray(tall).save(tmp_path / "only" / "a.png")
-    rgb = open_source(f"imagefolder:{tmp_path}@4")
+    rgb = open_source(f"imagefolder:{tmp_path}@4", "all")
     assert rgb.image_shape == (4, 4, 3)
     # The shorter side becomes 4 (32 -> 16 tall), the centre 4x4 is kept: only grey remains,
     # where squashing the whole image to 4x4 would mix red and blue into the outer rows.
     np.testing.assert_allclose(rgb[0]["image"], np.broadcast_to([100, 150, 200], (4, 4, 3)) / 255,
                                atol=1 / 255)
-    grey = open_source(f"imagefolder:{tmp_path}", image_size=4, channels=1)
+    grey = open_source(f"imagefolder:{tmp_path}", "all", image_size=4, channels=1)
     luma = (100 * 299 + 150 * 587 + 200 * 114) / 1000
     assert grey.image_shape == (4, 4, 1)
     np.testing.assert_allclose(grey[0]["image"], luma / 255, atol=1 / 255)
@@ -78,8 +78,8 @@ def test_image_folder_decodes_jpeg_and_takes_the_split_folder(tmp_path):
 
 def test_percent_suffix_keeps_the_subset_load_would_keep(tmp_path):
     _write_folder(tmp_path, ["a", "b", "c"], per_class=10, size=(8, 8), mode="L")
-    whole = open_source(f"imagefolder:{tmp_path}")
-    part = open_source(f"imagefolder:{tmp_path}[:30%]")
+    whole = open_source(f"imagefolder:{tmp_path}", "all")
+    part = open_source(f"imagefolder:{tmp_path}[:30%]", "all")
     assert whole.image_shape == (8, 8, 1)
     assert len(part) == 9
     np.testing.assert_array_equal(np.bincount(part.labels()), [3, 3, 3])
@@ -94,10 +94,31 @@ def test_images_of_different_sizes_need_an_image_size(tmp_path):
     os.makedirs(tmp_path / "a")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a" / "0.png")
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "a" / "1.png")
-    source = open_source(f"imagefolder:{tmp_path}")
+    source = open_source(f"imagefolder:{tmp_path}", "all")
     with pytest.raises(ValueError, match=r"1\.png is 9x8 but the first image .* is 8x8; .*size="):
         source[1]
-    assert open_source(f"imagefolder:{tmp_path}@8")[1]["image"].shape == (8, 8, 1)
+    assert open_source(f"imagefolder:{tmp_path}@8", "all")[1]["image"].shape == (8, 8, 1)
+
+
+def test_load_and_the_source_share_one_split_channel_and_crop_rule(tmp_path):
+    _write_folder(tmp_path, ["a", "b"], per_class=5, size=(6, 10), mode="L")
+    Image.fromarray(RNG.integers(0, 256, (10, 6, 3), dtype=np.uint8)).save(tmp_path / "b" / "9.png")
+    name = f"imagefolder:{tmp_path}@4"
+    parts = {split: open_source(name, split) for split in ("train", "test", "all")}
+    # one colour file among grey ones (the first is grey): every image is RGB
+    assert {source.image_shape for source in parts.values()} == {(4, 4, 3)}
+    # no split folders: test is the fixed stratified 20 %, train the rest
+    assert sorted(parts["train"].paths + parts["test"].paths) == sorted(parts["all"].paths)
+    np.testing.assert_array_equal(np.bincount(parts["test"].labels()), [1, 1])
+    for split, source in parts.items():
+        loaded, streamed = data.load(name, split), read_all(source)
+        np.testing.assert_array_equal(loaded.images, streamed.images)
+        np.testing.assert_array_equal(loaded.labels, streamed.labels)
+    # 6 wide, 10 tall -> 4 wide, 7 tall, the centre 4 rows kept
+    with Image.open(parts["all"].paths[0]) as image:
+        first = np.asarray(image.convert("RGB").resize((4, 7), Image.BILINEAR))
+    np.testing.assert_array_equal(data.load(name, "all").images[0], first[1:5] / np.float32(255))
+    assert data.dataset_image_shape(name) == (4, 4, 3)
 
 
 # ---------------------------------------------------------------- ArrayRecord

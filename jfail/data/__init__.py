@@ -13,19 +13,20 @@ from jfail.data.datasets import (
     check_dataset_name,
     dataset_image_shape,
     fashion_mnist_search_dirs,
-    image_folder_name_parts,
-    is_image_folder_name,
     load,
     mnist_search_dirs,
     train_val_split,
 )
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx
-from jfail.data.imagefolder import image_folder_shape, load_image_folder
 from jfail.data.sources import (
     ArraySource,
     ImageSource,
     check_source_name,
+    image_folder_name_parts,
+    image_folder_shape,
+    is_image_folder_name,
+    load_image_folder,
     open_source,
     read_all,
     write_arrayrecord,

@@ -10,9 +10,8 @@ samplers, sharding and prefetching (see :mod:`jfail.data.streaming`) and into
 
 One function, :func:`open_source`, resolves every data set name:
 
-- ``imagefolder:<path>``: one sub-folder per class, class ids in sorted
-  order of the folder names; PNG, JPEG, BMP, GIF and WebP files decoded with
-  Pillow. If ``<path>/<split>`` is a folder, that is the split.
+- ``imagefolder:<path>`` (or a path with a ``/`` in it, ``./my_images``):
+  an image folder, see below.
 - ``tfds:<name>``: a prepared TensorFlow Datasets data set, read through
   ``tfds.data_source`` (ArrayRecord, random access, no TensorFlow).
 - ``arrayrecord:<glob>``: ArrayRecord files written by
@@ -20,6 +19,26 @@ One function, :func:`open_source`, resolves every data set name:
 - the built-in names of :func:`jfail.data.load` (``fashion_mnist``, ``mnist``,
   ``mnist5k``, ``digits``): loaded into memory by ``load`` and served from
   there, so their examples equal ``load``'s arrays exactly.
+
+An image folder has one sub-folder per class (class ids: the sorted folder
+names; images at any depth below it, PNG, JPEG, BMP, GIF or WebP, decoded with
+Pillow; every class folder must hold at least one), or split folders of such
+class folders (``train/``, ``test/``, ``val/``, ``validation/``, with the same
+classes). Its rules, the same for :func:`open_source`, :func:`load_image_folder`
+and :func:`jfail.data.load`:
+
+- split: ``<path>/<split>`` when that folder exists; otherwise, when the
+  folder has split folders, an error naming them; otherwise ``"test"`` is a
+  fixed class-stratified 20 percent of the images (``FIXED_TEST_FRACTION``,
+  seed ``FIXED_SPLIT_SEED``, as for mnist5k), ``"train"`` the rest and
+  ``"all"`` everything, each in source order.
+- channels: 1 (grayscale) when every image of the folder, all splits, is
+  grayscale, else 3 (RGB; alpha dropped; a grayscale file in a colour folder
+  is repeated); found from the files' headers. ``channels=`` overrides it
+  (and skips reading every header, which matters for large folders).
+- size: ``@S`` (or ``image_size=S``) resizes the shorter side to S (bilinear)
+  and crops the centre SxS, the ImageNet convention; square images are simply
+  resized. Without it every image must have the same size.
 
 Every name may end with ``@S`` and then ``[:P%]``, as in ``load`` (or the
 two the other way round; a subset does not depend on the image size):
@@ -52,8 +71,11 @@ import numpy as np
 from jfail import jsonfile
 from jfail.data.datasets import (
     DATASET_NAMES,
+    FIXED_SPLIT_SEED,
+    FIXED_TEST_FRACTION,
     SUBSET_SEED,
     Dataset,
+    _check_split,
     _split_mask,
     load,
 )
@@ -74,6 +96,7 @@ _HEADER = struct.Struct("<4sI")
 _SUFFIXES = re.compile(r"(?:@(?P<size>\d+))?(?:\[:(?P<percent>\d+(?:\.\d+)?)%\])?$")
 _SUFFIXES_PERCENT_FIRST = re.compile(r"\[:(?P<percent>\d+(?:\.\d+)?)%\]@(?P<size>\d+)$")
 _SPLIT_FOLDERS = ("train", "test", "val", "validation")
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 class ImageSource(Sequence):
@@ -191,60 +214,63 @@ class _DecodedSource(ImageSource):
 
 
 class ImageFolderSource(_DecodedSource):
-    """Images in one sub-folder per class (``root/<class>/**/<image>``).
+    """One split of an image folder: images in one sub-folder per class.
 
-    Class ids follow the sorted folder names; examples are ordered by class,
-    then by path. Images are decoded with Pillow, converted to ``channels``
-    (1: grayscale, 3: RGB; None: like the first image) and, when
-    ``image_size`` is given, resized (shorter side, bilinear) and
-    centre-cropped to [image_size, image_size].
+    Layout, labels, splits, channels and resizing follow the image-folder rules of the module
+    doc: class ids are the sorted class folder names, examples are ordered by class, then by
+    path (``<class>/**/<image>``, any depth).
 
     Args:
-      root: the folder of class folders.
-      image_size: the side S of the square images, or None to keep each
-        image's size (then all must have the first image's size).
-      channels: 1, 3 or None.
+      root: the image folder (class folders, or split folders of class folders).
+      split: ``<root>/<split>`` when that folder exists; else, for a folder of class folders,
+        ``"train"``, ``"test"`` (the fixed stratified split) or ``"all"``.
+      image_size: the side S of the square images (shorter side resized, centre crop), or None
+        to keep each image's size (then all must have the first image's size).
+      channels: 1, 3, or None: 1 when every image of the folder (all splits) is grayscale,
+        else 3 (this reads every file's header; give it to skip that).
       name: what to call it in messages.
 
     Raises:
       DatasetNotFoundError: ``root`` is not a folder.
-      ValueError: no class folders, or no images in them.
+      ValueError: an unknown split, no class folders, a class folder without images, split
+        folders with different classes.
     """
 
-    def __init__(self, root: str | os.PathLike, *, image_size: int | None = None,
-                 channels: int | None = None, name: str | None = None):
+    def __init__(self, root: str | os.PathLike, *, split: str = "all",
+                 image_size: int | None = None, channels: int | None = None,
+                 name: str | None = None):
         root = os.fspath(root)
         name = name or f"imagefolder:{root}"
-        if not os.path.isdir(root):
-            raise DatasetNotFoundError(
-                f"{name!r}: {root} is not a folder. An image folder source needs a folder "
-                "with one sub-folder of images per class.",
-                searched=(root,),
-            )
-        class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        if not class_names:
+        folders = _image_folder_splits(root, name, split)
+        if split in folders:
+            folder, part = folders[split], "all"
+        elif set(folders) != {_WHOLE}:
             raise ValueError(
-                f"{name!r}: {root} has no class folders; put the images of each class in "
-                f"their own sub-folder ({root}/<class name>/<image>.png)."
-            )
-        paths, labels = [], []
-        for label, class_name in enumerate(class_names):
-            for folder, subfolders, files in os.walk(os.path.join(root, class_name)):
-                subfolders.sort()
-                for file_name in sorted(files):
-                    if file_name.lower().endswith(IMAGE_EXTENSIONS):
-                        paths.append(os.path.join(folder, file_name))
-                        labels.append(label)
-        if not paths:
-            raise ValueError(
-                f"{name!r}: the class folders of {root} ({', '.join(class_names[:5])}"
-                f"{', ...' if len(class_names) > 5 else ''}) hold no images with endings "
-                f"{', '.join(IMAGE_EXTENSIONS)}."
-            )
+                f"Unknown split {split!r} for {name!r}: {root} has split folders "
+                f"({', '.join(folders)}) but no {split!r}; pass one of them as the split.")
+        else:
+            _check_split(name, split, ("train", "test", "all"))
+            folder, part = root, split
+        class_names, paths, labels = _class_files(folder, name)
+        _check_same_classes(folders, class_names, folder, name)
+        if part != "all":
+            try:
+                in_test = _split_mask(labels, FIXED_TEST_FRACTION, seed=FIXED_SPLIT_SEED,
+                                      stratified=True)
+            except ValueError as error:
+                raise ValueError(
+                    f"{name!r}: {len(labels)} images are too few for the fixed train/test split "
+                    f"({str(error).rstrip('.')}); read split 'all', or add train/ and test/ "
+                    "split folders."
+                ) from None
+            keep = np.flatnonzero(in_test if part == "test" else ~in_test)
+            paths, labels = [paths[i] for i in keep], labels[keep]
         self.root = root
         self.paths = tuple(paths)
         self.class_names = tuple(class_names)
         self._labels = np.asarray(labels, np.int32)
+        if channels is None:
+            channels = 1 if _image_folder_headers(root, name, split)[1] else 3
         super().__init__(name, image_size, channels)
 
     def __len__(self) -> int:
@@ -449,13 +475,15 @@ def open_source(
       name: ``imagefolder:<path>``, ``tfds:<name>``, ``arrayrecord:<glob>``
         or a built-in name (DATASET_NAMES), optionally followed by ``@S`` and
         then ``[:P%]`` (see the module doc), e.g. ``"imagefolder:/data/pets@64[:10%]"``.
-      split: ``imagefolder``: the sub-folder ``<path>/<split>`` if there is
-        one; ``tfds``: any TFDS split string; ``arrayrecord``: ignored (the
-        glob names the files); built-in names: as for ``load``.
+      split: ``imagefolder``: the split rule of the module doc
+        (``<path>/<split>``, else the fixed split: ``"train"``, ``"test"``,
+        ``"all"``); ``tfds``: any TFDS split string; ``arrayrecord``: ignored
+        (the glob names the files); built-in names: as for ``load``.
       image_size: the side S of the square images; the same as an ``@S``
         suffix (give one or the other, or the same value). None keeps the
         stored size, which must then be the same for every image.
-      channels: 1 (grayscale) or 3 (RGB); None keeps the first image's.
+      channels: 1 (grayscale) or 3 (RGB); None: an image folder's channel
+        rule (module doc), else the first image's.
       data_dir: the TFDS data dir (``tfds:``) or the IDX folder (built-ins).
       image_key, label_key: the TFDS features to read (``tfds:`` only).
 
@@ -479,7 +507,7 @@ def open_source(
         raise ValueError(
             f"image_key and label_key only apply to 'tfds:<name>' data sets, not {name!r}.")
     if scheme == "imagefolder":
-        source = ImageFolderSource(_split_folder(rest, split, name), image_size=size,
+        source = ImageFolderSource(os.path.expanduser(rest), split=split, image_size=size,
                                    channels=channels, name=name)
     elif scheme == "arrayrecord":
         paths = sorted(path for path in globbing.glob(os.path.expanduser(rest))
@@ -524,6 +552,8 @@ def _parse(name, image_size):
     scheme, colon, rest = base.partition(":")
     if not colon and base in DATASET_NAMES:
         return None, base, size, percent
+    if is_image_folder_name(base) and scheme != "imagefolder":
+        return "imagefolder", base, size, percent
     if not colon or scheme not in SCHEMES:
         raise ValueError(
             f"Unknown data set {name!r}. Known: {', '.join(f'{s}:...' for s in SCHEMES)} "
@@ -601,9 +631,190 @@ def read_all(source: ImageSource) -> Dataset:
       A :class:`Dataset`: images [N, H, W, C] float32, labels [N] int32.
     """
     images = np.empty((len(source), *source.image_shape), np.float32)
-    for index in range(len(source)):
-        images[index] = source[index]["image"]
-    return Dataset(images, source.labels(), source.class_names)
+    labels = np.empty(len(source), np.int32)
+    for index in range(len(source)):  # one pass: a source may decode the image to get a label
+        example = source[index]
+        images[index], labels[index] = example["image"], example["label"]
+    return Dataset(images, labels, source.class_names)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def is_image_folder_name(name: str) -> bool:
+    """Whether ``name`` names an image folder: ``imagefolder:<path>``, or a name with a path
+    separator in it and no ``<scheme>:`` prefix (``./my_images``, ``/data/pets@64``)."""
+    if not isinstance(name, str):
+        return False
+    if name.startswith("imagefolder:"):
+        return True
+    return not _SCHEME_PREFIX.match(name) and ("/" in name or os.sep in name)
+
+
+def image_folder_name_parts(name: str) -> tuple[str, int | None, float | None]:
+    """``(path, size or None, percent or None)`` of an image-folder name, e.g.
+    ``"imagefolder:pets@64[:10%]"`` -> ``("pets", 64, 10.0)``.
+
+    Raises:
+      ValueError: ``name`` is not an image-folder name, or has bad suffixes.
+    """
+    scheme, path, size, percent = _parse(name, None)
+    if scheme != "imagefolder":
+        raise ValueError(f"{name!r} is not an image folder name; write 'imagefolder:<path>'.")
+    return path, size, percent
+
+
+def image_folder_classes(path: str | os.PathLike) -> tuple[str, ...]:
+    """The class names of the image folder at ``path`` (sorted class folder names), checking
+    its layout without reading any image.
+
+    Raises:
+      DatasetNotFoundError: ``path`` is not a folder.
+      ValueError: no class folders, a class folder without images, split folders with
+        different classes.
+    """
+    name = f"imagefolder:{os.fspath(path)}"
+    folders = _image_folder_splits(path, name)
+    classes = None
+    for folder in folders.values():
+        names = _class_files(folder, name)[0]
+        if classes is not None:
+            _check_same_classes(folders, names, folder, name)
+        classes = names
+    return classes
+
+
+def image_folder_shape(path: str | os.PathLike, image_size: int | None = None
+                       ) -> tuple[int, int, int]:
+    """``(H, W, C)`` of every image of the image folder at ``path``, from the files' headers
+    (no pixel is decoded).
+
+    C is the folder's channel rule (1 when every image of every split is grayscale, else 3);
+    ``(image_size, image_size, C)`` when ``image_size`` is given.
+
+    Raises:
+      DatasetNotFoundError: ``path`` is not a folder.
+      ValueError: a bad layout (:func:`image_folder_classes`), a file that is not a readable
+        image, or images of different sizes without ``image_size``.
+    """
+    sizes, gray = _image_folder_headers(path, f"imagefolder:{os.fspath(path)}")
+    channels = 1 if gray else 3
+    if image_size is not None:
+        return (image_size, image_size, channels)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
+        raise ValueError(f"image folder {os.fspath(path)!r} holds images of {len(sizes)} sizes "
+                         f"({shown}{', ...' if len(sizes) > 4 else ''}); add @S to the name to "
+                         "make them all SxS, e.g. 'imagefolder:my_images@64', or give the "
+                         "model's image_size.")
+    width, height = sizes.pop()
+    return (height, width, channels)
+
+
+def load_image_folder(path: str | os.PathLike, split: str = "train", *,
+                      image_size: int | None = None) -> Dataset:
+    """One split of an image folder in memory: ``read_all`` of its :class:`ImageFolderSource`,
+    after checking from the headers that every image has one size (or ``image_size``).
+
+    Args:
+      path: the folder (see the module doc for its layout and rules).
+      split: ``<path>/<split>`` when that folder exists; else ``"train"``, ``"test"`` (the
+        fixed stratified split) or ``"all"``.
+      image_size: make every image ``[image_size, image_size]`` (shorter side resized,
+        bilinear, centre crop); None keeps the files' size, which must then be the same for
+        all.
+
+    Returns:
+      ``Dataset`` with images ``[N, H, W, C]`` float32 in [0, 1], labels ``[N]`` int32 (sorted
+      class folder names), class_names.
+
+    Raises:
+      DatasetNotFoundError: ``path`` is not a folder.
+      ValueError: a bad layout, an unreadable file, an unknown split, mixed sizes without
+        ``image_size``.
+    """
+    channels = image_folder_shape(path, image_size)[-1]
+    return read_all(ImageFolderSource(os.path.expanduser(os.fspath(path)), split=split,
+                                      image_size=image_size, channels=channels,
+                                      name=f"imagefolder:{os.fspath(path)}"))
+
+
+_WHOLE = "all"
+_SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _image_folder_splits(path, name: str, split: str | None = None) -> dict[str, str]:
+    """``{split: <path>/<split>}`` for the split folders present (train, test, val, validation
+    and ``split``), or ``{"all": <path>}`` for a folder of class folders."""
+    root = os.path.expanduser(os.fspath(path))
+    if not os.path.isdir(root):
+        raise DatasetNotFoundError(
+            f"image folder {os.fspath(path)!r} is not a directory ({os.path.abspath(root)} is "
+            "not a folder); give a folder with one sub-folder of images per class.",
+            searched=(root,),
+        )
+    names = list(_SPLIT_FOLDERS)
+    if isinstance(split, str) and split and split not in names:
+        names.append(split)
+    present = {s: os.path.join(root, s) for s in names if os.path.isdir(os.path.join(root, s))}
+    return present or {_WHOLE: root}
+
+
+def _class_files(folder: str, name: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(sorted class names, image paths by class then path, [N] int32 labels) of ``folder``."""
+    class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not class_names:
+        raise ValueError(
+            f"{name!r}: {folder} has no class folders; put the images of each class in "
+            f"their own sub-folder ({folder}/<class name>/<image>.png)."
+        )
+    paths, labels, empty = [], [], []
+    for label, class_name in enumerate(class_names):
+        found = []
+        for parent, subfolders, files in os.walk(os.path.join(folder, class_name)):
+            subfolders.sort()
+            found += [os.path.join(parent, file_name) for file_name in sorted(files)
+                      if file_name.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            empty.append(class_name)
+        paths += found
+        labels += [label] * len(found)
+    if empty:
+        raise ValueError(
+            f"{name!r}: the class folders of {folder} ({', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''}) hold no images; a folder that holds no "
+            f"{', '.join(IMAGE_EXTENSIONS[:-1])} or {IMAGE_EXTENSIONS[-1]} file is not a class: "
+            "add images to it or remove it."
+        )
+    return class_names, paths, np.asarray(labels, np.int32)
+
+
+def _check_same_classes(folders: dict[str, str], class_names, folder: str, name: str) -> None:
+    for other in folders.values():
+        if other == folder:
+            continue
+        others = sorted(entry.name for entry in os.scandir(other) if entry.is_dir())
+        if others != list(class_names):
+            raise ValueError(
+                f"{name!r}: {folder} has classes {list(class_names)} but {other} has {others}; "
+                "every split folder needs the same class folders.")
+
+
+def _image_folder_headers(path, name: str, split: str | None = None
+                          ) -> tuple[set[tuple[int, int]], bool]:
+    """(the set of (width, height), whether every image is grayscale) over every split."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes, gray = set(), True
+    for folder in _image_folder_splits(path, name, split).values():
+        for file in _class_files(folder, name)[1]:
+            try:
+                with Image.open(file) as image:
+                    sizes.add(image.size)
+                    gray &= image.mode in _GRAY_MODES
+            except (OSError, UnidentifiedImageError) as error:
+                raise ValueError(f"{file} is not an image Pillow can read: {error}") from None
+    return sizes, gray
 
 
 _SCHEME_HELP = ("a folder of class folders", "a TFDS name", "a path or glob of ArrayRecord files")
@@ -639,20 +850,6 @@ def _percent(source: ImageSource, percent: float, name: str) -> ImageSource:
         return source
     keep = _split_mask(source.labels(), percent / 100, seed=SUBSET_SEED, stratified=True)
     return SubsetSource(source, np.flatnonzero(keep), name)
-
-
-def _split_folder(path: str, split: str, name: str) -> str:
-    path = os.path.expanduser(path)
-    if isinstance(split, str) and split and os.path.isdir(os.path.join(path, split)):
-        return os.path.join(path, split)
-    if os.path.isdir(path):
-        present = [s for s in _SPLIT_FOLDERS if os.path.isdir(os.path.join(path, s))]
-        if present:
-            raise ValueError(
-                f"{name!r}: {path} has split folders ({', '.join(present)}) but no {split!r}; "
-                f"pass one of them as the split."
-            )
-    return path
 
 
 def _check_index(index, length: int) -> int:
@@ -712,9 +909,12 @@ def _fit_image(image, size: int | None, channels: int | None, *, where: str) -> 
                 raise ValueError(
                     f"{where} has dtype {array.dtype}; only uint8 and float images are supported.")
             return _fit_float(array.astype(np.float32), size, channels)
+        if (array.shape[-1] in (1, 3) and channels in (None, array.shape[-1])
+                and size in (None, array.shape[0]) and size in (None, array.shape[1])):
+            return np.divide(array, np.float32(255), dtype=np.float32)  # what Pillow would give
         image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     if channels is None:
-        channels = 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        channels = 1 if image.mode in _GRAY_MODES else 3
     if image.mode in ("I", "I;16", "F"):
         image = image.point(lambda value: value / 256).convert("L")
     image = image.convert("L" if channels == 1 else "RGB")

@@ -312,7 +312,7 @@ def _check_autoencoder(user: UserModel, example, image_shape, where: str) -> Non
 
 def _num_classes(dataset: str) -> int | None:
     from jfail.data import DATASET_NAMES, image_folder_name_parts, is_image_folder_name
-    from jfail.data.imagefolder import image_folder_classes
+    from jfail.data.sources import image_folder_classes
 
     if is_image_folder_name(dataset):
         return len(image_folder_classes(image_folder_name_parts(dataset)[0]))
