@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from jfail import barlow
-from jfail.models import cpu_gradients, model_fns, resnet18, resnet_variables_from_torch
+from jfail.models import model_fns, resnet18, resnet_variables_from_torch
 from jfail.train import Attack, pgd_attack
-from jfail.xla import jit
+from jfail.xla import cpu_gradients, jit
 
 try:
     from benchmarks._machine import (

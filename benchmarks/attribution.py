@@ -90,7 +90,7 @@ otherwise idle machine; the report flags a run where they took over 10 %.
 jfail's programs are compiled with `jfail.xla.OPTIONS` (XLA:CPU's YNNPACK fusions off; on a GPU,
 convolutions recorded into command buffers; see `jfail.xla`), and the report lists those in
 effect. On CPU, jfail differentiates the Defuse CNN's 4x4/2 convolutions through
-space-to-depth (`jfail.models.cpu_gradients`), the ResNet's 3x3/2 and 1x1/2 ones phase by
+space-to-depth (`jfail.xla.cpu_gradients`), the ResNet's 3x3/2 and 1x1/2 ones phase by
 phase and its stride-1 ones with the transposed kernel laid out as HWIO (`phased_conv`). Every
 model's first convolution (one input channel) runs as patches times a matrix, its value and its
 input gradient (`few_channel_conv`), and the Defuse CNN's last one (one output position) as a

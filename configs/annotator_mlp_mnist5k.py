@@ -1,21 +1,21 @@
-"""The simulated annotators' classifier on the 5,000-image MNIST subset: an MLP (512, 256).
+"""The simulated annotators' classifier on the 5,000-image MNIST subset: annotator_mlp_fmnist.py
+on mnist5k.
 
-Defuse's failure scenarios are reviewed by annotators who label decoded samples. Here they are
-simulated by classifiers of this architecture, deliberately different from the convolutional
-classifier under repair, so that the reviewers do not share its inductive biases. The subset is
-small, so this trains for 20 epochs; several seeds (`--set train.seed=...`) give several
-independent voters.
+The subset is small, so this trains for 20 epochs; several seeds (`--set train.seed=...`) give
+several independent voters.
 """
 
-from jfail.config import ClassifierRunConfig
-from jfail.train import TrainConfig
+from pathlib import Path
+
+from jfail.config import ClassifierRunConfig, derive_config
+
+BASE = Path(__file__).with_name("annotator_mlp_fmnist.py")
+CHANGES = {
+    "name": "annotator_mlp_mnist5k",
+    "dataset": "mnist5k",
+    "train.epochs": 20,
+}
 
 
 def get_config() -> ClassifierRunConfig:
-    return ClassifierRunConfig(
-        name="annotator_mlp_mnist5k",
-        dataset="mnist5k",
-        val_fraction=0.1,
-        model="mlp",
-        train=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=128, epochs=20),
-    )
+    return derive_config(BASE, CHANGES)

@@ -1,6 +1,7 @@
 """Defuse on Fashion-MNIST (seeds 001, 003) with the Defuse CNN of configs/defuse_cnn_fmnist.py.
 
-The paper's MNIST settings throughout, with three changes for a 2-core CPU, each stated:
+The paper's MNIST settings (`DefuseConfig`'s defaults) throughout, with three changes for a
+2-core CPU, each stated:
 - the β-VAE trains 6 epochs at batch 256 (1,266 steps) instead of 800 epochs at batch 2048;
 - identification runs on 1,000 training images (500,000 draws) instead of all 60,000;
 - the λ sweep keeps 4 of the paper's 17 values (0.01, 1, 5, 20), 3 epochs each, as in the paper.
@@ -10,20 +11,16 @@ the paper's. The annotators are 5 MLPs (configs/annotator_mlp_fmnist.py) trained
 seeds; the classifier under repair is never one of them.
 """
 
-from jfail.config import DefuseConfig
-from jfail.defuse.vae import VAEConfig
+from jfail.config import DefuseConfig, derive_config
+
+BASE = DefuseConfig
+CHANGES = {
+    "vae.batch_size": 256,
+    "vae.epochs": 6,
+    "identify_images": 1000,
+    "lambdas": (1e-2, 1.0, 5.0, 20.0),
+}
 
 
 def get_config() -> DefuseConfig:
-    return DefuseConfig(
-        name="defuse_fmnist",
-        dataset="fashion_mnist",
-        classifier_config="configs/defuse_cnn_fmnist.py",
-        classifier_run="runs/classifiers/defuse_cnn_fmnist",
-        annotator_config="configs/annotator_mlp_fmnist.py",
-        annotator_runs="runs/defuse/annotators_fmnist",
-        vae=VAEConfig(beta=4.0, learning_rate=1e-3, batch_size=256, epochs=6, anneal_steps=500),
-        vae_run="runs/defuse/vae_fmnist",
-        identify_images=1000,
-        lambdas=(1e-2, 1.0, 5.0, 20.0),
-    )
+    return derive_config(BASE, CHANGES)

@@ -1,4 +1,5 @@
-"""An ℓ2-robust ResNet-18 (small stem, base width 16) on Fashion-MNIST: Barlow's feature extractor.
+"""An ℓ2-robust ResNet-18 on Fashion-MNIST, Barlow's feature extractor: resnet18_fmnist.py plus
+ℓ2 adversarial training.
 
 The paper extracts features with an ImageNet ResNet-50 adversarially trained under ℓ2, ε = 3
 (224x224x3). Here: ℓ2 ε = 1.0 on 28x28x1 images, a common strength for (Fashion-)MNIST that keeps
@@ -7,19 +8,18 @@ CPU cores each robust epoch costs about two standard ones. On an accelerator, ra
 `train.epochs` and `train.attack.steps`.
 """
 
-from jfail.config import ClassifierRunConfig
-from jfail.train import Attack, TrainConfig
+from pathlib import Path
+
+from jfail.config import ClassifierRunConfig, derive_config
+from jfail.train import Attack
+
+BASE = Path(__file__).with_name("resnet18_fmnist.py")
+CHANGES = {
+    "name": "resnet18_fmnist_robust_l2",
+    "train.epochs": 2,
+    "train.attack": Attack(norm="l2", epsilon=1.0, steps=2),
+}
 
 
 def get_config() -> ClassifierRunConfig:
-    return ClassifierRunConfig(
-        name="resnet18_fmnist_robust_l2",
-        dataset="fashion_mnist",
-        val_fraction=0.1,
-        model="resnet18",
-        model_kwargs={"stem": "small", "width": 16},
-        train=TrainConfig(
-            optimizer="adam", learning_rate=2e-3, schedule="cosine", batch_size=32, epochs=2,
-            attack=Attack(norm="l2", epsilon=1.0, steps=2),
-        ),
-    )
+    return derive_config(BASE, CHANGES)

@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBPACKAGES = (
-    "attribution", "barlow", "data", "debugtests", "defuse", "models", "prime", "train", "xla",
+    "attribution", "barlow", "data", "debugtests", "defuse", "engine", "models", "prime", "train",
+    "xla",
 )
 
 

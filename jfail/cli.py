@@ -5,12 +5,16 @@
     jfail defuse --config configs/defuse_fmnist.py
     jfail debugtests --config configs/debug_tests.py
     jfail prime --config configs/prime_fmnist.py
+    jfail barlow --config configs/barlow_fmnist.py --set model=my_models:classifier \
+        --set dataset=imagefolder:my_images       # one's own model and images
     jfail train --config configs/defuse_cnn_mnist5k.py
     jfail report RUN_DIR                         # rebuild RUN_DIR/report.html
     jfail annotate RUN_DIR                       # the Defuse annotation page on 127.0.0.1
 
 Every command writes a run directory (`--workdir`, default `runs/<command>-<time>`) with a log
-file, `jfail.log`; the method commands and the demo also write `report.html`. Progress bars show
+file, `jfail.log`; the method commands and the demo also write `report.html`. A method command
+reads its classifiers from finished `jfail train` runs (or the model `model=package.module:function`
+returns, `jfail.models.user`) and trains none outside its run directory. Progress bars show
 on a terminal and never with `--quiet` or when stderr is not a terminal (CI, pipes).
 """
 
@@ -78,12 +82,13 @@ def describe_failure(error: BaseException) -> tuple[int, str]:
     """`(exit status, one line)` for an error that ends a command (see `main`)."""
     from jfail.config import ConfigError
     from jfail.data import DatasetNotFoundError
+    from jfail.models.user import UserModelError
 
     fault = _environment_fault(error)
     if fault is not None:
         return 1, fault
     first = (str(error).strip().splitlines() or [""])[0]
-    if isinstance(error, (ConfigError, DatasetNotFoundError)):
+    if isinstance(error, (ConfigError, DatasetNotFoundError, UserModelError)):
         return 2, first
     if isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
                           NotADirectoryError)):
@@ -133,6 +138,8 @@ def _run(parser, args) -> int:
     config = _load_checked_config(args) if hasattr(args, "config") else None
     run_dir = Path(args.workdir or f"runs/{args.command}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     run_dir = run_dir.absolute()  # the report resolves relative Markdown paths against run_dir
+    if args.command in _PIPELINES:
+        _check_models(config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet and sys.stderr.isatty()
     with _logging_to(run_dir / "jfail.log"):
@@ -151,11 +158,10 @@ def _run(parser, args) -> int:
 def _load_checked_config(args):
     """The command's config with its overrides, validated before anything is written."""
     from jfail import config as configs
-    from jfail.prime.config import PrimeConfig
 
     expected = {"train": configs.ClassifierRunConfig, "barlow": configs.BarlowConfig,
                 "defuse": configs.DefuseConfig, "debugtests": configs.DebugTestsConfig,
-                "prime": PrimeConfig}[args.command]
+                "prime": configs.PrimeConfig}[args.command]
     try:
         config = configs.load_config(args.config, args.set)
     except FileNotFoundError as error:
@@ -166,6 +172,69 @@ def _load_checked_config(args):
             f"{expected.__name__}")
     configs.validate_config(config)
     return config
+
+
+def _check_models(config, run_dir: Path) -> None:
+    """Before the run directory is made: a user's `model=package.module:function` imports and
+    can be called on the data's images; otherwise every classifier run the method reads holds a
+    finished run. jfail writes only into the run directory, so a classifier run elsewhere is
+    never trained by a method command (`jfail train` makes one); one inside the run directory
+    is trained there first.
+
+    Raises:
+      UserModelError: the user's model cannot be used (`jfail.models.user`).
+      ConfigError: a classifier run outside `run_dir` without `metrics.json`.
+    """
+    from jfail import config as configs
+    from jfail.models.user import user_model_for_data
+    from jfail.prime.config import PrimeConfig
+
+    if getattr(config, "model", None) is not None and not isinstance(
+            config, configs.ClassifierRunConfig):
+        needs = {configs.BarlowConfig: ("features",), configs.DefuseConfig: ("trainable",)}.get(
+            type(config), ())
+        user_model_for_data(config.model, config.dataset, needs=needs)
+        return
+    inside = run_dir.resolve()
+    for field, path, command in _classifier_runs(config):
+        where = Path(path).resolve()
+        if (where / "metrics.json").is_file() or where.is_relative_to(inside):
+            continue
+        other = (" or give model=package.module:function (your own model)"
+                 if isinstance(config, (configs.BarlowConfig, configs.DefuseConfig, PrimeConfig))
+                 else "")
+        raise configs.ConfigError(
+            f"{field}: no trained classifier in {path}: train one with `{command}`{other}")
+
+
+def _classifier_runs(config):
+    """`(field, run folder, the jfail train command that makes it)` of every classifier run a
+    method config reads."""
+    from jfail import config as configs
+    from jfail.prime.config import PrimeConfig
+
+    def train(config_file, run, *sets):
+        return " ".join(["jfail train --config", str(config_file),
+                         *(f"--set {item}" for item in sets), "--workdir", str(run)])
+
+    runs = []
+    if isinstance(config, (configs.BarlowConfig, PrimeConfig, configs.DefuseConfig,
+                           configs.DebugTestsConfig)):
+        runs.append(("classifier_run", config.classifier_run,
+                     train(config.classifier_config, config.classifier_run)))
+    if isinstance(config, configs.BarlowConfig):
+        runs.append(("robust_run", config.robust_run, train(config.robust_config,
+                                                            config.robust_run)))
+    if isinstance(config, configs.DebugTestsConfig) and "table3" in config.parts:
+        runs.append(("ood_run", config.ood_run, train(config.ood_config, config.ood_run)))
+    if isinstance(config, configs.DefuseConfig):
+        base = configs.load_config(config.annotator_config)
+        for i in range(1, config.num_annotators + 1):  # as jfail.pipelines.defuse trains them
+            run = Path(config.annotator_runs) / f"seed{i}"
+            runs.append(("annotator_runs", str(run),
+                         train(config.annotator_config, run, f"name={base.name}_seed{i}",
+                               f"train.seed={i}")))
+    return runs
 
 
 # --------------------------------------------------------------------------------------------

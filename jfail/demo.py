@@ -23,13 +23,13 @@ from jfail.config import (
     ClassifierRunConfig,
     DebugTestsConfig,
     DefuseConfig,
+    PrimeConfig,
     write_config,
 )
 from jfail.data import load
 from jfail.data.errors import DatasetNotFoundError
 from jfail.defuse.vae import VAEConfig
 from jfail.logs import stdout_to_file
-from jfail.prime.config import PrimeConfig
 from jfail.train import Attack, TrainConfig
 
 __all__ = ["DATA_PREFERENCE", "METHODS", "choose_dataset", "demo_configs", "run_demo"]

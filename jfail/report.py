@@ -36,6 +36,7 @@ from pathlib import Path
 
 import jinja2
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from markdown_it.token import Token
 
 __all__ = ["Result", "build_report", "write_report", "rebuild_report", "markdown_to_html",
@@ -203,7 +204,8 @@ def _environment() -> jinja2.Environment:
     environment.filters.update(fmt=format, pct=_percent, num=_number, mean=_mean, median=_median,
                                plural=_plural, basename_of_path=lambda path: Path(path).name,
                                parent_of_path=lambda path: str(Path(path).parent),
-                               stem_of_path=lambda path: Path(path).stem)
+                               stem_of_path=lambda path: Path(path).stem,
+                               escape_text=escapeHtml)  # as markdown-it escapes text
     return environment
 
 

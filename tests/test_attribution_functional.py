@@ -21,7 +21,7 @@ from jfail import attribution
 from jfail.debugtests import spearman, ssim
 from jfail.models import as_model
 from jfail.models.adapter import ModelCallError
-from jfail.models.cpu_gradients import cpu_friendly_gradients
+from jfail.xla import cpu_friendly_gradients
 
 SIZE, CHANNELS, HIDDEN, CLASSES = 8, 3, 6, 3
 EPS = 1e-5  # BatchNorm's epsilon in Flax linen and NNX

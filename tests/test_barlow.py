@@ -374,3 +374,18 @@ def test_sharding_over_eight_devices_changes_nothing():
     np.testing.assert_allclose(one["mi"], eight["mi"], atol=2e-6)  # summation order
     # 64-term float32 dot products of values near 1, summed in a shape-dependent order
     np.testing.assert_allclose(one["features"], eight["features"], rtol=1e-5, atol=1e-5)
+
+
+def test_features_to_store_equal_features_over_a_source(tmp_path):
+    from jfail.barlow import features_to_store
+    from jfail.data import ArraySource
+
+    fn = _tiny_features(0)
+    images = np.random.default_rng(1).random((11, 8, 8, 1), np.float32)
+    source = ArraySource(images, np.arange(11) % 2, ("a", "b"), "eleven")
+    stored = features_to_store(fn, source, tmp_path / "features", batch_size=4, progress=False)
+    assert stored["features"].shape == (11, 4)
+    np.testing.assert_allclose(stored["features"][...], features(fn, images, batch_size=4),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"pooled features \[B, D\], got \(1, 4, 4, 2\)"):
+        features_to_store(_tiny_feature_map(1.0), source, tmp_path / "maps", batch_size=4)

@@ -16,8 +16,8 @@ import optax
 import pytest
 from jax.extend import core as jcore
 
-from jfail.models import cpu_friendly_gradients, strided_conv
-from jfail.models.cpu_gradients import (
+from jfail.xla import cpu_friendly_gradients, jit
+from jfail.xla.cpu_gradients import (
     FEW_CHANNELS,
     dense,
     dense_dot,
@@ -29,10 +29,10 @@ from jfail.models.cpu_gradients import (
     one_window_conv,
     phased,
     phased_conv,
+    strided_conv,
     transposed,
     transposed_conv,
 )
-from jfail.xla import jit
 
 # (x shape, kernel shape, strides, padding, dimension numbers)
 CASES = [

@@ -3,8 +3,9 @@
 Each pair `<name>.json` / `<name>.md` below was written by a pipeline: the Markdown must be the
 template's rendering of the JSON, byte for byte, and the report section rendered from the JSON
 must say what the Markdown says (the same HTML as the Markdown rendered by markdown-it-py).
-`tests/data/reports` holds pairs from a small run of the demo (`tests/test_demo.py`'s settings),
-written before the templates existed; `results/reliability.*` is the committed full run.
+`tests/data/reports` holds pairs from a small run of the demo (`tests/test_demo.py`'s settings)
+and, under `user_model/`, from Barlow and PRIME on one's own model (`tests/test_user_model.py`),
+all written before the templates existed; `results/reliability.*` is the committed full run.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from jfail.report import Result, build_report, render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "data" / "reports"
-PAIRS = [
+PAIRS = [  # (template, JSON path)
     ("reliability", ROOT / "results" / "reliability.json"),
     ("barlow", FIXTURES / "barlow.json"),
     ("defuse", FIXTURES / "defuse.json"),
     ("prime", FIXTURES / "prime.json"),
     ("demo", FIXTURES / "demo.json"),
+    ("barlow", FIXTURES / "user_model" / "barlow_fmnist.json"),
+    ("prime", FIXTURES / "user_model" / "prime_fmnist.json"),
 ]
 # a 1x1 PNG, standing in for the figures the results refer to
 PIXEL = bytes.fromhex(
@@ -33,7 +36,7 @@ PIXEL = bytes.fromhex(
     "1f15c4890000000d4944415478da63f8cfc0f01f0005000201a5f1e3e90000000049454e44ae426082")
 
 
-@pytest.mark.parametrize("template, path", PAIRS, ids=[name for name, _ in PAIRS])
+@pytest.mark.parametrize("template, path", PAIRS, ids=[str(path.relative_to(ROOT)) for _, path in PAIRS])
 def test_markdown_is_the_template_of_the_json(template, path):
     result = json.loads(path.read_text(encoding="utf-8"))
     markdown = path.with_suffix(".md").read_text(encoding="utf-8")
@@ -47,7 +50,7 @@ def _sections(page: str) -> dict[str, str]:
             for section_id, body in found}
 
 
-@pytest.mark.parametrize("template, path", PAIRS, ids=[name for name, _ in PAIRS])
+@pytest.mark.parametrize("template, path", PAIRS, ids=[str(path.relative_to(ROOT)) for _, path in PAIRS])
 def test_report_section_of_the_json_is_the_markdown_in_html(template, path, tmp_path):
     shutil.copy(path, tmp_path / path.name)
     shutil.copy(path.with_suffix(".md"), tmp_path / "markdown.md")

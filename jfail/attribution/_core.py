@@ -20,27 +20,32 @@ the logit JAX's clamped indexing picks). `batch_size` is ignored there.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jfail.keys import as_key
-from jfail.models.adapter import ModelCallError, call_shape, in_trace, split_model
-from jfail.models.cpu_gradients import on_cpu
-from jfail.xla import jit
+from jfail.models.adapter import ModelCallError, StaticModel, call_shape, in_trace, split_model
+from jfail.xla import jit, on_cpu
 
 __all__ = [
-    "check_inputs", "check_host_inputs", "run_chunked", "split_model", "num_classes",
+    "ModelParts", "check_inputs", "check_host_inputs", "run_chunked", "split_model", "num_classes",
     "logits_shape", "map_over_samples", "pick_logits", "require_key", "check_positive_int",
     "sample_group_size", "cpu_group_size", "CPU_INPUTS_PER_STEP",
 ]
 
-# On 2 AVX-512 cores the ResNet-18 gradient ran 25-30 % faster per image in steps of 40-100
-# inputs than of 200, and SmoothGrad of 32 images (1,600 inputs) at 1.27x (ResNet-18) and 1.74x
-# (Defuse CNN) the speed of one step when the steps were kept under 100 inputs.
+# Steps of at most 96 inputs keep a CPU's activations in cache; the timings behind the figure are
+# in benchmarks/results/cpu_step_size.md.
 CPU_INPUTS_PER_STEP = 96
+
+
+class ModelParts(NamedTuple):
+    """A model split for jit (`split_model`): its array leaves and the hashable rest."""
+
+    dynamic: list
+    static: StaticModel
 
 
 def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
@@ -52,20 +57,27 @@ def check_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
     `check_host_inputs`, whose device checks `run_chunked` makes inside the method's own
     program.
     """
-    x, target, classes = _checked_on_host(model, x, target)
-    if in_trace(model, x, target):
+    x, target, classes, parts = _checked_on_host(model, x, target)
+    if parts is None:  # inside the caller's trace
         return x, target
     finite, low, high = jax.device_get(_input_summary(x, target))  # one transfer
     _raise_for_summary(finite, low, high, classes)
     return x, target
 
 
-def check_host_inputs(model: Callable, x, target) -> tuple[jax.Array, jax.Array]:
+def check_host_inputs(
+    model: Callable, x, target
+) -> tuple[jax.Array, jax.Array, ModelParts | None]:
     """`check_inputs` without waiting for the device: shapes, dtypes and host-held targets are
     checked here; whether `x` is finite and a device-held target in range is checked by
-    `run_chunked`, which computes both in the same program as the attributions."""
-    x, target, _ = _checked_on_host(model, x, target)
-    return x, target
+    `run_chunked`, which computes both in the same program as the attributions.
+
+    Returns:
+      `(x, target, parts)`: `parts` is the model split for jit (None inside the caller's trace),
+      to pass on as `run_chunked(..., parts=parts)` so that one call splits the model once.
+    """
+    x, target, _, parts = _checked_on_host(model, x, target)
+    return x, target, parts
 
 
 def num_classes(model: Callable, x: jax.Array) -> int:
@@ -84,6 +96,7 @@ def run_chunked(
     per_example: tuple = (),
     shared: tuple = (),
     nonfinite_errors: tuple = (),
+    parts: ModelParts | None = None,
     **hparams,
 ) -> jax.Array:
     """`kernel(model, x, target, keys, *per_example, *shared, **hparams)` per `batch_size` chunk.
@@ -102,14 +115,16 @@ def run_chunked(
     inside the program elsewhere. A NaN logit that does not enter any attribution (a class no
     example targets) is not an error. `nonfinite_errors`: one entry per `per_example` then
     `shared` array, None or the error message raised when that array holds NaN or infinite
-    values. With one chunk the per-example keys are split inside that program.
+    values. `parts`: the model's split from `check_host_inputs` (split here when None). With
+    one chunk the per-example keys are split inside that program.
     """
     batch = x.shape[0]
     if batch_size is None:
         batch_size = batch
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-    if in_trace(model, x, target, key, per_example, shared):
+    if in_trace(key, per_example, shared) if parts is not None else in_trace(
+            model, x, target, key, per_example, shared):
         keys = None if key is None else jax.random.split(as_key(key), batch)
         return kernel(model, x, target, keys, *per_example, *shared, **hparams)
     arrays = tuple(per_example) + tuple(shared)
@@ -122,7 +137,7 @@ def run_chunked(
     keys = None if key is None else as_key(key)
     if key is not None and not split_inside:
         keys = jax.random.split(keys, batch)  # before chunking: results do not depend on chunks
-    dynamic, static = split_model(model, x)
+    dynamic, static = parts if parts is not None else split_model(model, x)
     checked = tuple(message is not None for message in nonfinite_errors)
     on_host = _in_host_memory(x)
     call = _jitted(kernel, static, tuple(sorted(hparams.items())), split_inside, checked,
@@ -269,9 +284,9 @@ def _cached_logits_shape(static, avals, x_shape, x_dtype):
     return _model_output.eval_shape(dynamic, static, jax.ShapeDtypeStruct(x_shape, x_dtype))
 
 
-def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, int]:
+def _checked_on_host(model: Callable, x, target):
     """The checks that need no device result: `(x float32 or float64, target int32,
-    number of classes)`."""
+    number of classes, the model's split or None inside the caller's trace)`."""
     if not callable(model):
         raise TypeError(f"model must be a callable model(x) -> logits, got {type(model).__name__}.")
     x_array = np.asarray(x) if not isinstance(x, jax.Array) else x
@@ -286,7 +301,8 @@ def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, 
         )
     # float32, or float64 where the caller enabled it and passed it (e.g. for finite differences)
     dtype = jax.dtypes.canonicalize_dtype(np.float64) if x_array.dtype == np.float64 else np.float32
-    x = jnp.asarray(x_array, dtype)
+    x = x_array if x_array.dtype == dtype and isinstance(x_array, jax.Array) else jnp.asarray(
+        x_array, dtype)
     traced = in_trace(model, x, target)
     if traced:
         logits = call_shape(model, x)
@@ -314,7 +330,9 @@ def _checked_on_host(model: Callable, x, target) -> tuple[jax.Array, jax.Array, 
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
     if not isinstance(target, jax.Array) and target.size:  # on the host, before int32 wraps any
         _check_target_range(target.min(), target.max(), classes)
-    return x, jnp.asarray(target, jnp.int32), classes
+    if not (isinstance(target, jax.Array) and target.dtype == jnp.int32):
+        target = jnp.asarray(target, jnp.int32)
+    return x, target, classes, None if traced else ModelParts(dynamic, static)
 
 
 def _raise_for_summary(finite, low, high, classes: int) -> None:

@@ -1,8 +1,9 @@
 """Modified back-propagation on any JAX function, by rewriting its jaxpr.
 
 `modified_forward(model, rules)` traces `model(x)` to a jaxpr with the model's weights as inputs
-and re-evaluates it equation by equation. Equations that do not depend on the image run as they
-are. Equations that do are rewritten:
+and re-evaluates it equation by equation (with the environment and call handling of
+`jfail.xla.jaxpr`). Equations that do not depend on the image run as they are, all of them
+first. Equations that do are rewritten:
 
 - ReLU (`jax.nn.relu`, i.e. a `custom_jvp_call` around `max(x, 0)`, or a bare `max(x, 0)`) becomes
   a `custom_vjp` whose backward pass is the rule's: gradient, guided or deconvnet.
@@ -26,6 +27,7 @@ With `rules.strict`, any other image-dependent primitive raises an error that na
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -34,7 +36,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jfail.models.adapter import split_model
-from jfail.models.cpu_gradients import fast_conv, on_cpu
+from jfail.xla.cpu_gradients import fast_conv, on_cpu
+from jfail.xla.jaxpr import ALL_CALLS, bind, called_jaxpr, consumers, read, write
 
 __all__ = [
     "Rules",
@@ -116,6 +119,16 @@ class Rules:
     relevance: bool = False
 
     def for_block(self, kind: str, on_input: bool):
+        """The rule for one linear block.
+
+        Args:
+            kind: 'dense' (`dot_general`) or 'conv' (`conv_general_dilated`).
+            on_input: whether the block is fed by the image.
+
+        Returns:
+            `input_layer` for a block on the input when it is set, else `dense` or `conv`
+            (None: the ordinary gradient).
+        """
         if on_input and self.input_layer is not None:
             return self.input_layer
         return self.dense if kind == "dense" else self.conv
@@ -137,8 +150,22 @@ class LinearBlock:
 def modified_forward(model: Callable, rules: Rules, patterns: Sequence[jax.Array] | None = None):
     """`f(x, sink) -> logits` equal to `model(x)` whose VJP follows `rules`.
 
-    x: `[B, H, W, C]`; sink: zeros shaped like x (its cotangent is input-layer relevance).
-    `patterns`: one array per linear block (weight-shaped), needed by `PatternRule`.
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        rules: how ReLUs, linear blocks and residual sums are differentiated.
+        patterns: one array per linear block, shaped like its weight, for `PatternRule`
+            (from `fit_patterns`); None otherwise.
+
+    Returns:
+        `f(x, sink)`: x `[B, H, W, C]`; sink zeros shaped like x, whose cotangent is the
+        input-layer relevance. Returns the logits `[B, K]`.
+
+    Raises:
+        UnsupportedPrimitiveError: (when `f` is called) with `rules.strict`, for an
+            image-dependent primitive without a rule.
+        ValueError: (when `f` is called) if `patterns` is missing for a `PatternRule`, has
+            another length than the model's linear blocks, or a pattern is not shaped like its
+            block's weight.
     """
     dynamic, call = _traceable(model)
 
@@ -160,11 +187,22 @@ def modified_forward(model: Callable, rules: Rules, patterns: Sequence[jax.Array
 
 
 def linear_blocks(model: Callable, x: jax.Array, collect: Callable | None = None):
-    """The model's linear blocks in evaluation order (`LinearBlock`s) and, if `collect` is given,
-    the list of `collect(block, u, weight, lin_out, z, lin)` per block, evaluated on `x`.
+    """The model's linear blocks in evaluation order and what `collect` reads of each on `x`.
 
-    `lin(u, w)` applies the block's linear primitive with weight w; u: its input; lin_out: the
-    primitive's output; z: the block output after the folded affine chain.
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]`.
+        collect: None, or `collect(block, u, weight, lin_out, z, lin)` called per block: u its
+            input, lin_out the linear primitive's output, z the block output after the folded
+            affine chain, `lin(u, w)` the block's linear primitive applied with weight w.
+
+    Returns:
+        `(blocks, collected)`: the `LinearBlock`s, and the list of `collect`'s results (empty
+        when `collect` is None).
+
+    Raises:
+        UnsupportedPrimitiveError: for an image-dependent primitive modified back-propagation
+            has no rule for.
     """
     dynamic, call = _traceable(model)
     closed = jax.make_jaxpr(call)(dynamic, x)
@@ -187,11 +225,6 @@ _STRUCTURAL = {
     "select_and_gather_add",
 }
 _POOLING = {"reduce_window_max", "reduce_window_sum", "reduce_sum", "reduce_max", "reduce_window"}
-_CALLS = {
-    "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr",
-}
 
 
 class _Interpreter:
@@ -206,9 +239,7 @@ class _Interpreter:
         env: dict = {}
         dep: dict = {}
         sink_env: dict = {}
-
-        def read(atom):
-            return atom.val if isinstance(atom, jcore.Literal) else env[atom]
+        value_of = functools.partial(read, env)
 
         def is_dep(atom):
             return not isinstance(atom, jcore.Literal) and dep.get(atom, False)
@@ -229,42 +260,39 @@ class _Interpreter:
                 dep[out] = image_dependent[-1]
         for eqn, dependent in zip(jaxpr.eqns, image_dependent):
             if not dependent:
-                self._write(env, eqn, _bind(eqn, [read(v) for v in eqn.invars]))
+                write(env, eqn, bind(eqn, [value_of(v) for v in eqn.invars]))
 
-        consumers = _consumers(jaxpr)
+        users = consumers(jaxpr)
         fused: set = set()
         for index, eqn in enumerate(jaxpr.eqns):
             if index in fused or not image_dependent[index]:
                 continue
             name = eqn.primitive.name
             dep_mask = [is_dep(v) for v in eqn.invars]
-            values = [read(v) for v in eqn.invars]
+            values = [value_of(v) for v in eqn.invars]
             in_sinks = [
                 None if isinstance(v, jcore.Literal) else sink_env.get(v) for v in eqn.invars
             ]
             if name in _LINEAR and sum(dep_mask) == 1:
-                tail = _layout_tail(jaxpr, index, consumers)
+                tail = _layout_tail(jaxpr, index, users)
                 last = tail[-1] if tail else index
-                chain = _affine_chain(jaxpr, last, consumers, is_dep)
+                chain = _affine_chain(jaxpr, last, users, is_dep)
                 fused.update(tail)
                 fused.update(chain)
                 out_var = jaxpr.eqns[chain[-1] if chain else last].outvars[0]
                 env[out_var] = self._linear_block(
                     eqn, [jaxpr.eqns[i] for i in tail], [jaxpr.eqns[i] for i in chain], values,
-                    dep_mask, in_sinks, read, relu_gated=_relu_gated(jaxpr, out_var, consumers),
+                    dep_mask, in_sinks, value_of, relu_gated=_relu_gated(jaxpr, out_var, users),
                 )
                 continue
             if _is_relu(eqn):
                 x_value = values[dep_mask.index(True)]
-                self._write(env, eqn, [_relu(x_value, self.rules.relu)])
+                write(env, eqn, [_relu(x_value, self.rules.relu)])
                 continue
-            if name in _CALLS:
-                closed = eqn.params[_CALLS[name]]
-                inner, inner_consts = (
-                    (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") else (closed, ())
-                )
+            if name in ALL_CALLS:
+                inner, inner_consts = called_jaxpr(eqn)
                 outs, out_sinks = self.run(inner, inner_consts, values, dep_mask, in_sinks)
-                self._write(env, eqn, outs)
+                write(env, eqn, outs)
                 for var, s in zip(eqn.outvars, out_sinks):
                     if s is not None:
                         sink_env[var] = s
@@ -282,26 +310,18 @@ class _Interpreter:
                     "supported: dot_general and conv_general_dilated with a weight operand, ReLU, "
                     "residual add, pooling, reshaping and affine operations with constants."
                 )
-            outs = _bind(eqn, values)
-            self._write(env, eqn, outs)
+            outs = bind(eqn, values)
+            write(env, eqn, outs)
             if any(s is not None for s in in_sinks) and (name in _STRUCTURAL or name in _AFFINE):
                 sink_env[eqn.outvars[0]] = _follow_sink(eqn, values, dep_mask, in_sinks, outs)
 
-        outs = [read(v) for v in jaxpr.outvars]
+        outs = [value_of(v) for v in jaxpr.outvars]
         out_sinks = [
             None if isinstance(v, jcore.Literal) else sink_env.get(v) for v in jaxpr.outvars
         ]
         return outs, out_sinks
 
-    @staticmethod
-    def _write(env, eqn, outs):
-        if not eqn.primitive.multiple_results:
-            outs = [outs] if not isinstance(outs, (list, tuple)) else outs
-        for var, value in zip(eqn.outvars, outs):
-            if not isinstance(var, jcore.DropVar):
-                env[var] = value
-
-    def _linear_block(self, eqn, tail_eqns, chain_eqns, values, dep_mask, in_sinks, read,
+    def _linear_block(self, eqn, tail_eqns, chain_eqns, values, dep_mask, in_sinks, value_of,
                       relu_gated):
         kind = _LINEAR[eqn.primitive.name]
         position = dep_mask.index(True)
@@ -315,11 +335,11 @@ class _Interpreter:
         for c in chain_eqns:
             dep_pos = [i for i, v in enumerate(c.invars) if v is carried][0]
             chain.append((c.primitive, c.primitive.get_bind_params(c.params), dep_pos))
-            chain_consts.append([read(v) for i, v in enumerate(c.invars) if i != dep_pos])
+            chain_consts.append([value_of(v) for i, v in enumerate(c.invars) if i != dep_pos])
             carried = c.outvars[0]
 
         # On XLA:CPU, strided and few-channel convolutions get faster input gradients
-        # (models/cpu_gradients.py); the rules below differentiate `lin`.
+        # (jfail/xla/cpu_gradients.py); the rules below differentiate `lin`.
         conv = (fast_conv(eqn.params, eqn.invars[0].aval.shape, eqn.invars[1].aval.shape)
                 if kind == "conv" and on_cpu() else None)
 
@@ -536,7 +556,7 @@ def _follow_sink(eqn, values, dep_mask, in_sinks, outs):
     if any(d and s is None for s, d in zip(in_sinks, dep_mask)):
         return None
     args = [s if d else v for v, s, d in zip(values, in_sinks, dep_mask)]
-    result = _bind(eqn, args)
+    result = bind(eqn, args)
     return result[0] if isinstance(result, (list, tuple)) else result
 
 
@@ -544,23 +564,7 @@ def _follow_sink(eqn, values, dep_mask, in_sinks, outs):
 # Jaxpr pattern helpers.
 
 
-def _bind(eqn, values):
-    return eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-
-
-def _consumers(jaxpr) -> dict:
-    users: dict = {}
-    for index, eqn in enumerate(jaxpr.eqns):
-        for var in eqn.invars:
-            if not isinstance(var, jcore.Literal):
-                users.setdefault(var, []).append(index)
-    for var in jaxpr.outvars:
-        if not isinstance(var, jcore.Literal):
-            users.setdefault(var, []).append(-1)
-    return users
-
-
-def _affine_chain(jaxpr, start, consumers, is_dep) -> list[int]:
+def _affine_chain(jaxpr, start, readers, is_dep) -> list[int]:
     """Indices of the element-wise affine equations with constant operands after `start`.
 
     The chain may pass through reshapes that only add or drop unit axes (`vmap` of a
@@ -572,7 +576,7 @@ def _affine_chain(jaxpr, start, consumers, is_dep) -> list[int]:
     shape = tuple(jaxpr.eqns[start].outvars[0].aval.shape)
     current = jaxpr.eqns[start].outvars[0]
     while True:
-        users = consumers.get(current, [])
+        users = readers.get(current, [])
         if len(users) != 1 or users[0] < 0:
             return chain[:accepted]
         eqn = jaxpr.eqns[users[0]]
@@ -600,14 +604,14 @@ def _affine_chain(jaxpr, start, consumers, is_dep) -> list[int]:
 _UNIT_RESHAPES = {"reshape", "squeeze", "expand_dims"}
 
 
-def _layout_tail(jaxpr, start, consumers) -> list[int]:
+def _layout_tail(jaxpr, start, readers) -> list[int]:
     """Indices of the transposes and unit-axis reshapes right after the linear equation `start`
     (an Equinox layer under `vmap` transposes or wraps its output so): they are linear, so
     they become part of the block, and its bias and BatchNorm chain can follow them."""
     tail: list[int] = []
     current = jaxpr.eqns[start].outvars[0]
     while True:
-        users = consumers.get(current, [])
+        users = readers.get(current, [])
         if len(users) != 1 or users[0] < 0:
             return tail
         eqn = jaxpr.eqns[users[0]]
@@ -665,8 +669,8 @@ def _unit_axes(eqn, position) -> tuple[tuple, tuple]:
     return tuple(lhs_free), tuple(range(len(lhs_free)))
 
 
-def _relu_gated(jaxpr, var, consumers) -> bool:
-    users = consumers.get(var, [])
+def _relu_gated(jaxpr, var, readers) -> bool:
+    users = readers.get(var, [])
     return bool(users) and all(i >= 0 and _is_relu(jaxpr.eqns[i]) for i in users)
 
 
@@ -677,9 +681,8 @@ def _is_relu(eqn) -> bool:
                    for v in eqn.invars)
     if name in ("custom_jvp_call", "jit", "pjit") and eqn.params.get("name") == "relu":
         return True
-    if name in _CALLS:
-        closed = eqn.params[_CALLS[name]]
-        inner = closed.jaxpr if hasattr(closed, "jaxpr") else closed
+    if name in ALL_CALLS:
+        inner, _ = called_jaxpr(eqn)
         return len(inner.eqns) == 1 and _is_relu(inner.eqns[0])
     return False
 

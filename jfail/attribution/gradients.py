@@ -16,9 +16,8 @@ samples in groups of that many per example with `jax.lax.map`, bounding the mode
 memory to `batch_size * sample_batch_size` images; the inputs and gradients of all samples of a
 chunk are still held, `batch_size * num_samples` images. The default, None, evaluates all
 samples at once on an accelerator and, on CPU, in groups of at most 96 model inputs per step
-(`_core.cpu_group_size`), which keeps the activations in cache: SmoothGrad of 32 images ran at
-1.27x (ResNet-18) and 1.74x (Defuse CNN) the speed of all 1,600 inputs at once. Pass
-`sample_batch_size=num_samples` for one step.
+(`_core.cpu_group_size`), which keeps the activations in cache (timings:
+`benchmarks/results/cpu_step_size.md`). Pass `sample_batch_size=num_samples` for one step.
 """
 
 from __future__ import annotations
@@ -38,8 +37,7 @@ from jfail.attribution._core import (
     run_chunked,
     sample_group_size,
 )
-from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = [
     "gradient",
@@ -60,16 +58,53 @@ def gradient(model: Callable, x, target=None, *, key=None, batch_size: int | Non
     """Gradient of the target logit w.r.t. the input, signed: `[B, H, W, C]` like `x`.
 
     The paper's Grad map is the absolute value of this; apply `postprocess.absolute` for it.
-    `key` is accepted for a uniform signature and unused.
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: accepted for a uniform signature and unused.
+        batch_size: examples per jitted chunk (None: all at once).
+
+    Returns:
+        `[B, H, W, C]` float array, `d logit[target_i] / d x_i`.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, or the model cannot be called
+            on `x` (`ModelCallError`), or the attributions are not finite (the message says
+            whether the logits are).
     """
-    x, target = check_host_inputs(model, x, target)
-    return run_chunked(_gradient_kernel, model, x, target, batch_size=batch_size)
+    x, target, parts = check_host_inputs(model, x, target)
+    return run_chunked(_gradient_kernel, model, x, target, parts=parts, batch_size=batch_size)
 
 
 def input_x_gradient(model: Callable, x, target=None, *, key=None, batch_size: int | None = None):
-    """Element-wise `x * gradient(x)`, signed: `[B, H, W, C]` (Shrikumar et al., 2016)."""
-    x, target = check_host_inputs(model, x, target)
-    return run_chunked(_input_x_gradient_kernel, model, x, target, batch_size=batch_size)
+    """Element-wise `x * gradient(x)`, signed: `[B, H, W, C]` (Shrikumar et al., 2016).
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: accepted for a uniform signature and unused.
+        batch_size: examples per jitted chunk (None: all at once).
+
+    Returns:
+        `[B, H, W, C]` float array.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, or the model cannot be called
+            on `x` (`ModelCallError`), or the attributions are not finite (the message says
+            whether the logits are).
+    """
+    x, target, parts = check_host_inputs(model, x, target)
+    return run_chunked(_input_x_gradient_kernel, model, x, target, parts=parts,
+                       batch_size=batch_size)
 
 
 def smoothgrad(
@@ -87,7 +122,30 @@ def smoothgrad(
 
     Each example gets `num_samples` copies `x + n`, `n ~ N(0, sigma^2)` i.i.d. per element, with
     `sigma = noise_scale * (max(x_i) - min(x_i))`: the input range of that example, as in the
-    paper (50 samples, 0.15). Needs a PRNG `key`.
+    paper (50 samples, 0.15).
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: a PRNG key (required) for the noise.
+        batch_size: examples per jitted chunk (None: all at once).
+        num_samples: noisy copies per example (>= 1).
+        noise_scale: the noise's standard deviation as a fraction of each example's range.
+        sample_batch_size: samples evaluated per example in one step with `jax.lax.map` (None:
+            all at once on an accelerator, groups of at most 96 model inputs on CPU).
+
+    Returns:
+        `[B, H, W, C]` float array: the mean gradient of the noisy copies.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, `key` is missing, `num_samples` or
+            `sample_batch_size` is not a positive integer, or `noise_scale` is not a finite float >=
+            0; or if the model cannot be called on `x` (`ModelCallError`) or the attributions are
+            not finite (the message says whether the logits are).
     """
     return _noisy_gradients(
         "smoothgrad", "mean", model, x, target, key, batch_size, num_samples, noise_scale,
@@ -111,6 +169,29 @@ def smoothgrad_squared(
     This is the element-wise square of the SmoothGrad mean (Hooker et al., 2019; paper
     appendix B), not the mean of squared gradients that Captum's `smoothgrad_sq` computes. Same
     noise and hyperparameters as `smoothgrad` (the same `key` gives exactly `smoothgrad ** 2`).
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: a PRNG key (required) for the noise.
+        batch_size: examples per jitted chunk (None: all at once).
+        num_samples: noisy copies per example (>= 1).
+        noise_scale: the noise's standard deviation as a fraction of each example's range.
+        sample_batch_size: samples evaluated per example in one step with `jax.lax.map` (None:
+            all at once on an accelerator, groups of at most 96 model inputs on CPU).
+
+    Returns:
+        `[B, H, W, C]` float array, >= 0.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, `key` is missing, `num_samples` or
+            `sample_batch_size` is not a positive integer, or `noise_scale` is not a finite float >=
+            0; or if the model cannot be called on `x` (`ModelCallError`) or the attributions are
+            not finite (the message says whether the logits are).
     """
     return _noisy_gradients(
         "smoothgrad_squared", "mean_squared", model, x, target, key, batch_size, num_samples,
@@ -133,6 +214,29 @@ def vargrad(
 
     Same noise as `smoothgrad`; the population variance (divided by `num_samples`), as Captum's
     NoiseTunnel `vargrad` computes it.
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: a PRNG key (required) for the noise.
+        batch_size: examples per jitted chunk (None: all at once).
+        num_samples: noisy copies per example (>= 1).
+        noise_scale: the noise's standard deviation as a fraction of each example's range.
+        sample_batch_size: samples evaluated per example in one step with `jax.lax.map` (None:
+            all at once on an accelerator, groups of at most 96 model inputs on CPU).
+
+    Returns:
+        `[B, H, W, C]` float array, >= 0.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, `key` is missing, `num_samples` or
+            `sample_batch_size` is not a positive integer, or `noise_scale` is not a finite float >=
+            0; or if the model cannot be called on `x` (`ModelCallError`) or the attributions are
+            not finite (the message says whether the logits are).
     """
     return _noisy_gradients(
         "vargrad", "variance", model, x, target, key, batch_size, num_samples, noise_scale,
@@ -166,18 +270,41 @@ def integrated_gradients(
     f(x) - f(x')`, see `completeness_error`) holds to < 1% on small ReLU networks. Check it with
     `completeness_error` and raise `steps` where it does not.
 
-    baseline: None for the paper's baseline, the minimum possible value of each input: the
-    minimum of that example over all its pixels and channels, broadcast (an all-black image);
-    or a float, or an array broadcastable to `x` (e.g. `[H, W, C]` or `[B, H, W, C]`).
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: accepted for a uniform signature and unused.
+        batch_size: examples per jitted chunk (None: all at once).
+        steps: points of the integration rule (>= 1; >= 2 for "riemann_trapezoid").
+        baseline: None for the paper's baseline, the minimum possible value of each input: the
+            minimum of that example over all its pixels and channels, broadcast (an all-black
+            image); or a float, or an array broadcastable to `x` (e.g. `[H, W, C]` or
+            `[B, H, W, C]`).
+        method: the integration rule, one of `IG_RULES`.
+        sample_batch_size: samples evaluated per example in one step with `jax.lax.map` (None:
+            all at once on an accelerator, groups of at most 96 model inputs on CPU).
+
+    Returns:
+        `[B, H, W, C]` float array, summing per example to about `f(x) - f(x')`.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, `method` is not in `IG_RULES`,
+            `steps` is too small, or `baseline` does not broadcast to `x` or is not finite; or if
+            the model cannot be called on `x` (`ModelCallError`) or the attributions are not finite
+            (the message says whether the logits are).
     """
     if method not in IG_RULES:
         raise ValueError(f"integrated_gradients: method must be one of {IG_RULES}, got {method!r}.")
     minimum_steps = 2 if method == "riemann_trapezoid" else 1
     check_positive_int("integrated_gradients", "steps", steps, minimum=minimum_steps)
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     baseline = _resolve_baseline("integrated_gradients", x, baseline)
     return run_chunked(
-        _integrated_gradients_kernel, model, x, target, batch_size=batch_size,
+        _integrated_gradients_kernel, model, x, target, parts=parts, batch_size=batch_size,
         per_example=baseline, nonfinite_errors=_baseline_errors("integrated_gradients", baseline),
         steps=int(steps), method=method, sample_batch_size=sample_group_size(sample_batch_size),
     )
@@ -192,8 +319,27 @@ def completeness_error(
     `baseline` as in `integrated_gradients` (None = per-example minimum). Pass the same `target`
     the attributions were computed for (None = predicted class, as there). Where the two logits
     are equal the denominator is floored at 1e-12.
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        attributions: `[B, H, W, C]`, shaped like `x`.
+        baseline: as in `integrated_gradients`.
+        batch_size: examples per jitted chunk (None: all at once).
+
+    Returns:
+        `[B]` float array, the relative gap per example.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, `attributions` is not shaped like
+            `x`, or `baseline` does not broadcast to `x` or is not finite; or if the model cannot be
+            called on `x` (`ModelCallError`) or its target logits are not finite.
     """
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     attributions = jnp.asarray(attributions, x.dtype)
     if attributions.shape != x.shape:
         raise ValueError(
@@ -202,7 +348,8 @@ def completeness_error(
         )
     baseline = _resolve_baseline("completeness_error", x, baseline)
     logit_gap = run_chunked(
-        _logit_gap_kernel, model, x, target, batch_size=batch_size, per_example=baseline,
+        _logit_gap_kernel, model, x, target, parts=parts, batch_size=batch_size,
+        per_example=baseline,
         nonfinite_errors=_baseline_errors("completeness_error", baseline),
     )
     total = attributions.reshape(x.shape[0], -1).sum(axis=1)
@@ -225,11 +372,35 @@ def expected_gradients(
     Integrated Gradients averaged over baselines from the data: for each of `num_samples`
     samples draw a reference `x'` uniformly from `baselines` (`[N, H, W, C]`, e.g. training
     images; the paper uses 200) and `a ~ U(0, 1)`, and average `(x - x') * grad f(x' + a (x - x'))`.
-    In expectation, for a linear model, this is `(x - mean(baselines)) * w`. Needs a PRNG `key`.
+    In expectation, for a linear model, this is `(x - mean(baselines)) * w`.
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: a PRNG key (required) for the references and path positions.
+        batch_size: examples per jitted chunk (None: all at once).
+        baselines: reference images `[N, H, W, C]` (required), `N >= 1`.
+        num_samples: (reference, position) draws per example (>= 1).
+        sample_batch_size: samples evaluated per example in one step with `jax.lax.map` (None:
+            all at once on an accelerator, groups of at most 96 model inputs on CPU).
+
+    Returns:
+        `[B, H, W, C]` float array.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `x` is not a non-empty `[B, H, W, C]` batch of finite values, a target is
+            out of range, `batch_size` is not a positive integer, `key` or `baselines` is missing,
+            `baselines` is not `[N, H, W, C]` with `x`'s image shape or holds non-finite values, or
+            `num_samples` is not a positive integer; or if the model cannot be called on `x`
+            (`ModelCallError`) or the attributions are not finite (the message says whether the
+            logits are).
     """
     require_key("expected_gradients", key)
     check_positive_int("expected_gradients", "num_samples", num_samples)
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     if baselines is None:
         raise ValueError(
             "expected_gradients needs baselines: an array [N, H, W, C] of reference images "
@@ -242,8 +413,8 @@ def expected_gradients(
             f"shape {baselines.shape}."
         )
     return run_chunked(
-        _expected_gradients_kernel, model, x, target, key=key, batch_size=batch_size,
-        shared=(baselines,),
+        _expected_gradients_kernel, model, x, target, parts=parts, key=key,
+        batch_size=batch_size, shared=(baselines,),
         nonfinite_errors=("expected_gradients: baselines contain NaN or infinite values.",),
         num_samples=int(num_samples), sample_batch_size=sample_group_size(sample_batch_size),
     )
@@ -317,9 +488,9 @@ def _noisy_gradients(name, statistic, model, x, target, key, batch_size, num_sam
     check_positive_int(name, "num_samples", num_samples)
     if not np.isscalar(noise_scale) or not np.isfinite(noise_scale) or noise_scale < 0:
         raise ValueError(f"{name}: noise_scale must be a finite float >= 0, got {noise_scale!r}.")
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     return run_chunked(
-        _noisy_gradient_kernel, model, x, target, key=key, batch_size=batch_size,
+        _noisy_gradient_kernel, model, x, target, parts=parts, key=key, batch_size=batch_size,
         shared=(np.float32(noise_scale),), statistic=statistic, num_samples=int(num_samples),
         sample_batch_size=sample_group_size(sample_batch_size),
     )
@@ -357,7 +528,7 @@ def _target_logit_gradients(model, images, target):
     """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`.
 
     On CPU, 4x4/2-like convolutions are differentiated through space-to-depth and convolutions
-    of few input channels through patches (`jfail.models.cpu_gradients`)."""
+    of few input channels through patches (`jfail.xla.cpu_gradients`)."""
     model = cpu_friendly_gradients(model)
 
     def objective(batch):

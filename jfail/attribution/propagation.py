@@ -187,9 +187,9 @@ def fit_patterns(model: Callable, images, *, batch_size: int = 256,
 def propagate(model: Callable, x, target, rules: Rules, *, batch_size: int | None = None,
               patterns: Sequence[jax.Array] | None = None) -> jax.Array:
     """Attribution by a modified backward pass with explicit `Rules`. `[B, H, W, C]`."""
-    x, target = check_host_inputs(model, x, target)
+    x, target, parts = check_host_inputs(model, x, target)
     shared = () if patterns is None else tuple(jnp.asarray(p) for p in patterns)
-    return run_chunked(_propagation_kernel, model, x, target, batch_size=batch_size,
+    return run_chunked(_propagation_kernel, model, x, target, parts=parts, batch_size=batch_size,
                        shared=shared, rules=rules)
 
 

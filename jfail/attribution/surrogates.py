@@ -33,8 +33,7 @@ from jfail.attribution._core import (
     sample_group_size,
 )
 from jfail.models.adapter import in_trace
-from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["segment", "segments", "lime", "kernel_shap"]
 

@@ -2,7 +2,9 @@
 
 - `features`, `heatmap`, `feature_attack`: a robust model's penultimate activations, where one
   feature fires, and images pushed to maximise it (appendix A-C; `attack_settings` rescales the
-  paper's 224 px attack to other image sizes).
+  paper's 224 px attack to other image sizes). `features_to_store` computes the features of a
+  whole source (`jfail.data.open_source`) through `jfail.engine.map_dataset`: sharded over every
+  device and host, written to a resumable on-disk store.
 - `failure_tree` (one group) and `failure_trees` (many groups, one batched JAX computation of
   mutual information): Algorithm 1, every leaf as a readable rule with BER, ER, EC, IV, ALER and
   validity, and a `reason` when no leaf is valid. `group_indices` groups by label or prediction.
@@ -21,6 +23,7 @@ from jfail.barlow.extraction import (
     attack_settings,
     feature_attack,
     features,
+    features_to_store,
     heatmap,
     heatmap_batch,
     most_activating,
@@ -61,6 +64,7 @@ __all__ = [
     "failure_trees",
     "feature_attack",
     "features",
+    "features_to_store",
     "group_indices",
     "heatmap",
     "heatmap_batch",

@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
 from jfail.models.adapter import call_shape, in_trace, traced_model
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = [
     "AttackSettings",
@@ -44,6 +43,7 @@ __all__ = [
     "attack_settings",
     "feature_attack",
     "features",
+    "features_to_store",
     "heatmap",
     "heatmap_batch",
     "most_activating",
@@ -111,6 +111,56 @@ def features(
     return _map_chunks(
         _apply_features, model, images, (), batch_size, data_parallel, progress, "features"
     )
+
+
+def features_to_store(
+    feature_fn: Callable,
+    source,
+    out_dir,
+    *,
+    batch_size: int = 256,
+    split: str = "train",
+    progress: bool | None = None,
+):
+    """Penultimate activations of every image of a source, into a resumable on-disk store.
+
+    The same features as :func:`features`, for data sets that do not fit in memory or that
+    are spread over many hosts: the model runs through :func:`jfail.engine.map_dataset`
+    (batches sharded over every device of every process, a killed run continues where it
+    stopped). Read them back with ``outputs["features"][i:j]`` or ``np.asarray(...)``.
+
+    Args:
+      feature_fn: any JAX callable `[B, H, W, C] -> [B, D]`; its weights are read now.
+      source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`
+        (``"imagefolder:/data/pets@224"``, ``"tfds:imagenet2012"``, ``"mnist[:10%]"``).
+      out_dir: a new or empty folder, or that of an interrupted run of the same call.
+      batch_size: images per global batch, a multiple of the device count.
+      split: the split, when `source` is a name.
+      progress: show a progress bar (None: when stderr is a terminal).
+
+    Returns:
+      `jfail.engine.MappedOutputs` with one array, ``"features"``: [N, D] float.
+
+    Raises:
+      ValueError: `feature_fn` does not return `[B, D]`; the engine's errors (batch size,
+        out_dir).
+      ModelCallError: `feature_fn` cannot be called on the source's images.
+    """
+    from jfail.data.sources import open_source
+    from jfail.engine import map_dataset
+
+    if isinstance(source, str):
+        source = open_source(source, split)
+    example = jax.ShapeDtypeStruct((1, *source.image_shape), jnp.float32)
+    probe = call_shape(traced_model(feature_fn, example), example)
+    if len(getattr(probe, "shape", ())) != 2:
+        raise ValueError(
+            f"feature_fn must return pooled features [B, D], got "
+            f"{getattr(probe, 'shape', jax.tree_util.tree_structure(probe))} for one image; "
+            "for a feature map [B, h, w, C] pool it first (e.g. mean over h and w)."
+        )
+    return map_dataset(lambda x: {"features": feature_fn(x)}, source, out_dir,
+                       batch_size=batch_size, progress=progress)
 
 
 def heatmap(

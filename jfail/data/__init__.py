@@ -1,4 +1,4 @@
-"""Data sets as in-memory arrays, batching, and input validation.
+"""Data sets as in-memory arrays or random-access sources, batching, and input validation.
 
 Images are always [N, H, W, C] float32 in [0, 1]; labels [N] int32.
 """
@@ -11,6 +11,7 @@ from jfail.data.datasets import (
     FASHION_MNIST_CLASS_NAMES,
     Dataset,
     check_dataset_name,
+    dataset_image_shape,
     fashion_mnist_search_dirs,
     load,
     mnist_search_dirs,
@@ -18,11 +19,26 @@ from jfail.data.datasets import (
 )
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx
+from jfail.data.sources import (
+    ArraySource,
+    ImageSource,
+    check_source_name,
+    image_folder_name_parts,
+    image_folder_shape,
+    is_image_folder_name,
+    load_image_folder,
+    open_source,
+    read_all,
+    write_arrayrecord,
+)
+from jfail.data.streaming import loader
 
 __all__ = [
     "DATASET_NAMES",
     "DATA_DIR_ENV",
+    "ArraySource",
     "FASHION_MNIST_CLASS_NAMES",
+    "ImageSource",
     "Batch",
     "Dataset",
     "DatasetNotFoundError",
@@ -30,11 +46,21 @@ __all__ = [
     "check_dataset_name",
     "check_images",
     "check_labels",
+    "check_source_name",
+    "dataset_image_shape",
     "epoch_permutation",
     "fashion_mnist_search_dirs",
+    "image_folder_name_parts",
+    "image_folder_shape",
+    "is_image_folder_name",
+    "load_image_folder",
     "load",
+    "loader",
     "mnist_search_dirs",
     "num_batches",
+    "open_source",
+    "read_all",
     "read_idx",
     "train_val_split",
+    "write_arrayrecord",
 ]

@@ -11,11 +11,14 @@ in [0, 1] and labels: [N] int32. Data sets:
   class), 28x28x1. It has no official test split; see FIXED_SPLIT_SEED.
 - ``digits``: scikit-learn's 1,797 8x8x1 handwritten digits (pixel values
   0..16 are divided by 16). Same fixed split as mnist5k.
-- ``tfds:<name>``: any TensorFlow Datasets image classification data set
-  that has been prepared locally.
+- ``imagefolder:<path>`` (or a path with a ``/`` in it, e.g. ``./my_images``),
+  ``tfds:<name>`` (a TensorFlow Datasets data set prepared locally) and
+  ``arrayrecord:<glob>``: read whole as ``read_all(open_source(name, split))``
+  (:mod:`jfail.data.sources`, where the image-folder rules are).
 
-A built-in name takes two optional modifiers, for quick runs and for pairing
-data sets of different sizes: ``@S`` resizes every image to SxS (bilinear),
+Every name takes two optional modifiers, for quick runs and for pairing
+data sets of different sizes: ``@S`` makes every image SxS (built-in names:
+bilinear resize; the others: shorter side resized, centre crop),
 ``[:P%]`` keeps a fixed class-stratified P percent of each split, e.g.
 ``"fashion_mnist[:10%]"`` (6,000 train / 1,000 test) or ``"digits@28"``.
 """
@@ -34,13 +37,12 @@ import numpy as np
 from jfail.data.errors import DatasetNotFoundError
 from jfail.data.idx import read_idx_cached
 from jfail.data.tfds_source import INSTALL_HINT as TFDS_INSTALL_HINT
-from jfail.data.tfds_source import read_tfds
 from jfail.keys import host_seed
 
 log = logging.getLogger(__name__)
 
 DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "mnist5k")
-"""Built-in names accepted by :func:`load`, besides ``tfds:<name>``."""
+"""Built-in names accepted by :func:`load`, besides the schemes of :mod:`jfail.data.sources`."""
 
 DATA_DIR_ENV = "JFAIL_DATA_DIR"
 """Environment variable naming a directory of local data sets."""
@@ -51,11 +53,12 @@ FASHION_MNIST_SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_INSTALL_COMMAND = "apt-get install -y dataset-fashion-mnist"
 
 FIXED_SPLIT_SEED = 20240601
-"""Seed of the fixed train/test split of mnist5k and digits.
+"""Seed of the fixed train/test split of mnist5k, digits and image folders.
 
-Those data sets have no official test split, so ``load`` draws one: a
-stratified FIXED_TEST_FRACTION of each class (numpy ``default_rng`` with
-this seed) is ``"test"``, the rest ``"train"``; ``"all"`` is everything.
+Those data sets (and an image folder without split folders) have no
+official test split, so ``load`` draws one: a stratified FIXED_TEST_FRACTION
+of each class (numpy ``default_rng`` with this seed) is ``"test"``, the rest
+``"train"``; ``"all"`` is everything.
 For mnist5k that is exactly 100 test images per class (4,000 / 1,000).
 Both parts keep the order of the source file; note that mnist5k's file is
 sorted by class.
@@ -104,11 +107,14 @@ def load(
 ) -> Dataset:
     """Loads one split of a data set into memory.
 
-    name: one of DATASET_NAMES or ``"tfds:<name>"``; a built-in name may
-      end with ``@S`` (resize to SxS) and then ``[:P%]`` (a fixed stratified
-      P percent of the split), e.g. ``"digits@28[:50%]"``.
-    split: ``"train"`` or ``"test"``; mnist5k and digits also accept
-      ``"all"``; ``tfds:`` names accept any TFDS split (``"train[:10%]"``).
+    name: one of DATASET_NAMES, ``"imagefolder:<path>"`` (a name with a
+      ``/`` is a path too), ``"tfds:<name>"`` or ``"arrayrecord:<glob>"``;
+      any may end with ``@S`` (SxS images) and then ``[:P%]`` (a fixed
+      stratified P percent of the split), e.g. ``"digits@28[:50%]"``.
+    split: ``"train"`` or ``"test"``; mnist5k, digits and a folder without
+      split folders also accept ``"all"``; a folder with split folders
+      accepts their names; ``tfds:`` names accept any TFDS split
+      (``"train[:10%]"``); ``arrayrecord:`` ignores it.
     data_dir: for fashion_mnist and mnist, a directory with the IDX files,
       searched first; for ``tfds:`` names, the TFDS data dir.
     image_key, label_key: the TFDS features to read (``tfds:`` names only).
@@ -124,8 +130,8 @@ def load(
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}.")
-    if name.startswith("tfds:"):
-        return _load_tfds(name[len("tfds:"):], split, data_dir, image_key, label_key)
+    if _is_source_name(name):
+        return _load_source(name, split, data_dir, image_key, label_key)
     modified = _MODIFIED_NAME.match(name)
     if modified and (modified["size"] or modified["percent"]):
         data = load(modified["base"], split, data_dir=data_dir, image_key=image_key,
@@ -138,7 +144,9 @@ def load(
     if name not in DATASET_NAMES:
         raise ValueError(
             f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)}, "
-            "or 'tfds:<name>' for any prepared TensorFlow Datasets data set."
+            "'imagefolder:<path>' for a folder with one subfolder of images per class, "
+            "'tfds:<name>' for any prepared TensorFlow Datasets data set, or "
+            "'arrayrecord:<glob>' for files written by jfail.data.write_arrayrecord."
         )
     if (image_key, label_key) != ("image", "label"):
         raise ValueError(
@@ -163,22 +171,84 @@ def load(
 
 
 def check_dataset_name(name: str) -> None:
-    """Raises ValueError unless `name` is a data set name `load` understands (nothing is read).
+    """Raises ValueError unless `name` is a data set name `load` understands.
 
-    Accepted: one of DATASET_NAMES, optionally with `@S` and `[:P%]` suffixes, or
-    `tfds:<name>`.
+    Accepted: one of DATASET_NAMES, or a name of `jfail.data.open_source` (`imagefolder:<path>`
+    or a path, `tfds:<name>`, `arrayrecord:<glob>`), each optionally with `@S` and `[:P%]`
+    suffixes. Nothing is read, except that an image folder's layout is checked (folders only).
     """
     if not isinstance(name, str):
         raise TypeError(f"a data set name must be a string, got {type(name).__name__}.")
-    if name.startswith("tfds:") and len(name) > len("tfds:"):
+    if _is_source_name(name):
+        from jfail.data import sources
+
+        sources.check_source_name(name)
+        if sources.is_image_folder_name(name):
+            try:
+                sources.image_folder_classes(sources.image_folder_name_parts(name)[0])
+            except DatasetNotFoundError as error:
+                raise ValueError(str(error)) from None
         return
     modified = _MODIFIED_NAME.match(name)
     base = modified["base"] if modified else name
     if base not in DATASET_NAMES:
+        folder = (f" ({name!r} is a folder here: write 'imagefolder:{name}' or './{name}' to read "
+                  "it as one)" if os.path.isdir(name) else "")
         raise ValueError(
             f"Unknown data set {name!r}. Known names: {', '.join(DATASET_NAMES)} (each may end "
-            "with @S to resize and [:P%] for a stratified subset), or 'tfds:<name>'."
+            "with @S to resize and [:P%] for a stratified subset), 'tfds:<name>', "
+            "'arrayrecord:<glob>', or 'imagefolder:<path>' for a folder with one subfolder of "
+            f"images per class{folder}."
         )
+
+
+def dataset_image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int] | None:
+    """`(H, W, C)` of the images `load(name)` returns, found without reading the pixels (an image
+    folder's file headers only); None for a ``tfds:`` or ``arrayrecord:`` name (known only once
+    read).
+
+    image_size: for an image folder whose name has no ``@S``, the size it is resized to.
+
+    Raises:
+      ValueError: a name `check_dataset_name` refuses, or an image folder `image_folder_shape`
+        refuses.
+    """
+    check_dataset_name(name)
+    if _is_source_name(name):
+        from jfail.data import sources
+
+        if not sources.is_image_folder_name(name):
+            return None
+        path, size, _ = sources.image_folder_name_parts(name)
+        return sources.image_folder_shape(path, size if size is not None else image_size)
+    modified = _MODIFIED_NAME.match(name)
+    side = int(modified["size"]) if modified["size"] else _BUILT_IN_SIDES[modified["base"]]
+    return (side, side, 1)
+
+
+_BUILT_IN_SIDES = {"digits": 8, "fashion_mnist": 28, "mnist": 28, "mnist5k": 28}
+
+def _is_source_name(name: str) -> bool:
+    """Whether `load` reads `name` through `jfail.data.open_source` (a scheme or a path)."""
+    from jfail.data.sources import SCHEMES, is_image_folder_name
+
+    scheme, colon, _ = name.partition(":")
+    return bool(colon) and scheme in SCHEMES or is_image_folder_name(name)
+
+
+def _load_source(name, split, data_dir, image_key, label_key) -> Dataset:
+    """`read_all(open_source(name, split))`; an image folder's headers are read first, so that
+    images of mixed sizes without @S fail before any pixel is decoded, and the channel rule's
+    header scan is done once."""
+    from jfail.data import sources
+
+    channels = None
+    if sources.is_image_folder_name(name):
+        path, size, _ = sources.image_folder_name_parts(name)
+        channels = sources.image_folder_shape(path, size)[-1]
+    return sources.read_all(sources.open_source(
+        name, split, channels=channels, data_dir=data_dir, image_key=image_key,
+        label_key=label_key))
 
 
 def train_val_split(
@@ -243,19 +313,6 @@ _MNIST_GET_HINT = (
 )
 
 
-def _load_tfds(tfds_name, split, data_dir, image_key, label_key) -> Dataset:
-    if not tfds_name:
-        raise ValueError("'tfds:' must be followed by a TFDS data set name, e.g. 'tfds:mnist'.")
-    if not isinstance(split, str) or not split:
-        raise ValueError(f"split must be a non-empty TFDS split string, got {split!r}.")
-    images, labels, class_names = read_tfds(
-        tfds_name, split,
-        data_dir=None if data_dir is None else os.fspath(data_dir),
-        image_key=image_key, label_key=label_key,
-    )
-    return Dataset(images, labels, class_names)
-
-
 def _load_idx_data_set(name, split, search_dirs, class_names, get_hint) -> Dataset:
     _check_split(name, split, ("train", "test"))
     image_file, label_file = _IDX_FILE_NAMES[split]
@@ -282,8 +339,9 @@ def _load_idx_data_set(name, split, search_dirs, class_names, get_hint) -> Datas
 
     searched.append(f"tfds:{name}")
     try:
-        images, labels, _ = read_tfds(name, split)
-        return Dataset(images, labels, class_names)
+        from jfail.data.sources import TfdsSource, read_all
+
+        return read_all(TfdsSource(name, split))._replace(class_names=class_names)
     except ImportError:
         notes.append(f"tfds:{name} (tensorflow_datasets is not installed)")
     except DatasetNotFoundError as error:

@@ -11,8 +11,7 @@ import numpy as np
 
 from jfail.models.adapter import split_model
 from jfail.models.adapter import call_shape
-from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 
 def map_batches(fn: Callable, x, batch_size: int, *, name: str = "model") -> Any:

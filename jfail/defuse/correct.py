@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, num_batches
 from jfail.logs import progress_disabled
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.classifier import _check_model_data, _evaluate, _model_and_rest, as_dataset
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["CorrectionConfig", "FinetuneResult", "SweepResult", "finetune", "correct"]
 

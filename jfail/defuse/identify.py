@@ -28,9 +28,8 @@ from jfail.models.adapter import split_model
 from jfail.keys import as_key
 from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape, in_trace
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel, _pad_rows
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["Draws", "Failures", "identify", "identify_batch", "NOISE_MODES"]
 

@@ -12,7 +12,6 @@ from jfail.models.callables import (
     model_fns,
     stateless_apply,
 )
-from jfail.models.cpu_gradients import cpu_friendly_gradients, strided_conv
 from jfail.models.cnn import BetaVAE, DefuseCNN, VAEDecoder, VAEEncoder
 from jfail.models.convert import (
     IMAGENET_MEAN,
@@ -26,6 +25,7 @@ from jfail.models.convert import (
 from jfail.models.mlp import MLP
 from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
+from jfail.models.user import UserModel, UserModelError, load_user_model
 
 __all__ = [
     "BasicBlock",
@@ -39,13 +39,14 @@ __all__ = [
     "ModelCallError",
     "ModelFns",
     "Normalizer",
+    "UserModel",
+    "UserModelError",
     "ResNet",
     "VAEDecoder",
     "VAEEncoder",
     "as_callable",
     "as_model",
     "build_classifier",
-    "cpu_friendly_gradients",
     "decoder_fn",
     "encoder_fn",
     "in_trace",
@@ -54,6 +55,7 @@ __all__ = [
     "linen_model",
     "load_robustness_checkpoint",
     "load_torchvision_resnet",
+    "load_user_model",
     "logits_fn",
     "model_fns",
     "normalized_model_fns",
@@ -61,6 +63,5 @@ __all__ = [
     "resnet50",
     "resnet_variables_from_torch",
     "stateless_apply",
-    "strided_conv",
     "traced_model",
 ]

@@ -31,3 +31,19 @@ def report_source(pipeline, results: Path):
     if template is None:
         return results.parent / f"{results.name}.md"
     return Result(template, results.parent / f"{results.name}.json")
+
+
+def user_splits(dataset: str, wanted: set[str], *, seed: int) -> dict:
+    """The splits of `dataset` a method on one's own model reads: "train" (all of it), "val"
+    (`jfail.models.user.USER_VAL_FRACTION` of it, stratified, drawn with `seed`) and "test"."""
+    from jfail.data import load, train_val_split
+    from jfail.models.user import USER_VAL_FRACTION
+
+    parts = {}
+    if wanted & {"train", "val"}:
+        parts["train"] = load(dataset, "train")
+        if "val" in wanted:
+            _, parts["val"] = train_val_split(parts["train"], USER_VAL_FRACTION, key=seed)
+    if "test" in wanted:
+        parts["test"] = load(dataset, "test")
+    return parts

@@ -13,6 +13,10 @@ held-out error rate, Wilson interval, exact binomial p-value against its group's
 rate and a q-value over all the search's leaves; the significant leaves are listed first. Writes
 strict `results/<name>.json` (null for missing values), PNG panels, and `results/<name>.md`
 rendered from that JSON by the template `jfail/templates/barlow.j2`.
+
+With `model="package.module:function"` (one's own model, `jfail.models.user`) there are no
+classifier runs: that model's errors are explained with its own features, with the same held-out
+evidence, depth-1 rule tables and panels.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from jfail import barlow, jsonfile
 from jfail.config import BarlowConfig, ConfigError, load_config, validate_config
 from jfail.data import Dataset, load, train_val_split
 from jfail.logs import quiet_libraries
-from jfail.models import linen_apply, model_fns
-from jfail.pipelines import command_line
+from jfail.models import ModelFns, linen_apply, model_fns
+from jfail.models.user import USER_VAL_FRACTION, check_user_model, user_model_for_data
+from jfail.pipelines import command_line, user_splits
 from jfail.report import render_markdown
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
     started = time.perf_counter()
     progress = not args.quiet and sys.stderr.isatty()
 
+    if config.model is not None:
+        _user_model_main(config, command, out, figures, started, progress)
+        return
     runs = {  # (module, params, state, config, metrics), trained first when missing
         "standard": trained_classifier(load_config(config.classifier_config),
                                        config.classifier_run, progress=progress),
@@ -219,7 +227,8 @@ def _panel(fns, data, tree, leaf, feature_index, config, key, path, title):
     members = tree.indices
     values = np.asarray(barlow.features(fns.features, data.images[members]))[:, feature_index]
     top = members[np.argsort(-values)[: config.panel_images]]
-    channels = np.shape(fns.feature_map(data.images[top[:1]]))[-1]
+    channels = (None if fns.feature_map is None
+                else np.shape(fns.feature_map(data.images[top[:1]]))[-1])
     if channels == np.shape(fns.features(data.images[top[:1]]))[-1]:
         heatmaps = barlow.heatmap(fns.feature_map, data.images[top], feature_index)
     else:  # features are not a pooled feature map (e.g. a dense layer): no spatial map to show
@@ -235,6 +244,106 @@ def _panel(fns, data, tree, leaf, feature_index, config, key, path, title):
         data.images[top], np.asarray(heatmaps), np.asarray(attacked), data.images[failures],
         title, path,
     )
+
+
+def _user_model_main(config: BarlowConfig, command: str, out: Path, figures: Path,
+                     started: float, progress: bool) -> None:
+    """Barlow on one's own model (`config.model`): its errors on `config.split` explained with its
+    own features, every leaf measured on `config.evidence_split`, depth-1 rules and panels."""
+    user, dataset = user_model_for_data(config.model, config.dataset, needs=("features",))
+    splits = user_splits(dataset, {config.split, config.evidence_split}, seed=config.seed)
+    data, heldout = splits[config.split], splits[config.evidence_split]
+    check_user_model(user, data.images.shape[1:], num_classes=len(data.class_names),
+                     needs=("features",), where=f"model={config.model}")
+    class_names = data.class_names
+
+    def observe(part: Dataset):
+        predictions = np.asarray(predict(user.classifier, part.images)).argmax(-1)
+        return {"errors": predictions != part.labels,
+                "features": barlow.features(user.features, part.images, progress=progress),
+                "groupings": {"label": part.labels, "prediction": predictions}}
+
+    fitted, measured = observe(data), observe(heldout)
+    rows, trees, evidence = [], {}, {}
+    for depth in sorted(set(config.depths) | {1}):
+        for grouping in config.groupings:
+            result = barlow.failure_trees(
+                fitted["features"], fitted["errors"], fitted["groupings"][grouping],
+                num_features=config.num_features, max_depth=depth, delta=config.delta,
+                tau=config.tau, screen=config.screen, key=config.seed, progress=progress)
+            found = barlow.leaf_evidence(
+                result, measured["features"], measured["errors"],
+                measured["groupings"][grouping], method=config.fdr_method, alpha=config.alpha)
+            key = ("user", "user", depth, grouping)
+            trees[key], evidence[key] = result, found
+            if depth not in config.depths:  # depth 1 only for the rule tables
+                continue
+            rows.append({
+                "model": "user", "extractor": "user", "depth": depth, "grouping": grouping,
+                "valid_leaf_fraction": barlow.valid_leaf_fraction(result),
+                "mean_aler_minus_ber": float(
+                    np.mean([t.aler - t.base_error_rate for t in result.values()])),
+                "groups": len(result),
+                "candidate_leaves": found.num_candidates,
+                "significant_leaves": found.num_significant,
+            })
+    shown = {key: found for key, found in evidence.items() if key[2] in config.depths}
+
+    panels = []
+    fns = ModelFns(logits=user.classifier, features=user.features, feature_map=None)
+    key = jax.random.key(config.seed)
+    if "label" in config.groupings:
+        for group, tree in trees[("user", "user", 1, "label")].items():
+            leaf = tree.top_leaf
+            if not leaf.valid or not leaf.conditions:
+                continue
+            feature_index = leaf.conditions[0].feature
+            path = figures / f"panel_label_{group}_feature_{feature_index}.png"
+            _panel(fns, data, tree, leaf, feature_index, config,
+                   jax.random.fold_in(key, int(group)), path,
+                   title=f"label {class_names[group]}: {leaf.rule} "
+                   f"(ER {leaf.error_rate:.3f} vs BER {tree.base_error_rate:.3f}, "
+                   f"EC {leaf.error_coverage:.3f})")
+            panels.append(str(path))
+
+    summary = {
+        "command": command,
+        "config": json.loads(json.dumps(config.__dict__, default=str)),
+        "data": {"name": dataset, "split": config.split, "images": len(data.labels),
+                 "evidence_split": config.evidence_split, "evidence_images": len(heldout.labels),
+                 "held_out_from_training": None, "user_model": True,
+                 "val_fraction": USER_VAL_FRACTION},  # the share `user_splits` holds out
+        "models": {"user": config.model},
+        "error_rates": {"user": float(fitted["errors"].mean())},
+        "evidence_error_rates": {"user": float(measured["errors"].mean())},
+        "class_error_rates": {
+            class_names[c]: float(fitted["errors"][data.labels == c].mean())
+            if (data.labels == c).any() else None for c in range(len(class_names))},
+        "table1": rows,
+        "evidence": {
+            "method": config.fdr_method,
+            "alpha": config.alpha,
+            "candidate_leaves": sum(found.num_candidates for found in shown.values()),
+            "significant_leaves": sum(found.num_significant for found in shown.values()),
+            "searches": [_evidence_record(k, found, class_names) for k, found in shown.items()],
+        },
+        "tables": {
+            f"user_{grouping}": [
+                _tree_record(group, tree, class_names,
+                             _top_leaf_evidence(evidence[("user", "user", 1, grouping)], group,
+                                                tree))
+                for group, tree in trees[("user", "user", 1, grouping)].items()]
+            for grouping in config.groupings
+        },
+        "panels": panels,
+        "seconds": time.perf_counter() - started,
+    }
+    summary = jsonfile.strict(summary, default=str)
+    write_json(out / f"{config.name}.json", summary)
+    summary = json.loads((out / f"{config.name}.json").read_text())
+    (out / f"{config.name}.md").write_text(render_markdown(REPORT_TEMPLATE, summary,
+                                                           name=config.name))
+    print((out / f"{config.name}.md").read_text())
 
 
 def _splits(config: BarlowConfig, classifier_config) -> dict[str, Dataset]:

@@ -48,9 +48,11 @@ from jfail.defuse import (
 from jfail.defuse import plots
 from jfail.logs import quiet_libraries
 from jfail.models import BetaVAE, decoder_fn, encoder_fn, linen_apply, logits_fn
+from jfail.models.user import USER_VAL_FRACTION, check_user_model, user_model_for_data
 from jfail.pipelines import command_line
 from jfail.report import render_markdown
 from jfail.train import predict
+from jfail.train.trainable import trainable
 from jfail.train.run import trained_classifier, write_json
 
 
@@ -84,26 +86,47 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
                     jax.random.split(jax.random.key(config.seed), 7)))
 
     # --- models ---------------------------------------------------------------------------------
-    classifier_config = load_config(config.classifier_config)
-    full = load(config.dataset, "train")
-    test = load(config.dataset, "test")
-    train, val = train_val_split(full, classifier_config.val_fraction,
-                                 key=classifier_config.train.seed)
-    module, params, state, _, classifier_metrics = trained_classifier(
-        classifier_config, config.classifier_run, progress=progress)
-    apply_fn = linen_apply(module)
-    classifier = logits_fn(module, {"params": params, **state})
-    annotators, annotator_accuracy = _annotators(config, progress)
+    user = None
+    if config.model is not None:  # one's own model: annotators and β-VAE go to the workdir
+        user, dataset = user_model_for_data(config.model, config.dataset, needs=("trainable",))
+        full, test = load(dataset, "train"), load(dataset, "test")
+        train, val = train_val_split(full, USER_VAL_FRACTION, key=config.seed)
+        check_user_model(user, full.images.shape[1:], num_classes=len(full.class_names),
+                         needs=("trainable",), where=f"model={config.model}")
+        classifier = trainable(user.classifier)
+        apply_fn, params, state = classifier.apply, classifier.params, classifier.state
+        classifier_metrics = {"test_accuracy": _accuracy(
+            _predict(apply_fn, params, state, test.images), test.labels)}
+        classifier_name = f"{config.model} (weights {_fingerprint(params, state)})"
+        annotators, annotator_accuracy = _annotators(config, progress, dataset=dataset,
+                                                     runs=workdir / "annotators")
+    else:
+        classifier_config = load_config(config.classifier_config)
+        full = load(config.dataset, "train")
+        test = load(config.dataset, "test")
+        train, val = train_val_split(full, classifier_config.val_fraction,
+                                     key=classifier_config.train.seed)
+        module, params, state, _, classifier_metrics = trained_classifier(
+            classifier_config, config.classifier_run, progress=progress)
+        apply_fn = linen_apply(module)
+        classifier = logits_fn(module, {"params": params, **state})
+        classifier_name = config.classifier_run
+        annotators, annotator_accuracy = _annotators(config, progress)
     annotator = MajorityVote(annotators)
 
     tick = time.perf_counter()
-    vae = BetaVAE(image_shape=full.images.shape[1:], latent_dim=config.latent_dim)
-    vae_result = train_vae(vae, full.images, config.vae,
-                           checkpoint_dir=Path(config.vae_run).absolute() / "checkpoints",
-                           progress=progress)
+    if user is not None and user.encoder is not None and user.decoder is not None:
+        decoder, encoder = user.decoder, user.encoder
+        vae_record = {"epochs": 0, "history": [], "given": config.model}
+    else:
+        vae = BetaVAE(image_shape=full.images.shape[1:], latent_dim=config.latent_dim)
+        vae_dir = workdir / "vae" if user is not None else Path(config.vae_run).absolute()
+        vae_result = train_vae(vae, full.images, config.vae, checkpoint_dir=vae_dir / "checkpoints",
+                               progress=progress)
+        decoder = decoder_fn(vae, vae_result.variables)
+        encoder = encoder_fn(vae, vae_result.variables)
+        vae_record = {"epochs": len(vae_result.history), "history": vae_result.history}
     timings["vae_seconds_this_run"] = time.perf_counter() - tick
-    decoder = decoder_fn(vae, vae_result.variables)
-    encoder = encoder_fn(vae, vae_result.variables)
 
     # --- identification -------------------------------------------------------------------------
     if config.identify_images is None or config.identify_images >= len(train.labels):
@@ -114,7 +137,7 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     identify_kwargs = dict(num_draws=config.num_draws, a=config.a, b=config.b,
                            max_per_image=config.max_per_image)
     stage_key = {"vae": config_to_dict(config.vae), "subset": len(subset), **identify_kwargs,
-                 "classifier": config.classifier_run, "seed": config.seed}
+                 "classifier": classifier_name, "seed": config.seed}
 
     def run_identify(noise, key, keep_images):
         mu, _ = encode(encoder, train.images[subset])
@@ -156,12 +179,14 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     summary = {
         "config": config_to_dict(config),
         "command": command,
-        "classifier": {"run": config.classifier_run,
-                       "test_accuracy": classifier_metrics["test_accuracy"]},
+        "classifier": ({"model": config.model, "test_accuracy": classifier_metrics["test_accuracy"]}
+                       if user is not None else
+                       {"run": config.classifier_run,
+                        "test_accuracy": classifier_metrics["test_accuracy"]}),
         "annotators": {"test_accuracy": annotator_accuracy,
                        "majority_test_accuracy": _accuracy(annotator.label(test.images),
                                                            test.labels)},
-        "vae": {"epochs": len(vae_result.history), "history": vae_result.history},
+        "vae": vae_record,
         "identification": {"images": int(len(subset)), "draws": int(len(subset) * config.num_draws),
                            "noise": noise_report},
         "distillation": {"components_kept": len(scenarios), "weights": scenarios.weights.tolist(),
@@ -243,14 +268,19 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
 # --- stages ---------------------------------------------------------------------------------------
 
 
-def _annotators(config: DefuseConfig, progress: bool):
+def _annotators(config: DefuseConfig, progress: bool, *, dataset: str | None = None,
+                runs: Path | None = None):
+    """The simulated annotators: `annotator_config` trained with seeds 1, 2, ... into
+    `runs` (default `config.annotator_runs`) on `dataset` (default the annotator config's)."""
     base = load_config(config.annotator_config)
+    if dataset is not None:
+        base = dataclasses.replace(base, dataset=dataset)
     models, accuracies = [], []
     for i in range(config.num_annotators):
         run_config = dataclasses.replace(
             base, name=f"{base.name}_seed{i + 1}", train=dataclasses.replace(base.train, seed=i + 1))
         module, p, s, _, metrics = trained_classifier(
-            run_config, Path(config.annotator_runs) / f"seed{i + 1}", progress=progress)
+            run_config, Path(runs or config.annotator_runs) / f"seed{i + 1}", progress=progress)
         models.append(logits_fn(module, {"params": p, **s}))
         accuracies.append(metrics["test_accuracy"])
     return models, accuracies
@@ -325,6 +355,16 @@ def _tsne(failures, scenarios, figures, seed: int, max_points: int = 3000) -> di
 
 
 # --- helpers --------------------------------------------------------------------------------------
+
+
+def _fingerprint(*trees) -> str:
+    """A short digest of a model's weights: the cached stages of a workdir are redone when one's
+    own model changes under the same name."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if hasattr(leaf, "shape"):
+            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _scores(apply_fn, params, state, datasets: dict, val) -> dict:

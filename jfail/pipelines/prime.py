@@ -36,7 +36,12 @@ from jfail.config import ConfigError, load_config, validate_config  # noqa: E402
 from jfail.data import Dataset, load, train_val_split  # noqa: E402
 from jfail.logs import quiet_libraries  # noqa: E402
 from jfail.models import linen_apply  # noqa: E402
-from jfail.pipelines import command_line  # noqa: E402
+from jfail.models.user import (  # noqa: E402
+    USER_VAL_FRACTION,
+    check_user_model,
+    user_model_for_data,
+)
+from jfail.pipelines import command_line, user_splits  # noqa: E402
 from jfail.prime import (  # noqa: E402
     PrimeConfig,
     TagMatrix,
@@ -99,15 +104,35 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/prime.py
 def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
     """The whole experiment; returns the JSON report (figures are written under `figures`)."""
     started = time.perf_counter()
-    module, params, state, classifier_config, classifier_metrics = _classifier(config, progress)
-    data = _splits(config, classifier_config)
+    if config.model is not None:  # one's own model: no classifier run
+        user, dataset_name = user_model_for_data(config.model, config.dataset)
+        data = user_splits(dataset_name, {config.search_split, config.heldout_split},
+                           seed=config.seed)
+        check_user_model(user, data[config.search_split].images.shape[1:],
+                         num_classes=len(data[config.search_split].class_names),
+                         where=f"model={config.model}")
+        classifier = {"run": None, "model": config.model, "test_accuracy": None,
+                      "val_accuracy": None, "user_model": True,
+                      "val_fraction": USER_VAL_FRACTION}  # the share `user_splits` holds out
+
+        def logits_of(images):
+            return predict(user.classifier, images, batch_size=1000)
+    else:
+        module, params, state, classifier_config, classifier_metrics = _classifier(config,
+                                                                                   progress)
+        data = _splits(config, classifier_config)
+        classifier = {"run": config.classifier_run, "model": classifier_config.model,
+                      "test_accuracy": classifier_metrics.get("test_accuracy"),
+                      "val_accuracy": classifier_metrics.get("val_accuracy")}
+        apply_fn = linen_apply(module)
+
+        def logits_of(images):
+            return predict(apply_fn, params, state, images, batch_size=1000)
     search, heldout = data[config.search_split], data[config.heldout_split]
     class_names = search.class_names
-    apply_fn = linen_apply(module)
     correct = {}
     for split, dataset in ((config.search_split, search), (config.heldout_split, heldout)):
-        logits = predict(apply_fn, params, state, dataset.images, batch_size=1000)
-        correct[split] = np.argmax(logits, -1) == dataset.labels
+        correct[split] = np.argmax(logits_of(dataset.images), -1) == dataset.labels
     search_correct, heldout_correct = correct[config.search_split], correct[config.heldout_split]
     search_errors = ~search_correct
 
@@ -171,12 +196,7 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
     }
     return {
         "config": _jsonable(dataclasses.asdict(config)),
-        "classifier": {
-            "run": config.classifier_run,
-            "model": classifier_config.model,
-            "test_accuracy": classifier_metrics.get("test_accuracy"),
-            "val_accuracy": classifier_metrics.get("val_accuracy"),
-        },
+        "classifier": classifier,
         "splits": {
             "search": {"name": config.search_split, "images": int(len(search.labels)),
                        "accuracy": float(search_correct.mean())},

@@ -15,10 +15,9 @@ import numpy as np
 import optax
 
 from jfail.models.adapter import call_shape, in_trace
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.parallel import DataParallel
 from jfail.keys import as_key
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["Attack", "pgd_attack", "robust_accuracy", "as_key"]
 

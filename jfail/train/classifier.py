@@ -33,12 +33,11 @@ from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, check_images, check_labels, num_batches
 from jfail.models.adapter import call_shape, traced_model
-from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.train.adversarial import Attack, as_key, pgd_attack
 from jfail.train.checkpoint import RunCheckpointer
 from jfail.train.parallel import DataParallel
 from jfail.train.trainable import TrainableModel, is_trainable_style, trainable
-from jfail.xla import jit
+from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = [
     "TrainConfig",
@@ -68,15 +67,15 @@ class TrainConfig:
     A run config (`ClassifierRunConfig`) needs a name, since it is saved as JSON.
     """
 
-    optimizer: str | optax.GradientTransformation = "adadelta"
-    learning_rate: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # or "cosine" (decays to 0 over all steps)
-    batch_size: int = 64
-    epochs: int = 5
-    eval_batch_size: int = 1000
-    seed: int = 0
+    optimizer: str | optax.GradientTransformation = "adadelta"  # seed 001 B.2
+    learning_rate: float = 1.0  # seed 001 B.2
+    momentum: float = 0.9  # no paper value (used by "sgd" only)
+    weight_decay: float = 0.0  # no paper value
+    schedule: str = "constant"  # no paper value; or "cosine" (decays to 0 over all steps)
+    batch_size: int = 64  # seed 001 B.2
+    epochs: int = 5  # seed 001 B.2
+    eval_batch_size: int = 1000  # no paper value (memory)
+    seed: int = 0  # no paper value
     attack: Attack | None = None  # adversarial training: each batch replaced by its PGD attack
 
     def __post_init__(self):

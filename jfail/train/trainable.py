@@ -195,7 +195,9 @@ class _NnxRebuild:
 def _from_pytree(model) -> TrainableModel:
     leaves, treedef = jax.tree_util.tree_flatten(model)
     mask = [_is_inexact_array(leaf) for leaf in leaves]
-    if isinstance(model, _FUNCTION_TYPES) or not any(mask):
+    # a jax Partial is a functools.partial too, but a pytree whose arguments are its leaves
+    function = isinstance(model, _FUNCTION_TYPES) and not isinstance(model, jax.tree_util.Partial)
+    if function or not any(mask):
         name = getattr(model, "__name__", type(model).__name__)
         raise TypeError(
             f"cannot find the trainable weights of {name}: it holds no floating-point arrays "

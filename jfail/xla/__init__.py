@@ -1,23 +1,21 @@
-"""`jit`: `jax.jit` with the XLA compiler options every jfail program is compiled with.
+"""jfail's XLA layer: `jit`, with the compiler options every jfail program is compiled with,
+and the rewrites that keep gradients off XLA:CPU's slow paths.
 
-XLA:CPU (jaxlib 0.10) hands convolutions, matrix products and the element-wise work around them
-to the YNNPACK library ("ynn fusions") by default. On convolutions that path is several times
-slower than XLA's own Eigen kernels: the 4x4/2 convolution of the Defuse CNN's second layer
-(batch 200, 14x14x64 -> 7x7x64) took 33 ms with it and 12.6 ms without (PyTorch: 12.8 ms), and a
-whole input gradient of the Defuse CNN 73-88 ms against 51-58 ms (ResNet-18: 584 against 367 ms),
-with no change in the result beyond float32 rounding; matrix products measured the same either
-way. `CPU_OPTIONS` switches those fusions off.
+- `jit(fn)`: `jax.jit` with `compiler_options()`, the options of `OPTIONS` the installed XLA
+  accepts. On XLA:CPU (`CPU_OPTIONS`) the YNNPACK fusions are switched off: on convolutions they
+  are several times slower than XLA's own Eigen kernels, with the same results to float32
+  rounding. On XLA:GPU (`GPU_OPTIONS`) convolutions and the other kinds of work named are
+  recorded into command buffers (CUDA graphs), so that a small float32 gradient is a few graph
+  launches rather than hundreds of kernel launches. cuDNN's NCHW layout
+  (`xla_gpu_force_conv_nchw`) is left out: it was faster still, but in one process the
+  convolution algorithms autotuned for it gave gradients beyond the 1e-4 that jfail's
+  attributions are held to.
+- `cpu_friendly_gradients(fn)` (`jfail.xla.cpu_gradients`): `fn` with its slow convolutions and
+  dense-layer products replaced on XLA:CPU; `on_cpu()` says whether that applies.
+- `jfail.xla.jaxpr`: the jaxpr interpreter those rewrites and modified back-propagation share.
 
-XLA:GPU (jaxlib 0.11) runs a small float32 gradient as hundreds of kernel launches. `GPU_OPTIONS`
-names the kinds of work XLA records into command buffers (CUDA graphs), convolutions included,
-so that fewer launches are left. On an H200 that made the jitted input gradient of the
-attribution benchmark's models 0.72-0.92x as long (`benchmarks/results/xla_gpu_options_h200.md`;
-0.94-0.99x in an earlier run), with the same result up to 2.2e-7. Forcing cuDNN's NCHW layout
-as well (`xla_gpu_force_conv_nchw`, which removes about 100 layout kernels per ResNet-18
-gradient) was faster still, 0.59-0.76x (0.71-0.81x), and the H200 attribution table was
-measured with it; but in one of the two processes the convolution algorithms that XLA's
-autotuner then picked gave gradients 8.2e-4 (max relative difference) away from the default
-layout's, over the 1e-4 that jfail's attributions are held to, so it is left out.
+The timings behind these choices are in `benchmarks/results/xla_options.md` (CPU; GPU:
+`benchmarks/results/xla_gpu_options_h200.md`) and `benchmarks/results/cpu_gradients.md`.
 
 Each backend ignores the other's options; `compiler_options()` keeps those the installed XLA
 accepts and applies them to the program being compiled, not to the process: other programs, the
@@ -39,7 +37,9 @@ from typing import Callable
 import jax
 from jax.extend import core as jax_core
 
-__all__ = ["jit", "compiler_options", "OPTIONS"]
+from jfail.xla.cpu_gradients import cpu_friendly_gradients, on_cpu
+
+__all__ = ["jit", "compiler_options", "OPTIONS", "cpu_friendly_gradients", "on_cpu"]
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 GPU_OPTIONS = {
@@ -53,7 +53,18 @@ OPTIONS = {**CPU_OPTIONS, **GPU_OPTIONS}
 def jit(fun: Callable | None = None, /, **jit_kwargs):
     """`jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)`, made at first use.
 
-    With `fun` omitted, returns a decorator (`@jit(static_argnums=0)`).
+    Args:
+        fun: the function to compile; omitted, `jit` returns a decorator
+            (`@jit(static_argnums=0)`).
+        **jit_kwargs: what `jax.jit` takes (`static_argnums`, `donate_argnums` ...), except
+            `compiler_options`.
+
+    Returns:
+        A callable used like `jax.jit(fun)` (calls, `.lower`, `.eval_shape` ...): compiled with
+        jfail's options at the top level, a plain `jax.jit` while another function is traced.
+
+    Raises:
+        TypeError: if `compiler_options` is passed (they are jfail's own; call `jax.jit`).
     """
     if "compiler_options" in jit_kwargs:
         raise TypeError("jit: compiler_options are jfail's own; call jax.jit to pass others.")
@@ -64,8 +75,14 @@ def jit(fun: Callable | None = None, /, **jit_kwargs):
 
 @functools.lru_cache(maxsize=None)
 def compiler_options() -> dict | None:
-    """The options of `OPTIONS` the installed XLA accepts (each checked once, alone, by compiling
-    a one-operation program), or None if it accepts none of them."""
+    """The options of `OPTIONS` the installed XLA accepts.
+
+    Each option is checked once, alone, by compiling a one-operation program on JAX's default
+    backend; the answer is remembered (`compiler_options.cache_clear()` forgets it).
+
+    Returns:
+        A dict of option name -> value, or None if XLA accepts none of them.
+    """
     accepted = {name: value for name, value in OPTIONS.items() if _accepts({name: value})}
     return accepted or None
 

@@ -1,93 +1,37 @@
-"""Convolutions and their gradients without XLA:CPU's slow paths: input-dilated convolutions
-(strided input gradients, transposed convolutions), images with few channels and convolutions
-inside loops.
+"""Convolutions and products whose values and gradients avoid XLA:CPU's slow paths.
 
-JAX differentiates a strided convolution into a convolution with `lhs_dilation` (the output
-cotangent spread out with zeros). XLA:CPU has no fast kernel for that and runs it as a generic
-loop: on the 4x4/2 layers of the Defuse CNN (batch 200) the input gradient took 31-62 ms against
-1-13 ms for the forward pass (XLA's Eigen convolutions, which `jfail.xla.jit` selects). A
-stride-s convolution is also a stride-1 convolution of the space-to-depth rearranged input (s x s
-blocks stacked into channels) with a rearranged kernel, and the transpose of that is an ordinary
-convolution (4-8x faster on those layers).
+XLA:CPU runs some convolutions as a generic loop, several times slower than its Eigen kernels:
+input-dilated ones (JAX's input gradient of a strided convolution, transposed convolutions),
+those of images with few channels, those with one output position, and any convolution in a
+loop body (`jax.lax.map`, `scan`: only top-level convolutions get the NHWC / HWIO layouts Eigen
+needs). JAX's input gradient of a dense layer `x @ W` is also slow, contracting `W` on its second
+axis. Each rule below computes the same sums in another order (agreement to float32 rounding,
+the original multiply-adds and no more), as a `custom_vjp` where only a cotangent changes:
 
-`strided_conv(lhs, rhs, **params)` is the primitive in the forward pass, with the lhs (input)
-cotangent computed through that rearrangement (the same sums in another order: agreement to
-float32 rounding) and JAX's own rhs (weight) cotangent. `eligible` limits it to windows that
-overlap and tile the stride (kernel a multiple of the stride, e.g. 4x4/2), where it does exactly
-the original multiply-adds; 3x3/2 would pay 16/9 of them.
+- `strided_conv` (`eligible`: kernels a multiple of the stride, e.g. 4x4/2): the input cotangent
+  through space-to-depth, a stride-1 convolution of `s x s` blocks stacked into channels;
+- `phased_conv` (`phased`: other strides, e.g. ResNet's 3x3/2 and 1x1/2, and stride 1): the input
+  cotangent one output phase (residue modulo the stride) at a time, each a stride-1 convolution
+  with that phase's kernel taps, interleaved; at stride 1 one phase, the kernel laid out as HWIO
+  by an explicit transpose, which XLA keeps inside loops;
+- `transposed_conv` (`transposed`: input dilation, more than `FEW_CHANNELS` outputs): the value
+  phase by phase too, its cotangents JAX's derivatives of that;
+- `few_channel_conv` (`few_channels`: at most `FEW_CHANNELS` input channels; takes precedence):
+  patches (`kh * kw * C` channels) times the kernel as a matrix;
+- `one_window_conv` (`one_window`: a single output position): one matrix product;
+- `dense_dot` (`dense`): the input cotangent times the kernel transposed in memory, behind an
+  optimization barrier so that XLA does not fold the transpose back.
 
-Other strided convolutions (ResNet's 3x3/2 and 1x1/2) get `phased_conv`: JAX's input gradient,
-a convolution of the cotangent dilated by the strides, splits by output phase (rows and columns
-of one residue modulo the dilation), and each phase is a stride-1 convolution with the kernel
-taps of that phase (3x3/2: 2x2, 2x1, 1x2 and 1x1 taps, the original multiply-adds exactly),
-interleaved afterwards. On an AVX-512 EPYC at batch 200 the input gradient of ResNet-18's 28x28
-16->32 3x3/2 layer took 3.0-5.3 ms against 6.6-10 ms, of its 1x1/2 shortcut 0.3-0.5 against
-0.7-0.8, and no longer on its 7x7 and 14x14 layers (a whole input gradient 3-5 % faster);
-`phased` says which convolutions qualify.
-
-Transposed convolutions (input dilation, Defuse's VAE decoder) are the same slow loop in the
-forward pass and in both gradients. `transposed_conv` evaluates them phase by phase too, and
-their cotangents are JAX's derivatives of that (stride-1 convolutions only). Decoder layers at
-batch 2048, forward / both cotangents: 4x4x32 -> 8x8x32 45 / 151 -> 10 / 40 ms, 8x8x32 -> 16x16x32
-190 / 889 -> 54 / 168 ms, 7x7x32 -> 14x14x32 153 / 593 -> 42 / 96 ms. To one output channel
-Eigen's stride-1 kernels are slower than the loop (30 / 72 -> 60 / 586 ms), so `transposed`
-leaves convolutions with at most `FEW_CHANNELS` output channels alone.
-
-Convolutions of images with few channels (the first layer of a network on grey or colour images)
-are a second slow case: XLA's Eigen kernels took 3-7 ms for the forward pass of a 1-channel layer
-at batch 200 (3x3 to 8 or 16 channels, 4x4/2 to 64) and 3-7 ms for its input gradient, 10-48 ms
-for the input gradient of 3-channel 3x3 layers. Written as patches (the kh x kw shifted windows
-side by side, `kh * kw * C` channels) times the kernel reshaped to a matrix, the same sums took
-1.1-1.8 ms forward and 0.9-1.3 ms backward with one channel and 4-11 ms backward with three;
-with 8 or more channels patches were 5-10x slower than Eigen, hence `FEW_CHANNELS = 4`.
-`few_channel_conv(lhs, rhs, **params)` computes the input cotangent of convolutions with at most
-`FEW_CHANNELS` input channels that way, and with one channel also the value and the kernel
-cotangent; `few_channels` says which convolutions qualify (it takes precedence over `eligible`).
-
-Convolutions with a single output position (a kernel window covering the whole padded input,
-the Defuse CNN's 4x4/2 layer from 3x3 to 1x1) are a third: Eigen took 0.43 ms for it at batch
-32 and 1.9 ms at batch 200, against 0.11 and 0.15 ms for the same sums as one matrix product
-(`one_window_conv`, the window's patch times the kernel as a matrix; the cotangents 0.33 ->
-0.19 and 0.72 -> 0.53 ms). Larger outputs measured no faster as patches (4x4 and 7x7 outputs:
-1.2-7x slower), hence `one_window`.
-
-Convolutions inside a loop body (`jax.lax.map`, `scan`, `fori_loop`: grouped samples, PGD and
-feature attacks) are a fourth. XLA:CPU gives only the top-level computation's convolutions the
-NHWC / HWIO layouts its Eigen kernels need; in a loop body JAX's input gradient of a stride-1
-convolution keeps its flipped kernel with the channels swapped as `01oi` and runs as the
-generic loop. The input gradient of one 28x28 16->16 3x3 layer, 4 groups of 50 images through
-`jax.lax.map`, took 95 ms against 13 ms at the top level, and a ResNet-18 (width 16) input
-gradient of 200 images in 4 groups 833 ms against 109 ms. `phased_conv` takes stride-1
-convolutions as one phase: the transposed convolution with its kernel laid out as HWIO by an
-explicit transpose, which XLA keeps in loops (the same ResNet-18 gradient in 4 groups: 104
-ms), and which measured the same as JAX's own at the top level (2395-2416 images/s at batch
-32, 1877-1895 at batch 200). Convolutions of other layouts (NCHW / OIHW, as models ported from
-PyTorch are written) are slow in a loop body even in the forward pass: a 28x28 16->16 3x3 layer
-on 4 groups of 50 took 85 ms against 5 ms at the top level, and its gradient 172 against 9 ms.
-Every rule here therefore computes the value on NHWC / HWIO operands (explicit transposes,
-none for those layouts): 5.1 and 9.5 ms in the loop. The stride-1 convolutions that
-space-to-depth and the phases are made of are `phased_conv`s too, so that JAX's derivatives of
-them are canonical in loops as well (a Defuse CNN input gradient of 200 images in 5 groups: 30
--> 13 ms).
-
-Dense layers are a fifth: JAX's input gradient of `x @ W` (`W: [K, N]`, contracted on its
-first axis, as Flax's `Dense` writes it) is `g @ W.T` as a product contracting `W`'s second
-axis, which XLA:CPU ran up to 2.7x slower than the same product with `W.T` laid out as a matrix
-(784 -> 512 at batch 40: 631 against 234 us; 1.0-1.3x for 256- and 1024-wide layers).
-`dense_dot` computes that cotangent with the transposed kernel made explicit (behind an
-optimization barrier, which keeps XLA from folding the transpose back into the product);
-`dense` says which products qualify. A 784-512-256-10 MLP's input gradient
-(`jfail.models.MLP(10, (512, 256))`) took 0.40 instead of 0.90 ms at batch 32 and 1.23 instead
-of 1.73 ms at batch 200, with identical values.
-
-`fast_conv` picks among the five convolution rules for one convolution.
-`cpu_friendly_gradients(fn)` re-evaluates `fn`'s jaxpr with every such convolution, and every
-`dense` product, replaced (so a transposed convolution's value changes too, to float32
-rounding); off CPU (cuDNN has fast strided transposes) it returns `fn` itself.
+Every rewritten convolution computes its value on NHWC / HWIO operands (explicit transposes,
+none for those layouts), so that it is fast inside loops too. `fast_conv` picks the rule for one
+convolution. `cpu_friendly_gradients(fn)` re-evaluates `fn`'s jaxpr (`jfail.xla.jaxpr.evaluate`)
+with every such convolution and `dense` product replaced (a transposed convolution's value
+changes too, to float32 rounding); off CPU (cuDNN has fast strided transposes) it returns `fn`.
 jfail's training steps, PGD, feature attacks and gradient attributions apply it to the model
 before differentiating, LIME and KernelSHAP to the model they query in groups, Defuse's decoding
-to the decoder; the modified back-propagation methods use `fast_conv` for the convolutions of
-their linear blocks.
+to the decoder; modified back-propagation uses `fast_conv` for its linear blocks' convolutions.
+
+The timings behind each rule and threshold are in `benchmarks/results/cpu_gradients.md`.
 """
 
 from __future__ import annotations
@@ -97,7 +41,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
+
+from jfail.xla import jaxpr as jaxpr_interpreter
 
 __all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "phased_conv",
            "phased", "transposed_conv", "transposed", "few_channel_conv", "few_channels",
@@ -105,16 +50,20 @@ __all__ = ["cpu_friendly_gradients", "fast_conv", "strided_conv", "eligible", "p
 
 FEW_CHANNELS = 4  # `few_channels`: at most this many input channels; `transposed`: more outputs
 
-_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-          "remat2": "jaxpr", "checkpoint": "jaxpr"}
-
-
 def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callable:
-    """`fn(*args, **kwargs)` with the same values whose VJP avoids XLA:CPU's slow convolutions
-    and products (dilated convolutions, dense layers' kernels contracted on their second axis).
+    """`fn` with the same values whose VJP avoids XLA:CPU's slow convolutions and products.
 
-    `platform`: where the program runs (None: JAX's default backend). Elsewhere `fn` is returned.
     Custom-derivative calls (`custom_jvp`, `custom_vjp`, e.g. `jax.nn.relu`) are kept as they are.
+
+    Args:
+        fn: a JAX function `fn(*args, **kwargs)`; its array arguments are traced, the others
+            (flags, Python numbers, modules) stay static.
+        platform: where the program runs (None: JAX's default backend).
+
+    Returns:
+        On CPU, a function called like `fn` that traces it and re-evaluates its jaxpr with the
+        convolutions `fast_conv` picks and the products `dense` accepts replaced; elsewhere
+        `fn` itself. Errors `fn` raises while being traced propagate unchanged.
     """
     if not on_cpu(platform):
         return fn
@@ -131,21 +80,39 @@ def cpu_friendly_gradients(fn: Callable, platform: str | None = None) -> Callabl
 
         arrays = [leaf for leaf, a in zip(leaves, is_array) if a]
         closed, out_shape = jax.make_jaxpr(of_arrays, return_shape=True)(*arrays)
-        outs = _evaluate(closed.jaxpr, closed.consts, arrays)
+        outs = jaxpr_interpreter.evaluate(closed.jaxpr, closed.consts, arrays, _RULES)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return rewritten
 
 
 def on_cpu(platform: str | None = None) -> bool:
-    """Whether programs run on XLA:CPU: `platform`, or JAX's default backend when None."""
+    """Whether programs run on XLA:CPU.
+
+    Args:
+        platform: a JAX platform name ("cpu", "gpu", "tpu"), or None for JAX's default backend.
+
+    Returns:
+        True for "cpu".
+    """
     return (platform or jax.default_backend()) == "cpu"
 
 
 def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | None:
-    """`one_window_conv`, `few_channel_conv`, `strided_conv`, `phased_conv`, `transposed_conv` or
-    None (XLA's own rules are fine) for a `conv_general_dilated` with these params and operand
-    shapes, called like the primitive."""
+    """The rule that replaces a `conv_general_dilated` on CPU, if any.
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        lhs_shape: the input's shape, in its own layout.
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        `one_window_conv`, `few_channel_conv`, `strided_conv`, `phased_conv` or
+        `transposed_conv` (tried in that order), called like the primitive; None where XLA's own
+        rules are fine.
+    """
     if one_window(params, lhs_shape, rhs_shape):
         return one_window_conv
     if few_channels(params, lhs_shape):
@@ -160,10 +127,21 @@ def fast_conv(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> Callable | No
 
 
 def eligible(params: dict, rhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params gets the space-to-depth backward pass:
-    a convolution `phased` accepts whose windows overlap and tile the stride (4x4/2: the
+    """Whether a convolution gets the space-to-depth input gradient (`strided_conv`).
+
+    That is a convolution `phased` accepts whose windows overlap and tile the stride (4x4/2: the
     rearranged convolution does exactly the original multiply-adds; 3x3/2 would pay 16/9 of
-    them and 1x1/2 does not overlap, both go phase by phase)."""
+    them and 1x1/2 does not overlap, both go phase by phase).
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        True if `strided_conv` applies.
+    """
     strides = tuple(params["window_strides"])
     spatial = [rhs_shape[axis] for axis in params["dimension_numbers"].rhs_spec[2:]]
     return (
@@ -176,15 +154,34 @@ def eligible(params: dict, rhs_shape: tuple) -> bool:
 def strided_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is computed by
     space-to-depth (see the module docstring); the value is computed on NHWC / HWIO operands
-    and the rhs cotangent is JAX's derivative of that."""
+    and the rhs cotangent is JAX's derivative of that.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     return _with_rules(lhs, rhs, params, _nhwc_conv, _vjp_lhs(_space_to_depth_conv),
                             _vjp_rhs(_nhwc_conv))
 
 
 def phased(params: dict) -> bool:
-    """Whether `conv_general_dilated` with these params gets `phased_conv`: 2 spatial
-    dimensions, no dilation, no grouping, non-negative padding (any strides; stride 1 is one
-    phase)."""
+    """Whether a convolution gets `phased_conv`: 2 spatial dimensions, no dilation, no grouping,
+    non-negative padding (any strides; stride 1 is one phase).
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+
+    Returns:
+        True if `phased_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and all(d == 1 for d in params["lhs_dilation"])
@@ -197,16 +194,37 @@ def phased_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is computed
     phase by phase (see the module docstring; with unit strides as one convolution with the
     kernel laid out as HWIO); the value is computed on NHWC / HWIO operands and the rhs
-    cotangent is JAX's derivative of that."""
+    cotangent is JAX's derivative of that.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     strided = any(s > 1 for s in params["window_strides"])
     lhs_cotangent = _phase_lhs_cotangent if strided else _flipped_kernel_lhs_cotangent
     return _with_rules(lhs, rhs, params, _nhwc_conv, lhs_cotangent, _vjp_rhs(_nhwc_conv))
 
 
 def transposed(params: dict, rhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params gets `transposed_conv`: 2 spatial
-    dimensions, input (lhs) dilation above 1 with unit window strides (a transposed
-    convolution), no kernel dilation, no grouping, more than `FEW_CHANNELS` output channels."""
+    """Whether a convolution gets `transposed_conv`: 2 spatial dimensions, input (lhs) dilation
+    above 1 with unit window strides (a transposed convolution), no kernel dilation, no
+    grouping, more than `FEW_CHANNELS` output channels.
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        True if `transposed_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and any(d > 1 for d in params["lhs_dilation"])
@@ -219,15 +237,36 @@ def transposed(params: dict, rhs_shape: tuple) -> bool:
 def transposed_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` for a transposed convolution,
     computed phase by phase (see the module docstring); both cotangents are JAX's derivatives
-    of that formulation (stride-1 convolutions, padding and interleaving)."""
+    of that formulation (stride-1 convolutions, padding and interleaving).
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     return _phase_dilated_conv(lhs, rhs, params)
 
 
 def one_window(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params and shapes gets `one_window_conv`: 2
-    spatial dimensions and a single output position (the kernel window covers the padded
-    input, e.g. the Defuse CNN's last convolution, 3x3 -> 1x1), no input dilation, no
-    grouping, non-negative padding."""
+    """Whether a convolution gets `one_window_conv`: 2 spatial dimensions and a single output
+    position (the kernel window covers the padded input, e.g. the Defuse CNN's last
+    convolution, 3x3 -> 1x1), no input dilation, no grouping, non-negative padding.
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        lhs_shape: the input's shape, in its own layout.
+        rhs_shape: the kernel's shape, in its own layout.
+
+    Returns:
+        True if `one_window_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and _output_size(params, lhs_shape, rhs_shape) == [1, 1]
@@ -239,14 +278,35 @@ def one_window(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
 def one_window_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` for a convolution with one output
     position, as the window's patch times the kernel reshaped to a matrix (one matrix product);
-    both cotangents are JAX's derivatives of that."""
+    both cotangents are JAX's derivatives of that.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     return _patch_conv(lhs, rhs, params)
 
 
 def few_channels(params: dict, lhs_shape: tuple) -> bool:
-    """Whether `conv_general_dilated` with these params gets `few_channel_conv`: 2 spatial
-    dimensions, at most `FEW_CHANNELS` input channels, no input dilation (a transposed
-    convolution), no grouping, non-negative padding (kernel dilation and strides are fine)."""
+    """Whether a convolution gets `few_channel_conv`: 2 spatial dimensions, at most
+    `FEW_CHANNELS` input channels, no input dilation (a transposed convolution), no grouping,
+    non-negative padding (kernel dilation and strides are fine).
+
+    Args:
+        params: the equation's parameters (`window_strides`, `padding`, `lhs_dilation`,
+            `rhs_dilation`, `dimension_numbers` as `ConvDimensionNumbers`, group counts,
+            `precision`, `preferred_element_type`).
+        lhs_shape: the input's shape, in its own layout.
+
+    Returns:
+        True if `few_channel_conv` applies.
+    """
     return (
         _ungrouped_2d(params)
         and lhs_shape[params["dimension_numbers"].lhs_spec[1]] <= FEW_CHANNELS
@@ -258,15 +318,36 @@ def few_channels(params: dict, lhs_shape: tuple) -> bool:
 def few_channel_conv(lhs, rhs, **params):
     """`lax.conv_general_dilated_p.bind(lhs, rhs, **params)` whose lhs cotangent is the
     transpose of patches times a matrix (see the module docstring); with one input channel the
-    value and the rhs cotangent are computed that way too, otherwise on NHWC / HWIO operands."""
+    value and the rhs cotangent are computed that way too, otherwise on NHWC / HWIO operands.
+
+    Args:
+        lhs: the input, laid out as `params["dimension_numbers"].lhs_spec` says (e.g.
+            `[B, H, W, C]`).
+        rhs: the kernel, laid out as `rhs_spec` says (e.g. `[kh, kw, C, O]`).
+        **params: the parameters of the `conv_general_dilated` equation it replaces.
+
+    Returns:
+        The convolution, laid out as `out_spec` says (e.g. `[B, out_h, out_w, O]`), equal to the
+        primitive's to float32 rounding.
+    """
     single = lhs.shape[params["dimension_numbers"].lhs_spec[1]] == 1
     value = _patch_conv if single else _nhwc_conv
     return _with_rules(lhs, rhs, params, value, _vjp_lhs(_patch_conv), _vjp_rhs(value))
 
 
 def dense(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
-    """Whether `dot_general` with these params and operand shapes gets `dense_dot`: a matrix
-    `rhs: [K, N]` contracted on its first axis with the last axis of `lhs`, no batch axes."""
+    """Whether a `dot_general` gets `dense_dot`: a matrix `rhs: [K, N]` contracted on its first
+    axis with the last axis of `lhs: [..., K]`, no batch axes.
+
+    Args:
+        params: the equation's parameters (`dimension_numbers`, `precision`,
+            `preferred_element_type`).
+        lhs_shape: the left operand's shape.
+        rhs_shape: the right operand's shape.
+
+    Returns:
+        True if `dense_dot` applies.
+    """
     (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = params["dimension_numbers"]
     return (
         len(rhs_shape) == 2 and not lhs_batch and not rhs_batch
@@ -277,56 +358,22 @@ def dense(params: dict, lhs_shape: tuple, rhs_shape: tuple) -> bool:
 def dense_dot(lhs, rhs, **params):
     """`lax.dot_general_p.bind(lhs, rhs, **params)` (a product `dense` accepts) whose lhs
     cotangent multiplies by the explicitly transposed `rhs` (see the module docstring); the rhs
-    cotangent is JAX's."""
+    cotangent is JAX's.
+
+    Args:
+        lhs: `[..., K]`.
+        rhs: `[K, N]`.
+        **params: the parameters of the `dot_general` equation it replaces.
+
+    Returns:
+        `[..., N]`, the primitive's value.
+    """
     return _with_rules(lhs, rhs, params, _bind_dot, _transposed_kernel_lhs_cotangent,
                        _vjp_rhs(_bind_dot))
 
 
 # --------------------------------------------------------------------------------------------
 # Private helpers.
-
-
-def _evaluate(jaxpr, consts, args):
-    env: dict = {}
-
-    def read(atom):
-        return atom.val if isinstance(atom, jcore.Literal) else env[atom]
-
-    for var, value in zip(jaxpr.constvars, consts):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args):
-        env[var] = value
-    for eqn in jaxpr.eqns:
-        values = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        rule = _rule(eqn)
-        if rule is not None:
-            outs = rule(*values, **eqn.params)
-        elif name in _CALLS and _contains_rewritten(eqn.params[_CALLS[name]]):
-            closed = eqn.params[_CALLS[name]]
-            inner, inner_consts = (closed.jaxpr, closed.consts) if hasattr(closed, "jaxpr") \
-                else (closed, ())
-            outs = _evaluate(inner, inner_consts, values)
-        else:
-            outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-        if not eqn.primitive.multiple_results:
-            outs = [outs]
-        for var, value in zip(eqn.outvars, outs):
-            if not isinstance(var, jcore.DropVar):
-                env[var] = value
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _contains_rewritten(closed) -> bool:
-    """Whether a (closed) jaxpr has an equation `_rule` rewrites, at any depth of calls."""
-    jaxpr = closed.jaxpr if hasattr(closed, "jaxpr") else closed
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if _rule(eqn) is not None:
-            return True
-        if name in _CALLS and _contains_rewritten(eqn.params[_CALLS[name]]):
-            return True
-    return False
 
 
 def _ungrouped_2d(params) -> bool:
@@ -391,15 +438,19 @@ def _vjp_rhs(rule):
     return cotangent
 
 
-def _rule(eqn):
-    """`fast_conv` for a `conv_general_dilated` equation, `dense_dot` for a `dense` product,
-    else None."""
-    name, shapes = eqn.primitive.name, [v.aval.shape for v in eqn.invars]
-    if name == "conv_general_dilated":
-        return fast_conv(eqn.params, *shapes)
-    if name == "dot_general" and len(shapes) == 2 and dense(eqn.params, *shapes):
-        return dense_dot
-    return None
+def _conv_rule(eqn):
+    """`fast_conv`'s rule for a `conv_general_dilated` equation, or None."""
+    return fast_conv(eqn.params, *[v.aval.shape for v in eqn.invars])
+
+
+def _dot_rule(eqn):
+    """`dense_dot` for a `dot_general` equation `dense` accepts, else None."""
+    shapes = [v.aval.shape for v in eqn.invars]
+    return dense_dot if len(shapes) == 2 and dense(eqn.params, *shapes) else None
+
+
+# What `cpu_friendly_gradients` rewrites; calls into custom derivatives are kept whole.
+_RULES = {"conv_general_dilated": _conv_rule, "dot_general": _dot_rule}
 
 
 def _nhwc_conv(lhs, rhs, params):
