@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import sys
 import time
@@ -103,12 +104,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     result.update(experiment.reports)
     save("models")
     tables = {"table2": spurious_table, "mislabel": mislabel_table, "table3": ood_table,
-              "figure7": cascading_table}
+              "figure7": cascading_table,
+              "appendix_g": functools.partial(appendix_g_table, after_each=save.partial)}
     for part in config.parts:
-        if part == "appendix_g":
-            _merge(result, appendix_g_table(experiment, after_each=save.partial))
-        else:
-            _merge(result, tables[part](experiment))
+        _merge(result, tables[part](experiment))
         save(part)
     save()
     print(f"wrote {out / config.name}.md")
