@@ -7,7 +7,10 @@
 - `cascading_randomization`, `independent_randomization`: parameters with re-initialized layers,
   from the output layer down (Figure 7) or one at a time.
 - `tcav` and its parts (concept activation vectors, directional derivatives, TCAV scores) and
-  `influence_scores`, `self_influence`, with the rankings' summaries (§G, other methods).
+  `influence_scores`, `self_influence`, with the rankings' summaries (§G, other methods), and
+  the paper's checks with them on the bugged models: `background_tcav`,
+  `background_influence`, `find_flipped_labels`.
+- `mean_sem`: the tables' mean ± SEM cells. Figures are in `jfail.debugtests.plots`.
 """
 
 from jfail.debugtests.bugs import (
@@ -27,18 +30,21 @@ from jfail.debugtests.bugs import (
 )
 from jfail.debugtests.concepts import (
     TCAVResult,
+    background_tcav,
     concept_activation_vector,
     directional_derivatives,
     tcav,
     tcav_score,
 )
 from jfail.debugtests.influence import (
+    background_influence,
+    find_flipped_labels,
     fraction_checked_to_find,
     influence_scores,
     self_influence,
     top_fraction_flagged,
 )
-from jfail.debugtests.metrics import spearman, ssim
+from jfail.debugtests.metrics import mean_sem, spearman, ssim
 from jfail.debugtests.randomization import (
     forward_layer_order,
     cascading_randomization,
@@ -51,8 +57,9 @@ __all__ = [
     "load_backgrounds", "spurious_backgrounds",
     "ground_truth_weighted", "frozen_layer_mask", "freeze", "PREPROCESSING_KINDS",
     "preprocessing_mismatch", "ood_pairs",
-    "ssim", "spearman", "layer_order", "forward_layer_order", "cascading_randomization",
+    "ssim", "spearman", "mean_sem", "layer_order", "forward_layer_order", "cascading_randomization",
     "independent_randomization",
     "TCAVResult", "concept_activation_vector", "directional_derivatives", "tcav_score", "tcav",
     "influence_scores", "self_influence", "fraction_checked_to_find", "top_fraction_flagged",
+    "background_tcav", "background_influence", "find_flipped_labels",
 ]

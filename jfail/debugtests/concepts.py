@@ -12,6 +12,8 @@ The model is split at a layer into `features(x) -> activations [B, ...]` and
 - `tcav_score`: the fraction of inputs whose directional derivative is positive.
 - `tcav`: CAVs of the concept against several random sets, and random-vs-random CAVs as the
   null; a two-sided t-test says whether the concept's scores differ from the null's.
+- `background_tcav`: the paper's check on a spurious model (§G): TCAV of each background as a
+  concept, for each class, at layers of a model split by `jfail.models.split_at`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.debugtests.bugs import BACKGROUNDS, SpuriousData, background_only, load_backgrounds, \
+    spurious_backgrounds
 from jfail.models.adapter import in_trace, traced_model
+from jfail.models.callables import logits_fn
+from jfail.models.layers import is_layered, layer_names, split_at
+from jfail.models.registry import init_classifier
 from jfail.keys import as_key, host_seed
 from jfail.xla import jit
 
@@ -34,6 +41,7 @@ __all__ = [
     "directional_derivatives",
     "tcav_score",
     "tcav",
+    "background_tcav",
 ]
 
 Features = Callable[[jax.Array], jax.Array]
@@ -190,6 +198,96 @@ def tcav(
         cavs=np.stack(cavs), mean=float(scores.mean()), std=float(scores.std()),
         p_value=p_value, significant=bool(p_value < alpha),
     )
+
+
+def background_tcav(
+    module, variables, data: SpuriousData, backgrounds: Sequence[np.ndarray],
+    background_names: Sequence[str], class_names: Sequence[str], random_images, *,
+    layers: Sequence[str], concept_images: int = 100, random_sets: int = 10,
+    inputs_per_class: int = 100, alpha: float = 0.05, control: bool = True, key,
+) -> dict:
+    """TCAV of each spurious background (crops of it alone) for each class of a spurious model.
+
+    Args:
+      module, variables: the model trained on `data`'s kind of images, a layered linen module
+        (`jfail.models.layers`) and its variables.
+      data: spurious test data (class `c` mostly on background `c`).
+      backgrounds: the textures `data` was composited on, `[Hb, Wb]` each, named
+        `background_names`; class_names: the classes' names, in label order.
+      random_images: `[N, H, W, 1]` data-set images (any class): random concepts are
+        `random_sets` sets of `concept_images` of them composited onto crops of the textures of
+        `jfail.debugtests.BACKGROUNDS` that `data` does not use.
+      layers: where to split the model, among its layers but the last.
+      concept_images: crops per background concept (at least 10); inputs_per_class: `data`'s
+        inputs of each class scored; alpha: the t-test's level (random-vs-random CAVs are the
+        null); control: also on the architecture re-initialized (model contamination).
+      key: PRNG key.
+
+    Returns:
+      A dict of plain values: `concept_images`, `random_sets`, `random_textures`, `alpha`, and
+      `rows`, one per (model, layer, concept, class) with the TCAV score (mean and std over the
+      concept-vs-random CAVs), the null's mean, the p-value, significance, the CAVs' accuracy
+      and every run's scores; or `{"skipped": why}` when the model cannot be split at `layers`.
+
+    Raises:
+      RuntimeError: a split does not reproduce the model's logits.
+    """
+    if not is_layered(module):
+        return {"skipped": f"TCAV splits a model by layer, and a {type(module).__name__} is not "
+                           "laid out as layers"}
+    layers = tuple(layers)
+    known = layer_names(module)[:-1]
+    if not layers or set(layers) - set(known):
+        return {"skipped": f"tcav_layers {list(layers)} must be among {list(known)}"}
+    names = list(background_names)
+    size = data.images.shape[1:3]
+    count = max(10, int(concept_images))
+    concepts = {name: background_only([backgrounds[i]], count, size,
+                                      key=jax.random.fold_in(key, i))[0]
+                for i, name in enumerate(names)}
+    others = tuple(b for b in BACKGROUNDS if b not in names)
+    other_images = load_backgrounds(others)
+    random_concepts = []
+    for r in range(max(2, int(random_sets))):
+        k_pick, k_id, k_crop = jax.random.split(jax.random.fold_in(key, 100 + r), 3)
+        rows = np.asarray(jax.random.choice(k_pick, len(random_images), (count,),
+                                            replace=len(random_images) < count))
+        ids = np.asarray(jax.random.randint(k_id, (count,), 0, len(others)))
+        random_concepts.append(spurious_backgrounds(random_images[rows], ids, other_images,
+                                                    key=k_crop).images)
+    models = {"spurious": variables}
+    if control:
+        fresh, _ = init_classifier(module, data.images.shape[1:], jax.random.fold_in(key, 999))
+        models["re-initialized"] = {"params": fresh}
+    inputs = {c: data.images[data.labels == c][: max(1, int(inputs_per_class))]
+              for c in range(len(class_names))}
+    rows = []
+    for model_name, model_variables in models.items():
+        logits = np.asarray(logits_fn(module, model_variables)(data.images[:4]))
+        for layer in layers:
+            features, head = split_at(module, model_variables, layer)
+            if not np.allclose(np.asarray(head(features(data.images[:4]))), logits,
+                               rtol=1e-3, atol=1e-3):
+                raise RuntimeError(f"the split at {layer} does not reproduce the model's logits")
+            for concept in names:
+                for c, class_name in enumerate(class_names):
+                    if not len(inputs[c]):
+                        continue
+                    result = tcav(features, head, inputs[c], c, concepts[concept],
+                                  random_concepts, key=jax.random.fold_in(key, 1000),
+                                  alpha=alpha, batch_size=256)
+                    rows.append({
+                        "model": model_name, "layer": layer, "concept": concept,
+                        "target": class_name, "own_background": concept == names[c],
+                        "inputs": int(len(inputs[c])), "score": float(result.mean),
+                        "score_std": float(result.std),
+                        "null_score": float(np.mean(result.null_scores)),
+                        "p_value": result.p_value, "significant": result.significant,
+                        "cav_accuracy": float(np.mean(result.accuracies)),
+                        "scores": result.scores.tolist(),
+                        "null_scores": result.null_scores.tolist()})
+    return {"concept_images": count, "random_sets": len(random_concepts),
+            "random_textures": list(others), "alpha": alpha, "rows": rows}
 
 
 def _target_gradients(features, head, x, target, dim, batch_size):

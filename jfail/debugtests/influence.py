@@ -16,19 +16,32 @@ kernels, read at each call, so updated weights are seen and compilations are reu
   order, one must read to find the flagged (e.g. flipped) points.
 - `top_fraction_flagged`: per test point, the fraction of the top 1 % most influential
   training points that are flagged (e.g. have a spurious background).
+
+The paper's two checks (§G) on a linen classifier whose last layer is a dense `classifier` or
+`fc`, with the Hessian of that layer:
+
+- `background_influence`: on a spurious model, the share of each test input's most
+  influential training images that carry its background;
+- `find_flipped_labels`: on a model trained with flipped labels, how much of the training set
+  one checks, in decreasing self-influence, to find them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
+from jfail.debugtests.bugs import SpuriousData, spurious_backgrounds
+from jfail.debugtests.metrics import mean_sem
 from jfail.models.adapter import in_trace, traced_model
+from jfail.models.callables import logits_fn, model_fns
 from jfail.xla import jit
 
 __all__ = [
@@ -36,6 +49,8 @@ __all__ = [
     "self_influence",
     "fraction_checked_to_find",
     "top_fraction_flagged",
+    "background_influence",
+    "find_flipped_labels",
 ]
 
 LossFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -163,6 +178,209 @@ def top_fraction_flagged(
         raise ValueError(f"by must be one of {sorted(_RANKING_KEYS)}, got {by!r}.")
     count = max(1, math.ceil(top * influence.shape[1] - 1e-9))
     return _top_flagged(influence, jnp.asarray(flagged), count, by)
+
+
+def background_influence(
+    module, variables, train_images, train_labels, train_background_ids,
+    test: SpuriousData, test_backgrounds, backgrounds: Sequence[np.ndarray], *,
+    pool_size: int = 2000, test_size: int = 50, top: float = 0.01, damping: float = 0.01, key,
+) -> dict:
+    """Koh & Liang influence of a pool of a spurious model's training images on test losses.
+
+    For each test input (its loss at the model's prediction), the `top` fraction of the pool
+    with the largest influence, and the share of it on the input's own background. Three kinds
+    of test input: composited as in training, the background alone, and the object moved onto
+    another class's background (background and object disagree).
+
+    Args:
+      module, variables: the spurious model, a linen classifier with `features` output and a
+        final dense layer `classifier` or `fc` (the parameters of the Hessian).
+      train_images `[N, H, W, 1]`, train_labels `[N]`, train_background_ids `[N]`: its
+        training set and the background behind each image.
+      test: spurious test data; test_backgrounds `[M, H, W, 1]`: the background of each test
+        image alone; backgrounds: the textures, indexed by background id.
+      pool_size, test_size: training images drawn for the pool and test inputs of each kind;
+      top: the fraction of the pool counted as most influential; damping: added to the
+        Hessian's diagonal; key: PRNG key.
+
+    Returns:
+      A dict of plain values: the pool and its sizes, and per kind of test input the share of
+      the most influential images on the input's background (`share_own_background`) and with
+      the predicted label (`share_predicted_class`), by absolute value, most helpful and most
+      harmful (mean, SEM), the base rate, and how often the prediction is the background's (and
+      the object's) class; or `{"skipped": why}` without a final dense layer.
+
+    Raises:
+      RuntimeError: the last layer on the features does not reproduce the model's logits.
+    """
+    head_name = _head_name(variables["params"])
+    if head_name is None:
+        return {"skipped": "no final dense layer ('classifier' or 'fc') to take the Hessian of"}
+    head = variables["params"][head_name]
+    features = model_fns(module, variables).features
+    labels, groups = np.asarray(train_labels), np.asarray(train_background_ids)
+    k_pool, k_test, k_swap = jax.random.split(key, 3)
+    pool = np.sort(np.asarray(jax.random.permutation(k_pool, len(labels)))[
+        : max(1, min(int(pool_size), len(labels)))])
+    picked = np.sort(np.asarray(jax.random.permutation(k_test, len(test.labels)))[
+        : max(1, min(int(test_size), len(test.labels)))])
+    objects = test.images[picked] * test.object_masks[picked][..., None]
+    swapped = spurious_backgrounds(objects, test.labels[picked], backgrounds, key=k_swap,
+                                   correlation=0.0)
+    kinds = {
+        "spurious inputs": (test.images[picked], test.background_ids[picked], test.labels[picked]),
+        "backgrounds alone": (test_backgrounds[picked], test.background_ids[picked], None),
+        "swapped backgrounds": (swapped.images, swapped.background_ids, test.labels[picked]),
+    }
+    pool_features = _features_of(features, train_images[pool])
+    _check_head(logits_fn(module, variables), head, train_images[pool[:4]], pool_features[:4])
+    pool_labels, pool_groups = labels[pool].astype(np.int32), groups[pool]
+    top_count = max(1, math.ceil(top * len(pool) - 1e-9))
+    out = {"pool": int(len(pool)), "test_inputs": int(len(picked)), "top": top,
+           "top_count": top_count, "damping": damping, "layer": head_name,
+           "parameters": int(sum(np.size(v) for v in jax.tree_util.tree_leaves(head))),
+           "kinds": {}}
+    for kind, (x, background_ids, object_labels) in kinds.items():
+        test_features = _features_of(features, x)
+        predictions = np.argmax(np.asarray(_head_logits(head, test_features)), -1)
+        scores = np.asarray(influence_scores(
+            _head_loss, head, pool_features, pool_labels, test_features,
+            predictions.astype(np.int32), damping=damping, batch_size=1000))
+        entry = {
+            "share_own_background": {
+                by: mean_sem(_flagged_by_group(scores, pool_groups, background_ids, top, by))
+                for by in ("absolute", "helpful", "harmful")},
+            # every training image's background is its label's: which of the two do they follow?
+            "share_predicted_class": {
+                by: mean_sem(_flagged_by_group(scores, pool_labels, predictions, top, by))
+                for by in ("absolute", "helpful", "harmful")},
+            "base_rate": mean_sem((pool_groups[None, :] == background_ids[:, None]).mean(1)),
+            "predicted_background_class": float(np.mean(predictions == background_ids))}
+        if object_labels is not None:
+            entry["predicted_object_class"] = float(np.mean(predictions == object_labels))
+        out["kinds"][kind] = entry
+    return out
+
+
+def find_flipped_labels(
+    module, variables, images, labels, flipped, *, subset: int = 5000, damping: float = 0.01,
+    key,
+) -> dict:
+    """Rank a subset of a training set with flipped labels by self-influence; how much of it
+    must be checked, in that order, to find the flipped labels.
+
+    Args:
+      module, variables: the model trained on `(images, labels)`, a linen classifier with
+        `features` output and a final dense layer `classifier` or `fc`.
+      images `[N, H, W, C]`, labels `[N]`: its training set, labels as trained on (flipped).
+      flipped: the indices of the flipped labels.
+      subset: training examples drawn and ranked; damping: added to the Hessian's diagonal;
+      key: PRNG key.
+
+    Returns:
+      A dict of plain values: the subset's size, its flipped count, and per ranking
+      (self-influence of the last layer; TracIn over all layers when the model has no state
+      besides its params; the training loss and a random order as baselines) the mean fraction
+      checked per flipped label (mean, SEM), the fraction checked to find 50 %, 90 % and all of
+      them, the share found among the top-k, and the fraction checked for each percent found
+      (`curve`); or `{"skipped": why}`.
+
+    Raises:
+      RuntimeError: the last layer on the features does not reproduce the model's logits.
+    """
+    head_name = _head_name(variables["params"])
+    if head_name is None:
+        return {"skipped": "no final dense layer ('classifier' or 'fc') to take the Hessian of"}
+    k_rows, k_random = jax.random.split(key)
+    rows = np.sort(np.asarray(jax.random.permutation(k_rows, len(labels)))[
+        : max(1, min(int(subset), len(labels)))])
+    flagged = np.isin(rows, flipped)
+    if not flagged.any():
+        return {"skipped": f"none of the {len(rows)} training examples drawn has a flipped label"}
+    x, y = images[rows], np.asarray(labels)[rows].astype(np.int32)
+    head = variables["params"][head_name]
+    feats = _features_of(model_fns(module, variables).features, x)
+    _check_head(logits_fn(module, variables), head, x[:4], feats[:4])
+    scores = {"self-influence (last layer)": self_influence(
+        _head_loss, head, feats, y, damping=damping, batch_size=1000)}
+    if set(variables) == {"params"}:  # no batch statistics: the whole network is its params
+        scores["TracIn self-influence (all layers, final weights)"] = self_influence(
+            _FullLoss(module), variables["params"], x, y, method="tracin", batch_size=100)
+    scores["training loss (baseline)"] = _head_loss(head, feats, y)
+    scores["random order (baseline)"] = jax.random.uniform(k_random, (len(rows),))
+    rankings = {name: _checking(np.asarray(value, np.float64), flagged)
+                for name, value in scores.items()}
+    return {"subset": int(len(rows)), "flipped_in_subset": int(flagged.sum()),
+            "damping": damping, "layer": head_name, "rankings": rankings}
+
+
+@dataclasses.dataclass(frozen=True)
+class _FullLoss:
+    """Per-example cross-entropy of a stateless classifier, `loss(params, x, y) -> [B]`."""
+
+    module: Any
+
+    def __call__(self, params, x, y):
+        logits = self.module.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def _head_logits(head, features):
+    return features @ head["kernel"] + head["bias"]
+
+
+def _head_loss(head, features, labels):
+    """Per-example cross-entropy of the final dense layer on penultimate features."""
+    return optax.softmax_cross_entropy_with_integer_labels(_head_logits(head, features), labels)
+
+
+def _head_name(params):
+    return next((name for name in ("classifier", "fc") if name in params), None)
+
+
+def _check_head(model, head, x, features):
+    if not np.allclose(np.asarray(_head_logits(head, features)), np.asarray(model(x)),
+                       rtol=1e-3, atol=1e-3):
+        raise RuntimeError("the last layer on the features does not reproduce the logits")
+
+
+@jit
+def _apply_features(features, x):
+    return features(x)
+
+
+def _features_of(features, x, batch: int = 500) -> jax.Array:
+    """`features(x)` in chunks: `[N, D]`."""
+    return jnp.concatenate([_apply_features(features, jnp.asarray(x[i:i + batch]))
+                            for i in range(0, len(x), batch)])
+
+
+def _flagged_by_group(influence, pool_groups, test_groups, top, by) -> np.ndarray:
+    """Per test input, the share of its top `top` most influential pool points in its group."""
+    result = np.empty(len(test_groups))
+    for group in np.unique(test_groups):
+        rows = test_groups == group
+        result[rows] = np.asarray(top_fraction_flagged(influence[rows], pool_groups == group, top,
+                                                       by=by))
+    return result
+
+
+def _checking(scores, flagged) -> dict:
+    """Check the points in decreasing score: the fraction checked to find the flagged ones."""
+    found = fraction_checked_to_find(scores, flagged)
+    count = len(scores)
+    ranks = count - np.searchsorted(np.sort(scores), scores, side="left")  # ties count against
+    fractions = np.sort(ranks[flagged]) / count
+    num = len(fractions)
+
+    def to_find(share):
+        return float(fractions[max(1, math.ceil(share * num - 1e-9)) - 1])
+
+    return {"mean_fraction": mean_sem(ranks[flagged] / count),
+            "to_find": {"50%": to_find(0.5), "90%": to_find(0.9),
+                        "all": float(found["fraction_to_find_all"])},
+            "found_in_top": float(np.mean(ranks[flagged] <= num)),
+            "curve": [to_find(share) for share in np.linspace(0.01, 1.0, 100)]}
 
 
 def _checked_params(loss_fn, params, max_params):

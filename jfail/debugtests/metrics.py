@@ -23,7 +23,7 @@ import numpy as np
 
 from jfail.xla import jit
 
-__all__ = ["ssim", "spearman"]
+__all__ = ["ssim", "spearman", "mean_sem"]
 
 _SIGMA = 1.5
 _TRUNCATE = 3.5
@@ -78,6 +78,16 @@ def spearman(a, b, *, absolute: bool = False) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------
 # Private helpers.
+
+
+def mean_sem(values) -> dict:
+    """The mean and standard error of the mean of the finite `values` (any shape), and their
+    count: `{'mean', 'sem', 'count'}` as plain floats; NaN for a mean of none or an SEM of one."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()) if len(values) else float("nan"), "sem": sem,
+            "count": int(len(values))}
 
 
 def _paired(a, b, name):

@@ -22,6 +22,7 @@ from jfail.models.convert import (
     normalized_model_fns,
     resnet_variables_from_torch,
 )
+from jfail.models.layers import is_layered, layer_names, layer_span, split_at
 from jfail.models.mlp import MLP
 from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
@@ -51,6 +52,9 @@ __all__ = [
     "encoder_fn",
     "in_trace",
     "init_classifier",
+    "is_layered",
+    "layer_names",
+    "layer_span",
     "linen_apply",
     "linen_model",
     "load_robustness_checkpoint",
@@ -62,6 +66,7 @@ __all__ = [
     "resnet18",
     "resnet50",
     "resnet_variables_from_torch",
+    "split_at",
     "stateless_apply",
     "traced_model",
 ]

@@ -22,22 +22,52 @@ class DefuseCNN(nn.Module):
     `__call__(x: [B, H, W, C], train=False, output='logits')`: `output` is `logits` `[B, K]`,
     `features` (the last hidden layer, `[B, 256]`), `feature_map` (last convolution, `[B, h, w, 64]`)
     or `taps` (a dict of all three).
+
+    The network is also a sequence of layers (`jfail.models.layers`): `layer_names` in order
+    (`conv0`..., `dense0`..., `classifier`) and `layer(name, x)`, one layer with its ReLU (none
+    after `classifier`); `__call__` is their composition.
     """
 
     num_classes: int = 10
     conv_features: Sequence[int] = (64, 64, 64, 64)
     hidden: Sequence[int] = (256, 256)
 
-    @nn.compact
+    def setup(self):
+        # attributes named as the params tree (conv0, dense0, classifier), as compact modules were
+        for i, width in enumerate(self.conv_features):
+            setattr(self, f"conv{i}", _conv4x4(width))
+        for i, width in enumerate(self.hidden):
+            setattr(self, f"dense{i}", nn.Dense(width))
+        self.classifier = nn.Dense(self.num_classes)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The layers in the order they apply: `conv0`..., `dense0`..., `classifier`."""
+        return (tuple(f"conv{i}" for i in range(len(self.conv_features)))
+                + tuple(f"dense{i}" for i in range(len(self.hidden))) + ("classifier",))
+
+    def layer(self, name: str, x):
+        """Layer `name` on its input: a convolution `[B, H, W, C] -> [B, h, w, C']` or a dense
+        layer (flattening its input to `[B, D]`), with its ReLU except for `classifier`."""
+        if name not in self.layer_names:
+            raise ValueError(f"DefuseCNN has no layer {name!r}; its layers are "
+                             f"{list(self.layer_names)}")
+        if not name.startswith("conv"):
+            x = x.reshape(x.shape[0], -1)
+        y = getattr(self, name)(x)
+        return y if name == "classifier" else nn.relu(y)
+
     def __call__(self, x, train: bool = False, output: str = "logits"):
         del train  # no dropout or normalization in the paper's architecture
-        for i, width in enumerate(self.conv_features):
-            x = nn.relu(_conv4x4(width, f"conv{i}")(x))
+        names = self.layer_names
+        convs = len(self.conv_features)
+        for name in names[:convs]:
+            x = self.layer(name, x)
         feature_map = x
         h = x.reshape(x.shape[0], -1)
-        for i, width in enumerate(self.hidden):
-            h = nn.relu(nn.Dense(width, name=f"dense{i}")(h))
-        logits = nn.Dense(self.num_classes, name="classifier")(h)
+        for name in names[convs:-1]:
+            h = self.layer(name, h)
+        logits = self.layer("classifier", h)
         return select_output(output, logits=logits, features=h, feature_map=feature_map)
 
 
@@ -133,7 +163,7 @@ def select_output(output: str, **taps):
     return taps[output]
 
 
-def _conv4x4(features: int, name: str) -> nn.Conv:
+def _conv4x4(features: int, name: str | None = None) -> nn.Conv:
     return nn.Conv(features, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), name=name)
 
 
