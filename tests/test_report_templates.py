@@ -26,6 +26,7 @@ PAIRS = [  # (template, JSON path)
     ("barlow", FIXTURES / "barlow.json"),
     ("defuse", FIXTURES / "defuse.json"),
     ("prime", FIXTURES / "prime.json"),
+    ("debug_tests", FIXTURES / "debug_tests.json"),
     ("demo", FIXTURES / "demo.json"),
     ("barlow", FIXTURES / "user_model" / "barlow_fmnist.json"),
     ("prime", FIXTURES / "user_model" / "prime_fmnist.json"),

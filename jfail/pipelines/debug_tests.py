@@ -30,7 +30,8 @@ Appendix G, other methods on the same bugged models:
   the training set one checks, in that order, to find the flipped labels.
 
 `--parts` (or the config's `parts`) runs a subset: table2, mislabel, table3, figure7,
-appendix_g. Writes `results/<name>.md`, `.json` and PNGs under `results/<name>/`.
+appendix_g. Writes `results/<name>.json`, PNGs under `results/<name>/`, and
+`results/<name>.md` rendered from that JSON by the template `jfail/templates/debug_tests.j2`.
 
 `load_experiment` trains (or restores) the models; each table (`spurious_table`,
 `mislabel_table`, `ood_table`, `cascading_table`, `appendix_g_table`) returns its entries of the
@@ -43,6 +44,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,10 +85,14 @@ from jfail.models import (
     logits_fn,
 )
 from jfail.pipelines import command_line
+from jfail.report import render_markdown as render_template
 from jfail.train import evaluate, fit, predict
 from jfail.train.run import trained_classifier, write_json
 from jfail.xla import jit
 
+
+REPORT_TEMPLATE = "debug_tests"
+"""The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
 
 PARTS = ("table2", "mislabel", "table3", "figure7", "appendix_g")
 """What `--parts` (or the config's `parts`) may name, in the order they run."""
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/debug_te
     progress = not args.quiet and sys.stderr.isatty()
     result = {"command": command_line(prog, argv), "config": dataclasses.asdict(config),
               "devices": [str(d) for d in jax.devices()],
-              "methods": list(config.methods or attribution.METHODS), "parts": list(config.parts)}
+              "methods": list(config.methods or attribution.METHODS), "parts": list(config.parts),
+              "all_parts": list(PARTS)}
     save = _Saver(out, config.name, result)
     experiment = load_experiment(config, out / config.name, progress=progress)
     result.update(experiment.reports)
@@ -164,7 +171,9 @@ class _Saver:
             self.part_started = now
         self.result["seconds"] = now - self.started
         write_json(self.out / f"{self.name}.json", self.result)
-        (self.out / f"{self.name}.md").write_text(render_markdown(self.result))
+        # the Markdown shows what the JSON holds
+        written = json.loads((self.out / f"{self.name}.json").read_text())
+        (self.out / f"{self.name}.md").write_text(render_markdown(written))
 
     def partial(self, entries: dict) -> None:
         """Save a part's entries before it ends (appendix G, step by step)."""
@@ -501,7 +510,7 @@ def ood_table(experiment: Experiment) -> dict:
         "FMNIST → spurious model": (ex.test.images[pick], ex.normal, patterns_clean,
                                     spurious.model, patterns),
     }
-    table3, grids = {}, {}
+    table3, grids, ood_grids = {}, {}, {}
     for setting, bundle in ex.each(settings.items(), "Table 3"):
         inputs, in_model, in_patterns, out_model, out_patterns = bundle
         t_in = ex.predict(in_model, inputs)
@@ -513,10 +522,12 @@ def ood_table(experiment: Experiment) -> dict:
             table3[setting][name] = {"ssim": mean_sem(ssim(a, b)),
                                      "rank": mean_sem(spearman(a, b, absolute=True))}
             panel[name] = (a[:k], b[:k])
-        grids.update(ex.grid(f"ood_{_slug(setting)}",
+        ood_grids[setting] = f"ood_{_slug(setting)}"
+        grids.update(ex.grid(ood_grids[setting],
                              f"{setting}: in-domain vs out-of-domain model", (inputs[:k], None),
                              ("in-domain model", "out-of-domain model"), panel))
-    return {"grids": grids, "table3": table3}  # the grids first, as the JSON always had them
+    # the grids first, as the JSON always had them; ood_grids: each setting's grid in `grids`
+    return {"grids": grids, "table3": table3, "ood_grids": ood_grids}
 
 
 def cascading_table(experiment: Experiment) -> dict:
@@ -557,12 +568,15 @@ def tcav_table(experiment: Experiment, *, key) -> dict:
     """Appendix G: TCAV of each spurious background for each class of the spurious model (and
     of its re-initialized architecture with `tcav_control`); see `background_tcav`."""
     config, spurious = experiment.config, experiment.spurious
-    return background_tcav(
+    found = background_tcav(
         spurious.module, spurious.variables, spurious.test, spurious.backgrounds,
         config.backgrounds, spurious.report["classes"], experiment.test.images,
         layers=config.tcav_layers, concept_images=config.tcav_concept_images,
         random_sets=config.tcav_random_sets, inputs_per_class=config.tcav_inputs,
         alpha=config.tcav_alpha, control=config.tcav_control, key=key)
+    if "skipped" not in found:  # past this layer the network is linear: one gradient for all
+        found["linear_layer"] = layer_names(spurious.module)[-2]
+    return found
 
 
 def influence_table(experiment: Experiment, *, key) -> dict:
@@ -624,213 +638,22 @@ def _slug(text: str) -> str:
 
 
 def render_markdown(result: dict) -> str:
-    """The report of a run, from its result (the JSON's content) alone."""
-    s, config = result, result["config"]
-    grids = s.get("grids", {})
+    """The report of a run, from its result (the JSON's content) alone.
 
-    def fmt(cell: dict) -> str:
-        return f"{cell['mean']:.3f} ± {cell['sem']:.3f}"
-
-    def figure(key, alt):
-        return [f"![{alt}]({grids[key]})", ""] if key in grids else []
-
-    lines = ["# Debugging tests for explanations (seed 002)", "", "Produced by:", "", "```bash",
-             s["command"], "```", "", f"Devices: {', '.join(s['devices'])}. Inputs per table: "
-             f"{config['num_inputs']}. Mean ± SEM over the inputs.", ""]
-    if list(s.get("parts", PARTS)) != list(PARTS):
-        lines += [f"Parts run: {', '.join(s['parts'])} (of {', '.join(PARTS)}).", ""]
-    if "table2" in s:
-        sp = s["spurious"]
-        lines += ["## Table 2: spurious correlation", "",
-                  f"{sp['classes'][0]} on {sp['backgrounds'][0]} vs {sp['classes'][1]} on "
-                  f"{sp['backgrounds'][1]}: test accuracy {sp['test_accuracy']:.4f}; on the "
-                  f"backgrounds alone {sp['background_only_accuracy']:.4f} (the paper: 97 %).", "",
-                  "| method | SSIM-GT1 | SSIM-GT2 |", "| --- | ---: | ---: |"]
-        lines += [f"| {m} | {fmt(r['ssim_gt1'])} | {fmt(r['ssim_gt2'])} |"
-                  for m, r in s["table2"].items()]
-        lines += ["", f"Calibration: SSIM of a random Gaussian map to GT-1 "
-                  f"{fmt(s['table2_calibration_random_vs_gt1'])}.", "",
-                  f"![spurious]({config['name']}/spurious_example.png)", ""]
-        lines += ["Every method's maps of the spurious model, for the input and for its "
-                  "background alone (the paper's Figure 3):", ""]
-        lines += figure("spurious_grid", "spurious model, every method")
-    if "mislabel_ssim" in s:
-        mi = s["mislabel"]
-        values = [r["mean"] for r in s["mislabel_ssim"].values()]
-        lines += ["## Mislabelled examples", "",
-                  f"{mi['flipped']} training labels flipped ({mi['fraction']:.0%}); the model fits "
-                  f"{mi['fits_flipped_labels']:.1%} of the flipped labels; val accuracy "
-                  f"{mi['val_accuracy']:.4f}. SSIM between the attributions of flipped examples "
-                  f"under the clean and the mislabelled model: {min(values):.2f} – {max(values):.2f} "
-                  "over methods (the paper: 0.73 – 0.99).", "",
-                  "| method | SSIM clean vs mislabelled |", "| --- | ---: |"]
-        lines += [f"| {m} | {fmt(r)} |" for m, r in s["mislabel_ssim"].items()]
-        lines += [""]
-        lines += figure("mislabel_grid", "flipped examples, every method")
-    if "table3" in s:
-        settings = list(s["table3"])
-        lines += ["## Table 3: out-of-distribution inputs", "",
-                  "| method | " + " | ".join(f"{x} SSIM | {x} rank" for x in settings) + " |",
-                  "| --- | " + " | ".join("---: | ---:" for _ in settings) + " |"]
-        for m in s["methods"]:
-            cells = [f"{fmt(s['table3'][x][m]['ssim'])} | {fmt(s['table3'][x][m]['rank'])}"
-                     for x in settings]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += [""]
-        for x in settings:
-            if f"ood_{_slug(x)}" in grids:
-                lines += [f"{x}: the in-domain and the out-of-domain model's maps.", ""]
-                lines += figure(f"ood_{_slug(x)}", x)
-    if "cascading" in s:
-        layers = s["cascading"]["layers"]
-        lines += ["## Figure 7: cascading re-initialization", "",
-                  "SSIM / Spearman (|·|) to the trained model's map after re-initializing the "
-                  "layers from the top down to the named one.", "",
-                  "| method | " + " | ".join(layers[1:]) + " |",
-                  "| --- | " + " | ".join("---:" for _ in layers[1:]) + " |"]
-        for m, curve in s["cascading"]["curves"].items():
-            cells = [f"{a['mean']:.2f} / {b['mean']:.2f}"
-                     for a, b in zip(curve["ssim"][1:], curve["rank"][1:])]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines += ["", f"![grid]({config['name']}/cascading_grid.png)", "",
-                  f"![curves]({config['name']}/cascading_curves.png)", ""]
-    if "appendix_g" in s:
-        g, sp = s["appendix_g"], s.get("spurious", {})
-        lines += ["## Appendix G: TCAV and influence functions", ""]
-        if sp:
-            lines += [f"The spurious model ({sp['classes'][0]} on {sp['backgrounds'][0]} vs "
-                      f"{sp['classes'][1]} on {sp['backgrounds'][1]}, {sp['train_images']} training "
-                      f"images): test accuracy {sp['test_accuracy']:.4f}, on the backgrounds alone "
-                      f"{sp['background_only_accuracy']:.4f}.", ""]
-        findings = []
-        tc = g.get("tcav", {})
-        lines += ["### TCAV of the background concept (spurious model)", ""]
-        if "skipped" in tc:
-            lines += [f"Skipped: {tc['skipped']}.", ""]
-        elif tc:
-            lines += [f"Concept: {tc['concept_images']} crops of one background alone; "
-                      f"{tc['random_sets']} random concepts of {tc['concept_images']} data-set images "
-                      f"on crops of other textures ({', '.join(tc['random_textures'])}). TCAV score = "
-                      "share of the class's spurious test inputs whose logit rises along the CAV; "
-                      f"mean ± std over the {tc['random_sets']} concept-vs-random CAVs; p: two-sided "
-                      "t-test against random-vs-random CAVs (the null), significant at "
-                      f"α = {tc['alpha']}. The paper (Figure 11) ranks the background concept for "
-                      "the spurious model and reads it as a sign TCAV can identify the spurious "
-                      "correlation.", "",
-                      "| model | layer | concept | class | own background | TCAV score | null | p | "
-                      "CAV accuracy |", "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
-            for r in tc["rows"]:
-                star = " *" if r["significant"] else ""
-                lines.append(
-                    f"| {r['model']} | {r['layer']} | {r['concept']} | {r['target']} | "
-                    f"{'yes' if r['own_background'] else 'no'} | {r['score']:.2f} ± "
-                    f"{r['score_std']:.2f}{star} | {r['null_score']:.2f} | {r['p_value']:.2g} | "
-                    f"{r['cav_accuracy']:.2f} |")
-            lines += ["", "\\* significant."]
-            last = layer_names(DefuseCNN())[-2]
-            if any(r["layer"] == last for r in tc["rows"]):
-                lines += [f"At {last} the rest of the network is linear: every input has the same "
-                          "gradient, so a score there can only be 0 or 1."]
-            lines += [""]
-            for model in dict.fromkeys(r["model"] for r in tc["rows"]):
-                rows = [r for r in tc["rows"] if r["model"] == model]
-                own = [r for r in rows if r["own_background"]]
-                other = [r for r in rows if not r["own_background"]]
-                up = sum(r["significant"] and r["score"] > r["null_score"] for r in own)
-                down = sum(r["significant"] and r["score"] < r["null_score"] for r in other)
-                findings.append(
-                    f"TCAV, {model} network: a class's own background is a significant positive "
-                    f"concept in {up} of {len(own)} (layer, class) pairs, the other class's background "
-                    f"a significant negative one in {down} of {len(other)}; mean score "
-                    f"{np.mean([r['score'] for r in own]):.2f} for the own background against "
-                    f"{np.mean([r['score'] for r in other]):.2f} for the other "
-                    f"({sum(r['significant'] for r in rows)} of {len(rows)} tests significant).")
-        inf = g.get("influence", {})
-        lines += ["### Influence functions: spurious training points among the most influential", ""]
-        if "skipped" in inf:
-            lines += [f"Skipped: {inf['skipped']}.", ""]
-        elif inf:
-            lines += [f"Koh & Liang's influence on each test input's loss (at the model's "
-                      f"prediction) of {inf['pool']} training images of the spurious model, with the "
-                      f"Hessian of the mean training loss over the last layer ({inf['layer']}, "
-                      f"{inf['parameters']} parameters, damping {inf['damping']}); {inf['test_inputs']}"
-                      f" test inputs of each kind. Cells: the share of the top {inf['top']:.0%} "
-                      f"({inf['top_count']} images) most influential training images that carry the "
-                      "test input's background, ranked by |influence|, by most helpful (up-weighting "
-                      "lowers the test loss) or most harmful (mean ± SEM over the inputs). Every "
-                      "training image carries its class's background, so the base rate is the share "
-                      "of the pool on that background, and the last columns say how often the model "
-                      "predicts the background's class and how many of the most helpful images have "
-                      "the predicted label. The paper: 91 % (SE 2.4) of the top 1 % (86 images) are "
-                      "spurious, on 50 inputs.", "",
-                      "| test inputs | by abs. influence | most helpful | most harmful | base rate | "
-                      "predicted: background's class | most helpful: predicted label |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-            for kind, e in inf["kinds"].items():
-                shared = e["share_own_background"]
-                lines.append(f"| {kind} | {fmt(shared['absolute'])} | {fmt(shared['helpful'])} | "
-                             f"{fmt(shared['harmful'])} | {e['base_rate']['mean']:.3f} | "
-                             f"{e['predicted_background_class']:.2f} | "
-                             f"{e['share_predicted_class']['helpful']['mean']:.3f} |")
-            lines += [""]
-            kinds = inf["kinds"]
-            if "spurious inputs" in kinds:
-                e = kinds["spurious inputs"]
-                findings.append(
-                    f"Influence, composited inputs: of the top {inf['top']:.0%}, "
-                    f"{e['share_own_background']['helpful']['mean']:.0%} (SE "
-                    f"{e['share_own_background']['helpful']['sem']:.1%}) of the most helpful and "
-                    f"{e['share_own_background']['absolute']['mean']:.0%} (SE "
-                    f"{e['share_own_background']['absolute']['sem']:.1%}) by |influence| carry the "
-                    f"input's background, against a base rate of {e['base_rate']['mean']:.0%} (the "
-                    "paper: 91 %, SE 2.4).")
-            if "swapped backgrounds" in kinds:
-                e = kinds["swapped backgrounds"]
-                findings.append(
-                    f"Influence, objects on the other class's background: the model predicts the "
-                    f"background's class for {e['predicted_background_class']:.0%} of them and "
-                    f"{e['share_own_background']['helpful']['mean']:.0%} of the most helpful "
-                    f"training images carry that background; "
-                    f"{e['share_predicted_class']['helpful']['mean']:.0%} have the predicted label "
-                    "(the ranking follows the prediction, which here cannot be told from the "
-                    "background).")
-        si = g.get("self_influence", {})
-        lines += ["### Self-influence: finding the flipped labels (mislabelled model)", ""]
-        if "skipped" in si:
-            lines += [f"Skipped: {si['skipped']}.", ""]
-        elif si:
-            mi = s.get("mislabel")
-            if mi:
-                lines += [f"The mislabelled model: {mi['flipped']} training labels flipped "
-                          f"({mi['fraction']:.0%}), val accuracy {mi['val_accuracy']:.4f}, it fits "
-                          f"{mi['fits_flipped_labels']:.1%} of the flipped labels.", ""]
-            lines += [f"{si['subset']} training examples of the mislabelled model, "
-                      f"{si['flipped_in_subset']} of them flipped, checked in decreasing score. "
-                      "Mean: the average over flipped examples of (rank / subset size), ± SEM; then "
-                      "the fraction checked once 50 %, 90 % and all of them are found; top-k: the "
-                      "share of the flipped examples among the k highest scores, k = their number. "
-                      "The paper: an average of 11 % of the training set checked (SE 5.9), "
-                      "for 50 examples.", "",
-                      "| ranking | mean fraction checked | 50 % found | 90 % found | all found | "
-                      "top-k |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-            for name, r in si["rankings"].items():
-                lines.append(f"| {name} | {fmt(r['mean_fraction'])} | {r['to_find']['50%']:.3f} | "
-                             f"{r['to_find']['90%']:.3f} | {r['to_find']['all']:.3f} | "
-                             f"{r['found_in_top']:.3f} |")
-            lines += [""]
-            best = si["rankings"].get("self-influence (last layer)")
-            if best:
-                findings.append(
-                    f"Self-influence: on average {best['mean_fraction']['mean']:.1%} (SE "
-                    f"{best['mean_fraction']['sem']:.2%}) of the training subset is checked per "
-                    f"flipped label (the paper: 11 %, SE 5.9); half are found after "
-                    f"{best['to_find']['50%']:.1%}, 90 % after {best['to_find']['90%']:.1%}, all "
-                    f"after {best['to_find']['all']:.1%}.")
-        if findings:
-            lines += ["### Findings", ""] + [f"- {f}" for f in findings] + [""]
-        lines += figure("appendix_g_checking", "flipped labels found against training set checked")
-    lines += [f"Total time: {s.get('seconds', 0):.0f} s."]
-    return "\n".join(lines) + "\n"
+    The template `jfail/templates/debug_tests.j2` (REPORT_TEMPLATE) renders it; a result written
+    before the JSON named every part (`all_parts`), each Table 3 setting's grid (`ood_grids`) and
+    TCAV's last nonlinear layer (`linear_layer`) gets them from this module's definitions.
+    """
+    result = dict(result)
+    result.setdefault("all_parts", list(PARTS))
+    if "table3" in result:
+        result.setdefault("ood_grids", {setting: f"ood_{_slug(setting)}"
+                                        for setting in result["table3"]})
+    tcav = result.get("appendix_g", {}).get("tcav", {})
+    if tcav and "skipped" not in tcav and "linear_layer" not in tcav:
+        tcav = {**tcav, "linear_layer": layer_names(DefuseCNN())[-2]}
+        result["appendix_g"] = {**result["appendix_g"], "tcav": tcav}
+    return render_template(REPORT_TEMPLATE, result, name=result["config"]["name"])
 
 
 if __name__ == "__main__":
