@@ -1,0 +1,126 @@
+"""Every method over a source through the engine equals its in-memory function on the same data."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jfail import barlow
+from jfail.data import ArraySource, ImageSource, open_source, read_all
+from jfail.engine import map_dataset
+
+LEVELS = (0.15, 0.5, 0.85)  # the brightness of classes a, b, c
+
+
+class Counting(ImageSource):
+    """A source that records every index read from it."""
+
+    def __init__(self, parent):
+        self.parent, self.reads = parent, []
+        self.name, self.class_names = parent.name, parent.class_names
+        self.image_shape = parent.image_shape
+
+    def __len__(self):
+        return len(self.parent)
+
+    def __getitem__(self, index):
+        self.reads.append(int(index))
+        return self.parent[index]
+
+    def labels(self):
+        return self.parent.labels()
+
+
+def _image_folder(root, per_class=10, size=8):
+    rng = np.random.default_rng(0)
+    for name, level in zip("abc", LEVELS):
+        os.makedirs(root / name)
+        for i in range(per_class):
+            pixels = np.clip(level + rng.uniform(-0.05, 0.05, (size, size)), 0, 1)
+            Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def feature_map(images):
+    """[B, 8, 8, 4]: four monotone functions of the pixels."""
+    return jnp.concatenate([images, images**2, 1 - images, jnp.sqrt(images)], axis=-1)
+
+
+def features(images):
+    return feature_map(images).mean(axis=(1, 2))
+
+
+def wrong_on_b(images):
+    """Right on classes a and c; every image of class b (mid brightness) is called c."""
+    mean = images.mean(axis=(1, 2, 3))
+    return jnp.stack([-(mean - LEVELS[0]) ** 2, jnp.full_like(mean, -10.0),
+                      -jnp.minimum((mean - LEVELS[1]) ** 2, (mean - LEVELS[2]) ** 2)], axis=-1)
+
+
+def test_with_labels_passes_labels_and_positions_and_folded_keys_ignore_the_batch_size(tmp_path):
+    images = np.random.default_rng(1).random((11, 4, 4, 1), dtype=np.float32)
+    source = ArraySource(images, np.arange(11) % 3, ("a", "b", "c"), "toy")
+    key = jax.random.key(5)
+
+    def fn(x, labels, indices):
+        noise = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i), (2,)))(indices)
+        return {"labels": labels, "indices": indices, "noise": noise, "sum": x.sum((1, 2, 3))}
+
+    by_4 = map_dataset(fn, source, tmp_path / "4", batch_size=4, with_labels=True).read()
+    by_8 = map_dataset(fn, source, tmp_path / "8", batch_size=8, with_labels=True).read()
+    np.testing.assert_array_equal(by_4["labels"], source.labels())
+    np.testing.assert_array_equal(by_4["indices"], np.arange(11))
+    np.testing.assert_allclose(by_4["sum"], images.sum((1, 2, 3)), rtol=1e-6)
+    assert by_4["noise"].tobytes() == by_8["noise"].tobytes()
+    with pytest.raises(ValueError, match="other arguments"):  # a run without labels is another run
+        map_dataset(lambda x: {"sum": x.sum((1, 2, 3))}, source, tmp_path / "4", batch_size=4)
+
+
+def test_barlow_on_a_source_recovers_a_planted_failure_and_reads_only_the_panel_images(tmp_path):
+    source = Counting(open_source(_image_folder(tmp_path / "images")))
+    found = barlow.analyze_source(wrong_on_b, features, source, tmp_path / "run",
+                                  feature_map_fn=feature_map, grouping="prediction",
+                                  batch_size=8, panel_images=4, steps=3, key=0, progress=False)
+    labels = source.labels()
+    np.testing.assert_array_equal(found.errors, labels == 1)
+    tree = found.trees[2]  # predicted c: all of c (right) and all of b (wrong)
+    assert tree.top_leaf.valid
+    np.testing.assert_array_equal(np.sort(tree.top_leaf.indices), np.flatnonzero(labels == 1))
+    assert list(found.panels) == [2]
+
+    # The map read each example once (the last batch of 8 is padded with two copies of the
+    # last example; the first and last are read for the run's fingerprint); the panel read only
+    # the images it shows.
+    map_reads, panel_reads = source.reads[: 32 + 2], source.reads[32 + 2:]
+    assert sorted(map_reads) == sorted([0, 29, *range(30), 29, 29])
+    panel = found.panels[2]
+    assert panel_reads == [*panel.top_indices, *panel.failure_indices]
+    assert len(panel.top_indices) == 4 and set(panel.failure_indices) <= set(np.flatnonzero(labels == 1))
+
+
+def test_barlow_on_a_source_equals_the_in_memory_functions(tmp_path):
+    name = _image_folder(tmp_path / "images")
+    found = barlow.analyze_source(wrong_on_b, features, name, tmp_path / "run",
+                                  feature_map_fn=feature_map, grouping="prediction",
+                                  batch_size=8, panel_images=3, steps=3, key=0, progress=False)
+    data = read_all(open_source(name))
+    memory_features = barlow.features(features, data.images, progress=False)
+    predictions = np.asarray(jnp.argmax(wrong_on_b(data.images), -1))
+    np.testing.assert_allclose(found.outputs["features"][...], memory_features, rtol=1e-6)
+    np.testing.assert_array_equal(found.predictions, predictions)
+    trees = barlow.failure_trees(found.outputs["features"][...], predictions != data.labels,
+                                 predictions, key=0)
+    assert list(trees) == list(found.trees)
+    for group, tree in trees.items():
+        assert found.trees[group].top_leaf.rule == tree.top_leaf.rule
+        np.testing.assert_array_equal(found.trees[group].top_leaf.indices, tree.top_leaf.indices)
+    panel = found.panels[2]
+    images = data.images[panel.top_indices]
+    np.testing.assert_array_equal(panel.images, images)
+    np.testing.assert_array_equal(panel.heatmaps, barlow.heatmap(feature_map, images, panel.feature))
+    np.testing.assert_array_equal(
+        panel.attacked, barlow.feature_attack(features, images, panel.feature, steps=3))
+    np.testing.assert_array_equal(panel.failures, data.images[panel.failure_indices])
