@@ -124,3 +124,69 @@ def test_barlow_on_a_source_equals_the_in_memory_functions(tmp_path):
     np.testing.assert_array_equal(
         panel.attacked, barlow.feature_attack(features, images, panel.feature, steps=3))
     np.testing.assert_array_equal(panel.failures, data.images[panel.failure_indices])
+
+
+def _defuse_models():
+    rng = np.random.default_rng(2)
+    w_enc = jnp.asarray(rng.normal(size=(64, 3)) / 8, jnp.float32)
+    w_dec = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    w_cls = jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)
+
+    def encoder(x):
+        mu = x.reshape(len(x), -1) @ w_enc
+        return mu, jnp.zeros_like(mu)
+
+    def decoder(z):
+        return jax.nn.sigmoid(z @ w_dec).reshape(len(z), 8, 8, 1)
+
+    def classifier(x):
+        return x.reshape(len(x), -1) @ w_cls
+
+    return encoder, decoder, classifier
+
+
+class CountingRows:
+    """An [N, Z] array that records the rows of every read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __getitem__(self, index):
+        self.reads.append((index.start, index.stop))
+        return self.array[index]
+
+
+def test_defuse_stored_encoding_identification_and_distillation_equal_the_in_memory_ones(tmp_path):
+    from jfail import defuse
+
+    encoder, decoder, classifier = _defuse_models()
+    images = np.random.default_rng(3).random((24, 8, 8, 1), dtype=np.float32)
+    source = ArraySource(images, np.arange(24) % 3, ("a", "b", "c"), "toy")
+    stored_mu = defuse.encode_to_store(encoder, source, tmp_path / "encoded", batch_size=8)
+    mu, _ = defuse.encode(encoder, images)
+    np.testing.assert_allclose(stored_mu["mu"][...], mu, rtol=1e-6, atol=1e-7)
+
+    settings = dict(key=4, num_draws=20, max_per_image=5, draws_per_chunk=60)
+    expected = defuse.identify(decoder, classifier, stored_mu["mu"][...], source.labels(),
+                               **settings)
+    counted = CountingRows(stored_mu["mu"])
+    stored = defuse.identify_to_store(decoder, classifier, counted, source.labels(),
+                                      tmp_path / "failures", **settings)
+    assert counted.reads == [(0, 3), *((s, s + 3) for s in range(3, 24, 3))]  # one chunk a time
+    found = defuse.open_failures(tmp_path / "failures").read()
+    assert 10 < len(found) < 24 * 5  # failures found and the cap applies
+    for field in ("latents", "images", "predictions", "labels", "sources", "per_image"):
+        np.testing.assert_array_equal(getattr(found, field), getattr(expected, field), field)
+    assert found.misclassified_draws == expected.misclassified_draws
+    assert stored.failure_rate == expected.failure_rate
+
+    scenarios = defuse.distill_stored(stored.latents, key=1, max_components=3, max_points=40,
+                                      max_iter=20, chunk_rows=16)
+    reference = defuse.distill(found.latents, key=1, max_components=3, max_points=40,
+                               max_iter=20)
+    np.testing.assert_array_equal(scenarios.assignments, reference.assignments)
+    np.testing.assert_allclose(scenarios.means, reference.means, rtol=1e-6)
+    np.testing.assert_allclose(scenarios.weights, reference.weights, rtol=1e-6)
+    with pytest.raises(ValueError, match="not empty"):
+        defuse.identify_to_store(decoder, classifier, mu, source.labels(), tmp_path / "failures",
+                                 **settings)

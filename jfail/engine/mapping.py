@@ -123,6 +123,49 @@ class MappedOutputs:
                                       is_leaf=lambda leaf: isinstance(leaf, LazyArray))
 
 
+def create_array(path: str | os.PathLike, shape, dtype, *, chunk_rows: int):
+    """A new zarr array on disk (replacing one there), for outputs written by the caller.
+
+    The same format as the engine's outputs, so :func:`open_array` reads it as a
+    :class:`LazyArray`. Write rows with ``array[i:j].write(values).result()``; a
+    leading dimension may later be shrunk (``array.resize(exclusive_max=[F, ...],
+    resize_metadata_only=True).result()``).
+
+    Args:
+      path: the array's folder.
+      shape: [N, ...] (a capacity: only written chunks take disk space).
+      dtype: a NumPy dtype (or ``"bfloat16"``).
+      chunk_rows: rows per chunk along axis 0.
+
+    Returns:
+      The open ``tensorstore.TensorStore``.
+
+    Raises:
+      ValueError: ``chunk_rows`` is not a positive integer.
+    """
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}.")
+    path = os.fspath(path)
+    name = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
+    _create_array(path, {"shape": [int(d) for d in shape], "dtype": name}, int(chunk_rows))
+    return _open_array(path)
+
+
+def open_array(path: str | os.PathLike, name: str | None = None) -> LazyArray:
+    """A zarr array written by :func:`create_array` (or an engine output), read lazily.
+
+    Raises:
+      FileNotFoundError: there is no array at ``path``.
+    """
+    path = os.fspath(path)
+    try:
+        store = _open_array(path)
+    except ValueError as error:  # tensorstore reports a missing array as a ValueError
+        raise FileNotFoundError(f"{path} holds no array: {error}") from None
+    return LazyArray(name or os.path.basename(path), store)
+
+
 def map_dataset(
     fn: Callable,
     source,
