@@ -190,3 +190,44 @@ def test_defuse_stored_encoding_identification_and_distillation_equal_the_in_mem
     with pytest.raises(ValueError, match="not empty"):
         defuse.identify_to_store(decoder, classifier, mu, source.labels(), tmp_path / "failures",
                                  **settings)
+
+
+def test_prime_tags_of_a_source_equal_the_in_memory_tagger_and_find_a_planted_mode(tmp_path):
+    from jfail import prime
+
+    # Class 0 and 1: centred squares of side 2 to 7 in 12x12 images; the classifier calls every
+    # class-0 square larger than 5x5 a class 1 (the planted mode: class 0, "large").
+    rng = np.random.default_rng(4)
+    images, labels = [], []
+    for label in (0, 1):
+        for side in rng.integers(2, 8, 24):
+            image = np.zeros((12, 12, 1), np.float32)
+            lo = (12 - side) // 2
+            image[lo:lo + side, lo:lo + side] = rng.uniform(0.6, 1.0)
+            images.append(image)
+            labels.append(label)
+    images, labels = np.stack(images), np.asarray(labels)
+    images[labels == 1, 0, 0] = 0.5  # class 1 is marked by one corner pixel
+
+    def classifier(x):
+        area = (x[..., 0] > 0.2).mean(axis=(1, 2))
+        corner = x[:, 0, 0, 0]
+        to_one = (corner > 0.2) | (area > 26 / 144)
+        return jnp.stack([jnp.where(to_one, 0.0, 1.0), jnp.where(to_one, 1.0, 0.0)], axis=-1)
+
+    source = ArraySource(images, labels, ("a", "b"), "squares")
+    tagged = prime.tag_source(source, tmp_path / "run", classifier=classifier, batch_size=16)
+    np.testing.assert_array_equal(tagged.measurements, prime.shape_measurements(images))
+    measurements = prime.shape_measurements(images)
+    expected = prime.fit_shape_tagger(None, labels, measurements=measurements).tag_measurements(
+        measurements, labels)
+    assert tagged.tags.names == expected.names
+    np.testing.assert_array_equal(tagged.tags.tags, expected.tags)
+    stored = prime.open_tags(tmp_path / "run")
+    np.testing.assert_array_equal(stored.tags, expected.tags)
+    large = (images[..., 0] > 0.2).sum((1, 2)) > 26
+    np.testing.assert_array_equal(tagged.errors, (labels == 0) & large)
+
+    modes = prime.find_failure_modes(tagged.tags, errors=tagged.errors, labels=tagged.labels,
+                                     min_size=4, max_tags=1)
+    assert any(mode.label == 0 and mode.tags == ("large",) and mode.accuracy == 0 for mode in modes)
