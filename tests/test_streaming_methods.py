@@ -231,3 +231,57 @@ def test_prime_tags_of_a_source_equal_the_in_memory_tagger_and_find_a_planted_mo
     modes = prime.find_failure_modes(tagged.tags, errors=tagged.errors, labels=tagged.labels,
                                      min_size=4, max_tags=1)
     assert any(mode.label == 0 and mode.tags == ("large",) and mode.accuracy == 0 for mode in modes)
+
+
+def _mlp(seed):
+    rng = np.random.default_rng(seed)
+    w1 = jnp.asarray(rng.normal(size=(144, 8)) / 12, jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+    return lambda x: jnp.tanh(x.reshape(len(x), -1) @ w1) @ w2
+
+
+def _squares_source(count=12):
+    images = np.random.default_rng(5).random((count, 12, 12, 1), dtype=np.float32)
+    return ArraySource(images, np.arange(count) % 3, ("a", "b", "c"), "noise")
+
+
+def test_attributions_through_the_engine_equal_the_method_with_keys_folded_per_example(tmp_path):
+    from jfail import attribution
+    from jfail.debugtests import attributions_to_store
+
+    model, source = _mlp(0), _squares_source()
+    data = read_all(source)
+    stored = attributions_to_store("gradient", model, source, tmp_path / "gradient", batch_size=8)
+    np.testing.assert_allclose(stored["attributions"][...],
+                               attribution.gradient(model, data.images, data.labels),
+                               rtol=1e-5, atol=1e-7)
+
+    # Example i's noise comes from fold_in(key, i): batches of 4 give what one example at a time
+    # gives (up to float rounding of the batched matrix products).
+    noisy = attributions_to_store("smoothgrad", model, source, tmp_path / "smoothgrad", key=3,
+                                  target="prediction", batch_size=4, num_samples=4)
+    predictions = np.asarray(jnp.argmax(model(data.images), -1))
+    for i in range(len(source)):
+        one = attribution.smoothgrad(model, data.images[i:i + 1], predictions[i:i + 1],
+                                     key=jax.random.fold_in(jax.random.key(3), i), num_samples=4)
+        np.testing.assert_allclose(noisy["attributions"][i], one[0], rtol=1e-5, atol=1e-7)
+
+
+def test_randomization_similarities_computed_batchwise_equal_those_of_the_whole_maps(tmp_path):
+    from jfail import attribution
+    from jfail.debugtests import paper_postprocess, randomization_similarity_to_store, spearman, ssim
+
+    model, source = _mlp(0), _squares_source()
+    randomized = [model, _mlp(1)]  # the trained model itself (similarity 1) and fresh weights
+    stored = randomization_similarity_to_store("gradient", model, randomized, source,
+                                               tmp_path / "run", batch_size=8).read()
+    assert stored["ssim"].shape == stored["spearman"].shape == (12, 2)
+    np.testing.assert_allclose(stored["ssim"][:, 0], 1.0, rtol=1e-6)
+    images = read_all(source).images
+    targets = np.asarray(jnp.argmax(model(images), -1))
+    reference = paper_postprocess(attribution.gradient(model, images, targets))
+    fresh = paper_postprocess(attribution.gradient(randomized[1], images, targets))
+    np.testing.assert_allclose(stored["ssim"][:, 1], ssim(reference, fresh), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stored["spearman"][:, 1], spearman(reference, fresh, absolute=True),
+                               rtol=1e-4, atol=1e-5)
+    assert stored["ssim"][:, 1].mean() < 0.9

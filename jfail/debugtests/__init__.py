@@ -8,6 +8,9 @@
   from the output layer down (Figure 7) or one at a time.
 - `tcav` and its parts (concept activation vectors, directional derivatives, TCAV scores) and
   `influence_scores`, `self_influence`, with the rankings' summaries (§G, other methods).
+- `attributions_to_store`, `randomization_similarity_to_store`: attribution maps, and the
+  randomization tests' SSIM and rank correlation per example, over a data set that is never
+  loaded whole (through `jfail.engine.map_dataset`, per-example keys).
 """
 
 from jfail.debugtests.bugs import (
@@ -32,6 +35,11 @@ from jfail.debugtests.concepts import (
     tcav,
     tcav_score,
 )
+from jfail.debugtests.streaming import (
+    attributions_to_store,
+    paper_postprocess,
+    randomization_similarity_to_store,
+)
 from jfail.debugtests.influence import (
     fraction_checked_to_find,
     influence_scores,
@@ -47,6 +55,7 @@ from jfail.debugtests.randomization import (
 )
 
 __all__ = [
+    "attributions_to_store", "paper_postprocess", "randomization_similarity_to_store",
     "BACKGROUNDS", "SpuriousData", "background_only", "flip_labels", "ground_truth_background",
     "load_backgrounds", "spurious_backgrounds",
     "ground_truth_weighted", "frozen_layer_mask", "freeze", "PREPROCESSING_KINDS",
