@@ -5,9 +5,9 @@ called one at a time:
 
 1. :func:`predictions_to_store` runs the classifier and the robust feature extractor over the
    source through :func:`jfail.engine.map_dataset` (sharded over every device and host,
-   resumable) and stores ``features`` [N, D], ``logits`` [N, K] and ``predictions`` [N].
-2. :func:`jfail.barlow.failure_trees` is fitted on the stored features and the errors
-   ``predictions != source.labels()``. Features [N, D] float32 and the [N] vectors are read into
+   resumable) and stores ``features`` [N, D], ``logits`` [N, K], ``predictions`` [N] and
+   ``errors`` [N] (``predictions != labels``).
+2. :func:`jfail.barlow.failure_trees` is fitted on the stored features and errors. Features [N, D] float32 and the [N] vectors are read into
    memory (1.2 GB for ImageNet's 1.28 M images with D = 2048 float32 is fine; fit on a subset of
    rows otherwise); images never are.
 3. :func:`feature_panels` builds the visual panel of each group whose leaf of highest importance
@@ -77,8 +77,8 @@ class SourceAnalysis:
     Attributes:
       trees: {group: FailureTree}, as :func:`jfail.barlow.failure_trees` returns; leaf and group
         ``indices`` are source positions.
-      outputs: the stored ``features`` [N, D], ``logits`` [N, K], ``predictions`` [N]
-        (:class:`jfail.engine.MappedOutputs`, read lazily).
+      outputs: the stored ``features`` [N, D], ``logits`` [N, K], ``predictions`` [N] and
+        ``errors`` [N] (:class:`jfail.engine.MappedOutputs`, read lazily).
       labels: [N] int32, the source's labels.
       predictions: [N] int32.
       errors: [N] bool, True where the prediction is not the label.
@@ -117,8 +117,9 @@ def predictions_to_store(
       progress: show a progress bar (None: when stderr is a terminal).
 
     Returns:
-      `jfail.engine.MappedOutputs` with ``"features"`` [N, D] float, ``"logits"`` [N, K] float
-      and ``"predictions"`` [N] int32.
+      `jfail.engine.MappedOutputs` with ``"features"`` [N, D] float, ``"logits"`` [N, K] float,
+      ``"predictions"`` [N] int32 and ``"errors"`` [N] bool (True where the prediction is not
+      the source's label).
 
     Raises:
       ValueError: `feature_fn` does not return [B, D] or `model` does not return [B, K]; the
@@ -139,12 +140,14 @@ def predictions_to_store(
                 f"{what} must return {shape}, got "
                 f"{getattr(probe, 'shape', jax.tree_util.tree_structure(probe))} for one image.")
 
-    def observe(images):
+    def observe(images, labels, indices):
         logits = model(images)
-        return {"features": feature_fn(images), "logits": logits,
-                "predictions": jnp.argmax(logits, axis=-1).astype(jnp.int32)}
+        predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return {"features": feature_fn(images), "logits": logits, "predictions": predictions,
+                "errors": predictions != labels}
 
-    return map_dataset(observe, source, out_dir, batch_size=batch_size, progress=progress)
+    return map_dataset(observe, source, out_dir, batch_size=batch_size, progress=progress,
+                       with_labels=True)
 
 
 def read_images(source, indices) -> np.ndarray:
@@ -175,8 +178,9 @@ def feature_panels(
     For the leaf's first feature: the `panel_images` images of the group with the largest
     stored activation, their heatmaps (:func:`jfail.barlow.heatmap` of `feature_map_fn`) and
     feature attacks (:func:`jfail.barlow.feature_attack`), and up to `panel_images` failures of
-    the leaf drawn at random (a NumPy generator seeded from ``fold_in(key, group)``). Only these
-    images are read from `source`.
+    the leaf drawn at random (a NumPy generator seeded from ``fold_in(key, group)``, or from the
+    group's position among `trees` when it is not an integer). Only these images are read from
+    `source`.
 
     Args:
       trees: {group: FailureTree} fitted on `features` (row i = source position i).
@@ -207,8 +211,13 @@ def feature_panels(
         raise ValueError(f"panel_images must be a positive integer, got {panel_images!r}.")
     key = as_key(key)
     num_features = features.shape[1]
+    show_heatmaps = False
+    if feature_map_fn is not None:
+        example = jax.ShapeDtypeStruct((1, *source.image_shape), jnp.float32)
+        shape = getattr(call_shape(traced_model(feature_map_fn, example), example), "shape", ())
+        show_heatmaps = len(shape) == 4 and shape[-1] == num_features
     panels = {}
-    for group, tree in trees.items():
+    for position, (group, tree) in enumerate(trees.items()):
         leaf = tree.top_leaf
         if not leaf.valid or not leaf.conditions:
             continue
@@ -218,16 +227,14 @@ def feature_panels(
         top = members[np.argsort(-column[members], kind="stable")[:panel_images]]
         images = read_images(source, top)
         heatmaps = np.zeros(images.shape[:3], np.float32)
-        if feature_map_fn is not None:
-            example = jax.ShapeDtypeStruct((1, *source.image_shape), jnp.float32)
-            shape = call_shape(traced_model(feature_map_fn, example), example).shape
-            if len(shape) == 4 and shape[-1] == num_features:
-                heatmaps = np.asarray(heatmap(feature_map_fn, images, feature,
-                                              batch_size=batch_size, progress=False))
+        if show_heatmaps:
+            heatmaps = np.asarray(heatmap(feature_map_fn, images, feature,
+                                          batch_size=batch_size, progress=False))
         attacked = np.asarray(feature_attack(feature_fn, images, feature, epsilon=epsilon,
                                              step_size=step_size, steps=steps,
                                              batch_size=batch_size, progress=False))
-        group_seed = jax.random.randint(jax.random.fold_in(key, int(group)), (), 0, 2**31 - 1)
+        group_id = int(group) if isinstance(group, (int, np.integer)) else position
+        group_seed = jax.random.randint(jax.random.fold_in(key, group_id), (), 0, 2**31 - 1)
         rng = np.random.default_rng(int(group_seed))
         failure_indices = np.asarray(leaf.error_indices, np.int64)
         failure_indices = rng.choice(failure_indices, min(panel_images, len(failure_indices)),
@@ -301,7 +308,7 @@ def analyze_source(
                                    progress=progress)
     labels = source.labels()
     predictions = np.asarray(outputs["predictions"])
-    errors = predictions != labels
+    errors = np.asarray(outputs["errors"])
     features = np.asarray(outputs["features"])
     groups = labels if grouping == "label" else predictions
     trees = failure_trees(features, errors, groups, num_features=num_features,

@@ -119,6 +119,15 @@ def tag_source(
     if not 0 <= ink_threshold < 1:
         raise ValueError(f"ink_threshold must be in [0, 1), got {ink_threshold}")
     threshold = np.float32(ink_threshold)
+    if classifier is not None:
+        from jfail.models.adapter import call_shape, traced_model
+
+        example = jax.ShapeDtypeStruct((1, *source.image_shape), jnp.float32)
+        probe = call_shape(traced_model(classifier, example), example)
+        if len(getattr(probe, "shape", ())) != 2:
+            raise ValueError(
+                f"classifier must return logits [B, K], got "
+                f"{getattr(probe, 'shape', jax.tree_util.tree_structure(probe))} for one image.")
 
     def observe(images):
         gray = images.mean(axis=-1)
@@ -127,9 +136,6 @@ def tag_source(
         outputs = {"measurements": jax.vmap(lambda image: _measure(image, threshold))(gray)}
         if classifier is not None:
             logits = classifier(images)
-            if logits.ndim != 2:
-                raise ValueError(f"classifier must return logits [B, K], got shape "
-                                 f"{logits.shape}.")
             outputs["predictions"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return outputs
 
