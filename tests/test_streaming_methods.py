@@ -166,7 +166,7 @@ def test_defuse_stored_encoding_identification_and_distillation_equal_the_in_mem
     mu, _ = defuse.encode(encoder, images)
     np.testing.assert_allclose(stored_mu["mu"][...], mu, rtol=1e-6, atol=1e-7)
 
-    settings = dict(key=4, num_draws=20, max_per_image=5, draws_per_chunk=60)
+    settings = {"key": 4, "num_draws": 20, "max_per_image": 5, "draws_per_chunk": 60}
     expected = defuse.identify(decoder, classifier, stored_mu["mu"][...], source.labels(),
                                **settings)
     counted = CountingRows(stored_mu["mu"])
@@ -269,7 +269,12 @@ def test_attributions_through_the_engine_equal_the_method_with_keys_folded_per_e
 
 def test_randomization_similarities_computed_batchwise_equal_those_of_the_whole_maps(tmp_path):
     from jfail import attribution
-    from jfail.debugtests import paper_postprocess, randomization_similarity_to_store, spearman, ssim
+    from jfail.debugtests import (
+        paper_postprocess,
+        randomization_similarity_to_store,
+        spearman,
+        ssim,
+    )
 
     model, source = _mlp(0), _squares_source()
     randomized = [model, _mlp(1)]  # the trained model itself (similarity 1) and fresh weights

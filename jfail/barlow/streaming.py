@@ -13,7 +13,8 @@ called one at a time:
 3. :func:`feature_panels` builds the visual panel of each group whose leaf of highest importance
    is valid: the most activating images of the leaf's feature among the group (ranked by the
    stored features), their heatmaps and feature attacks, and random failures in the leaf. Only
-   those images are read from the source, by index.
+   those images are read from the source, by index. Draw one with
+   ``plot_feature_panel(p.images, p.heatmaps, p.attacked, p.failures, title, path)``.
 """
 
 from __future__ import annotations

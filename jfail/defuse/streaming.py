@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,10 @@ from jfail import jsonfile
 from jfail.defuse.distill import Scenarios, _check_settings, _fit_mixture, _scenarios
 from jfail.defuse.identify import (
     Failures,
-    _check_settings as _check_identify_settings,
     identification_chunks,
+)
+from jfail.defuse.identify import (
+    _check_settings as _check_identify_settings,
 )
 from jfail.keys import as_key
 from jfail.models.adapter import call_shape, in_trace, traced_model
