@@ -288,3 +288,35 @@ def test_randomization_similarities_computed_batchwise_equal_those_of_the_whole_
     np.testing.assert_allclose(stored["spearman"][:, 1], spearman(reference, fresh, absolute=True),
                                rtol=1e-4, atol=1e-5)
     assert stored["ssim"][:, 1].mean() < 0.9
+
+
+def test_bad_arguments_of_the_streamed_methods_are_clear_errors(tmp_path):
+    from jfail import debugtests, defuse, prime
+    from jfail.engine import open_array
+
+    source = _squares_source()
+    model = _mlp(0)
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        barlow.analyze_source(model, model, source, tmp_path / "a", grouping="cluster")
+    with pytest.raises(ValueError, match=r"feature_fn must return features \[B, D\]"):
+        barlow.predictions_to_store(model, lambda x: x, source, tmp_path / "b")
+    with pytest.raises(ValueError, match="target must be one of"):
+        debugtests.attributions_to_store("gradient", model, source, tmp_path / "c", target="x")
+    with pytest.raises(KeyError, match="unknown attribution method"):
+        debugtests.attributions_to_store("gradcam", model, source, tmp_path / "d")
+    with pytest.raises(ValueError, match="at least one model"):
+        debugtests.randomization_similarity_to_store("gradient", model, [], source, tmp_path / "e")
+    with pytest.raises(ValueError, match=r"classifier must return logits \[B, K\]"):
+        prime.tag_source(source, tmp_path / "f", classifier=lambda x: x.sum((1, 2, 3)))
+    with pytest.raises(ValueError, match=r"latents must be \[F, Z\]"):
+        defuse.distill_stored(np.zeros(5), key=0)
+    with pytest.raises(ValueError, match="fewer than max_components"):
+        defuse.distill_stored(np.zeros((5, 2)), key=0)
+    with pytest.raises(ValueError, match=r"labels must be \[N\] = \[3\]"):
+        defuse.identify_to_store(model, model, np.zeros((3, 2)), np.zeros(4, int), tmp_path / "g",
+                                 key=0)
+    with pytest.raises(FileNotFoundError, match="no finished identify_to_store run"):
+        defuse.open_failures(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds no array"):
+        open_array(tmp_path / "nothing")
+    assert not any((tmp_path / name).exists() for name in "abcdefg")  # nothing was written
