@@ -176,7 +176,9 @@ def identify_to_store(
 
     The same draws, cap and order as :func:`jfail.defuse.identify` with the same arguments
     (``identify_to_store(...).read()`` equals ``identify(...)``), but `mu` is read and the
-    failures are written one chunk of `draws_per_chunk` decodes at a time.
+    failures are written one chunk of `draws_per_chunk` decodes at a time. It runs in this
+    process, on its devices (as `identify`); a killed run is started again in a new folder
+    (the encoding, the long pass over the images, is the resumable step).
 
     Args:
       decoder: `decoder(z [n, Z]) -> images [n, H, W, C]`, any JAX callable.
