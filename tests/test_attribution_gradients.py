@@ -352,6 +352,23 @@ def test_kernel_shap_recovers_shapley_values_of_segment_linear_model():
     np.testing.assert_allclose(_per_segment(attributions, labels), expected, atol=1e-4)
 
 
+def test_kernel_shap_with_fewer_coalitions_than_segments_is_finite_and_efficient():
+    # 8 coalitions for 16 segments leave the weighted least squares underdetermined: the
+    # least-norm solution, finite, still meets the efficiency constraint exactly.
+    labels = _grid_segments()
+    values = np.random.default_rng(1).normal(size=(CLASSES, labels.max() + 1))
+    model = _segment_linear_model(labels, values)
+    x = _images(15, batch=2)
+    attributions = np.asarray(surrogates.kernel_shap(
+        model, x, 1, key=jax.random.key(0), segments=labels, baseline=0.0, num_samples=8
+    ))
+    assert np.isfinite(attributions).all()
+    full = _target_logits(model, x, np.ones(2, int))
+    empty = _target_logits(model, np.zeros_like(x), np.ones(2, int))
+    np.testing.assert_allclose(_per_segment(attributions, labels).sum(1), full - empty,
+                               rtol=1e-4, atol=1e-4)
+
+
 def _exact_shapley(model, image, labels, target, fill):
     """Shapley values of the segments by enumerating all coalitions, `[S]`."""
     count = labels.max() + 1

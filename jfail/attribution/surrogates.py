@@ -347,15 +347,18 @@ def _constrained_least_squares(design, targets, weights, present, total):
     segments fixed at 0. `[n, S]`, `[n]`, `[n]`, `[S]`, `[]` -> `[S]`.
 
     The KKT system `G phi + lambda 1 = Z^T W y`, `1 . phi = total` is solved by its Schur
-    complement with one Cholesky factorisation of `G = Z^T W Z` (plus 1 on the diagonal of the
-    absent segments, and a relative 1e-7 jitter for a design that leaves `G` singular).
+    complement with the pseudo-inverse of `G = Z^T W Z` (plus 1 on the diagonal of the absent
+    segments) from its eigendecomposition, eigenvalues under 1e-6 of the largest taken as 0: a
+    budget of coalitions too small to determine every segment (fewer independent coalitions
+    than segments) gives the least-norm solution, as a least-squares solver would, not NaN.
     """
     kept = present.astype(design.dtype)
     weighted = design * weights[:, None]
     gram = weighted.T @ design + jnp.diag(1.0 - kept)
-    gram = gram + 1e-7 * jnp.mean(jnp.diag(gram)) * jnp.eye(gram.shape[0], dtype=gram.dtype)
-    factor = jax.scipy.linalg.cho_factor(gram)
-    solved = jax.scipy.linalg.cho_solve(factor, jnp.stack([weighted.T @ targets, kept], axis=1))
+    values, vectors = jnp.linalg.eigh(gram)
+    inverse = jnp.where(values > 1e-6 * values[-1], 1.0 / values, 0.0)
+    rhs = jnp.stack([weighted.T @ targets, kept], axis=1)
+    solved = vectors @ (inverse[:, None] * (vectors.T @ rhs))
     unconstrained, direction = solved[:, 0], solved[:, 1]
     multiplier = (kept @ unconstrained - total) / (kept @ direction)
     return (unconstrained - multiplier * direction) * kept

@@ -14,6 +14,9 @@
 - `leaf_evidence`: every candidate leaf applied by its rule to held-out rows, with its held-out
   error rate, a Wilson interval, an exact binomial p-value against its group's held-out error
   rate and a Benjamini-Yekutieli q-value over all candidates (`LeafEvidence`).
+- `analyze_source`: all of it over a data set that is never loaded whole: predictions and
+  features streamed to the engine's store (`predictions_to_store`), trees fitted on the stored
+  arrays, and panels (`feature_panels`) that read only the images they show (`read_images`).
 """
 
 from jfail.barlow.extraction import (
@@ -36,6 +39,14 @@ from jfail.barlow.mutual_info import (
     rank_features,
 )
 from jfail.barlow.plots import plot_feature_panel
+from jfail.barlow.streaming import (
+    FeaturePanel,
+    SourceAnalysis,
+    analyze_source,
+    feature_panels,
+    predictions_to_store,
+    read_images,
+)
 from jfail.barlow.synthetic import PlantedFailures, planted_failures, rule_recovered
 from jfail.barlow.trees import (
     Condition,
@@ -52,14 +63,18 @@ __all__ = [
     "PAPER_ATTACK",
     "AttackSettings",
     "Condition",
+    "FeaturePanel",
     "FailureTree",
     "FeatureRanking",
     "Leaf",
     "LeafEvidence",
     "PlantedFailures",
+    "SourceAnalysis",
+    "analyze_source",
     "attack_batch",
     "attack_settings",
     "failure_table",
+    "feature_panels",
     "failure_tree",
     "failure_trees",
     "feature_attack",
@@ -74,7 +89,9 @@ __all__ = [
     "mutual_information_batch",
     "planted_failures",
     "plot_feature_panel",
+    "predictions_to_store",
     "rank_features",
+    "read_images",
     "rule_recovered",
     "valid_leaf_fraction",
 ]

@@ -11,6 +11,9 @@
   the paper's checks with them on the bugged models: `background_tcav`,
   `background_influence`, `find_flipped_labels`.
 - `mean_sem`: the tables' mean ± SEM cells. Figures are in `jfail.debugtests.plots`.
+- `attributions_to_store`, `randomization_similarity_to_store`: attribution maps, and the
+  randomization tests' SSIM and rank correlation per example, over a data set that is never
+  loaded whole (through `jfail.engine.map_dataset`, per-example keys).
 """
 
 from jfail.debugtests.bugs import (
@@ -36,6 +39,11 @@ from jfail.debugtests.concepts import (
     tcav,
     tcav_score,
 )
+from jfail.debugtests.streaming import (
+    attributions_to_store,
+    paper_postprocess,
+    randomization_similarity_to_store,
+)
 from jfail.debugtests.influence import (
     background_influence,
     find_flipped_labels,
@@ -53,6 +61,7 @@ from jfail.debugtests.randomization import (
 )
 
 __all__ = [
+    "attributions_to_store", "paper_postprocess", "randomization_similarity_to_store",
     "BACKGROUNDS", "SpuriousData", "background_only", "flip_labels", "ground_truth_background",
     "load_backgrounds", "spurious_backgrounds",
     "ground_truth_weighted", "frozen_layer_mask", "freeze", "PREPROCESSING_KINDS",

@@ -1,5 +1,9 @@
 """Defuse (seeds 001, 003): identify failures in a β-VAE's latent space, distil them into
-scenarios, annotate the scenarios and correct the classifier by fine-tuning."""
+scenarios, annotate the scenarios and correct the classifier by fine-tuning.
+
+Over a data set that is never loaded whole: `encode_to_store` (the encoder through the engine),
+`identify_to_store` (failures written to disk chunk by chunk, `StoredFailures`) and
+`distill_stored` (the mixture on a seeded subsample of the stored latents)."""
 
 from jfail.defuse.annotate import (
     NONE_OF_THE_ABOVE,
@@ -30,6 +34,13 @@ from jfail.defuse.correct import (
 )
 from jfail.defuse.distill import Scenarios, distill, sample_latents, sample_scenarios
 from jfail.defuse.identify import NOISE_MODES, Draws, Failures, identify, identify_batch
+from jfail.defuse.streaming import (
+    StoredFailures,
+    distill_stored,
+    encode_to_store,
+    identify_to_store,
+    open_failures,
+)
 from jfail.defuse.vae import VAEConfig, VAEResult, encode, train_vae, vae_loss
 
 __all__ = [
@@ -47,6 +58,11 @@ __all__ = [
     "Draws",
     "Failures",
     "Scenarios",
+    "StoredFailures",
+    "distill_stored",
+    "encode_to_store",
+    "identify_to_store",
+    "open_failures",
     "distill",
     "identify",
     "identify_batch",

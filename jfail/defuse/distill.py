@@ -61,14 +61,20 @@ def distill(
     fit; `assignments` still covers every input latent. `max_iter` is scikit-learn's default.
     `key`: an int seed, `jax.random.key(seed)` or a raw uint32 key.
     """
-    from sklearn.mixture import BayesianGaussianMixture
-
     latents = _check_latents(latents, max_components, min_weight, max_points)
     fit_key, mixture_seed = jax.random.split(as_key(key))
     points = latents
     if len(latents) > max_points:
         chosen = np.asarray(jax.random.choice(fit_key, len(latents), (max_points,), replace=False))
         points = latents[np.sort(chosen)]
+    mixture, kept = _fit_mixture(points, mixture_seed, max_components, min_weight, max_iter)
+    return _scenarios(mixture, kept, mixture.predict(latents), max_components)
+
+
+def _fit_mixture(points, mixture_seed, max_components, min_weight, max_iter):
+    """The fitted `BayesianGaussianMixture` and its kept components, heaviest first."""
+    from sklearn.mixture import BayesianGaussianMixture
+
     seed = int(jax.random.randint(mixture_seed, (), 0, 2**31 - 1))
     mixture = BayesianGaussianMixture(
         n_components=max_components,
@@ -87,6 +93,11 @@ def distill(
             f"no mixture component has weight above min_weight={min_weight}; the largest is "
             f"{mixture.weights_.max():.4g}. Lower min_weight or pass more failures."
         )
+    return mixture, kept
+
+
+def _scenarios(mixture, kept, predicted, max_components) -> Scenarios:
+    """The kept components as `Scenarios`; `predicted`: [F] every latent's fitted component."""
     relabel = np.full(max_components, -1, np.int64)
     relabel[kept] = np.arange(len(kept))
     return Scenarios(
@@ -94,7 +105,7 @@ def distill(
         covariances=mixture.covariances_[kept].astype(np.float32),
         weights=mixture.weights_[kept].astype(np.float32),
         components=kept.astype(np.int64),
-        assignments=relabel[mixture.predict(latents)],
+        assignments=relabel[predicted],
         num_fitted=max_components,
         converged=bool(mixture.converged_),
     )
@@ -180,24 +191,28 @@ def _check_latents(latents, max_components, min_weight, max_points) -> np.ndarra
     latents = np.asarray(latents, np.float64)
     if latents.ndim != 2:
         raise ValueError(f"latents must be [F, Z], got shape {latents.shape}")
-    if len(latents) == 0:
+    if len(latents) and not np.all(np.isfinite(latents)):
+        bad = int(np.sum(~np.all(np.isfinite(latents), axis=1)))
+        raise ValueError(f"{bad} latents hold NaN or infinite values; check the encoder output")
+    _check_settings(len(latents), max_components, min_weight, max_points)
+    return latents
+
+
+def _check_settings(num_latents, max_components, min_weight, max_points) -> None:
+    if num_latents == 0:
         raise ValueError(
             "no failures to distil: identification kept no misclassified draw. Raise num_draws, "
             "widen the noise, or check that the classifier makes mistakes near the data."
         )
-    if not np.all(np.isfinite(latents)):
-        bad = int(np.sum(~np.all(np.isfinite(latents), axis=1)))
-        raise ValueError(f"{bad} latents hold NaN or infinite values; check the encoder output")
     if not (isinstance(max_components, (int, np.integer)) and max_components > 0):
         raise ValueError(f"max_components must be a positive integer, got {max_components!r}")
     if not (isinstance(max_points, (int, np.integer)) and max_points > 0):
         raise ValueError(f"max_points must be a positive integer, got {max_points!r}")
     if not 0 <= min_weight < 1:
         raise ValueError(f"min_weight must be in [0, 1), got {min_weight!r}")
-    if min(len(latents), max_points) < max_components:
+    if min(num_latents, max_points) < max_components:
         raise ValueError(
-            f"{min(len(latents), max_points)} failures are fewer than max_components="
+            f"{min(num_latents, max_points)} failures are fewer than max_components="
             f"{max_components}; the mixture needs at least one point per component. Lower "
             "max_components or identify more failures."
         )
-    return latents

@@ -200,43 +200,16 @@ def identify(
             "jax.jit, vmap or grad; call jfail.defuse.identify_batch there."
         )
     mu, labels = _check_inputs(mu, labels, num_draws, a, b, max_per_image, noise)
-    if not isinstance(draws_per_chunk, (int, np.integer)) or draws_per_chunk < 1:
-        raise ValueError(f"draws_per_chunk must be a positive integer, got {draws_per_chunk!r}")
-    key = as_key(key)
-    parallel = DataParallel()
-    images_per_chunk = min(max(1, draws_per_chunk // num_draws), len(mu))
-    images_per_chunk = -(-images_per_chunk // parallel.num_devices) * parallel.num_devices
-    keep = min(max_per_image, num_draws)
-    flat = jax.ShapeDtypeStruct((images_per_chunk * num_draws, mu.shape[1]), jnp.float32)
-    images, classes = _model_shapes(decoder, classifier, flat)
-    if labels.min() < 0 or labels.max() >= classes:
-        raise ValueError(
-            f"labels must lie in [0, {classes}) (the classifier returns {classes} logits), got "
-            f"range [{labels.min()}, {labels.max()}]."
-        )
     labels = labels.astype(np.int32)
-    decoder_weights, decoder_rest = split_model(decoder, flat)
-    classifier_weights, classifier_rest = split_model(classifier, images)
-    program = _chunk_program(decoder_rest, classifier_rest, num_draws, float(a), float(b),
-                             _shift(a, b, noise), keep, bool(keep_images))
-
     parts: dict[str, list] = {name: [] for name in ("z", "x", "pred", "valid", "count")}
-    starts = range(0, len(mu), images_per_chunk)
-    for start in tqdm(starts, desc="identify", disable=progress_disabled(progress), leave=False):
-        stop = min(start + images_per_chunk, len(mu))
-        index = np.arange(start, start + images_per_chunk)  # padded rows are dropped below
-        (mu_dev, labels_dev, index_dev), _ = parallel.shard_batch(
-            _pad_rows(mu[start:stop], images_per_chunk),
-            _pad_rows(labels[start:stop], images_per_chunk),
-            index,
-        )
-        *values, decoded_finite, logits_finite = jax.device_get(
-            program(decoder_weights, classifier_weights, mu_dev, labels_dev, index_dev, key)
-        )
-        _raise_for_nonfinite(decoded_finite[: stop - start], "decoder", "decodes", start)
-        _raise_for_nonfinite(logits_finite[: stop - start], "classifier", "logits", start)
+    chunks = identification_chunks(decoder, classifier, lambda start, stop: mu[start:stop],
+                                   labels, mu.shape[1], key=key, num_draws=num_draws, a=a, b=b,
+                                   max_per_image=max_per_image, noise=noise,
+                                   draws_per_chunk=draws_per_chunk, keep_images=keep_images,
+                                   progress=progress)
+    for _, _, *values in chunks:
         for name, value in zip(parts, values):
-            parts[name].append(value[: stop - start])
+            parts[name].append(value)
     z, x, pred, valid, count = (np.concatenate(parts[name]) for name in parts)
     rows, cols = np.nonzero(valid)
     return Failures(
@@ -250,6 +223,86 @@ def identify(
         noise=noise,
         misclassified_draws=int(count.sum()),
     )
+
+
+def identification_chunks(
+    decoder: Callable,
+    classifier: Callable,
+    read_mu: Callable[[int, int], np.ndarray],
+    labels: np.ndarray,
+    latent_dim: int,
+    *,
+    key,
+    num_draws: int,
+    a: float,
+    b: float,
+    max_per_image: int,
+    noise: str,
+    draws_per_chunk: int,
+    keep_images: bool,
+    progress: bool | None,
+):
+    """`identify`'s loop over chunks of images, one chunk at a time (host memory: one chunk).
+
+    Args:
+      read_mu: `read_mu(start, stop)` -> [stop - start, Z] float32 encoder means of those images
+        (a slice of an array, or a read from an on-disk store).
+      labels: [N] int32 in the classifier's classes.
+      latent_dim: Z.
+      Others: as for `identify` (settings already checked).
+
+    Yields:
+      `(start, stop, z [b, k, Z], x [b, k, H, W, C] (or [b, k, 0]), predictions [b, k],
+      valid [b, k] bool, misclassified [b])` per chunk of images `start:stop`, in order:
+      the first `k = min(max_per_image, num_draws)` misclassified draws of each image, `valid`
+      marking the real ones.
+
+    Raises:
+      ValueError: as `identify`; non-finite means of a chunk, or NaN decodes or logits.
+    """
+    if not isinstance(draws_per_chunk, (int, np.integer)) or draws_per_chunk < 1:
+        raise ValueError(f"draws_per_chunk must be a positive integer, got {draws_per_chunk!r}")
+    key = as_key(key)
+    num_images = len(labels)
+    parallel = DataParallel()
+    images_per_chunk = min(max(1, draws_per_chunk // num_draws), num_images)
+    images_per_chunk = -(-images_per_chunk // parallel.num_devices) * parallel.num_devices
+    keep = min(max_per_image, num_draws)
+    flat = jax.ShapeDtypeStruct((images_per_chunk * num_draws, latent_dim), jnp.float32)
+    images, classes = _model_shapes(decoder, classifier, flat)
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(
+            f"labels must lie in [0, {classes}) (the classifier returns {classes} logits), got "
+            f"range [{labels.min()}, {labels.max()}]."
+        )
+    decoder_weights, decoder_rest = split_model(decoder, flat)
+    classifier_weights, classifier_rest = split_model(classifier, images)
+    program = _chunk_program(decoder_rest, classifier_rest, num_draws, float(a), float(b),
+                             _shift(a, b, noise), keep, bool(keep_images))
+
+    starts = range(0, num_images, images_per_chunk)
+    for start in tqdm(starts, desc="identify", disable=progress_disabled(progress), leave=False):
+        stop = min(start + images_per_chunk, num_images)
+        mu = np.asarray(read_mu(start, stop), np.float32)
+        if mu.shape != (stop - start, latent_dim):
+            raise ValueError(f"mu rows {start}:{stop} have shape {mu.shape}, expected "
+                             f"({stop - start}, {latent_dim}).")
+        if not np.all(np.isfinite(mu)):
+            raise ValueError(
+                f"mu holds {int(np.sum(~np.isfinite(mu)))} non-finite values in rows "
+                f"{start}:{stop}; check the encoder")
+        index = np.arange(start, start + images_per_chunk)  # padded rows are dropped below
+        (mu_dev, labels_dev, index_dev), _ = parallel.shard_batch(
+            _pad_rows(mu, images_per_chunk),
+            _pad_rows(labels[start:stop], images_per_chunk),
+            index,
+        )
+        *values, decoded_finite, logits_finite = jax.device_get(
+            program(decoder_weights, classifier_weights, mu_dev, labels_dev, index_dev, key)
+        )
+        _raise_for_nonfinite(decoded_finite[: stop - start], "decoder", "decodes", start)
+        _raise_for_nonfinite(logits_finite[: stop - start], "classifier", "logits", start)
+        yield (start, stop, *(value[: stop - start] for value in values))
 
 
 # --------------------------------------------------------------------------------------------

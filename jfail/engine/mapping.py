@@ -123,6 +123,49 @@ class MappedOutputs:
                                       is_leaf=lambda leaf: isinstance(leaf, LazyArray))
 
 
+def create_array(path: str | os.PathLike, shape, dtype, *, chunk_rows: int):
+    """A new zarr array on disk (replacing one there), for outputs written by the caller.
+
+    The same format as the engine's outputs, so :func:`open_array` reads it as a
+    :class:`LazyArray`. Write rows with ``array[i:j].write(values).result()``; a
+    leading dimension may later be shrunk (``array.resize(exclusive_max=[F, ...],
+    resize_metadata_only=True).result()``).
+
+    Args:
+      path: the array's folder.
+      shape: [N, ...] (a capacity: only written chunks take disk space).
+      dtype: a NumPy dtype (or ``"bfloat16"``).
+      chunk_rows: rows per chunk along axis 0.
+
+    Returns:
+      The open ``tensorstore.TensorStore``.
+
+    Raises:
+      ValueError: ``chunk_rows`` is not a positive integer.
+    """
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
+            or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}.")
+    path = os.fspath(path)
+    name = "bfloat16" if str(dtype) == "bfloat16" else np.dtype(dtype).name
+    _create_array(path, {"shape": [int(d) for d in shape], "dtype": name}, int(chunk_rows))
+    return _open_array(path)
+
+
+def open_array(path: str | os.PathLike, name: str | None = None) -> LazyArray:
+    """A zarr array written by :func:`create_array` (or an engine output), read lazily.
+
+    Raises:
+      FileNotFoundError: there is no array at ``path``.
+    """
+    path = os.fspath(path)
+    try:
+        store = _open_array(path)
+    except ValueError as error:  # tensorstore reports a missing array as a ValueError
+        raise FileNotFoundError(f"{path} holds no array: {error}") from None
+    return LazyArray(name or os.path.basename(path), store)
+
+
 def map_dataset(
     fn: Callable,
     source,
@@ -134,6 +177,7 @@ def map_dataset(
     num_threads: int = 8,
     progress: bool | None = None,
     devices=None,
+    with_labels: bool = False,
 ) -> MappedOutputs:
     """Applies ``fn`` to every example of ``source`` in sharded batches and stores the outputs.
 
@@ -175,6 +219,12 @@ def map_dataset(
       progress: show a progress bar with throughput and time left (None: when
         stderr is a terminal).
       devices: the devices to shard over (default: every device of every process).
+      with_labels: call ``fn(images, labels, indices)`` instead, with labels [B]
+        int32 (the source's labels) and indices [B] int32 (each example's
+        position in the source; padding rows repeat the last position), sharded
+        like the images: for functions that need the true class (errors,
+        attribution targets) or a per-example PRNG key
+        (``jax.random.fold_in(key, index)``, which does not depend on the batch size).
 
     Returns:
       :class:`MappedOutputs`, reading the stored arrays lazily.
@@ -216,7 +266,8 @@ def map_dataset(
 
     sharding = NamedSharding(mesh, P(BATCH_AXIS))
     batch_shape = (batch_size, *source.image_shape)
-    outputs, treedef = _output_specs(fn, batch_shape)
+    inputs = _input_specs(batch_shape, with_labels)
+    outputs, treedef = _output_specs(fn, inputs)
     lo, hi = _local_rows(sharding, batch_shape)
     rows = hi - lo
     num_processes = jax.process_count()
@@ -235,6 +286,7 @@ def map_dataset(
         "num_processes": num_processes,
         "chunk_rows": rows,
         "num_chunks": num_batches * num_processes,
+        **({"inputs": "images, labels, indices"} if with_labels else {}),
         "outputs": [{"name": name, "shape": [num_examples, *shape[1:]], "dtype": dtype.name}
                     for name, (shape, dtype) in outputs.items()],
     }
@@ -251,11 +303,11 @@ def map_dataset(
                  first_batch, num_batches, out_dir)
 
     replicated = NamedSharding(mesh, P())
-    model = _replicate(traced_model(fn, jax.ShapeDtypeStruct(batch_shape, np.float32)),
-                       replicated)
-    compiled = jit(_apply, in_shardings=(replicated, sharding), out_shardings=sharding)
+    model = _replicate(traced_model(fn, *inputs), replicated)
+    compiled = jit(_apply, in_shardings=(replicated, *[sharding] * len(inputs)),
+                   out_shardings=sharding)
     local_batches = _local_batches(source, batch_size, lo, rows, first_batch, num_batches,
-                                   prefetch, num_threads)
+                                   prefetch, num_threads, with_labels)
     bar = tqdm(total=num_examples, initial=min(first_batch * batch_size, num_examples),
                desc=f"map {source.name}", unit="img", dynamic_ncols=True,
                disable=progress_disabled(progress) or jax.process_index() != 0)
@@ -265,9 +317,10 @@ def map_dataset(
     writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jfail-write")
     pending = collections.deque()
     try:
-        for batch_index, local_images in enumerate(local_batches, start=first_batch):
-            images = jax.make_array_from_process_local_data(sharding, local_images, batch_shape)
-            output = compiled(model, images)  # dispatched, not waited for
+        for batch_index, local_inputs in enumerate(local_batches, start=first_batch):
+            arrays = [jax.make_array_from_process_local_data(sharding, local, spec.shape)
+                      for local, spec in zip(local_inputs, inputs)]
+            output = compiled(model, *arrays)  # dispatched, not waited for
             pending.append(writer.submit(_write_batch, batch_index, output, stores, out_dir,
                                          batch_size, lo, rows, num_examples, bar))
             while len(pending) > MAX_PENDING_WRITES or (pending and pending[0].done()):
@@ -325,8 +378,19 @@ def _fingerprint(source) -> str:
     return digest.hexdigest()[:16]
 
 
-def _apply(model, images):
-    return model(images)
+def _apply(model, *inputs):
+    return model(*inputs)
+
+
+def _input_specs(batch_shape, with_labels: bool) -> tuple:
+    """The shapes of fn's arguments for one global batch: images, then labels and indices."""
+    import jax
+
+    images = jax.ShapeDtypeStruct(batch_shape, np.float32)
+    if not with_labels:
+        return (images,)
+    per_example = jax.ShapeDtypeStruct(batch_shape[:1], np.int32)
+    return images, per_example, per_example
 
 
 def _replicate(model, replicated):
@@ -336,18 +400,22 @@ def _replicate(model, replicated):
     def place(leaf):
         if not isinstance(leaf, (jax.Array, np.ndarray)):
             return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # a typed PRNG key
+            return jax.random.wrap_key_data(place(jax.random.key_data(leaf)),
+                                            impl=jax.random.key_impl(leaf))
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
 
     return jax.tree_util.tree_map(place, model)
 
 
-def _output_specs(fn, batch_shape):
+def _output_specs(fn, inputs):
     """({leaf name: (shape, dtype)} of fn's output for one batch, its treedef); checks the
     batch axis. A call that fails is a ModelCallError naming the input shape."""
     import jax
 
-    structure = call_shape(fn, jax.ShapeDtypeStruct(batch_shape, np.float32))
+    batch_shape = inputs[0].shape
+    structure = call_shape(fn, *inputs)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(structure)
     if not leaves:
         raise ValueError("fn returned no arrays; it must return a pytree of [B, ...] arrays.")
@@ -443,8 +511,9 @@ def _barrier(name: str) -> None:
 
 
 def _local_batches(source, batch_size, lo, rows, first_batch, num_batches, prefetch,
-                   num_threads):
-    """Yields this process's rows of every batch from first_batch on: [rows, H, W, C] float32.
+                   num_threads, with_labels=False):
+    """Yields this process's rows of every batch from first_batch on: a tuple of the images
+    [rows, H, W, C] float32 and, with_labels, the labels and positions [rows] int32.
 
     Grain reads whole batches ahead (at most `prefetch` of them, each on its own thread); the
     rows of one batch are read and decoded by a pool of `num_threads` threads. Grain's own
@@ -455,12 +524,19 @@ def _local_batches(source, batch_size, lo, rows, first_batch, num_batches, prefe
     last = len(source) - 1
     pool = concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="jfail-read")
 
-    def read_row(position: int) -> np.ndarray:
-        return np.asarray(source[min(position, last)]["image"], np.float32)
+    def read_row(position: int):
+        example = source[position]
+        return np.asarray(example["image"], np.float32), example["label"]
 
-    def read_batch(batch: int) -> np.ndarray:
-        positions = range(batch * batch_size + lo, batch * batch_size + lo + rows)
-        return np.stack(list(pool.map(read_row, positions)))
+    def read_batch(batch: int) -> tuple:
+        positions = [min(position, last) for position in
+                     range(batch * batch_size + lo, batch * batch_size + lo + rows)]
+        examples = list(pool.map(read_row, positions))
+        images = np.stack([image for image, _ in examples])
+        if not with_labels:
+            return (images,)
+        labels = np.asarray([label for _, label in examples], np.int32)
+        return images, labels, np.asarray(positions, np.int32)
 
     dataset = grain.MapDataset.range(first_batch, num_batches).map(read_batch)
     options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)

@@ -4,7 +4,9 @@ Tag the images (:mod:`jfail.prime.tags`, :mod:`jfail.prime.shape`, :mod:`jfail.p
 search every class for small tag sets on which accuracy drops (:func:`find_failure_modes`), then
 check on held-out data that they are still hard and still minimal (:func:`mode_evidence`) and
 that the descriptions describe their images well (:mod:`jfail.prime.evaluate`).
-:mod:`jfail.prime.synthetic` plants known modes.
+:mod:`jfail.prime.synthetic` plants known modes. :func:`tag_source` computes the shape tags
+and the classifier's errors of a data set that is never loaded whole (through the engine), for
+the same search.
 """
 
 from jfail.prime.config import PrimeConfig
@@ -35,6 +37,7 @@ from jfail.prime.search import (
     pack_bits,
 )
 from jfail.prime.shape import SHAPE_MEASURES, ShapeMeasure, ShapeTagger, fit_shape_tagger, shape_measurements
+from jfail.prime.streaming import TaggedSource, open_tags, tag_source
 from jfail.prime.synthetic import PlantedProblem, flip_tags, living17_shaped_problem, planted_problem
 from jfail.prime.tags import (
     TagMatrix,
@@ -70,6 +73,7 @@ __all__ = [
     "SubsetAccuracy",
     "TagEvidence",
     "TagMatrix",
+    "TaggedSource",
     "TagSetCounts",
     "TagSpaceEmbedder",
     "Tagger",
@@ -100,4 +104,6 @@ __all__ = [
     "subset_accuracies",
     "subset_drop_table",
     "tags_from_table",
+    "tag_source",
+    "open_tags",
 ]
