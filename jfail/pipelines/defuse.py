@@ -50,6 +50,7 @@ from jfail.models import BetaVAE, decoder_fn, encoder_fn, linen_apply, logits_fn
 from jfail.pipelines import command_line
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
+from jfail.train.summaries import epoch_summaries
 
 
 def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.py") -> None:
@@ -92,9 +93,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
 
     tick = time.perf_counter()
     vae = BetaVAE(image_shape=full.images.shape[1:], latent_dim=config.latent_dim)
-    vae_result = train_vae(vae, full.images, config.vae,
-                           checkpoint_dir=Path(config.vae_run).absolute() / "checkpoints",
-                           progress=progress)
+    vae_run = Path(config.vae_run).absolute()
+    with epoch_summaries(vae_run, prefix="vae/") as write_summaries:  # TensorBoard curves
+        vae_result = train_vae(vae, full.images, config.vae, checkpoint_dir=vae_run / "checkpoints",
+                               progress=progress, on_epoch_end=write_summaries)
     timings["vae_seconds_this_run"] = time.perf_counter() - tick
     decoder = decoder_fn(vae, vae_result.variables)
     encoder = encoder_fn(vae, vae_result.variables)
