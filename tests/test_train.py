@@ -137,7 +137,8 @@ def test_a_diverging_run_stops_with_the_step_that_failed():
 
 
 def test_config_overrides_and_unknown_keys():
-    config = load_config(REPO / "configs" / "defuse_cnn_fmnist.py", ["train.epochs=2", "dataset=digits"])
+    config = load_config(REPO / "configs" / "defuse_cnn_fmnist.py",
+                         ["train.epochs=2", "dataset=digits"])
     assert isinstance(config, ClassifierRunConfig)
     assert config.train.epochs == 2 and config.dataset == "digits"
     assert config.train.optimizer == "adadelta"  # the paper's optimizer survives

@@ -14,6 +14,7 @@
   rate and a Benjamini-Yekutieli q-value over all candidates (`LeafEvidence`).
 """
 
+from jfail.barlow.evidence import LeafEvidence, leaf_evidence
 from jfail.barlow.extraction import (
     PAPER_ATTACK,
     AttackSettings,
@@ -25,7 +26,6 @@ from jfail.barlow.extraction import (
     heatmap_batch,
     most_activating,
 )
-from jfail.barlow.evidence import LeafEvidence, leaf_evidence
 from jfail.barlow.mutual_info import (
     FeatureRanking,
     mutual_information,

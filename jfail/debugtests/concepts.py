@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.models.adapter import in_trace, traced_model
 from jfail.keys import as_key, host_seed
+from jfail.models.adapter import in_trace, traced_model
 from jfail.xla import jit
 
 __all__ = [

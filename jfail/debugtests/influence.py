@@ -21,7 +21,8 @@ kernels, read at each call, so updated weights are seen and compilations are reu
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

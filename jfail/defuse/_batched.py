@@ -4,13 +4,13 @@ batches with the model's weights as traced arguments."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from jfail.models.adapter import split_model
-from jfail.models.adapter import call_shape
+from jfail.models.adapter import call_shape, split_model
 from jfail.models.cpu_gradients import cpu_friendly_gradients
 from jfail.xla import jit
 

@@ -12,8 +12,8 @@ import dataclasses
 import functools
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +37,8 @@ log = logging.getLogger("jfail.defuse")
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """β-VAE optimization; defaults are appendix B.2 (MNIST) except `epochs` (the paper runs 800)."""
+    """β-VAE optimization; defaults are appendix B.2 (MNIST) except `epochs` (the paper runs
+    800)."""
 
     beta: float = 4.0
     learning_rate: float = 1e-3
@@ -83,7 +84,8 @@ def train_vae(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> VAEResult:
     """Train `vae` (a `jfail.models.BetaVAE` or any module with `__call__(x, key) -> (logits, mu,
-    logvar)`) on `images: [N, H, W, C]` in [0, 1]; resumes from `checkpoint_dir` when it holds a run.
+    logvar)`) on `images: [N, H, W, C]` in [0, 1]; resumes from `checkpoint_dir` when it holds a
+    run.
 
     `on_epoch_end(epoch, record)` is called after each epoch with its history record
     (`loss`, the β-weighted loss; `reconstruction`; `kl`; `seconds`), e.g. the writer of

@@ -12,7 +12,6 @@ from jfail.models.callables import (
     model_fns,
     stateless_apply,
 )
-from jfail.models.cpu_gradients import cpu_friendly_gradients, strided_conv
 from jfail.models.cnn import BetaVAE, DefuseCNN, VAEDecoder, VAEEncoder
 from jfail.models.convert import (
     IMAGENET_MEAN,
@@ -23,9 +22,10 @@ from jfail.models.convert import (
     normalized_model_fns,
     resnet_variables_from_torch,
 )
+from jfail.models.cpu_gradients import cpu_friendly_gradients, strided_conv
 from jfail.models.mlp import MLP
-from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
+from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 
 __all__ = [
     "BasicBlock",

@@ -7,7 +7,7 @@ paper used: a 28 px input goes 28 -> 14 -> 7 -> 3 -> 1 through the classifier's 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -20,8 +20,8 @@ class DefuseCNN(nn.Module):
     """Figure 7: four 4x4/2 convolutions, two dense layers of 256, a linear classifier.
 
     `__call__(x: [B, H, W, C], train=False, output='logits')`: `output` is `logits` `[B, K]`,
-    `features` (the last hidden layer, `[B, 256]`), `feature_map` (last convolution, `[B, h, w, 64]`)
-    or `taps` (a dict of all three).
+    `features` (the last hidden layer, `[B, 256]`), `feature_map` (last convolution,
+    `[B, h, w, 64]`) or `taps` (a dict of all three).
     """
 
     num_classes: int = 10

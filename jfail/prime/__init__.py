@@ -34,11 +34,22 @@ from jfail.prime.search import (
     find_failure_modes,
     pack_bits,
 )
-from jfail.prime.shape import SHAPE_MEASURES, ShapeMeasure, ShapeTagger, fit_shape_tagger, shape_measurements
-from jfail.prime.synthetic import PlantedProblem, flip_tags, living17_shaped_problem, planted_problem
+from jfail.prime.shape import (
+    SHAPE_MEASURES,
+    ShapeMeasure,
+    ShapeTagger,
+    fit_shape_tagger,
+    shape_measurements,
+)
+from jfail.prime.synthetic import (
+    PlantedProblem,
+    flip_tags,
+    living17_shaped_problem,
+    planted_problem,
+)
 from jfail.prime.tags import (
-    TagMatrix,
     Tagger,
+    TagMatrix,
     as_tag_array,
     background_tags,
     concat_tags,

@@ -17,7 +17,8 @@ class PrimeConfig:
       "train": the images the classifier was fitted on (the paper searches its training data and
                checks unseen data, sections 4 and 4.1), where the model's errors are rarer
                than on unseen data and not those it makes there;
-      "val":   the classifier's validation images (not fitted on, only used to pick the epoch; the default);
+      "val":   the classifier's validation images (not fitted on, only used to pick the epoch;
+               the default);
       "test":  the data set's test split (the default held-out split).
     On the held-out split each mode gets an interval, an exact p-value for its error rate and
     one for each tag's necessity, and q-values under `fdr_method` ("by": Benjamini-Yekutieli,

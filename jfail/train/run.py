@@ -42,7 +42,8 @@ log = logging.getLogger("jfail.train")
 def run_classifier(
     config: ClassifierRunConfig, run_dir: str | Path, *, progress: bool = True
 ) -> dict:
-    """Train `config.model` on `config.dataset`, select by validation accuracy, test; returns metrics.
+    """Train `config.model` on `config.dataset`, select by validation accuracy, test; returns
+    metrics.
 
     Starting again on the same `run_dir` resumes an interrupted run; a different config there is
     an error rather than a silent mix of two runs.
