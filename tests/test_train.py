@@ -92,6 +92,23 @@ def test_learning_rate_is_the_step_size_of_the_epochs_last_step():
         assert learning_rate(TrainConfig(optimizer=optax.adam(1e-3)), 3, 0) is None
 
 
+def test_epoch_summaries_write_numbers_only_and_only_on_process_zero(tmp_path, monkeypatch):
+    from jfail.train import epoch_summaries
+
+    record = {"epoch": 0, "train_loss": 0.5, "val_accuracy": np.float32(0.25), "seconds": 3.0,
+              "learning_rate": None, "flag": True, "note": "x", "val_loss": float("nan")}
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with epoch_summaries(tmp_path / "other") as write:
+        write(0, record)
+    assert not (tmp_path / "other").exists()
+    monkeypatch.undo()
+    with epoch_summaries(tmp_path / "first") as write:
+        write(0, record)
+        write(1, {**record, "train_loss": 0.25})
+    assert tensorboard_scalars(tmp_path / "first") == {
+        "train/loss": [(0, 0.5), (1, 0.25)], "val/accuracy": [(0, 0.25), (1, 0.25)]}
+
+
 def _tiny_setup():
     module = DefuseCNN(num_classes=10, conv_features=(8, 8), hidden=(16,))
     data = load("digits", "train")
