@@ -1,6 +1,7 @@
 """Train the reference classifiers and write `results/classifiers.md` and `.json`.
 
-    python experiments/classifiers.py --configs configs/defuse_cnn_fmnist.py configs/resnet18_fmnist.py
+    python experiments/classifiers.py \
+        --configs configs/defuse_cnn_fmnist.py configs/resnet18_fmnist.py
 
 Each config trains into `<runs>/<name>` (resumable: run the same command again after a kill).
 """
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     quiet_libraries()
-    command = "python experiments/classifiers.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python experiments/classifiers.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     rows = []
     for path in args.configs:
         config = load_config(path)
@@ -50,7 +53,8 @@ def _markdown(command: str, rows: list[dict]) -> str:
         command,
         "```",
         "",
-        "| run | data | model | params | epochs | best epoch | val acc. | test acc. | target | train time (s) | device |",
+        "| run | data | model | params | epochs | best epoch | val acc. | test acc. | target "
+        "| train time (s) | device |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:

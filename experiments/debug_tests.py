@@ -1,4 +1,5 @@
-"""The debug tests experiment: `jfail.pipelines.debug_tests` (also `jfail debugtests --config ...`)."""
+"""The debug tests experiment: `jfail.pipelines.debug_tests` (also
+`jfail debugtests --config ...`)."""
 
 from jfail.pipelines.debug_tests import main
 

@@ -14,8 +14,8 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from jfail import attribution
 from jfail.config import (
@@ -52,7 +52,8 @@ DEMO_ATTRIBUTION_METHODS = (
 )
 """The debugging tests' methods in the demo: one or more of each family. LIME, KernelSHAP and
 Expected Gradients (thousands of model calls per input) and PatternNet/-Attribution (a signal
-fit per re-initialized model) join in the full run, `jfail debugtests --config configs/debug_tests.py`."""
+fit per re-initialized model) join in the full run,
+`jfail debugtests --config configs/debug_tests.py`."""
 
 METHODS = (
     ("barlow", "Barlow", "jfail.pipelines.barlow"),
@@ -86,7 +87,8 @@ def demo_configs(run_dir: str | Path, dataset: str) -> dict[str, object]:
     ood = _first_loadable(partners)[0] or partners[-1]
     models, work, configs = run_dir / "models", run_dir / "work", run_dir / "configs"
     fast = TrainConfig(optimizer="adadelta", learning_rate=1.0, batch_size=64, epochs=5)
-    classifier = ClassifierRunConfig(name="classifier", dataset=data, model="defuse_cnn", train=fast)
+    classifier = ClassifierRunConfig(name="classifier", dataset=data, model="defuse_cnn",
+                                     train=fast)
     robust = dataclasses.replace(  # Barlow's robust feature extractor, ℓ2 PGD training
         classifier, name="robust_l2",
         train=dataclasses.replace(fast, optimizer="adam", learning_rate=1e-3, epochs=2,

@@ -24,7 +24,8 @@ def quiet_libraries() -> None:
 
 
 def progress_disabled(progress: bool | None) -> bool:
-    """tqdm's `disable` for a `progress` argument: None shows a bar only when stderr is a terminal."""
+    """tqdm's `disable` for a `progress` argument: None shows a bar only when stderr is a
+    terminal."""
     if progress is None:
         return not sys.stderr.isatty()
     return not progress

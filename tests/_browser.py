@@ -26,7 +26,8 @@ CHROMIUM_ARGS = [
 
 @contextlib.contextmanager
 def chromium():
-    """Yields a launched Playwright `Browser`; skips the test when Chromium or Playwright is absent."""
+    """Yields a launched Playwright `Browser`; skips the test when Chromium or Playwright is
+    absent."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")

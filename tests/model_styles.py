@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import flax.linen as nn
@@ -85,7 +86,7 @@ class Styled:
         return jax.tree_util.Partial(_reference_call(self.transform), copied)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_call(transform):
     """`apply(weights, x)` for one transform; one function object per transform, so Partials
     over it share a tree structure."""

@@ -50,7 +50,8 @@ def test_adversarial_training_buys_robustness_on_digits():
     attack = Attack(norm="linf", epsilon=0.1, steps=5)
     base = TrainConfig(optimizer="adam", learning_rate=3e-3, batch_size=32, epochs=8)
     scores = {}
-    for name, config in {"standard": base, "robust": dataclasses.replace(base, attack=attack)}.items():
+    configs = {"standard": base, "robust": dataclasses.replace(base, attack=attack)}
+    for name, config in configs.items():
         result = fit(apply_fn, params, state, train, val, config, progress=False)
         scores[name] = robust_accuracy(
             apply_fn, result.params, result.state, val, attack, key=jax.random.key(3)

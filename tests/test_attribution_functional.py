@@ -215,12 +215,12 @@ STYLES = {"closure": (_closure, ALL), "nnx": (_nnx, REPRESENTATIVE),
           "equinox": (_equinox, REPRESENTATIVE), "linen_batchnorm": (_linen, REPRESENTATIVE)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _patterns(seed):
     return attribution.fit_patterns(Partial(_apply, _params(seed)), TRAIN)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name, seed):
     """The method on `Partial(_apply, params)`, a pytree whose weights are its leaves."""
     return _call(name, Partial(_apply, _params(seed)), _patterns(seed))
@@ -293,7 +293,7 @@ def test_modules_and_closures_inside_the_callers_jit():
         for name in ("gradient", "lrp_epsilon"):
             if style == "closure":  # a closure is no jit argument: its weights are constants
                 method = attribution.METHODS[name]
-                traced = jax.jit(lambda x, method=method: method(model, x, TARGET))(X)
+                traced = jax.jit(lambda x, method=method, model=model: method(model, x, TARGET))(X)
             else:
                 traced = jax.jit(lambda m, x, name=name: attribution.METHODS[name](m, x, TARGET))(
                     model, X)

@@ -603,7 +603,7 @@ def test_checks_made_inside_the_program_raise_for_every_family_and_chunking(mlp)
             mlp, images, 0, key=key, baselines=x, num_samples=2, **kw),
         "lrp_epsilon": lambda images, **kw: propagation.lrp_epsilon(mlp, images, 0, **kw),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         for batch_size in (None, 1):
             with pytest.raises(ValueError, match="x contains NaN or infinite"):
                 call(with_nan, batch_size=batch_size)

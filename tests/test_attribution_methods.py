@@ -73,7 +73,8 @@ def test_relevance_methods_keep_their_identities_on_the_small_stem_resnet18():
         assert np.abs(value).max() > 0, name
     # The relevance methods keep their identities on a network with BatchNorm and residuals.
     grad_x_input = results["input_x_gradient"]
-    np.testing.assert_allclose(results["lrp_z"], grad_x_input, atol=1e-5 * np.abs(grad_x_input).max())
+    np.testing.assert_allclose(results["lrp_z"], grad_x_input,
+                               atol=1e-5 * np.abs(grad_x_input).max())
 
 
 def test_every_method_runs_on_an_nnx_module():
@@ -87,7 +88,8 @@ def test_every_method_runs_on_an_nnx_module():
 def test_a_linen_model_defined_here_runs_through_the_rewriting_methods():
     images = np.asarray(jax.random.uniform(jax.random.key(1), (10, 12, 12, 1)))
     net = _FlaxNet()
-    model = jax.tree_util.Partial(lambda v, x: net.apply(v, x), net.init(jax.random.key(0), images[:1]))
+    model = jax.tree_util.Partial(lambda v, x: net.apply(v, x),
+                                  net.init(jax.random.key(0), images[:1]))
     x, target = images[:2], jnp.argmax(model(images[:2]), -1)
     # On a bias-free ReLU path LRP-z is input x gradient; with biases it still is (Ancona et al.).
     np.testing.assert_allclose(attribution.lrp_z(model, x, target),

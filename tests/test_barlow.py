@@ -102,13 +102,14 @@ def test_aler_is_the_coverage_weighted_error_rate_of_a_deep_tree():
     x, errors, _ = _planted(1, 3, ">", 0.6, rate_in=0.7, rate_out=0.2)
     tree = failure_tree(x, errors, max_depth=3, num_features=8)
     assert len(tree.leaves) > 2
-    assert tree.aler == pytest.approx(sum(l.error_coverage * l.error_rate for l in tree.leaves))
+    leaves = tree.leaves
+    assert tree.aler == pytest.approx(sum(leaf.error_coverage * leaf.error_rate for leaf in leaves))
     assert tree.aler >= tree.base_error_rate - 1e-12  # Cauchy-Schwarz: ALER >= BER
-    assert sum(l.error_coverage for l in tree.leaves) == pytest.approx(1.0)
-    assert sum(l.size for l in tree.leaves) == NUM_ROWS
-    assert sorted(np.concatenate([l.indices for l in tree.leaves])) == list(range(NUM_ROWS))
-    assert [l.importance for l in tree.leaves] == sorted(
-        (l.importance for l in tree.leaves), reverse=True
+    assert sum(leaf.error_coverage for leaf in leaves) == pytest.approx(1.0)
+    assert sum(leaf.size for leaf in leaves) == NUM_ROWS
+    assert sorted(np.concatenate([leaf.indices for leaf in leaves])) == list(range(NUM_ROWS))
+    assert [leaf.importance for leaf in leaves] == sorted(
+        (leaf.importance for leaf in leaves), reverse=True
     )
     for leaf in tree.leaves:  # the simplified rule selects exactly the leaf's rows
         selected = np.logical_and.reduce([c.holds(x) for c in leaf.conditions])

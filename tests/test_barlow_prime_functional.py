@@ -179,7 +179,8 @@ def test_kernels_under_jit_equal_the_host_drivers():
     jitted = jax.jit(lambda x: barlow.attack_batch(pooled, x, 2, 2.0, 0.2, steps=3))(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(jitted), host, atol=1e-5)
     # attacking increases the feature
-    assert np.all(np.asarray(pooled(jnp.asarray(host)))[:, 2] >= np.asarray(pooled(jnp.asarray(x)))[:, 2])
+    attacked_feature = np.asarray(pooled(jnp.asarray(host)))[:, 2]
+    assert np.all(attacked_feature >= np.asarray(pooled(jnp.asarray(x)))[:, 2])
     # grad through the kernel
     grad = jax.grad(lambda x: barlow.heatmap_batch(feature_map, x, index, size=(SIZE, SIZE)).sum())
     assert np.isfinite(np.asarray(grad(jnp.asarray(x)))).all()
@@ -340,7 +341,8 @@ def test_tcav_and_influence_see_updated_closure_weights():
     influence_after = np.asarray(self_influence(loss, params, x, y))
     fresh_body = body["w"]
     fresh = np.asarray(self_influence(
-        lambda p, v, t: -jax.nn.log_softmax(jnp.tanh(v @ fresh_body) @ p)[jnp.arange(v.shape[0]), t],
+        lambda p, v, t: -jax.nn.log_softmax(
+            jnp.tanh(v @ fresh_body) @ p)[jnp.arange(v.shape[0]), t],
         params, x, y))
     np.testing.assert_allclose(influence_after, fresh, rtol=1e-4, atol=1e-6)
     assert not np.allclose(influence_before, influence_after)

@@ -5,6 +5,7 @@ import os
 import struct
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,8 @@ def indexed_data_set(labels) -> data.Dataset:
     """A Dataset whose image i is filled with i / N, so indices can be recovered."""
     labels = np.asarray(labels, dtype=np.int32)
     n = len(labels)
-    images = np.broadcast_to((np.arange(n, dtype=np.float32) / n)[:, None, None, None], (n, 2, 2, 1))
+    images = np.broadcast_to((np.arange(n, dtype=np.float32) / n)[:, None, None, None],
+                             (n, 2, 2, 1))
     return data.Dataset(np.array(images), labels, tuple(str(c) for c in range(labels.max() + 1)))
 
 
@@ -93,7 +95,8 @@ def test_read_idx_decodes_big_endian_int32_and_float32(tmp_path):
 def test_read_idx_rejects_bad_magic(tmp_path):
     path = tmp_path / "bad-magic"
     path.write_bytes(b"\x12\x34" + idx_bytes(np.zeros((2, 2), np.uint8))[2:])
-    with pytest.raises(ValueError, match=r"bad-magic is not an IDX file: magic number starts with 12 34"):
+    with pytest.raises(ValueError,
+                       match=r"bad-magic is not an IDX file: magic number starts with 12 34"):
         data.read_idx(path)
 
 
@@ -227,7 +230,8 @@ def test_missing_fashion_mnist_lists_every_place_searched(tmp_path, monkeypatch,
 
 def test_missing_mnist_says_how_to_get_it(no_local_data, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-    with pytest.raises(data.DatasetNotFoundError, match=r"pip install 'jfail\[tfds\]'.*JFAIL_DATA_DIR"):
+    with pytest.raises(data.DatasetNotFoundError,
+                       match=r"pip install 'jfail\[tfds\]'.*JFAIL_DATA_DIR"):
         data.load("mnist", "test")
 
 
@@ -241,7 +245,8 @@ def test_unknown_name_lists_known_names():
                                          ("mnist5k", "train, test, all."),
                                          ("digits", "train, test, all.")])
 def test_unknown_split_lists_valid_splits(name, valid):
-    with pytest.raises(ValueError, match=rf"Unknown split 'validation' for '{name}'; valid splits: {valid}"):
+    with pytest.raises(ValueError,
+                       match=rf"Unknown split 'validation' for '{name}'; valid splits: {valid}"):
         data.load(name, "validation")
 
 
@@ -309,7 +314,8 @@ def test_tfds_loader_under_mock_data():
 def test_tfds_loader_reports_missing_feature_keys():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=3):
-        with pytest.raises(ValueError, match=r"no feature 'pixels'; its features are \['image', 'label'\]"):
+        with pytest.raises(ValueError,
+                           match=r"no feature 'pixels'; its features are \['image', 'label'\]"):
             data.load("tfds:mnist", image_key="pixels")
 
 
@@ -323,14 +329,16 @@ def test_fashion_mnist_falls_back_to_tfds(no_local_data):
 
 def test_tfds_not_prepared_mentions_network(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(data.DatasetNotFoundError, match=r"not prepared in .*network access") as error:
+    with pytest.raises(data.DatasetNotFoundError,
+                       match=r"not prepared in .*network access") as error:
         data.load("tfds:mnist", data_dir=tmp_path)
     assert str(tmp_path) in str(error.value)
 
 
 def test_tfds_unknown_name():
     pytest.importorskip("tensorflow_datasets")
-    with pytest.raises(ValueError, match="TensorFlow Datasets has no data set named 'no_such_data_set'"):
+    with pytest.raises(ValueError,
+                       match="TensorFlow Datasets has no data set named 'no_such_data_set'"):
         data.load("tfds:no_such_data_set")
 
 
@@ -382,7 +390,8 @@ def test_train_val_split_rejects_bad_fraction(fraction):
 def _run(n=10, batch_size=3, **kwargs):
     images = np.arange(n, dtype=np.float32)[:, None, None, None]
     labels = np.arange(n, dtype=np.int32)
-    return [(b.epoch, b.step, b.labels.tolist()) for b in data.batches(images, labels, batch_size, **kwargs)]
+    return [(b.epoch, b.step, b.labels.tolist())
+            for b in data.batches(images, labels, batch_size, **kwargs)]
 
 
 def test_batches_visit_every_example_once_per_epoch_in_shuffled_order():
@@ -477,7 +486,8 @@ def test_batches_reject_bad_arguments_when_called(kwargs, message):
 
 
 def test_check_images_accepts_valid_images():
-    data.check_images(np.random.default_rng(0).random((3, 4, 4, 1), dtype=np.float32), expect_channels=1)
+    data.check_images(np.random.default_rng(0).random((3, 4, 4, 1), dtype=np.float32),
+                      expect_channels=1)
     data.check_images(jnp.ones((2, 4, 4, 3)))
 
 
@@ -541,7 +551,8 @@ def test_percent_modifier_keeps_a_fixed_stratified_subset_of_the_split():
     assert rows == sorted(rows)
     np.testing.assert_array_equal(full.labels[rows], subset.labels)
     np.testing.assert_array_equal(data.load("digits[:25%]", "train").images, subset.images)
-    assert data.load("digits[:100%]", "test").images.shape == data.load("digits", "test").images.shape
+    chex.assert_equal_shape([data.load("digits[:100%]", "test").images,
+                             data.load("digits", "test").images])
 
 
 def test_size_modifier_resizes_bilinearly_within_unit_range():
@@ -551,7 +562,8 @@ def test_size_modifier_resizes_bilinearly_within_unit_range():
     np.testing.assert_array_equal(large.labels, small.labels)
     assert 0.0 <= large.images.min() and large.images.max() <= 1.0
     # Bilinear up-sampling keeps each image's mean brightness (up to edge effects).
-    np.testing.assert_allclose(large.images.mean((1, 2, 3)), small.images.mean((1, 2, 3)), atol=0.03)
+    np.testing.assert_allclose(large.images.mean((1, 2, 3)), small.images.mean((1, 2, 3)),
+                               atol=0.03)
     both = data.load("digits@28[:50%]", "test")
     assert both.images.shape[1:] == (28, 28, 1) and len(both.labels) == round(len(small.labels) / 2)
 
@@ -563,7 +575,8 @@ def test_bad_modifiers_are_refused(name):
 
 
 def test_a_data_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path):
-    with pytest.raises(data.DatasetNotFoundError, match="data_dir .*nonexistent is not a directory"):
+    with pytest.raises(data.DatasetNotFoundError,
+                       match="data_dir .*nonexistent is not a directory"):
         data.load("fashion_mnist", data_dir=tmp_path / "nonexistent")
 
 

@@ -40,8 +40,10 @@ def test_spurious_backgrounds_keep_objects_exactly_and_follow_the_class():
         crop = backgrounds[labels[i]][top:top + 16, left:left + 16]
         np.testing.assert_array_equal(data.images[i, ..., 0][~masks[i]], crop[~masks[i]])
     assert len({tuple(o) for o in data.crop_offsets}) > 30  # crops are cut at random places
-    np.testing.assert_array_equal(ground_truth_background(data.object_masks), (~masks).astype(np.float32))
-    mixed = spurious_backgrounds(images, labels, backgrounds, key=jax.random.key(1), correlation=0.5)
+    np.testing.assert_array_equal(ground_truth_background(data.object_masks),
+                                  (~masks).astype(np.float32))
+    mixed = spurious_backgrounds(images, labels, backgrounds, key=jax.random.key(1),
+                                 correlation=0.5)
     swapped = mixed.background_ids != labels
     assert 0.25 < swapped.mean() < 0.75
     with pytest.raises(ValueError, match="one background per class"):

@@ -65,7 +65,8 @@ def test_a_frozen_layer_keeps_its_initialization_while_the_others_train():
     y = jax.random.normal(jax.random.key(1), (16, 2))
     params = model.init(jax.random.key(2), x)["params"]
     mask = frozen_layer_mask(params, ["hidden"])
-    assert mask == {"hidden": {"kernel": True, "bias": True}, "out": {"kernel": False, "bias": False}}
+    assert mask == {"hidden": {"kernel": True, "bias": True},
+                    "out": {"kernel": False, "bias": False}}
     tx = freeze(optax.adamw(0.1, weight_decay=0.1), params, ["hidden"])
     state = tx.init(params)
 
@@ -85,7 +86,8 @@ def test_a_frozen_layer_keeps_its_initialization_while_the_others_train():
 
 def test_unknown_layers_are_named_with_the_valid_ones():
     params = {"conv0": {"kernel": jnp.ones(2)}, "dense": {"kernel": jnp.ones(2)}}
-    with pytest.raises(ValueError, match=r"unknown layers \['conv1'\]; layers: \['conv0', 'dense'\]"):
+    with pytest.raises(ValueError,
+                       match=r"unknown layers \['conv1'\]; layers: \['conv0', 'dense'\]"):
         freeze(optax.sgd(0.1), params, ["conv0", "conv1"])
     with pytest.raises(ValueError, match="unknown layers"):
         frozen_layer_mask(params, ["fc"])

@@ -117,11 +117,13 @@ def planted():
     objects, labels = _objects(1200, seed=0)
     test_objects, test_labels = _objects(200, seed=1)
     key = jax.random.key(0)
-    shortcut_data = spurious_backgrounds(objects, labels, backgrounds, key=jax.random.fold_in(key, 1))
-    control_data = spurious_backgrounds(objects, labels, backgrounds, key=jax.random.fold_in(key, 2),
-                                        correlation=0.5)
+    shortcut_data = spurious_backgrounds(objects, labels, backgrounds,
+                                         key=jax.random.fold_in(key, 1))
+    control_data = spurious_backgrounds(objects, labels, backgrounds,
+                                        key=jax.random.fold_in(key, 2), correlation=0.5)
     # the spurious test set: every object on its class's background, as the shortcut model saw
-    test = spurious_backgrounds(test_objects, test_labels, backgrounds, key=jax.random.fold_in(key, 3))
+    test = spurious_backgrounds(test_objects, test_labels, backgrounds,
+                                key=jax.random.fold_in(key, 3))
     alone, alone_labels = background_only(backgrounds, 200, (SIZE, SIZE),
                                           key=jax.random.fold_in(key, 4))
     # the same initialization and batch order: only the backgrounds differ

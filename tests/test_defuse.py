@@ -1,5 +1,6 @@
 """Defuse: identification, distillation, sampling, β-VAE training and correction."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,8 @@ from jfail.defuse import (
     train_vae,
 )
 from jfail.models import BetaVAE
+from jfail.train.summaries import epoch_summaries
+from tests.tensorboard_events import tensorboard_scalars
 
 
 def _decode(weights, z):
@@ -184,12 +187,20 @@ def test_vae_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     straight = train_vae(_tiny_vae(), images, config, progress=False)
     assert straight.history[-1]["loss"] < straight.history[0]["loss"]
     # an interrupted run (1 epoch) continued to 2 ends with the same weights
-    train_vae(_tiny_vae(), images, VAEConfig(**{**config.__dict__, "epochs": 1}),
-              checkpoint_dir=tmp_path, progress=False)
-    resumed = train_vae(_tiny_vae(), images, config, checkpoint_dir=tmp_path, progress=False)
+    with epoch_summaries(tmp_path / "tensorboard", prefix="vae/") as write_summaries:
+        train_vae(_tiny_vae(), images, VAEConfig(**{**config.__dict__, "epochs": 1}),
+                  checkpoint_dir=tmp_path, progress=False, on_epoch_end=write_summaries)
+    with epoch_summaries(tmp_path / "tensorboard", prefix="vae/") as write_summaries:
+        resumed = train_vae(_tiny_vae(), images, config, checkpoint_dir=tmp_path,
+                            progress=False, on_epoch_end=write_summaries)
     assert [r["epoch"] for r in resumed.history] == [0, 1]
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                           straight.variables, resumed.variables)
+    # the TensorBoard curves of the two runs together are the history (as float32)
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert set(scalars) == {"vae/loss", "vae/reconstruction", "vae/kl"}
+    for tag, values in scalars.items():
+        assert values == [(r["epoch"], np.float32(r[tag[4:]])) for r in resumed.history], tag
+    # np.testing.assert_allclose's rtol, as before
+    chex.assert_trees_all_close(straight.variables, resumed.variables, rtol=1e-7, atol=1e-6)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         train_vae(_tiny_vae(), images * 255, config, progress=False)
 

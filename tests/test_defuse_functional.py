@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -231,9 +232,9 @@ def test_identify_does_not_depend_on_chunk_size_and_matches_the_kernel():
 def test_identify_batch_under_jit_and_vmap_equals_eager():
     decoder, classifier = _Nnx().models()
     eager = identify_batch(decoder, classifier, MU, LABELS, key=5, num_draws=DRAWS, noise="centred")
-    assert eager.latents.shape == (len(MU), DRAWS, LATENT)
-    assert eager.images.shape == (len(MU), DRAWS, SIDE, SIDE, 1)
-    assert eager.predictions.shape == eager.errors.shape == (len(MU), DRAWS)
+    chex.assert_shape([eager.latents, eager.images, eager.predictions, eager.errors],
+                      [(len(MU), DRAWS, LATENT), (len(MU), DRAWS, SIDE, SIDE, 1),
+                       (len(MU), DRAWS), (len(MU), DRAWS)])
     assert eager.errors.dtype == jnp.bool_
 
     @jax.jit
@@ -242,8 +243,7 @@ def test_identify_batch_under_jit_and_vmap_equals_eager():
                               noise="centred")
 
     jitted = run(decoder, classifier, MU, LABELS, jax.random.key(5))
-    for a, b in zip(eager, jitted):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(eager.errors, eager.latents[..., 0] > 0)  # planted truth
     # a slice with its global index draws what the whole batch draws for those images
     part = jax.jit(lambda mu, labels: identify_batch(
@@ -270,7 +270,7 @@ def test_a_key_is_keyword_only_and_an_int_seed_equals_its_key():
     for other in runs[1:]:
         np.testing.assert_array_equal(runs[0].latents, other.latents)
     with pytest.raises(TypeError):
-        identify(decoder, classifier, MU, LABELS, 0)  # noqa: the key is keyword-only
+        identify(decoder, classifier, MU, LABELS, 0)  # the key is keyword-only
     with pytest.raises(ValueError, match="key is required"):
         identify(decoder, classifier, MU, LABELS, key=None)
     scenarios = Scenarios(means=np.zeros((2, LATENT), np.float32),

@@ -1,4 +1,5 @@
-"""`jfail demo` and the method commands: data choice, one run directory, a report a browser opens."""
+"""`jfail demo` and the method commands: data choice, one run directory, a report a browser
+opens."""
 
 import dataclasses
 import json
@@ -126,7 +127,9 @@ def test_method_command_rebuild_and_bad_config(demo_run, tmp_path):
     assert wrong.returncode == 2 and "needs a BarlowConfig" in wrong.stderr
 
 
-def test_annotate_command_serves_the_demo_samples_and_correction_reads_the_votes(demo_run, tmp_path):
+def test_annotate_command_serves_the_demo_samples_and_correction_reads_the_votes(
+    demo_run, tmp_path
+):
     import signal
     import urllib.request
 

@@ -1,5 +1,6 @@
 """Model taps, the callable convention, and a user-defined Flax model plugging in the same way."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,9 +40,8 @@ def test_every_tap_has_the_documented_shape(module, image_shape, feature_map_sha
     params, state = init_classifier(module, image_shape, jax.random.key(0))
     fns = model_fns(module, {"params": params, **state})
     x = jax.random.uniform(jax.random.key(1), (3, *image_shape))
-    assert fns.logits(x).shape == (3, module.num_classes)
-    assert fns.features(x).shape == (3, feature_dim)
-    assert fns.feature_map(x).shape == (3, *feature_map_shape)
+    chex.assert_shape([fns.logits(x), fns.features(x), fns.feature_map(x)],
+                      [(3, module.num_classes), (3, feature_dim), (3, *feature_map_shape)])
 
 
 def test_resnet_features_are_the_pooled_feature_map_and_feed_the_classifier():
@@ -63,8 +63,9 @@ def test_resnet_batchnorm_updates_running_stats_only_in_training():
     x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
     _, same = apply_fn(params, state, x, False)
     _, updated = apply_fn(params, state, x, True)
-    leaves = lambda tree: jax.tree_util.tree_leaves(tree)  # noqa: E731
-    assert all(np.array_equal(a, b) for a, b in zip(leaves(same), leaves(state)))
+    chex.assert_trees_all_equal(same, state)
+    chex.assert_trees_all_equal_structs(updated, state)
+    leaves = jax.tree_util.tree_leaves
     assert any(not np.allclose(a, b) for a, b in zip(leaves(updated), leaves(state)))
 
 
@@ -85,11 +86,12 @@ def test_beta_vae_round_trip_shapes_and_ranges(image_shape):
     variables = vae.init(jax.random.key(0), jnp.zeros((1, *image_shape)), jax.random.key(1))
     x = jax.random.uniform(jax.random.key(2), (5, *image_shape))
     logits, mu, logvar = vae.apply(variables, x, jax.random.key(3))
-    assert logits.shape == x.shape and mu.shape == logvar.shape == (5, 6)
+    chex.assert_equal_shape([logits, x])
+    chex.assert_shape([mu, logvar], (5, 6))
     mu_enc, _ = encoder_fn(vae, variables)(x)
     np.testing.assert_allclose(mu_enc, mu, rtol=1e-6)
     decoded = decoder_fn(vae, variables)(mu)
-    assert decoded.shape == x.shape
+    chex.assert_equal_shape([decoded, x])
     assert float(decoded.min()) >= 0.0 and float(decoded.max()) <= 1.0
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +51,8 @@ def brute_force_modes(tags, correct, labels, *, min_size, min_drop, min_gain=GAI
             if accuracy > class_accuracy - min_drop + 1e-9:
                 continue
             if len(subset) > 1 and not all(
-                counts[tuple(x for x in subset if x != t)][1] / counts[tuple(x for x in subset if x != t)][0]
+                counts[tuple(x for x in subset if x != t)][1]
+                / counts[tuple(x for x in subset if x != t)][0]
                 >= accuracy + min_gain[len(subset) - 2] - 1e-9
                 for t in subset
             ):
@@ -127,9 +129,12 @@ def test_count_frequent_tag_sets_equals_brute_force():
 def test_greedy_finds_a_subset_and_everything_with_a_wide_beam():
     tags, correct, labels = correlated_problem(seed=2)
     kwargs = dict(min_size=25, min_drop=0.15)
-    exhaustive = {(m.label, m.tag_indices) for m in find_failure_modes(tags, errors=~correct, labels=labels, **kwargs)}
-    narrow = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy", beam_width=2, **kwargs)
-    wide = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy", beam_width=10_000, **kwargs)
+    exhaustive = {(m.label, m.tag_indices)
+                  for m in find_failure_modes(tags, errors=~correct, labels=labels, **kwargs)}
+    narrow = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy",
+                                beam_width=2, **kwargs)
+    wide = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy",
+                              beam_width=10_000, **kwargs)
     assert {(m.label, m.tag_indices) for m in narrow} <= exhaustive
     assert len(narrow) < len(exhaustive)
     assert {(m.label, m.tag_indices) for m in wide} == exhaustive
@@ -142,8 +147,8 @@ def test_planted_modes_of_one_to_four_tags_are_recovered_exactly():
     planted = [(0, (0,)), (1, (0, 1)), (2, (0, 1, 2)), (3, (0, 1, 2, 3))]
     problem = planted_problem(key=jax.random.key(0), num_classes=5, images_per_class=100_000,
                               tag_prevalence=prevalence, planted=planted, base_accuracy=0.95)
-    modes = find_failure_modes(problem.tags, errors=problem.errors, labels=problem.labels, tag_names=problem.tag_names,
-                               min_size=30, min_drop=0.30)
+    modes = find_failure_modes(problem.tags, errors=problem.errors, labels=problem.labels,
+                               tag_names=problem.tag_names, min_size=30, min_drop=0.30)
     scores = prime.recovery_scores(modes, problem.planted)
     assert scores["precision"] == 1.0 and scores["recall"] == 1.0, scores
     for mode in modes:  # class 4 has no planted mode and yields none
@@ -168,7 +173,8 @@ def test_boundary_cases_of_the_three_conditions():
 def test_tag_matrix_names_and_records():
     tags, correct, labels = correlated_problem(seed=3)
     names = tuple(f"t{i}" for i in range(tags.shape[1]))
-    modes = find_failure_modes(TagMatrix(tags, names), errors=~correct, labels=labels, min_size=25, min_drop=0.15)
+    modes = find_failure_modes(TagMatrix(tags, names), errors=~correct, labels=labels,
+                               min_size=25, min_drop=0.15)
     assert modes and all(isinstance(m, FailureMode) for m in modes)
     assert all(m.tags == tuple(names[i] for i in m.tag_indices) for m in modes)
     keys = [(m.label, len(m.tags), m.accuracy) for m in modes]
@@ -195,7 +201,8 @@ def test_tag_matrix_names_and_records():
     ],
 )
 def test_bad_input_raises_clear_errors(change, message):
-    args = dict(tags=np.ones((6, 3), bool), errors=np.zeros(6, bool), labels=np.array([0, 0, 0, 1, 1, 1]))
+    args = dict(tags=np.ones((6, 3), bool), errors=np.zeros(6, bool),
+                labels=np.array([0, 0, 0, 1, 1, 1]))
     args.update({k: v for k, v in change.items() if k != "kwargs"})
     kwargs = {"min_size": 2, **change.get("kwargs", {})}
     with pytest.raises(ValueError, match=message):
@@ -214,7 +221,8 @@ def test_frequent_tags_tables_backgrounds_and_concat(tmp_path):
     table = prime.tags_from_table(csv, drop_columns=["image_id"])
     assert table.names == ("Smiling", "Eyeglasses")
     np.testing.assert_array_equal(table.tags, [[1, 0], [0, 0], [1, 1]])
-    picked = prime.tags_from_table(np.array([[0, 1, 1], [1, 0, 1]]), names=["a", "b", "c"], columns=["c", "a"])
+    picked = prime.tags_from_table(np.array([[0, 1, 1], [1, 0, 1]]), names=["a", "b", "c"],
+                                   columns=["c", "a"])
     assert picked.names == ("c", "a") and picked.tags.tolist() == [[True, False], [True, True]]
     backgrounds = prime.background_tags(np.array([0, 1, 1]), ["land", "water"])
     assert backgrounds.tags.tolist() == [[True, False], [False, True], [False, True]]
@@ -262,7 +270,8 @@ def test_shape_measurements_read_like_their_names():
     # float32 means: rounding differs with the vector width XLA compiles for (AVX2 or AVX-512)
     assert column["brightness"][6] == pytest.approx(0.35, rel=1e-5)
     assert column["texture"][6] == pytest.approx(0.0, abs=1e-6)
-    assert prime.shape_measurements(np.zeros((2, 28, 28, 1), np.float32), batch_size=4).max() == 0  # no ink
+    no_ink = np.zeros((2, 28, 28, 1), np.float32)
+    assert prime.shape_measurements(no_ink, batch_size=4).max() == 0
 
 
 def test_shape_tagger_uses_per_class_thresholds_fitted_once():
@@ -280,8 +289,8 @@ def test_shape_tagger_uses_per_class_thresholds_fitted_once():
     tagged = dataclasses.replace(tagger, batch_size=4).tag(_shape_images()[:2], np.array([0, 0]))
     assert tagged.tags.shape == (2, 19)
     with pytest.raises(ValueError, match="absent when the tagger was fitted"):
-        prime.fit_shape_tagger(None, np.array([1, 1]), measurements=measurements[:2]).tag_measurements(
-            measurements[:1], np.array([0]))
+        tagger = prime.fit_shape_tagger(None, np.array([1, 1]), measurements=measurements[:2])
+        tagger.tag_measurements(measurements[:1], np.array([0]))
     with pytest.raises(ValueError, match="pass labels"):
         tagger.tag(_shape_images()[:1])
     assert isinstance(tagger, prime.Tagger)
@@ -301,7 +310,8 @@ def test_heldout_evaluation_and_subset_tables():
     assert (held.size, held.accuracy, held.class_accuracy) == (4, 0.25, 0.75)
     assert held.drop == pytest.approx(0.5)
     rows = prime.subset_accuracies(mode, tags, errors=~correct, labels=labels, tag_names=names)
-    assert [r.tags for r in rows] == [("a", "b", "c"), ("a", "b"), ("a", "c"), ("b", "c"), ("a",), ("b",), ("c",)]
+    assert [r.tags for r in rows] == [("a", "b", "c"), ("a", "b"), ("a", "c"), ("b", "c"),
+                                      ("a",), ("b",), ("c",)]
     assert {r.tags: r.accuracy for r in rows}[("a", "b")] == pytest.approx(4 / 8)
     table = prime.subset_drop_table([mode], tags, errors=~correct, labels=labels, tag_names=names)
     assert table[3]["modes"] == 1
@@ -324,10 +334,11 @@ def test_auroc_counts_pairs_and_ties():
 
 
 def test_description_quality_against_planted_ground_truth():
-    problem = planted_problem(key=jax.random.key(1), num_classes=2, images_per_class=4000, num_tags=8,
-                              tag_prevalence=0.3, planted=[(0, (1, 2)), (1, (4,))])
+    problem = planted_problem(key=jax.random.key(1), num_classes=2, images_per_class=4000,
+                              num_tags=8, tag_prevalence=0.3, planted=[(0, (1, 2)), (1, (4,))])
     truth = TagMatrix(problem.tags, problem.tag_names)
-    modes = find_failure_modes(truth, errors=problem.errors, labels=problem.labels, min_size=30, min_drop=0.3)
+    modes = find_failure_modes(truth, errors=problem.errors, labels=problem.labels, min_size=30,
+                               min_drop=0.3)
     assert prime.recovery_scores(modes, problem.planted)["recall"] == 1.0
     embedder = prime.TagSpaceEmbedder(truth)
     assert isinstance(embedder, prime.ImageTextEmbedder)
@@ -336,8 +347,9 @@ def test_description_quality_against_planted_ground_truth():
     names = ("cat", "dog")
 
     def quality(texts):
-        return prime.description_quality(images, embedder.embed_texts(texts), members, problem.labels,
-                                         [m.label for m in modes], key=jax.random.key(0))
+        return prime.description_quality(images, embedder.embed_texts(texts), members,
+                                         problem.labels, [m.label for m in modes],
+                                         key=jax.random.key(0))
 
     full = quality([prime.describe(m, names) for m in modes])
     assert prime.describe(modes[0], names) == "a photo of a cat, tag1, tag2"
@@ -347,16 +359,19 @@ def test_description_quality_against_planted_ground_truth():
     assert len(full.per_mode) == len(modes) and full.per_mode[0]["num_outside"] == modes[0].size
     # "tag1" must not match inside "tag10": whole words only
     vocabulary = TagMatrix(np.zeros((1, 2), bool), ("tag1", "tag10"))
-    np.testing.assert_allclose(prime.TagSpaceEmbedder(vocabulary).embed_texts(["x, tag10"]), [[0, 1]])
+    np.testing.assert_allclose(prime.TagSpaceEmbedder(vocabulary).embed_texts(["x, tag10"]),
+                               [[0, 1]])
 
 
 def test_flip_tags_and_living17_shape():
     tags = np.zeros((2000, 5), bool)
     flipped = prime.flip_tags(tags, 0.1, key=jax.random.key(0))
     assert 0.08 < flipped.mean() < 0.12
-    problem = prime.living17_shaped_problem(key=jax.random.key(0), num_classes=3, images_per_class=600,
-                                            vocabulary_size=50, tags_per_class=20)
-    assert problem.tags.shape == (1800, 50) and problem.labels.shape == problem.correct.shape == (1800,)
+    problem = prime.living17_shaped_problem(key=jax.random.key(0), num_classes=3,
+                                            images_per_class=600, vocabulary_size=50,
+                                            tags_per_class=20)
+    chex.assert_shape([problem.tags, problem.labels, problem.correct],
+                      [(1800, 50), (1800,), (1800,)])
     assert (problem.tags[problem.labels == 0].sum(0) > 0).sum() <= 20
     assert len(problem.planted) == 9
 
@@ -366,7 +381,8 @@ def test_flip_tags_and_living17_shape():
 
 def test_callable_embedder_and_zero_shot_tagger():
     vocabulary = ("bright", "dark")
-    text_vectors = {"a photo of something bright.": [1.0, 0.0], "a photo of something dark.": [0.0, 1.0],
+    text_vectors = {"a photo of something bright.": [1.0, 0.0],
+                    "a photo of something dark.": [0.0, 1.0],
                     "a photo of something.": [0.6, 0.6]}
     embedder = prime.CallableEmbedder(
         image_fn=lambda x: jnp.stack([x.mean(axis=(1, 2, 3)), 1 - x.mean(axis=(1, 2, 3))], axis=1),
@@ -386,7 +402,9 @@ def _tiny_clip_tokenizer(tmp_path):
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")), vocab
+    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"),
+                                           str(tmp_path / "merges.txt"))
+    return tokenizer, vocab
 
 
 def test_transformers_clip_embedder_with_a_tiny_random_model(tmp_path):
@@ -394,12 +412,12 @@ def test_transformers_clip_embedder_with_a_tiny_random_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     tokenizer, vocab = _tiny_clip_tokenizer(tmp_path)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64,
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
                          bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                          pad_token_id=vocab["<|endoftext|>"]),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8),
         projection_dim=16,
     )
     torch.manual_seed(0)
@@ -413,7 +431,8 @@ def test_transformers_clip_embedder_with_a_tiny_random_model(tmp_path):
     # the same numbers as calling the model directly
     with torch.no_grad():
         encoded = tokenizer(["thin"], padding=True, return_tensors="pt")
-        direct = model.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        direct = model.get_text_features(input_ids=encoded["input_ids"],
+                                         attention_mask=encoded["attention_mask"])
         direct = getattr(direct, "pooler_output", direct).numpy()
     np.testing.assert_allclose(text_embeddings[1], direct[0] / np.linalg.norm(direct[0]), atol=1e-5)
     tagger = prime.ZeroShotTagger(embedder, ("thin strokes", "hollow"))

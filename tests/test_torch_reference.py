@@ -10,6 +10,7 @@ variables the module-by-module copy builds.
 
 from __future__ import annotations
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -84,10 +85,8 @@ def test_state_dict_converter_equals_module_copy(name, stem, width, in_channels)
     randomize_batchnorm(reference, seed=2)
     got = resnet_variables_from_torch(reference.state_dict(), module)
     want = torch_to_flax(reference)
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        assert got_leaf.dtype == np.float32
-        np.testing.assert_array_equal(np.asarray(got_leaf), want_leaf)
+    chex.assert_type(jax.tree_util.tree_leaves(got), np.float32)
+    chex.assert_trees_all_equal(got, want)  # the same structure and values
 
 
 def _check_against_torch(module, variables, reference, image_shape, batch):

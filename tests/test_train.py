@@ -14,6 +14,7 @@ from jfail.config import ClassifierRunConfig, apply_overrides, load_config
 from jfail.data import Dataset, load
 from jfail.models import DefuseCNN, init_classifier, linen_apply
 from jfail.train import TrainConfig, evaluate, fit, predict
+from tests.tensorboard_events import tensorboard_scalars
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 REPO = SCRIPT.parent.parent
@@ -70,6 +71,44 @@ def test_eight_devices_follow_the_one_device_loss_curve(tmp_path, uninterrupted)
     np.testing.assert_allclose(result["val_accuracy"], uninterrupted["val_accuracy"], atol=0.005)
 
 
+def test_learning_rate_is_the_step_size_of_the_epochs_last_step():
+    import optax
+
+    from jfail.train import make_optimizer
+    from jfail.train.run import learning_rate
+
+    steps_per_epoch = 2
+    for schedule in ("constant", "cosine"):
+        config = TrainConfig(optimizer="sgd", momentum=0.0, learning_rate=0.5, epochs=2,
+                             schedule=schedule)
+        tx = make_optimizer(config, steps_per_epoch)
+        params = np.zeros(1, np.float32)
+        opt_state = tx.init(params)
+        for epoch in range(config.epochs):
+            for _ in range(steps_per_epoch):  # gradient 1: sgd's update is -(step size)
+                updates, opt_state = tx.update(np.ones(1, np.float32), opt_state, params)
+            np.testing.assert_allclose(-updates[0], learning_rate(config, steps_per_epoch, epoch),
+                                       rtol=1e-6)
+        assert learning_rate(TrainConfig(optimizer=optax.adam(1e-3)), 3, 0) is None
+
+
+def test_epoch_summaries_write_numbers_only_and_only_on_process_zero(tmp_path, monkeypatch):
+    from jfail.train import epoch_summaries
+
+    record = {"epoch": 0, "train_loss": 0.5, "val_accuracy": np.float32(0.25), "seconds": 3.0,
+              "learning_rate": None, "flag": True, "note": "x", "val_loss": float("nan")}
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with epoch_summaries(tmp_path / "other") as write:
+        write(0, record)
+    assert not (tmp_path / "other").exists()
+    monkeypatch.undo()
+    with epoch_summaries(tmp_path / "first") as write:
+        write(0, record)
+        write(1, {**record, "train_loss": 0.25})
+    assert tensorboard_scalars(tmp_path / "first") == {
+        "train/loss": [(0, 0.5), (1, 0.25)], "val/accuracy": [(0, 0.25), (1, 0.25)]}
+
+
 def _tiny_setup():
     module = DefuseCNN(num_classes=10, conv_features=(8, 8), hidden=(16,))
     data = load("digits", "train")
@@ -115,7 +154,8 @@ def test_a_diverging_run_stops_with_the_step_that_failed():
 
 
 def test_config_overrides_and_unknown_keys():
-    config = load_config(REPO / "configs" / "defuse_cnn_fmnist.py", ["train.epochs=2", "dataset=digits"])
+    config = load_config(REPO / "configs" / "defuse_cnn_fmnist.py",
+                         ["train.epochs=2", "dataset=digits"])
     assert isinstance(config, ClassifierRunConfig)
     assert config.train.epochs == 2 and config.dataset == "digits"
     assert config.train.optimizer == "adadelta"  # the paper's optimizer survives
@@ -159,6 +199,16 @@ def test_cli_trains_writes_a_run_directory_and_rejects_bad_configs(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["train"]["epochs"] == 1
     assert metrics["test_accuracy"] > 0.6 and (run_dir / "train.log").stat().st_size > 0
     assert (run_dir / "model").is_dir() and (run_dir / "checkpoints").is_dir()
+    # TensorBoard curves beside metrics.json hold its per-epoch numbers (as float32, the
+    # precision of TensorBoard scalars) and the learning rate.
+    history = metrics["history"]
+    scalars = tensorboard_scalars(run_dir)
+    assert set(scalars) == {"train/loss", "train/accuracy", "val/loss", "val/accuracy",
+                            "learning_rate"}
+    for tag, values in scalars.items():
+        key = tag.replace("/", "_")
+        want = [1.0] * len(history) if key == "learning_rate" else [r[key] for r in history]
+        assert values == [(r["epoch"], np.float32(w)) for r, w in zip(history, want)], tag
 
     from jfail.train.run import load_trained_classifier, trained_classifier
 

@@ -6,6 +6,7 @@ learns it in a few dozen steps, so accuracy far above chance (0.5) shows trainin
 
 import dataclasses
 
+import chex
 import equinox as eqx
 import flax.linen as linen
 import jax
@@ -21,8 +22,8 @@ from jfail.models import linen_apply, stateless_apply
 from jfail.models.adapter import ModelCallError
 from jfail.train import (
     Attack,
-    TrainConfig,
     TrainableModel,
+    TrainConfig,
     errors,
     evaluate,
     fit,
@@ -96,7 +97,7 @@ def test_fit_nnx_module_with_an_optax_transformation_updates_batch_stats():
     assert np.abs(np.asarray(fitted.norm.mean[...])).max() > 1e-3  # running stats moved
     # the module passed in is untouched
     after = jax.tree_util.tree_map(np.asarray, nnx.state(module))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)
+    chex.assert_trees_all_equal(before, after)
     fitted.eval()
     direct = _accuracy(fitted(jnp.asarray(VAL[0])), VAL[1])
     assert evaluate(fitted, VAL)["accuracy"] == pytest.approx(direct)
@@ -110,8 +111,8 @@ def test_nnx_run_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_pa
     resumed = fit(NnxNet(nnx.Rngs(0)), TRAIN, VAL, config, progress=False,
                   checkpoint_dir=tmp_path)
     straight = fit(NnxNet(nnx.Rngs(0)), TRAIN, VAL, config, progress=False)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, (resumed.params, resumed.state),
-                           (straight.params, straight.state))
+    chex.assert_trees_all_equal((resumed.params, resumed.state),
+                                (straight.params, straight.state))
     assert [h["val_accuracy"] for h in resumed.history] == \
         [h["val_accuracy"] for h in straight.history]
 
@@ -131,7 +132,7 @@ def test_fit_stateless_apply_matches_the_apply_fn_convention_bitwise():
     new = fit(trainable(_dense, params), TRAIN, VAL, config, progress=False)
     old = fit(stateless_apply(_dense), params, None,
               Dataset(*TRAIN, ()), Dataset(*VAL, ()), config, progress=False)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, new.params, old.params)
+    chex.assert_trees_all_equal(new.params, old.params)
     assert isinstance(new.model, TrainableModel)
     assert _accuracy(new.model(jnp.asarray(VAL[0])), VAL[1]) > 0.9
     assert new.history == [{**h, "seconds": n["seconds"]} for h, n in zip(old.history, new.history)]
@@ -145,8 +146,7 @@ def test_fit_linen_with_batchnorm_both_ways():
     old = fit(apply_fn, params, state, Dataset(*TRAIN, ()), Dataset(*VAL, ()), CONFIG,
               progress=False)
     new = fit(trainable(apply_fn, params, state), TRAIN, VAL, CONFIG, progress=False)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, (new.params, new.state),
-                           (old.params, old.state))
+    chex.assert_trees_all_equal((new.params, new.state), (old.params, old.state))
     assert np.abs(np.asarray(new.state["batch_stats"]["BatchNorm_0"]["mean"])).max() > 1e-3
     logits = module.apply({"params": new.params, **new.state}, VAL[0])
     assert _accuracy(logits, VAL[1]) > 0.9
@@ -207,7 +207,7 @@ def test_correct_with_tuples_matches_datasets_and_fixes_the_failures():
     legacy = correct(stateless_apply(_dense), params, None, Dataset(*train, ()),
                      Dataset(*failures, ()), Dataset(*val, ()), [0.0, 4.0], config,
                      evaluate_on={"failures": Dataset(*failures, ())}, progress=False)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, sweep.params, legacy.params)
+    chex.assert_trees_all_equal(sweep.params, legacy.params)
     assert sweep.per_lambda == legacy.per_lambda
     by_lambda = {r["lambda"]: r["failures_accuracy"] for r in sweep.per_lambda}
     assert by_lambda[4.0] > by_lambda[0.0] + 0.2

@@ -19,6 +19,7 @@
   arrays, and panels (`feature_panels`) that read only the images they show (`read_images`).
 """
 
+from jfail.barlow.evidence import LeafEvidence, leaf_evidence
 from jfail.barlow.extraction import (
     PAPER_ATTACK,
     AttackSettings,
@@ -31,7 +32,6 @@ from jfail.barlow.extraction import (
     heatmap_batch,
     most_activating,
 )
-from jfail.barlow.evidence import LeafEvidence, leaf_evidence
 from jfail.barlow.mutual_info import (
     FeatureRanking,
     mutual_information,

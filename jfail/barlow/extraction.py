@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.logs import progress_disabled
 from jfail.data.checks import check_images
+from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape, in_trace, traced_model
 from jfail.train.parallel import DataParallel
 from jfail.xla import cpu_friendly_gradients, jit

@@ -24,15 +24,16 @@ one jitted, vmapped program. Sorting is where the time goes, and XLA's CPU sort 
 `rank_features` can first *screen* each group's features with a cheap moment statistic, the
 Gaussian class-conditional mutual information 0.5 log var(x) - sum_c p_c 0.5 log var(x | c), and
 run the exact estimator only on the `screen` best-scoring candidates; `screen=None` (the
-default) runs it on every feature, as the paper does. The screen sees mean and variance shifts, which a threshold rule on a feature
-produces; a dependence that moves neither (errors at both tails with the same variance) can be
-screened out.
+default) runs it on every feature, as the paper does. The screen sees mean and variance shifts,
+which a threshold rule on a feature produces; a dependence that moves neither (errors at both
+tails with the same variance) can be screened out.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,8 @@ from scipy.special import digamma as _scipy_digamma
 from tqdm.auto import tqdm
 
 from jfail.barlow._checks import check_features_and_errors, check_groups
-from jfail.logs import progress_disabled
 from jfail.keys import as_key
+from jfail.logs import progress_disabled
 from jfail.train.parallel import DataParallel
 from jfail.xla import jit
 

@@ -92,7 +92,9 @@ def _require_array(array, name: str) -> None:
 def _ndim_message(name: str, shape: tuple[int, ...]) -> str:
     message = f"{name} must be 4-D [N, H, W, C], got {len(shape)}-D shape {shape}."
     if len(shape) == 3:
-        message += f" If these are single-channel [N, H, W] images, add a channel axis: {name}[..., None]."
+        message += (
+            f" If these are single-channel [N, H, W] images, add a channel axis: {name}[..., None]."
+        )
     elif len(shape) == 2:
         message += " If these are flattened images, reshape them to [N, H, W, C]."
     return message

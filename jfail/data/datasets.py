@@ -516,7 +516,9 @@ def _mnist5k_arrays(path: str) -> tuple[np.ndarray, np.ndarray]:
     """
     table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
     if table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path} should have 785 columns (784 pixels, label), got {table.shape[1]}.")
+        raise ValueError(
+            f"{path} should have 785 columns (784 pixels, label), got {table.shape[1]}."
+        )
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path} has pixels outside 0..255 or labels outside 0..9.")

@@ -54,8 +54,8 @@ from jfail.debugtests.influence import (
 )
 from jfail.debugtests.metrics import mean_sem, spearman, ssim
 from jfail.debugtests.randomization import (
-    forward_layer_order,
     cascading_randomization,
+    forward_layer_order,
     independent_randomization,
     layer_order,
 )

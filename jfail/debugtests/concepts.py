@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from jfail.models.callables import logits_fn
 from jfail.models.layers import is_layered, layer_names, split_at
 from jfail.models.registry import init_classifier
 from jfail.keys import as_key, host_seed
+from jfail.models.adapter import in_trace, traced_model
 from jfail.xla import jit
 
 __all__ = [

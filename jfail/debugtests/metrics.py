@@ -16,7 +16,6 @@ of R randomized models), where they equal a loop over that axis.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +49,9 @@ def ssim(a, b, *, data_range: float = 1.0) -> jax.Array:
         raise ValueError(f"ssim takes [B, H, W] or [B, H, W, C] maps, got shape {a.shape}.")
     window = 2 * int(_TRUNCATE * _SIGMA + 0.5) + 1
     if min(a.shape[1:3]) < window:
-        raise ValueError(f"ssim needs maps of at least {window}x{window} pixels, got {a.shape[1:3]}.")
+        raise ValueError(
+            f"ssim needs maps of at least {window}x{window} pixels, got {a.shape[1:3]}."
+        )
     if not isinstance(data_range, jax.core.Tracer) and not data_range > 0:
         raise ValueError(f"data_range must be > 0, got {data_range!r}.")
     return _ssim(a, b, jnp.asarray(data_range, jnp.float32))

@@ -9,7 +9,8 @@ layer is a draw from the distribution it was trained from.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 
@@ -38,7 +39,8 @@ def forward_layer_order(apply_fn: Callable, params: Mapping[str, Any], x) -> lis
     def forward(*flat):
         rebuilt, start = {}, 0
         for name, structure, layer in zip(names, structures, leaves):
-            rebuilt[name] = jax.tree_util.tree_unflatten(structure, flat[start : start + len(layer)])
+            layer_leaves = flat[start : start + len(layer)]
+            rebuilt[name] = jax.tree_util.tree_unflatten(structure, layer_leaves)
             start += len(layer)
         return apply_fn(rebuilt, x)
 

@@ -4,7 +4,8 @@ batches with the model's weights as traced arguments."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np

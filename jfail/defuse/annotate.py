@@ -17,16 +17,16 @@ import csv
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.models.adapter import split_model
 from jfail.data.checks import check_images
-from jfail.models.adapter import call_shape, in_trace
+from jfail.models.adapter import call_shape, in_trace, split_model
 from jfail.xla import jit
 
 __all__ = [

@@ -73,10 +73,10 @@ import time
 import unicodedata
 import urllib.parse
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -160,7 +160,7 @@ class AnnotationServer:
     `votes.sqlite`. `shutdown()` stops serving and frees the port; also a context manager.
     """
 
-    def __init__(self, server, thread: threading.Thread, app: "_App", host: str, port: int):
+    def __init__(self, server, thread: threading.Thread, app: _App, host: str, port: int):
         self._server = server
         self._thread = thread
         self._app = app
@@ -181,7 +181,7 @@ class AnnotationServer:
         self._server.should_exit = True
         self._thread.join()
 
-    def __enter__(self) -> "AnnotationServer":
+    def __enter__(self) -> AnnotationServer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1018,7 +1018,7 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def _start(run_dir, host: str, port: int, timeout: float) -> "AnnotationServer":
+def _start(run_dir, host: str, port: int, timeout: float) -> AnnotationServer:
     """Check the arguments, open the database, bind, and serve in a background thread."""
     import uvicorn
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,9 +79,15 @@ def train_vae(
     *,
     checkpoint_dir: str | Path | None = None,
     progress: bool | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> VAEResult:
     """Train `vae` (a `jfail.models.BetaVAE` or any module with `__call__(x, key) -> (logits, mu,
-    logvar)`) on `images: [N, H, W, C]` in [0, 1]; resumes from `checkpoint_dir` when it holds a run.
+    logvar)`) on `images: [N, H, W, C]` in [0, 1]; resumes from `checkpoint_dir` when it holds a
+    run.
+
+    `on_epoch_end(epoch, record)` is called after each epoch with its history record
+    (`loss`, the β-weighted loss; `reconstruction`; `kl`; `seconds`), e.g. the writer of
+    `jfail.train.summaries.epoch_summaries` for TensorBoard curves.
     """
     check_images(images, name="images")
     images = np.asarray(images, np.float32)
@@ -129,6 +136,8 @@ def train_vae(
         history.append(record)
         log.info("β-VAE epoch %d: loss %.2f, reconstruction %.2f, KL %.2f", epoch, loss,
                  reconstruction, kl)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
         if checkpointer is not None:
             checkpointer.save(epoch, train_state, {"epoch": epoch, "history": history})
     bar.close()

@@ -24,8 +24,8 @@ from jfail.models.convert import (
 )
 from jfail.models.layers import is_layered, layer_names, layer_span, split_at
 from jfail.models.mlp import MLP
-from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.registry import MODEL_NAMES, build_classifier, init_classifier
+from jfail.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from jfail.models.user import UserModel, UserModelError, load_user_model
 
 __all__ = [

@@ -17,9 +17,10 @@ programs once per model structure and pass the weights as traced arguments, foun
   are constants of the program, as under `jax.jit`;
 - a bound method of a pytree (`nnx_module.features`, `eqx_module.__call__`): the pytree's leaves;
 - any other callable (closures, lambdas, `functools.partial`, bound methods of other objects,
-  callable objects that are not pytrees): it is traced once per call and every array it reads (closed-over, global, or a partial's
-  argument) becomes a traced argument (`traced_model`). New arrays of the same shapes reuse the
-  compiled program; Python numbers it reads stay constants of that program, as under `jax.jit`.
+  callable objects that are not pytrees): it is traced once per call and every array it reads
+  (closed-over, global, or a partial's argument) becomes a traced argument (`traced_model`). New
+  arrays of the same shapes reuse the compiled program; Python numbers it reads stay constants
+  of that program, as under `jax.jit`.
 
 Inside the caller's own `jax.jit`, `vmap` or `grad` the kernels call the model as it is: its
 weights are whatever the caller's trace holds.
@@ -33,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -49,7 +51,7 @@ class ModelCallError(ValueError):
     latent size, or a model in training mode)."""
 
     @classmethod
-    def wrap(cls, fn, args, error: Exception) -> "ModelCallError":
+    def wrap(cls, fn, args, error: Exception) -> ModelCallError:
         """The jfail error for `error`, raised by calling `fn(*args)`: it names the input
         shapes, the original error's first line, and a hint where one applies."""
         return _call_error(fn, args, error)
@@ -133,7 +135,7 @@ def needs_tracing(model: Callable, leaves: list) -> bool:
     return any(_is_opaque(leaf) for leaf in leaves)
 
 
-def split_model(model: Any, *example) -> tuple[list, "StaticModel"]:
+def split_model(model: Any, *example) -> tuple[list, StaticModel]:
     """The model's array leaves (traced under jit) and a hashable rest to rebuild it with.
 
     `example`: the arguments of one valid call (arrays or `ShapeDtypeStruct`s), with which a
@@ -209,7 +211,9 @@ class StaticModel:
             return False
         if len(self.static_leaves) != len(other.static_leaves):
             return False
-        return all(a is b or _safe_equal(a, b) for a, b in zip(self.static_leaves, other.static_leaves))
+        return all(
+            a is b or _safe_equal(a, b) for a, b in zip(self.static_leaves, other.static_leaves)
+        )
 
 
 def _safe_equal(a, b) -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -124,7 +125,8 @@ def encoder_fn(vae: nn.Module, variables: Any) -> jax.tree_util.Partial:
 
 
 def linen_apply(module: nn.Module) -> Callable:
-    """The training-side signature jfail uses: `apply_fn(params, state, x, train) -> (logits, state)`.
+    """The training-side signature jfail uses:
+    `apply_fn(params, state, x, train) -> (logits, state)`.
 
     `state` holds the non-trainable collections (e.g. `{'batch_stats': ...}` for BatchNorm); it is
     updated only when `train` is true.

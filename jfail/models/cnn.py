@@ -7,7 +7,7 @@ paper used: a 28 px input goes 28 -> 14 -> 7 -> 3 -> 1 through the classifier's 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -6,8 +6,8 @@ no pooling) for 28-32 px images. Padding is symmetric everywhere, as in PyTorch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -54,6 +54,7 @@ from jfail.report import render_markdown
 from jfail.train import predict
 from jfail.train.trainable import trainable
 from jfail.train.run import trained_classifier, write_json
+from jfail.train.summaries import epoch_summaries
 
 
 REPORT_TEMPLATE = "defuse"
@@ -121,8 +122,10 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     else:
         vae = BetaVAE(image_shape=full.images.shape[1:], latent_dim=config.latent_dim)
         vae_dir = workdir / "vae" if user is not None else Path(config.vae_run).absolute()
-        vae_result = train_vae(vae, full.images, config.vae, checkpoint_dir=vae_dir / "checkpoints",
-                               progress=progress)
+        with epoch_summaries(vae_dir, prefix="vae/") as write_summaries:  # TensorBoard curves
+            vae_result = train_vae(vae, full.images, config.vae,
+                                   checkpoint_dir=vae_dir / "checkpoints", progress=progress,
+                                   on_epoch_end=write_summaries)
         decoder = decoder_fn(vae, vae_result.variables)
         encoder = encoder_fn(vae, vae_result.variables)
         vae_record = {"epochs": len(vae_result.history), "history": vae_result.history}

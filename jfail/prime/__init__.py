@@ -40,8 +40,8 @@ from jfail.prime.shape import SHAPE_MEASURES, ShapeMeasure, ShapeTagger, fit_sha
 from jfail.prime.streaming import TaggedSource, open_tags, tag_source
 from jfail.prime.synthetic import PlantedProblem, flip_tags, living17_shaped_problem, planted_problem
 from jfail.prime.tags import (
-    TagMatrix,
     Tagger,
+    TagMatrix,
     as_tag_array,
     background_tags,
     concat_tags,

@@ -14,7 +14,8 @@ images of the same class outside the mode.
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -261,7 +262,8 @@ def mode_evidence(
     if not modes:
         return []
 
-    counts, tag_counts = [], []  # (size, errors, class size, class errors); per mode [(size, errors)]
+    # counts: (size, errors, class size, class errors); tag_counts: per mode [(size, errors)]
+    counts, tag_counts = [], []
     for mode in modes:
         in_class = labels == mode.label
         shown = tags[in_class][:, _columns(mode.tags, tag_names)]  # [N_c, k]
@@ -311,7 +313,9 @@ def mode_evidence(
     return results
 
 
-def generalization_summary(heldout: Sequence[HeldOutMode], drop_thresholds=(0.2, 0.25, 0.3)) -> dict:
+def generalization_summary(
+    heldout: Sequence[HeldOutMode], drop_thresholds=(0.2, 0.25, 0.3)
+) -> dict:
     """Figure 4's numbers: how many modes keep a drop of at least each threshold on held-out
     data, the correlation of search and held-out accuracy, and the mean drops."""
     valid = [h for h in heldout if h.size > 0]
@@ -324,9 +328,11 @@ def generalization_summary(heldout: Sequence[HeldOutMode], drop_thresholds=(0.2,
         "mean_heldout_drop": _mean([h.drop for h in valid]),
         "mean_search_accuracy": _mean(search_acc),
         "mean_heldout_accuracy": _mean(heldout_acc),
-        "accuracy_correlation": (float(np.corrcoef(search_acc, heldout_acc)[0, 1])
-                                 if len(valid) > 2 and search_acc.std() > 0 and heldout_acc.std() > 0
-                                 else float("nan")),
+        "accuracy_correlation": (
+            float(np.corrcoef(search_acc, heldout_acc)[0, 1])
+            if len(valid) > 2 and search_acc.std() > 0 and heldout_acc.std() > 0
+            else float("nan")
+        ),
     }
     for threshold in drop_thresholds:
         share = np.mean([h.drop >= threshold for h in valid]) if valid else float("nan")
@@ -396,16 +402,19 @@ def description_quality(
 
     image_embeddings: [N, D] unit rows; text_embeddings: [M, D] unit rows, one per mode;
     members: [M, N] bool, the images of each mode; labels: [N]; mode_labels: [M], each mode's
-    class. Outside images are drawn (with `key`, keyword-only: an int seed or a PRNG key) from the mode's class but not the mode:
-    `num_outside` of them, by default as many as the mode has images.
+    class. Outside images are drawn (with `key`, keyword-only: an int seed or a PRNG key) from
+    the mode's class but not the mode: `num_outside` of them, by default as many as the mode has
+    images.
     """
     image_embeddings = np.asarray(image_embeddings, np.float32)
     text_embeddings = np.asarray(text_embeddings, np.float32)
     members = np.asarray(members, bool)
     labels = np.asarray(labels)
     if members.shape != (len(text_embeddings), len(image_embeddings)):
-        raise ValueError(f"members must be [M, N] = [{len(text_embeddings)}, {len(image_embeddings)}], "
-                         f"got {members.shape}")
+        raise ValueError(
+            f"members must be [M, N] = [{len(text_embeddings)}, {len(image_embeddings)}], "
+            f"got {members.shape}"
+        )
     if len(mode_labels) != len(text_embeddings):
         raise ValueError(f"{len(mode_labels)} mode labels for {len(text_embeddings)} descriptions")
     similarity = text_embeddings @ image_embeddings.T  # [M, N]
@@ -453,7 +462,9 @@ def auroc(positive_scores, negative_scores) -> float:
     return float((below + 0.5 * (at_most - below)).sum() / (len(positive) * len(negative)))
 
 
-def recovery_scores(modes: Sequence[FailureMode], planted: Sequence[tuple[int, Sequence[str]]]) -> dict:
+def recovery_scores(
+    modes: Sequence[FailureMode], planted: Sequence[tuple[int, Sequence[str]]]
+) -> dict:
     """Precision and recall of found modes against planted ones, as (label, tag-name set) pairs."""
     found = {(m.label, frozenset(m.tags)) for m in modes}
     truth = {(int(label), frozenset(tags)) for label, tags in planted}

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -156,7 +157,8 @@ def find_failure_modes(
         columns = np.flatnonzero(keep[label])
         class_correct = correct[members]
         packed = _PackedClass.build(tags[members][:, columns], class_correct)
-        search = _exhaustive if method == "exhaustive" else functools.partial(_greedy, beam_width=beam_width)
+        search = (_exhaustive if method == "exhaustive"
+                  else functools.partial(_greedy, beam_width=beam_width))
         found = search(packed, min_size=min_size, min_drop=min_drop, gains=gains,
                        max_tags=max_tags, block_size=block_size)
         class_accuracy = float(class_correct.mean())
@@ -224,7 +226,7 @@ class _PackedClass(NamedTuple):
     num_correct: int
 
     @staticmethod
-    def build(tags: np.ndarray, correct: np.ndarray) -> "_PackedClass":
+    def build(tags: np.ndarray, correct: np.ndarray) -> _PackedClass:
         num_images, num_tags = tags.shape
         words = max(1, -(-num_images // 32))
         words = -(-words // _WORD_PAD) * _WORD_PAD
@@ -250,15 +252,18 @@ def _greedy(packed, *, min_size, min_drop, gains, max_tags, block_size, beam_wid
     """A.6: per level, extend only the `beam_width` lowest-accuracy sets by every other tag."""
     sets, sizes, hits = [], [], []
     beam = np.zeros((1, 0), np.int32)
-    for level in range(1, max_tags + 1):
+    for _level in range(1, max_tags + 1):
         if packed.num_tags == 0 or len(beam) == 0:
             break
         rows, cols = np.nonzero(~_membership(beam, packed.num_tags))
-        candidates = np.sort(np.concatenate([beam[rows], cols[:, None].astype(np.int32)], axis=1), axis=1)
+        candidates = np.sort(
+            np.concatenate([beam[rows], cols[:, None].astype(np.int32)], axis=1), axis=1
+        )
         candidates = np.unique(candidates, axis=0)
         level_sizes, level_hits = _count_sets(packed, candidates, block_size)
         frequent = level_sizes >= min_size
-        new, level_sizes, level_hits = candidates[frequent], level_sizes[frequent], level_hits[frequent]
+        new = candidates[frequent]
+        level_sizes, level_hits = level_sizes[frequent], level_hits[frequent]
         if len(new) == 0:
             break
         sets.append(new)
@@ -346,7 +351,9 @@ def _subset_counts(packed, visited: TagSetCounts, block_size) -> TagSetCounts:
     sets, sizes, hits = [], [], []
     for level in range(1, len(visited.sets)):
         larger = visited.sets[level]
-        subsets = np.unique(np.concatenate([np.delete(larger, i, axis=1) for i in range(level + 1)]), axis=0)
+        subsets = np.unique(
+            np.concatenate([np.delete(larger, i, axis=1) for i in range(level + 1)]), axis=0
+        )
         subset_sizes, subset_hits = _count_sets(packed, subsets, block_size)
         sets.append(subsets)
         sizes.append(subset_sizes)
@@ -430,7 +437,9 @@ def _key_base(num_tags: int, max_tags: int) -> None:
         )
 
 
-def _check_hyperparameters(min_size, min_drop, min_gain, max_tags, min_tag_count) -> tuple[float, ...]:
+def _check_hyperparameters(
+    min_size, min_drop, min_gain, max_tags, min_tag_count
+) -> tuple[float, ...]:
     if not isinstance(max_tags, (int, np.integer)) or max_tags < 1:
         raise ValueError(f"max_tags (the paper's l) must be an integer >= 1, got {max_tags!r}")
     if not isinstance(min_size, (int, np.integer)) or min_size < 1:

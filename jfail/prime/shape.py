@@ -257,7 +257,8 @@ def _first_last(any_along: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _enclosed_background(ink: jax.Array) -> jax.Array:
     """Background pixels that cannot reach the image border through background (4-connected)."""
     background = ~ink
-    border = jnp.zeros_like(ink).at[0, :].set(True).at[-1, :].set(True).at[:, 0].set(True).at[:, -1].set(True)
+    border = (jnp.zeros_like(ink)
+              .at[0, :].set(True).at[-1, :].set(True).at[:, 0].set(True).at[:, -1].set(True))
 
     def grow(state):
         reached, _ = state
@@ -266,7 +267,9 @@ def _enclosed_background(ink: jax.Array) -> jax.Array:
         grown = background & (reached | neighbours)
         return grown, jnp.any(grown != reached)
 
-    reached, _ = jax.lax.while_loop(lambda state: state[1], grow, (background & border, jnp.array(True)))
+    reached, _ = jax.lax.while_loop(
+        lambda state: state[1], grow, (background & border, jnp.array(True))
+    )
     return background & ~reached
 
 
@@ -274,7 +277,9 @@ def _check_measurements(measurements, labels, num_measures):
     measurements = np.asarray(measurements, np.float64)
     labels = np.asarray(labels)
     if measurements.ndim != 2 or measurements.shape[1] != num_measures:
-        raise ValueError(f"measurements must be [N, {num_measures}], got shape {measurements.shape}")
+        raise ValueError(
+            f"measurements must be [N, {num_measures}], got shape {measurements.shape}"
+        )
     if labels.shape != (measurements.shape[0],):
         raise ValueError(f"labels has shape {labels.shape}, expected ({measurements.shape[0]},) "
                          "like the images")

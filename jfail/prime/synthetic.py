@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from scipy.special import ndtri
@@ -61,7 +62,8 @@ def planted_problem(
         prevalence = np.full(num_tags, float(prevalence), np.float32)
     num_tags = len(prevalence)
     for label, tag_set in planted:
-        if not 0 <= label < num_classes or not tag_set or not all(0 <= t < num_tags for t in tag_set):
+        if (not 0 <= label < num_classes or not tag_set
+                or not all(0 <= t < num_tags for t in tag_set)):
             raise ValueError(f"planted mode ({label}, {tuple(tag_set)}) is out of range")
     rng = numpy_generator(key)
     n = num_classes * images_per_class
@@ -108,8 +110,11 @@ def living17_shaped_problem(
     n = num_classes * images_per_class
     labels = np.repeat(np.arange(num_classes, dtype=np.int32), images_per_class)
     shape = (num_classes, tags_per_class)
-    active = np.stack([rng.choice(vocabulary_size, tags_per_class, replace=False) for _ in range(num_classes)])
-    prevalence = np.exp(rng.uniform(np.log(prevalence_range[0]), np.log(prevalence_range[1]), shape))
+    active = np.stack([rng.choice(vocabulary_size, tags_per_class, replace=False)
+                       for _ in range(num_classes)])
+    prevalence = np.exp(
+        rng.uniform(np.log(prevalence_range[0]), np.log(prevalence_range[1]), shape)
+    )
     factor_of_tag = rng.integers(0, num_factors, shape)
     loading = rng.uniform(loading_range[0], loading_range[1], shape)
     tags = np.zeros((n, vocabulary_size), bool)
@@ -119,16 +124,20 @@ def living17_shaped_problem(
         noise = rng.standard_normal((images_per_class, tags_per_class), dtype=np.float32)
         weight = loading[label][None, :]
         latent = weight * factors[:, factor_of_tag[label]] + np.sqrt(1 - weight**2) * noise
-        tags[rows[label][:, None], active[label][None, :]] = latent > ndtri(1 - prevalence[label])[None, :]
+        threshold = ndtri(1 - prevalence[label])[None, :]
+        tags[rows[label][:, None], active[label][None, :]] = latent > threshold
 
     hard = np.zeros(n, bool)
     planted = []
     for label in range(num_classes):
-        middle = (prevalence[label] >= hard_prevalence_range[0]) & (prevalence[label] <= hard_prevalence_range[1])
+        middle = ((prevalence[label] >= hard_prevalence_range[0])
+                  & (prevalence[label] <= hard_prevalence_range[1]))
         common = active[label][middle]
         for _ in range(hard_sets_per_class):
             size = int(rng.integers(1, 5))
-            tag_set = sorted(int(t) for t in rng.choice(common, min(size, len(common)), replace=False))
+            tag_set = sorted(
+                int(t) for t in rng.choice(common, min(size, len(common)), replace=False)
+            )
             hard[rows[label]] |= tags[rows[label]][:, tag_set].all(axis=1)
             planted.append((label, tuple(f"tag{t}" for t in tag_set)))
     draws = rng.random(n)

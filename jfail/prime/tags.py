@@ -15,8 +15,9 @@ class, keeps the tags that are not rare. Here a tag source is anything that yiel
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class TagMatrix(NamedTuple):
     tags: np.ndarray
     names: tuple[str, ...]
 
-    def select(self, names: Sequence[str]) -> "TagMatrix":
+    def select(self, names: Sequence[str]) -> TagMatrix:
         """The columns called `names`, in that order."""
         index = {name: i for i, name in enumerate(self.names)}
         missing = [name for name in names if name not in index]
@@ -145,7 +146,9 @@ def tags_from_table(
         values = np.asarray(table)
         if values.ndim != 2:
             raise ValueError(f"table must be a 2-D [N, T] array, got shape {values.shape}")
-        names = tuple(names) if names is not None else tuple(f"attr{i}" for i in range(values.shape[1]))
+        if names is None:
+            names = tuple(f"attr{i}" for i in range(values.shape[1]))
+        names = tuple(names)
         if len(names) != values.shape[1]:
             raise ValueError(f"{len(names)} names for a table with {values.shape[1]} columns")
     names = tuple(str(name) for name in names)
@@ -173,7 +176,9 @@ def background_tags(backgrounds, background_names: Sequence[str]) -> TagMatrix:
     """
     backgrounds = np.asarray(backgrounds)
     if backgrounds.ndim != 1 or not np.issubdtype(backgrounds.dtype, np.integer):
-        raise ValueError(f"backgrounds must be a 1-D integer array, got {backgrounds.dtype} {backgrounds.shape}")
+        raise ValueError(
+            f"backgrounds must be a 1-D integer array, got {backgrounds.dtype} {backgrounds.shape}"
+        )
     names = tuple(str(name) for name in background_names)
     if backgrounds.size and (backgrounds.min() < 0 or backgrounds.max() >= len(names)):
         raise ValueError(
@@ -195,7 +200,9 @@ def _read_csv(path: Path, delimiter: str) -> tuple[tuple[str, ...], np.ndarray]:
     body = [row for row in rows[1:] if row]
     widths = {len(row) for row in body}
     if widths - {len(header)}:
-        raise ValueError(f"{path}: rows have {sorted(widths)} cells but the header has {len(header)}")
+        raise ValueError(
+            f"{path}: rows have {sorted(widths)} cells but the header has {len(header)}"
+        )
     return header, np.array(body, dtype=object).reshape(len(body), len(header))
 
 

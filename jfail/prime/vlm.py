@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -96,13 +97,14 @@ class TransformersClipEmbedder:
         self.device = device
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> "TransformersClipEmbedder":
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> TransformersClipEmbedder:
         """Load a CLIP checkpoint (a local directory, or a hub name where there is a network)."""
         try:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as error:
             raise ImportError("the CLIP embedder needs `pip install transformers torch`") from error
-        return cls(CLIPModel.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path), **kwargs)
+        return cls(CLIPModel.from_pretrained(name_or_path),
+                   AutoTokenizer.from_pretrained(name_or_path), **kwargs)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -115,9 +117,12 @@ class TransformersClipEmbedder:
                 batch = torch.from_numpy(images[start : start + self.batch_size]).to(self.device)
                 batch = batch.permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
                 batch = torch.nn.functional.interpolate(
-                    batch, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+                    batch, size=(self.image_size, self.image_size), mode="bilinear",
+                    align_corners=False,
                 )
-                features = self.model.get_image_features(pixel_values=(batch - self.mean) / self.std)
+                features = self.model.get_image_features(
+                    pixel_values=(batch - self.mean) / self.std
+                )
                 outputs.append(_features(features).cpu().numpy())
         return normalize_rows(np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32))
 
@@ -148,7 +153,9 @@ class TagSpaceEmbedder:
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         rows = np.asarray(images)
         if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
-            raise ValueError("TagSpaceEmbedder.embed_images takes [N] row indices of the attributes")
+            raise ValueError(
+                "TagSpaceEmbedder.embed_images takes [N] row indices of the attributes"
+            )
         return normalize_rows(self.attributes.tags[rows].astype(np.float32))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -193,4 +200,6 @@ class ZeroShotTagger:
 
 def _features(output):
     """`get_*_features` returns a tensor (transformers 4) or an output with `pooler_output` (5)."""
-    return output if hasattr(output, "cpu") and not hasattr(output, "pooler_output") else output.pooler_output
+    if hasattr(output, "cpu") and not hasattr(output, "pooler_output"):
+        return output
+    return output.pooler_output

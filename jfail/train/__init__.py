@@ -15,6 +15,7 @@ from jfail.train.classifier import (
     predict,
 )
 from jfail.train.parallel import DataParallel
+from jfail.train.summaries import epoch_summaries
 from jfail.train.trainable import TrainableModel, trainable
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "TrainState",
     "TrainableModel",
     "as_dataset",
+    "epoch_summaries",
     "errors",
     "evaluate",
     "fit",

@@ -7,13 +7,15 @@ current weights; `TrainConfig(attack=Attack(...))` turns it on inside the jitted
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jfail.keys import as_key
 from jfail.models.adapter import call_shape, in_trace
 from jfail.train.parallel import DataParallel
 from jfail.keys import as_key

@@ -6,6 +6,7 @@ Run directory layout:
   checkpoints/    per-epoch orbax checkpoints (a restarted run resumes from the latest)
   model/          orbax checkpoint of the selected weights (`{'params', 'state'}`)
   metrics.json    history per epoch, best epoch, validation and test accuracy
+  events.out.tfevents.*  TensorBoard scalars per epoch: train/val loss and accuracy, learning rate
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 
 from jfail import jsonfile
 from jfail.config import ClassifierRunConfig, config_from_dict, config_to_dict
-from jfail.data import load, train_val_split
+from jfail.data import load, num_batches, train_val_split
 from jfail.logs import log_to_file
 from jfail.models import build_classifier, init_classifier, linen_apply
 from jfail.train.adversarial import robust_accuracy
-from jfail.train.classifier import evaluate, fit
+from jfail.train.classifier import TrainConfig, evaluate, fit
 from jfail.train.parallel import DataParallel
+from jfail.train.summaries import epoch_summaries
 
 __all__ = ["run_classifier", "load_trained_classifier", "trained_classifier", "write_json"]
 
@@ -39,7 +42,8 @@ log = logging.getLogger("jfail.train")
 def run_classifier(
     config: ClassifierRunConfig, run_dir: str | Path, *, progress: bool = True
 ) -> dict:
-    """Train `config.model` on `config.dataset`, select by validation accuracy, test; returns metrics.
+    """Train `config.model` on `config.dataset`, select by validation accuracy, test; returns
+    metrics.
 
     Starting again on the same `run_dir` resumes an interrupted run; a different config there is
     an error rather than a silent mix of two runs.
@@ -65,10 +69,19 @@ def run_classifier(
         )
         apply_fn = linen_apply(module)
         parallel = DataParallel()
-        result = fit(
-            apply_fn, params, state, train, val, config.train,
-            checkpoint_dir=run_dir / "checkpoints", progress=progress, parallel=parallel,
-        )
+        steps_per_epoch = num_batches(len(train.labels), config.train.batch_size,
+                                      drop_remainder=False)
+        with epoch_summaries(run_dir) as write_summaries:
+
+            def on_epoch_end(epoch: int, record: dict) -> None:
+                rate = learning_rate(config.train, steps_per_epoch, epoch)
+                write_summaries(epoch, {**record, "learning_rate": rate})
+
+            result = fit(
+                apply_fn, params, state, train, val, config.train,
+                checkpoint_dir=run_dir / "checkpoints", progress=progress, parallel=parallel,
+                on_epoch_end=on_epoch_end,
+            )
         scores = {
             split: evaluate(
                 apply_fn, result.params, result.state, data,
@@ -137,6 +150,20 @@ def trained_classifier(
     module, params, state, run_config = load_trained_classifier(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return module, params, state, run_config, metrics
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int, epoch: int) -> float | None:
+    """The learning rate of the last step of `epoch` (0-based) under `make_optimizer(config,
+    steps_per_epoch)`; None when `config.optimizer` is an optax transformation (its rate is
+    not known from outside)."""
+    if isinstance(config.optimizer, optax.GradientTransformation):
+        return None
+    if config.schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(
+            config.learning_rate, steps_per_epoch * config.epochs
+        )
+        return float(schedule((epoch + 1) * steps_per_epoch - 1))
+    return float(config.learning_rate)
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,7 @@ class TrainableModel:
     def __call__(self, x):
         return self.apply(self.params, self.state, x, False)[0]
 
-    def replace(self, params: Any = None, state: Any = _NO_STATE) -> "TrainableModel":
+    def replace(self, params: Any = None, state: Any = _NO_STATE) -> TrainableModel:
         """The same model with other weights (`None`/omitted: keep this one's)."""
         return TrainableModel(
             self.apply,
