@@ -43,7 +43,7 @@ __all__ = ["Result", "build_report", "write_report", "rebuild_report", "markdown
            "render_markdown"]
 
 SECTIONS_FILE = "report.json"
-"""Where `write_report` records a run's sections, so `rebuild_report` (`jfail report`) can redo it."""
+"""Where `write_report` records a run's sections, for `rebuild_report` (`jfail report`)."""
 
 TEMPLATES = Path(__file__).parent / "templates"
 """The package's Jinja2 templates: one per method, the two block libraries, the page."""

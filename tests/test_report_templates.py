@@ -31,13 +31,14 @@ PAIRS = [  # (template, JSON path)
     ("barlow", FIXTURES / "user_model" / "barlow_fmnist.json"),
     ("prime", FIXTURES / "user_model" / "prime_fmnist.json"),
 ]
+PAIR_IDS = [str(path.relative_to(ROOT)) for _, path in PAIRS]
 # a 1x1 PNG, standing in for the figures the results refer to
 PIXEL = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d4944415478da63f8cfc0f01f0005000201a5f1e3e90000000049454e44ae426082")
 
 
-@pytest.mark.parametrize("template, path", PAIRS, ids=[str(path.relative_to(ROOT)) for _, path in PAIRS])
+@pytest.mark.parametrize("template, path", PAIRS, ids=PAIR_IDS)
 def test_markdown_is_the_template_of_the_json(template, path):
     result = json.loads(path.read_text(encoding="utf-8"))
     markdown = path.with_suffix(".md").read_text(encoding="utf-8")
@@ -51,7 +52,7 @@ def _sections(page: str) -> dict[str, str]:
             for section_id, body in found}
 
 
-@pytest.mark.parametrize("template, path", PAIRS, ids=[str(path.relative_to(ROOT)) for _, path in PAIRS])
+@pytest.mark.parametrize("template, path", PAIRS, ids=PAIR_IDS)
 def test_report_section_of_the_json_is_the_markdown_in_html(template, path, tmp_path):
     shutil.copy(path, tmp_path / path.name)
     shutil.copy(path.with_suffix(".md"), tmp_path / "markdown.md")

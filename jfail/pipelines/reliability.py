@@ -255,7 +255,7 @@ def _hostile_rows(port: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    """The results file, every sentence from `report` (template `jfail/templates/reliability.j2`)."""
+    """The results file, every sentence from `report`: `jfail/templates/reliability.j2`."""
     return render_markdown(REPORT_TEMPLATE, report, name="reliability")
 
 
