@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+from jfail import cli
+from jfail.config import load_config
+from jfail.train.run import load_trained_classifier, run_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = str(REPO / "configs" / "annotator_mlp_mnist5k.py")
@@ -40,9 +45,6 @@ def test_two_processes_train_as_one_and_only_process_0_writes_the_run(tmp_path):
     ]
     try:
         # Meanwhile the same run in this process, on one device (`_train`'s settings).
-        from jfail.config import load_config
-        from jfail.train.run import run_classifier
-
         run_classifier(load_config(MLP, ["dataset=digits[:25%]", "train.epochs=1"]), one,
                        progress=False)
         outputs = [process.communicate(timeout=300) for process in processes]
@@ -72,11 +74,7 @@ def test_two_processes_train_as_one_and_only_process_0_writes_the_run(tmp_path):
         np.testing.assert_allclose(metrics[0]["history"][0][key], metrics[1]["history"][0][key],
                                    rtol=1e-4, err_msg=key)
 
-    from jfail.train.run import load_trained_classifier
-
     weights = [load_trained_classifier(run)[1] for run in (two, one)]
-    import jax
-
     for a, b in zip(jax.tree_util.tree_leaves(weights[0]), jax.tree_util.tree_leaves(weights[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -113,8 +111,6 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("command", ["train", "barlow", "demo"])
 def test_bad_host_flags_are_one_line_and_status_2_before_anything_is_written(
         tmp_path, capsys, command, flags, message):
-    from jfail import cli
-
     config = [] if command == "demo" else [
         "--config", MLP if command == "train" else str(REPO / "configs" / "barlow_fmnist.py")]
     workdir = tmp_path / "run"
