@@ -20,15 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 MLP = str(REPO / "configs" / "annotator_mlp_mnist5k.py")
 
 
-def _train(workdir: Path, *flags: str, devices: int) -> subprocess.Popen:
-    """`jfail train` of the annotator MLP for one epoch on a quarter of scikit-learn's digits."""
+def _train(cwd: Path, *flags: str, devices: int) -> subprocess.Popen:
+    """`jfail train` of the annotator MLP for one epoch on a quarter of scikit-learn's digits,
+    into the default run directory under `cwd`."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, "-m", "jfail.cli", "train", "--config", MLP, "--set",
-               "dataset=digits[:25%]", "--set", "train.epochs=1", "--workdir", str(workdir),
-               "--quiet", *flags]
-    return subprocess.Popen(command, env=env, cwd=workdir.parent, stdout=subprocess.PIPE,
+               "dataset=digits[:25%]", "--set", "train.epochs=1", "--quiet", *flags]
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -37,9 +37,9 @@ def test_two_processes_train_as_one_and_only_process_0_writes_the_run(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    two, one = tmp_path / "two", tmp_path / "one"
+    one = tmp_path / "one"
     processes = [
-        _train(two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+        _train(tmp_path, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                "--process-id", str(process_id), devices=2)
         for process_id in (0, 1)
     ]
@@ -57,6 +57,8 @@ def test_two_processes_train_as_one_and_only_process_0_writes_the_run(tmp_path):
 
     # Process 0 printed the summary and wrote the log; process 1 logged to stderr only.
     (out0, _), (out1, err1) = [(_without_gloo(out), err) for out, err in outputs]
+    # Both processes named the same default run directory, from process 0's clock.
+    (two,) = (tmp_path / "runs").iterdir()
     assert json.loads(out0)["run_dir"] == str(two) and out1 == ""
     assert "process 1: " in err1 and "INFO jfail.train: test accuracy" in err1
     train_log = (two / "train.log").read_text()
