@@ -11,6 +11,12 @@
     jfail report RUN_DIR                         # rebuild RUN_DIR/report.html
     jfail annotate RUN_DIR                       # the Defuse annotation page on 127.0.0.1
 
+On many hosts every process runs the same command: under SLURM (`srun`) or on a Cloud TPU pod
+JAX finds the other processes by itself; anywhere else give each process `--coordinator HOST:PORT`
+(process 0's address), `--num-processes N` and `--process-id I`. The run directory must then be
+one folder every host sees; process 0 writes its log, config, results and report, the others only
+what the engine shards among them, and log to stderr (lines prefixed `process <i>:`).
+
 Every command writes a run directory (`--workdir`, default `runs/<command>-<time>`) with a log
 file, `jfail.log`; the method commands and the demo also write `report.html`. A method command
 reads its classifiers from finished `jfail train` runs (or the model `model=package.module:function`
@@ -31,9 +37,13 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["main", "entry", "describe_failure"]
+__all__ = ["main", "entry", "describe_failure", "UsageError"]
 
 log = logging.getLogger("jfail.cli")
+
+class UsageError(ValueError):
+    """Command-line options that do not fit together (the multi-host flags); exit status 2."""
+
 
 _PIPELINES = {command: (title, module) for command, title, module in (
     ("barlow", "Barlow", "jfail.pipelines.barlow"),
@@ -88,7 +98,7 @@ def describe_failure(error: BaseException) -> tuple[int, str]:
     if fault is not None:
         return 1, fault
     first = (str(error).strip().splitlines() or [""])[0]
-    if isinstance(error, (ConfigError, DatasetNotFoundError, UserModelError)):
+    if isinstance(error, (ConfigError, DatasetNotFoundError, UserModelError, UsageError)):
         return 2, first
     if isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
                           NotADirectoryError)):
@@ -135,13 +145,17 @@ def _run(parser, args) -> int:
             parser.error(f"{run_dir} is not a run directory")
         return _report(run_dir) if args.command == "report" else _annotate(run_dir, args)
 
+    _join_hosts(args)  # before anything computes with JAX, the config's model check included
+    from jfail.engine import is_writer
+
     config = _load_checked_config(args) if hasattr(args, "config") else None
-    run_dir = Path(args.workdir or f"runs/{args.command}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(args.workdir or f"runs/{args.command}-{_started_at()}")
     run_dir = run_dir.absolute()  # the report resolves relative Markdown paths against run_dir
     if args.command in _PIPELINES:
         _check_models(config, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    progress = not args.quiet and sys.stderr.isatty()
+    if is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.quiet and sys.stderr.isatty() and is_writer()
     with _logging_to(run_dir / "jfail.log"):
         if args.command == "train":
             return _train(config, run_dir, progress)
@@ -150,9 +164,74 @@ def _run(parser, args) -> int:
 
             report = run_demo(run_dir, dataset=args.data, progress=progress,
                               methods=tuple(args.methods) if args.methods else None)
-            print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
+            _print_result({"run_dir": str(run_dir), "report": str(report)})
             return 0
         return _method(args, config, run_dir)
+
+
+def _join_hosts(args) -> None:
+    """Join a multi-host run: the one `--coordinator`, `--num-processes` and `--process-id` name,
+    or, without them, the one JAX detects in the environment (SLURM, a Cloud TPU pod, Open MPI,
+    a Kubernetes job); a plain single-process run joins nothing.
+
+    Raises:
+      UsageError: only some of the three flags, a coordinator that is not HOST:PORT, a process
+        count or id that is not a whole number in range.
+    """
+    from jfail.engine import NoClusterError, initialize_distributed
+
+    flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    missing = [flag for flag, value in flags.items() if value is None]
+    if len(missing) == len(flags):
+        try:
+            initialize_distributed()
+        except NoClusterError:  # no multi-process launch in the environment
+            pass
+        except RuntimeError as error:
+            if "before any JAX computation" not in str(error):
+                raise
+            # main() called from Python code that already computes with JAX: one process.
+            log.debug("JAX is already in use in this process: running as one process")
+        return
+    if missing:
+        raise UsageError(
+            f"give all three of --coordinator HOST:PORT, --num-processes N and --process-id I "
+            f"(one process of a multi-host run), or none of them; {', '.join(missing)} missing")
+    host, colon, port = args.coordinator.rpartition(":")
+    if not (colon and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UsageError(f"--coordinator must be HOST:PORT (process 0's address, a port in "
+                         f"1..65535), got {args.coordinator!r}")
+    count, index = args.num_processes.strip(), args.process_id.strip()
+    if not (count.isascii() and count.isdigit() and int(count) >= 1):
+        raise UsageError(f"--num-processes must be a whole number >= 1, got {args.num_processes!r}")
+    if not (index.isascii() and index.isdigit() and int(index) < int(count)):
+        raise UsageError(f"--process-id must be a whole number in 0..{int(count) - 1} (for "
+                         f"--num-processes {count}), got {args.process_id!r}")
+    initialize_distributed(args.coordinator, int(count), int(index))
+
+
+def _started_at() -> str:
+    """The time in the default run directory's name: process 0's, so that every process of a
+    multi-host run names the same directory."""
+    import jax
+
+    now = _dt.datetime.now()
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        seconds = multihost_utils.broadcast_one_to_all(np.int64(int(now.timestamp())))
+        now = _dt.datetime.fromtimestamp(int(seconds))
+    return f"{now:%Y%m%d-%H%M%S}"
+
+
+def _print_result(summary: dict) -> None:
+    """The command's JSON summary on stdout, once: by process 0 of a multi-host run."""
+    from jfail.engine import is_writer
+
+    if is_writer():
+        print(json.dumps(summary, indent=2))
 
 
 def _load_checked_config(args):
@@ -255,6 +334,13 @@ def _parser() -> argparse.ArgumentParser:
     def run_options(command):
         command.add_argument("--workdir", help="run directory (default runs/<command>-<time>)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
+        hosts = command.add_argument_group(
+            "many hosts", "one process of a multi-host run: give all three, in every process "
+            "(under SLURM or on a TPU pod JAX finds them itself)")
+        hosts.add_argument("--coordinator", metavar="HOST:PORT",
+                           help="process 0's address, reachable from every process")
+        hosts.add_argument("--num-processes", metavar="N", help="how many processes take part")
+        hosts.add_argument("--process-id", metavar="I", help="this process's number, 0..N-1")
         return command
 
     demo = run_options(sub.add_parser(
@@ -296,7 +382,7 @@ def _train(config, run_dir: Path, progress: bool) -> int:
 
     metrics = run_classifier(config, run_dir, progress=progress)
     summary = {k: metrics[k] for k in ("name", "test_accuracy", "val_accuracy", "best_epoch")}
-    print(json.dumps({**summary, "run_dir": str(run_dir)}, indent=2))
+    _print_result({**summary, "run_dir": str(run_dir)})
     return 0
 
 
@@ -321,9 +407,13 @@ def _method(args, config, run_dir: Path) -> int:
     with stdout_to_file(run_dir / "jfail.log"):
         # the pipeline records the command that reruns exactly this step
         pipeline.main(argv, prog=f"python -m {module_name}")
+    from jfail.engine import is_writer
+
+    if not is_writer():  # process 0 writes the report
+        return 0
     report = write_report(run_dir, [(title, report_source(pipeline, run_dir / config.name))],
                           title=f"jfail {title}")
-    print(json.dumps({"run_dir": str(run_dir), "report": str(report)}, indent=2))
+    _print_result({"run_dir": str(run_dir), "report": str(report)})
     return 0
 
 
@@ -381,8 +471,11 @@ class _logging_to:
         self.file = log_to_file(self.path)
         self.console = logging.StreamHandler(sys.stderr)
         self.console.setFormatter(logging.Formatter("%(message)s"))
+        from jfail.engine import is_writer
+
+        writer = is_writer()  # another process's log already goes to stderr (log_to_file)
         self.console.addFilter(
-            lambda record: record.name != _UNRAISABLE_LOG
+            lambda record: writer and record.name != _UNRAISABLE_LOG
             and (record.levelno >= logging.WARNING or record.name in self._CONSOLE))
         jfail_log = logging.getLogger("jfail")
         jfail_log.addHandler(self.console)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,9 +33,27 @@ def progress_disabled(progress: bool | None) -> bool:
 
 
 def log_to_file(path: str | Path) -> logging.Handler:
-    """Copy jfail's log (INFO and above) into `path`; remove the returned handler to stop."""
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    """Copy jfail's log (INFO and above) into `path`; remove the returned handler to stop.
+
+    In a process of a multi-host run other than process 0 (`jfail.engine.is_writer`) the log goes
+    to stderr instead, each line prefixed with `process <i>:`, and `path` is not touched: the run
+    directory's files are process 0's.
+    """
+    from jfail.engine.distributed import is_writer
+
+    if is_writer():
+        handler = logging.FileHandler(path)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    elif any(getattr(h, "process_log", False) for h in logging.getLogger("jfail").handlers):
+        handler = logging.NullHandler()  # the log already goes to stderr once
+    else:
+        import jax
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.process_log = True
+        handler.setFormatter(logging.Formatter(
+            f"process {jax.process_index()}: %(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("jfail")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -43,6 +62,11 @@ def log_to_file(path: str | Path) -> logging.Handler:
 
 @contextlib.contextmanager
 def stdout_to_file(path: str | Path):
-    """Append what is printed inside the block (a pipeline's Markdown, "wrote ...") to `path`."""
-    with open(path, "a", buffering=1) as handle, contextlib.redirect_stdout(handle):
+    """Append what is printed inside the block (a pipeline's Markdown, "wrote ...") to `path`;
+    in a process of a multi-host run other than process 0 (`jfail.engine.is_writer`) it is
+    dropped: process 0 prints the same."""
+    from jfail.engine.distributed import is_writer
+
+    with (open(path, "a", buffering=1) if is_writer() else open(os.devnull, "w")) as handle, \
+            contextlib.redirect_stdout(handle):
         yield

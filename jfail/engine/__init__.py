@@ -5,11 +5,18 @@
   chunked zarr store that a killed run resumes; :func:`open_outputs` reads a
   finished run back; :func:`create_array` and :func:`open_array` are the same
   on-disk arrays for outputs a caller writes itself (variable-length ones).
-- :func:`initialize_distributed` joins a multi-host JAX run;
+- :func:`initialize_distributed` joins a multi-host JAX run; :func:`is_writer`
+  says whether this process writes the run's shared files (process 0 does);
   :func:`batch_mesh` is the 1-D mesh of all devices the engine shards over.
 """
 
-from jfail.engine.distributed import BATCH_AXIS, batch_mesh, initialize_distributed
+from jfail.engine.distributed import (
+    BATCH_AXIS,
+    NoClusterError,
+    batch_mesh,
+    initialize_distributed,
+    is_writer,
+)
 from jfail.engine.mapping import (
     LazyArray,
     MappedOutputs,
@@ -23,9 +30,11 @@ __all__ = [
     "BATCH_AXIS",
     "LazyArray",
     "MappedOutputs",
+    "NoClusterError",
     "batch_mesh",
     "create_array",
     "initialize_distributed",
+    "is_writer",
     "map_dataset",
     "open_array",
     "open_outputs",

@@ -20,6 +20,25 @@ BATCH_AXIS = "batch"
 """Name of the one axis of :func:`batch_mesh`."""
 
 
+class NoClusterError(RuntimeError):
+    """:func:`initialize_distributed` without arguments found no multi-process launch in the
+    environment: a plain single-process run, which needs no initialization."""
+
+
+def is_writer() -> bool:
+    """Whether this process writes a run's shared files (logs, configs, results, reports).
+
+    True in a process that has not joined a multi-host run, and in process 0
+    of one; every other process writes only what the engine needs (its own
+    shards). Never starts JAX's backends in a process that has joined no run.
+    """
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return True
+    return jax.process_index() == 0
+
+
 def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
@@ -51,7 +70,9 @@ def initialize_distributed(
     Raises:
       ValueError: arguments that do not fit together (a process id outside
         the range, a coordinator without a port, only some of the three).
-      RuntimeError: JAX found no cluster to join, or was already in use
+      NoClusterError: called without arguments and JAX found no cluster in
+        the environment (a plain single-process run).
+      RuntimeError: JAX could not join the cluster, or was already in use
         before this call; the message says what to do.
     """
     import jax
@@ -91,7 +112,8 @@ def initialize_distributed(
                 f"of {num_processes}: {error}. initialize_distributed must run before any JAX "
                 "computation, and every process must reach the coordinator."
             ) from error
-        raise RuntimeError(
+        no_coordinator = isinstance(error, ValueError) and "coordinator_address" in str(error)
+        raise (NoClusterError if no_coordinator else RuntimeError)(
             f"JAX found no cluster to join ({error}). On a TPU pod, SLURM, Open MPI or Kubernetes "
             "job run inside the job; elsewhere pass coordinator='host:port', num_processes= and "
             "process_id= (and call initialize_distributed before any JAX computation)."

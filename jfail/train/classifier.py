@@ -418,7 +418,7 @@ def _predict(apply_fn, params, state, images, *, batch_size: int = 1000,
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         (x_dev,), _ = parallel.shard_batch(x)
-        chunks.append(np.asarray(_eval_logits(apply_fn, params, state, x_dev))[: len(x)])
+        chunks.append(parallel.to_host(_eval_logits(apply_fn, params, state, x_dev))[: len(x)])
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 

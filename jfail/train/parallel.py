@@ -44,6 +44,15 @@ class DataParallel:
             out.append(weight)
         return tuple(jax.device_put(a, self.batch_sharding) for a in out), n
 
+    def to_host(self, array: jax.Array) -> np.ndarray:
+        """The whole of a batch-sharded `array` as a NumPy array, in every process: on many
+        hosts each process holds only its own rows, so they are gathered first."""
+        if array.is_fully_addressable:
+            return np.asarray(array)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     if len(array) == rows:

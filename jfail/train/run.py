@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from jfail import jsonfile
 from jfail.config import ClassifierRunConfig, config_from_dict, config_to_dict
 from jfail.data import load, num_batches, train_val_split
+from jfail.engine.distributed import is_writer
 from jfail.logs import log_to_file
 from jfail.models import build_classifier, init_classifier, linen_apply
 from jfail.train.adversarial import robust_accuracy
@@ -46,10 +47,13 @@ def run_classifier(
     metrics.
 
     Starting again on the same `run_dir` resumes an interrupted run; a different config there is
-    an error rather than a silent mix of two runs.
+    an error rather than a silent mix of two runs. In a multi-host run every process calls it
+    (the steps and checkpoints are collective) and process 0 writes `config.json`, `train.log`
+    and `metrics.json`.
     """
     run_dir = Path(run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_writer():  # on many hosts process 0 writes the run directory's files
+        run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = config_to_dict(config)
     _claim_run_dir(run_dir, config_dict)
     handler = log_to_file(run_dir / "train.log")
@@ -114,7 +118,8 @@ def run_classifier(
             "devices": [str(d) for d in jax.devices()],
             "host": platform.processor() or platform.machine(),
         }
-        write_json(run_dir / "metrics.json", metrics)
+        if is_writer():
+            write_json(run_dir / "metrics.json", metrics)
         log.info("test accuracy %.4f (best epoch %d)", metrics["test_accuracy"], result.best_epoch)
         return metrics
     finally:
@@ -181,7 +186,7 @@ def _claim_run_dir(run_dir: Path, config_dict: dict) -> None:
                 f"{run_dir} holds a run with a different config; choose another --workdir "
                 "or delete it"
             )
-    else:
+    elif is_writer():
         write_json(config_path, config_dict)
 
 
