@@ -19,8 +19,9 @@ import dataclasses
 import importlib.util
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from jfail.defuse.vae import VAEConfig
 from jfail.train.classifier import TrainConfig
@@ -450,7 +451,7 @@ def validate_config(config: Any) -> None:
             )
 
 
-def _check_debug_tests_choices(config: "DebugTestsConfig", prefix: str) -> None:
+def _check_debug_tests_choices(config: DebugTestsConfig, prefix: str) -> None:
     """The parts and attribution methods a debugging-tests config names exist."""
     from jfail.attribution import METHODS
     from jfail.pipelines.debug_tests import PARTS
@@ -477,7 +478,7 @@ def _check_user_model_spec(spec: str, prefix: str) -> None:
 BARLOW_SPLITS = ("train", "val", "test")
 
 
-def _check_barlow_splits(config: "BarlowConfig", prefix: str) -> None:
+def _check_barlow_splits(config: BarlowConfig, prefix: str) -> None:
     for name in ("split", "evidence_split"):
         value = getattr(config, name)
         if value not in BARLOW_SPLITS:
@@ -496,7 +497,7 @@ def _check_barlow_splits(config: "BarlowConfig", prefix: str) -> None:
 PRIME_SPLITS = ("train", "val", "test")
 
 
-def _check_prime_splits(config: "PrimeConfig", prefix: str) -> None:
+def _check_prime_splits(config: PrimeConfig, prefix: str) -> None:
     for name in ("search_split", "heldout_split"):
         value = getattr(config, name)
         if value not in PRIME_SPLITS:

@@ -20,7 +20,8 @@ the logit JAX's clamped indexing picks). `batch_size` is ignored there.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ samples at once on an accelerator and, on CPU, in groups of at most 96 model inp
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

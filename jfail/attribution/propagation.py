@@ -15,7 +15,7 @@ All outputs have the shape of `x`: `[B, H, W, C]`.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

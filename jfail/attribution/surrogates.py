@@ -16,7 +16,7 @@ counted in distances or coalition sizes, and gets coefficient 0.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

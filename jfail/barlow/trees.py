@@ -23,7 +23,8 @@ held-out rows, with p-values and q-values over all of them.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -31,8 +32,8 @@ from tqdm.auto import tqdm
 
 from jfail.barlow._checks import check_features_and_errors, check_groups
 from jfail.barlow.mutual_info import FeatureRanking, rank_groups
-from jfail.logs import progress_disabled
 from jfail.keys import as_key, host_seed
+from jfail.logs import progress_disabled
 
 if TYPE_CHECKING:  # scikit-learn is imported when a tree is fitted: it is slow to import
     from sklearn.tree import DecisionTreeClassifier
@@ -109,7 +110,7 @@ class FailureTree:
     tau: float
     group: Hashable | None = None
     indices: np.ndarray = dataclasses.field(default=None, repr=False)
-    estimator: "DecisionTreeClassifier | None" = dataclasses.field(default=None, repr=False)
+    estimator: DecisionTreeClassifier | None = dataclasses.field(default=None, repr=False)
 
     @property
     def valid_leaves(self) -> tuple[Leaf, ...]:

@@ -39,11 +39,6 @@ from jfail.debugtests.concepts import (
     tcav,
     tcav_score,
 )
-from jfail.debugtests.streaming import (
-    attributions_to_store,
-    paper_postprocess,
-    randomization_similarity_to_store,
-)
 from jfail.debugtests.influence import (
     background_influence,
     find_flipped_labels,
@@ -58,6 +53,11 @@ from jfail.debugtests.randomization import (
     forward_layer_order,
     independent_randomization,
     layer_order,
+)
+from jfail.debugtests.streaming import (
+    attributions_to_store,
+    paper_postprocess,
+    randomization_similarity_to_store,
 )
 
 __all__ = [

@@ -26,14 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfail.debugtests.bugs import BACKGROUNDS, SpuriousData, background_only, load_backgrounds, \
-    spurious_backgrounds
+from jfail.debugtests.bugs import (
+    BACKGROUNDS,
+    SpuriousData,
+    background_only,
+    load_backgrounds,
+    spurious_backgrounds,
+)
+from jfail.keys import as_key, host_seed
 from jfail.models.adapter import in_trace, traced_model
 from jfail.models.callables import logits_fn
 from jfail.models.layers import is_layered, layer_names, split_at
 from jfail.models.registry import init_classifier
-from jfail.keys import as_key, host_seed
-from jfail.models.adapter import in_trace, traced_model
 from jfail.xla import jit
 
 __all__ = [

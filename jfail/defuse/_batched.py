@@ -10,8 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jfail.models.adapter import split_model
-from jfail.models.adapter import call_shape
+from jfail.models.adapter import call_shape, split_model
 from jfail.xla import cpu_friendly_gradients, jit
 
 

@@ -16,7 +16,8 @@ import importlib
 import os
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["USER_VAL_FRACTION", "UserModel", "UserModelError", "check_user_model",
            "is_model_spec", "load_user_model", "user_dataset_name", "user_model_for_data"]

@@ -41,7 +41,6 @@ from jfail.report import render_markdown
 from jfail.train import predict
 from jfail.train.run import trained_classifier, write_json
 
-
 REPORT_TEMPLATE = "barlow"
 """The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
 

@@ -40,22 +40,21 @@ from jfail.defuse import (
     distill,
     encode,
     identify,
+    plots,
+    prepare_annotation,
     review_scenarios,
     sample_scenarios,
-    prepare_annotation,
     train_vae,
 )
-from jfail.defuse import plots
 from jfail.logs import quiet_libraries
 from jfail.models import BetaVAE, decoder_fn, encoder_fn, linen_apply, logits_fn
 from jfail.models.user import USER_VAL_FRACTION, check_user_model, user_model_for_data
 from jfail.pipelines import command_line
 from jfail.report import render_markdown
 from jfail.train import predict
-from jfail.train.trainable import trainable
 from jfail.train.run import trained_classifier, write_json
 from jfail.train.summaries import epoch_summaries
-
+from jfail.train.trainable import trainable
 
 REPORT_TEMPLATE = "defuse"
 """The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""

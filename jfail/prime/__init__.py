@@ -36,9 +36,20 @@ from jfail.prime.search import (
     find_failure_modes,
     pack_bits,
 )
-from jfail.prime.shape import SHAPE_MEASURES, ShapeMeasure, ShapeTagger, fit_shape_tagger, shape_measurements
+from jfail.prime.shape import (
+    SHAPE_MEASURES,
+    ShapeMeasure,
+    ShapeTagger,
+    fit_shape_tagger,
+    shape_measurements,
+)
 from jfail.prime.streaming import TaggedSource, open_tags, tag_source
-from jfail.prime.synthetic import PlantedProblem, flip_tags, living17_shaped_problem, planted_problem
+from jfail.prime.synthetic import (
+    PlantedProblem,
+    flip_tags,
+    living17_shaped_problem,
+    planted_problem,
+)
 from jfail.prime.tags import (
     Tagger,
     TagMatrix,

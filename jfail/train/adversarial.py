@@ -18,7 +18,6 @@ import optax
 from jfail.keys import as_key
 from jfail.models.adapter import call_shape, in_trace
 from jfail.train.parallel import DataParallel
-from jfail.keys import as_key
 from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["Attack", "pgd_attack", "robust_accuracy", "as_key"]

@@ -32,7 +32,7 @@ function is a plain `jax.jit` and becomes part of that program, compiled with it
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.extend import core as jax_core
@@ -73,7 +73,7 @@ def jit(fun: Callable | None = None, /, **jit_kwargs):
     return _DeferredJit(fun, jit_kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiler_options() -> dict | None:
     """The options of `OPTIONS` the installed XLA accepts.
 

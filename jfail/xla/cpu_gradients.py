@@ -36,7 +36,7 @@ The timings behind each rule and threshold are in `benchmarks/results/cpu_gradie
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -26,7 +26,8 @@ the call tables and `called_jaxpr` from here.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from jax.extend import core as jcore
 
