@@ -25,11 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jfail.models.adapter import split_model
+from jfail.data.batching import pad_rows_with_zeros
 from jfail.keys import as_key
 from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape, in_trace
 from jfail.models.cpu_gradients import cpu_friendly_gradients
-from jfail.train.parallel import DataParallel, _pad_rows
+from jfail.train.parallel import DataParallel
 from jfail.xla import jit
 
 __all__ = ["Draws", "Failures", "identify", "identify_batch", "NOISE_MODES"]
@@ -227,8 +228,8 @@ def identify(
         stop = min(start + images_per_chunk, len(mu))
         index = np.arange(start, start + images_per_chunk)  # padded rows are dropped below
         (mu_dev, labels_dev, index_dev), _ = parallel.shard_batch(
-            _pad_rows(mu[start:stop], images_per_chunk),
-            _pad_rows(labels[start:stop], images_per_chunk),
+            pad_rows_with_zeros(mu[start:stop], images_per_chunk),
+            pad_rows_with_zeros(labels[start:stop], images_per_chunk),
             index,
         )
         *values, decoded_finite, logits_finite = jax.device_get(

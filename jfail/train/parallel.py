@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jfail.data.batching import pad_rows_with_zeros
+
 __all__ = ["DataParallel"]
 
 
@@ -37,16 +39,10 @@ class DataParallel:
         """
         n = len(arrays[0])
         padded = -(-n // self.num_devices) * self.num_devices
-        out = [_pad_rows(np.asarray(a), padded) for a in arrays]
+        out = [pad_rows_with_zeros(np.asarray(a), padded) for a in arrays]
         if with_weight:
             weight = np.zeros(padded, np.float32)
             weight[:n] = 1.0
             out.append(weight)
         return tuple(jax.device_put(a, self.batch_sharding) for a in out), n
 
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    if len(array) == rows:
-        return array
-    pad = np.zeros((rows - len(array), *array.shape[1:]), array.dtype)
-    return np.concatenate([array, pad])
