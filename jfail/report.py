@@ -66,7 +66,7 @@ def build_report(
         if not markdown_path.is_file():
             raise FileNotFoundError(
                 f"no Markdown file {markdown_path} for section {method_title!r}")
-        section_id = _unique_id(_slug(method_title) or "section", used_ids)
+        section_id = _unique_id(_anchor_slug(method_title) or "section", used_ids)
         blocks, headings = _render_document(
             markdown_path.read_text(encoding="utf-8"),
             image_src=_inline_image_src(markdown_path),
@@ -200,7 +200,7 @@ def _relative_to(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
-def _slug(text: str) -> str:
+def _anchor_slug(text: str) -> str:
     """An ASCII anchor id from text: 'Figure 4: λ sweep' -> 'figure-4-sweep'."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
@@ -380,8 +380,8 @@ class _BlockRenderer:
     def _heading(self, level: int, text: str) -> _Block:
         text_html = self.inline.render(text)
         plain_html = _strip_tags(text_html)
-        anchor = _unique_id(self.id_prefix + (_slug(html.unescape(plain_html)) or "section"),
-                            self.used_ids)
+        slug = _anchor_slug(html.unescape(plain_html)) or "section"
+        anchor = _unique_id(self.id_prefix + slug, self.used_ids)
         self.headings.append(_Heading(level, anchor, plain_html))
         return _Block(f"heading{level}", f'<h{level} id="{anchor}">{text_html}</h{level}>')
 

@@ -318,7 +318,7 @@ def agreement_figure(reviews, path, *, title: str = "") -> Path:
     per-scenario agreement over failure, non-failure and all scenarios; right: a histogram of
     the per-scenario agreement. Scenarios with NaN agreement (no votes) are left out.
     """
-    from jfail.defuse.plots import _pyplot, _save
+    from jfail.plotting import pyplot, save_figure
 
     if isinstance(reviews, (str, os.PathLike)):
         reviews = annotation_reviews(reviews, allow_missing=True)
@@ -335,7 +335,7 @@ def agreement_figure(reviews, path, *, title: str = "") -> Path:
     groups = [("failure", agreement[failure]), ("non-failure", agreement[~failure]),
               ("all", agreement)]
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (bars, hist) = plt.subplots(1, 2, figsize=(8, 3.4))
     means = [float(g.mean()) if g.size else 0.0 for _, g in groups]
     errors = [float(g.std(ddof=1) / np.sqrt(g.size)) if g.size > 1 else 0.0 for _, g in groups]
@@ -357,7 +357,7 @@ def agreement_figure(reviews, path, *, title: str = "") -> Path:
     hist.legend(fontsize=8)
     hist.set_title("per-scenario agreement", fontsize=9)
     fig.suptitle(title or "annotator agreement (Figure 6)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

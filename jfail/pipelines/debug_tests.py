@@ -81,6 +81,8 @@ from jfail.models import (
     model_fns,
 )
 from jfail.pipelines import command_line
+from jfail.plotting import pyplot as _pyplot
+from jfail.plotting import word_slug as _slug
 from jfail.train import evaluate, fit, predict
 from jfail.train.run import trained_classifier, write_json
 from jfail.xla import jit
@@ -787,11 +789,6 @@ def _checking_figure(self_influence_summary, path):
     plt.close(fig)
 
 
-def _slug(text: str) -> str:
-    text = text.replace("→", " to ").lower()
-    return "_".join("".join(c if c.isalnum() else " " for c in text).split())
-
-
 def _cascading_figures(image, grid, cascading, figures):
     plt = _pyplot()
     methods, layers = list(grid), cascading["layers"]
@@ -823,15 +820,6 @@ def _cascading_figures(image, grid, cascading, figures):
     fig.tight_layout()
     fig.savefig(figures / "cascading_curves.png", dpi=110)
     plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _fmt(cell: dict) -> str:
