@@ -58,12 +58,12 @@ from jfail.train import Attack, pgd_attack
 from jfail.xla import jit
 
 try:
-    from benchmarks._machine import (
+    from benchmarks.machine import (
         cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results,
     )
     from benchmarks.attribution import check_logits, load_images
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
+    from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
     from attribution import check_logits, load_images
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"

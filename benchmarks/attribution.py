@@ -132,7 +132,8 @@ import torch
 from torch import nn
 
 import captum
-from captum._utils.models.linear_model import SkLearnRidge
+# Captum exports its Ridge surrogate and LRP rules from private modules only
+from captum._utils.models.linear_model import SkLearnRidge  # noqa: PLC2701
 from captum.attr import (
     LRP,
     Deconvolution,
@@ -145,14 +146,14 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from captum.attr._utils.lrp_rules import EpsilonRule
+from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: PLC2701
 
 try:
-    from benchmarks._machine import (
+    from benchmarks.machine import (
         cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls,
     )
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls
+    from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls
 
 from jfail import xla as jfail_xla
 from jfail.attribution import METHODS, fit_patterns, method_kwargs, segments

@@ -95,9 +95,9 @@ from jfail.testing.torch_reference import torch_classifier, torch_decoder
 from jfail.testing.variables import random_variables
 
 try:
-    from benchmarks._machine import cpu_name, write_atomic
+    from benchmarks.machine import cpu_name, write_atomic
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, write_atomic
+    from machine import cpu_name, write_atomic
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "identify.json"
 IMAGE_SHAPE = (28, 28, 1)

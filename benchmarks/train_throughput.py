@@ -56,9 +56,9 @@ from jfail.testing.torch_reference import TorchDefuseCNN, load_flax_variables
 from jfail.train import DataParallel, TrainConfig, TrainState, make_optimizer, make_train_step
 
 try:
-    from benchmarks._machine import cpu_name, provenance
+    from benchmarks.machine import cpu_name, provenance
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, provenance
+    from machine import cpu_name, provenance
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MAX_DISTINCT_BATCHES = 256  # batches are cycled through after this many (bounds memory)

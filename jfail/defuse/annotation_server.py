@@ -85,8 +85,8 @@ from jfail.defuse.annotate import (
     NONE_OF_THE_ABOVE,
     FileAnnotator,
     Review,
-    _check_class_names,
     annotator_agreement,
+    check_class_names,
     majority_label,
     reviews_from_labels,
 )
@@ -146,7 +146,7 @@ def prepare_annotation(
                 f"{database} already holds {count} vote(s); move or delete it before preparing "
                 "a new annotation round."
             )
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     FileAnnotator.export(directory, samples, predictions, names, overwrite=overwrite)
     (directory / CLASSES_FILE).write_text(json.dumps({"classes": list(names)}, indent=2) + "\n")
     _init_database(database)
@@ -397,7 +397,7 @@ def _load_layout(run_dir) -> _Layout:
         classes = json.loads(classes_path.read_text())["classes"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{classes_path} must be {{\"classes\": [names]}}: {error}") from None
-    classes = _check_class_names(classes)
+    classes = check_class_names(classes)
     index = {name: i for i, name in enumerate(classes)}
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
