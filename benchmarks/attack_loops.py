@@ -52,19 +52,18 @@ import torch
 import torch.nn.functional as F
 
 from jfail import barlow
-from jfail.models import model_fns, resnet18, resnet_variables_from_torch
+from jfail.models import model_fns, resnet_variables_from_torch
+from jfail.testing.torch_reference import randomize_batchnorm, resnet_pair
 from jfail.train import Attack, pgd_attack
 from jfail.xla import cpu_gradients, jit
 
 try:
-    from benchmarks._machine import (
+    from benchmarks.machine import (
         cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results,
     )
-    from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
     from benchmarks.attribution import check_logits, load_images
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
-    from _torch_resnet import TorchResNet18Small, randomize_batchnorm
+    from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
     from attribution import check_logits, load_images
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -143,12 +142,11 @@ def format_markdown(results: dict) -> str:
 def _build_models(seed: int):
     """The torch ResNet-18 (eval mode, frozen) and jfail's `model_fns` with the same weights."""
     torch.manual_seed(seed)
-    torch_model = TorchResNet18Small(1, num_classes=10, width=16)
+    module, torch_model = resnet_pair("resnet18", "small", 16, 1, num_classes=10)
     randomize_batchnorm(torch_model, seed)
     torch_model.eval()
     for parameter in torch_model.parameters():
         parameter.requires_grad_(False)
-    module = resnet18(10, stem="small", width=16)
     return torch_model, model_fns(module, resnet_variables_from_torch(torch_model.state_dict(),
                                                                        module))
 

@@ -132,7 +132,8 @@ import torch
 from torch import nn
 
 import captum
-from captum._utils.models.linear_model import SkLearnRidge
+# Captum exports its Ridge surrogate and LRP rules from private modules only
+from captum._utils.models.linear_model import SkLearnRidge  # noqa: PLC2701
 from captum.attr import (
     LRP,
     Deconvolution,
@@ -145,21 +146,22 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from captum.attr._utils.lrp_rules import EpsilonRule
+from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: PLC2701
 
 try:
-    from benchmarks._machine import (
+    from benchmarks.machine import (
         cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls,
     )
-    from benchmarks._torch_resnet import TorchResNet18Small, randomize_batchnorm
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls
-    from _torch_resnet import TorchResNet18Small, randomize_batchnorm
+    from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls
 
 from jfail import xla as jfail_xla
 from jfail.attribution import METHODS, fit_patterns, method_kwargs, segments
 from jfail.data import DatasetNotFoundError, load
-from jfail.models import DefuseCNN, logits_fn, resnet18, resnet_variables_from_torch
+from jfail.models import DefuseCNN, logits_fn, resnet_variables_from_torch
+from jfail.testing.torch_reference import (
+    TorchDefuseCNN, randomize_batchnorm, resnet_pair, torch_to_flax,
+)
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MODEL_NAMES = ("defuse_cnn", "resnet18", "tiny_cnn")
@@ -524,48 +526,6 @@ def _mask_cosine_kernel(kernel_width: float) -> Callable:
 # Models: torch, with weights copied into jfail.
 
 
-class TorchDefuseCNN(nn.Module):
-    """`DefuseCNN` in torch with one `nn.ReLU` per use and a functional flatten (for Captum)."""
-
-    def __init__(self, in_channels: int, image_size: tuple[int, int], num_classes: int = 10):
-        super().__init__()
-        height, width = image_size
-        for i in range(4):
-            setattr(self, f"conv{i}", nn.Conv2d(in_channels, 64, 4, 2, 1))
-            setattr(self, f"relu{i}", nn.ReLU())
-            in_channels, height, width = 64, (height - 2) // 2 + 1, (width - 2) // 2 + 1
-        self.flat_shape = (in_channels, height, width)
-        self.dense0 = nn.Linear(in_channels * height * width, 256)
-        self.relu4 = nn.ReLU()
-        self.dense1 = nn.Linear(256, 256)
-        self.relu5 = nn.ReLU()
-        self.classifier = nn.Linear(256, num_classes)
-
-    def forward(self, x):
-        for i in range(4):
-            x = getattr(self, f"relu{i}")(getattr(self, f"conv{i}")(x))
-        h = self.relu4(self.dense0(torch.flatten(x, 1)))
-        return self.classifier(self.relu5(self.dense1(h)))
-
-    def flax_variables(self) -> dict:
-        """`{'params': ...}` for `DefuseCNN`: OIHW -> HWIO, `[out, in]` -> `[in, out]`; the
-        first dense layer's rows reordered from NCHW to NHWC flatten order."""
-        params = {}
-        for i in range(4):
-            conv = getattr(self, f"conv{i}")
-            params[f"conv{i}"] = {"kernel": _numpy(conv.weight).transpose(2, 3, 1, 0),
-                                  "bias": _numpy(conv.bias)}
-        channels, height, width = self.flat_shape
-        for name in ("dense0", "dense1", "classifier"):
-            layer = getattr(self, name)
-            kernel = _numpy(layer.weight).T
-            if name == "dense0":
-                kernel = _numpy(layer.weight).reshape(-1, channels, height, width)
-                kernel = kernel.transpose(2, 3, 1, 0).reshape(-1, layer.out_features)
-            params[name] = {"kernel": kernel, "bias": _numpy(layer.bias)}
-        return {"params": jax.tree_util.tree_map(jnp.asarray, params)}
-
-
 class TorchTinyCNN(nn.Module):
     """A 3x3 convolution of 8 channels (padding 1), a ReLU and a linear classifier."""
 
@@ -603,11 +563,10 @@ def build_models(model_name: str, image_shape, seed: int):
     if model_name == "defuse_cnn":
         torch_model = TorchDefuseCNN(channels, (height, width), num_classes=10)
         module = DefuseCNN(num_classes=10)
-        variables = torch_model.flax_variables()
+        variables = jax.tree_util.tree_map(jnp.asarray, torch_to_flax(torch_model))
     elif model_name == "resnet18":
-        torch_model = TorchResNet18Small(channels, num_classes=10, width=16)
+        module, torch_model = resnet_pair("resnet18", "small", 16, channels, num_classes=10)
         randomize_batchnorm(torch_model, seed)
-        module = resnet18(10, stem="small", width=16)
         variables = resnet_variables_from_torch(torch_model.state_dict(), module)
     elif model_name == "tiny_cnn":
         torch_model = TorchTinyCNN(channels, (height, width), num_classes=10)

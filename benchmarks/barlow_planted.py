@@ -52,9 +52,9 @@ from jfail.barlow import failure_trees, leaf_evidence
 from jfail.keys import numpy_generator
 
 try:
-    from benchmarks._machine import write_results
+    from benchmarks.machine import write_results
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import write_results
+    from machine import write_results
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 DELTA, TAU, ALPHA = 0.1, 0.2, 0.05

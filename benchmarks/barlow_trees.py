@@ -66,9 +66,9 @@ from jfail.barlow import (
 from jfail.barlow.trees import Condition
 
 try:
-    from benchmarks._machine import write_results
+    from benchmarks.machine import write_results
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import write_results
+    from machine import write_results
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 NUM_FEATURES_SELECTED = 50

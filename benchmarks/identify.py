@@ -36,12 +36,12 @@ either way; the report names both devices).
 Networks: the paper's (appendix B), `jfail.models.BetaVAE` (latent dimension 10, 28x28x1
 images; only its decoder runs) and `jfail.models.DefuseCNN`, with random, fixed-seed weights,
 since throughput does not depend on training: kernels `N(0, 1 / fan-in)` and biases drawn by
-`benchmarks._torch_defuse.random_variables`, then every layer in turn rescaled and shifted
+`jfail.testing.variables.random_variables`, then every layer in turn rescaled and shifted
 (per output channel) so that its outputs have mean 0 and standard deviation 1 on 1024 inputs of
 the benchmark's distribution, latents `μ + ε` for the decoder and their decodes for the
 classifier. Without that, a random decoder's images hardly depend on the latent and a random
 classifier gives them all one class, which would leave the prediction check below with nothing
-to compare. The weights are copied into the PyTorch port of `benchmarks/_torch_defuse.py`
+to compare. The weights are copied into the PyTorch twins of `jfail.testing.torch_reference`
 (checked against jfail by `tests/test_defuse_torch_port.py`). The means `μ ~ N(0, 1)` and the
 labels (uniform over 10 classes) are random too. jfail's decoder is `jfail.models.decoder_fn`
 (sigmoid of the logits), as is the port's.
@@ -91,15 +91,13 @@ import torch
 
 from jfail.defuse import identify
 from jfail.models import BetaVAE, DefuseCNN, decoder_fn, logits_fn
+from jfail.testing.torch_reference import torch_classifier, torch_decoder
+from jfail.testing.variables import random_variables
 
 try:
-    from benchmarks._machine import cpu_name, write_atomic
+    from benchmarks.machine import cpu_name, write_atomic
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, write_atomic
-try:
-    from benchmarks._torch_defuse import random_variables, torch_classifier, torch_decoder
-except ModuleNotFoundError:  # run as `python benchmarks/identify.py`: this folder is on the path
-    from _torch_defuse import random_variables, torch_classifier, torch_decoder
+    from machine import cpu_name, write_atomic
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "identify.json"
 IMAGE_SHAPE = (28, 28, 1)

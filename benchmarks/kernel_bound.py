@@ -54,18 +54,19 @@ import numpy as np
 import torch
 from jax import lax
 
-from jfail.attribution._core import cpu_group_size
-from jfail.attribution.gradients import _target_logit_gradients
+# the step size jfail's sampling methods choose on CPU: an internal policy, measured here
+from jfail.attribution._core import cpu_group_size  # noqa: PLC2701
+from jfail.attribution.gradients import target_logit_gradients
 from jfail.xla import compiler_options, jit
 
 try:
-    from benchmarks._machine import cpu_name, provenance, time_calls, write_results
+    from benchmarks.machine import cpu_name, provenance, time_calls, write_results
     from benchmarks.attribution import (
         NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
         make_captum_call, make_jfail_call,
     )
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, provenance, time_calls, write_results
+    from machine import cpu_name, provenance, time_calls, write_results
     from attribution import (
         NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
         make_captum_call, make_jfail_call,
@@ -229,7 +230,7 @@ def _step_timing(model, images, target, group: int, args, extra=None) -> dict:
     the step's and its kernels' milliseconds per input."""
     inputs = jnp.asarray(np.resize(images, (group,) + images.shape[1:]))
     targets = jnp.asarray(np.resize(target, group))
-    step = jit(_target_logit_gradients)
+    step = jit(target_logit_gradients)
     kernels = _kernels(step.lower(model, inputs, targets).compile().as_text())
     calls = {**(extra or {}),
              "step": lambda: jax.block_until_ready(step(model, inputs, targets))}

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_name, write_results  # noqa: E402
+from machine import cpu_name, write_results  # noqa: E402
 
 from jfail.pipelines import command_line  # noqa: E402
 from jfail.prime import find_failure_modes, flip_tags, mode_evidence, planted_problem  # noqa: E402

@@ -52,12 +52,13 @@ import torch.nn.functional as F
 
 from jfail.data import Dataset, DatasetNotFoundError, load
 from jfail.models import DefuseCNN, init_classifier, linen_apply
+from jfail.testing.torch_reference import TorchDefuseCNN, load_flax_variables
 from jfail.train import DataParallel, TrainConfig, TrainState, make_optimizer, make_train_step
 
 try:
-    from benchmarks._machine import cpu_name, provenance
+    from benchmarks.machine import cpu_name, provenance
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from _machine import cpu_name, provenance
+    from machine import cpu_name, provenance
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MAX_DISTINCT_BATCHES = 256  # batches are cycled through after this many (bounds memory)
@@ -179,8 +180,10 @@ class TorchBench:
     """The same model in PyTorch, from jfail's initial `params`; `run(n)` as in `JfailBench`."""
 
     def __init__(self, params, image_shape, config: TrainConfig, batches: list[tuple]):
-        self.model = TorchDefuseCNN(image_shape, num_classes=params["classifier"]["bias"].shape[0])
-        self.model.load_flax_params(params)
+        height, width, channels = image_shape
+        num_classes = params["classifier"]["bias"].shape[0]
+        self.model = TorchDefuseCNN(channels, (height, width), num_classes=num_classes)
+        load_flax_variables(self.model, {"params": params})
         self.model.train()
         self.optimizer = torch.optim.Adadelta(
             self.model.parameters(), lr=config.learning_rate, rho=0.9, eps=1e-6
@@ -207,51 +210,6 @@ class TorchBench:
             self.optimizer.step()
             losses.append(loss.item())
         return time.perf_counter() - started, losses
-
-
-class TorchDefuseCNN(torch.nn.Module):
-    """`DefuseCNN` in PyTorch: `forward(x: [B, C, H, W]) -> logits [B, K]`."""
-
-    def __init__(self, image_shape, num_classes: int = 10, convs=(64, 64, 64, 64), hidden=256):
-        super().__init__()
-        height, width, channels = image_shape
-        layers = []
-        for out_channels in convs:
-            layers += [torch.nn.Conv2d(channels, out_channels, 4, 2, 1), torch.nn.ReLU()]
-            channels, height, width = out_channels, (height - 2) // 2 + 1, (width - 2) // 2 + 1
-        self.features = torch.nn.Sequential(*layers)
-        self.flat_shape = (channels, height, width)
-        self.head = torch.nn.Sequential(
-            torch.nn.Flatten(),
-            torch.nn.Linear(channels * height * width, hidden),
-            torch.nn.ReLU(),
-            torch.nn.Linear(hidden, hidden),
-            torch.nn.ReLU(),
-            torch.nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-    @torch.no_grad()
-    def load_flax_params(self, params) -> None:
-        """Copy jfail `DefuseCNN` params: HWIO -> OIHW kernels, `[in, out]` -> `[out, in]`.
-
-        The first dense layer's rows are reordered from NHWC to NCHW flatten order.
-        """
-        convs = [m for m in self.features if isinstance(m, torch.nn.Conv2d)]
-        for i, conv in enumerate(convs):
-            conv.weight.copy_(_tensor(params[f"conv{i}"]["kernel"]).permute(3, 2, 0, 1))
-            conv.bias.copy_(_tensor(params[f"conv{i}"]["bias"]))
-        linears = [m for m in self.head if isinstance(m, torch.nn.Linear)]
-        channels, height, width = self.flat_shape
-        for layer, name in zip(linears, ("dense0", "dense1", "classifier")):
-            kernel = _tensor(params[name]["kernel"])  # [in, out]
-            if name == "dense0":
-                kernel = kernel.reshape(height, width, channels, -1).permute(2, 0, 1, 3)
-                kernel = kernel.reshape(channels * height * width, -1)
-            layer.weight.copy_(kernel.T)
-            layer.bias.copy_(_tensor(params[name]["bias"]))
 
 
 def format_markdown(results: dict) -> str:
@@ -334,10 +292,6 @@ def _environment(torch_threads: int) -> dict:
         "numpy": np.__version__,
         "platform": platform.platform(),
     }
-
-
-def _tensor(array) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
 if __name__ == "__main__":

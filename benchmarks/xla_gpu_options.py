@@ -47,11 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_name, provenance, time_calls, write_atomic, write_results  # noqa: E402
+from machine import cpu_name, provenance, time_calls, write_atomic, write_results  # noqa: E402
 from attribution import build_models, load_images  # noqa: E402
 
 from jfail import xla  # noqa: E402
-from jfail.attribution._core import pick_logits  # noqa: E402
 
 COMMAND_BUFFER = xla.GPU_OPTIONS["xla_gpu_enable_command_buffer"]  # the kinds jfail records
 OPTION_SETS = {
@@ -151,7 +150,10 @@ def format_markdown(results: dict) -> str:
 
 def _input_gradient(model, images, target):
     """`[N, H, W, C]`: d logits[i, target_i] / d images_i."""
-    return jax.grad(lambda batch: pick_logits(model(batch), target).sum())(images)
+    def objective(batch):
+        return jnp.take_along_axis(model(batch), target[:, None], axis=1).sum()
+
+    return jax.grad(objective)(images)
 
 
 def _cases(test: np.ndarray) -> dict:

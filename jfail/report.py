@@ -118,7 +118,7 @@ def build_report(
         if not path.is_file():
             kind = "result" if template else "Markdown"
             raise FileNotFoundError(f"no {kind} file {path} for section {method_title!r}")
-        section_id = _unique_id(_slug(method_title) or "section", used_ids)
+        section_id = _unique_id(_anchor_slug(method_title) or "section", used_ids)
         anchors = _Anchors(f"{section_id}-", used_ids)
         env = {"image_src": _inline_image_src(path), "anchors": anchors}
         if template:
@@ -281,7 +281,7 @@ class _Anchors:
 
     def add(self, level: int, text_html: str) -> str:
         plain_html = re.sub(r"<[^>]*>", "", text_html)
-        anchor = _unique_id(self.prefix + (_slug(html.unescape(plain_html)) or "section"),
+        anchor = _unique_id(self.prefix + (_anchor_slug(html.unescape(plain_html)) or "section"),
                             self.used_ids)
         self.headings.append({"level": level, "anchor": anchor, "text_html": plain_html})
         return anchor
@@ -423,7 +423,7 @@ def _relative_to(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
-def _slug(text: str) -> str:
+def _anchor_slug(text: str) -> str:
     """An ASCII anchor id from text: 'Figure 4: λ sweep' -> 'figure-4-sweep'."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")

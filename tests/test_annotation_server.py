@@ -46,7 +46,7 @@ from jfail.testing.http_probe import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _browser import chromium  # noqa: E402
+from browser import chromium  # noqa: E402
 
 K, Q = 3, 2
 CLASSES = ("zero", "one", "two", "three")

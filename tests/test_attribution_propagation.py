@@ -321,7 +321,7 @@ def test_agrees_with_captum(method, strided_kernel):
     target = np.array([0, 1, 2, 1])
     inputs = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     if method == "lrp_epsilon":
-        from captum.attr._utils.lrp_rules import EpsilonRule
+        from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: PLC2701 (no public path)
         for layer in reference.modules():
             if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.MaxPool2d)):
                 layer.rule = EpsilonRule(epsilon=1e-6)

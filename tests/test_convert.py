@@ -1,6 +1,6 @@
 """PyTorch ResNet checkpoints load into jfail's ResNet and compute what the torch models compute.
 
-Randomly initialized torch reference models (`tests/torch_reference.py`, random BatchNorm
+Randomly initialized torch reference models (`jfail.testing.torch_reference`, random BatchNorm
 statistics) are saved with `torch.save` in torchvision's format (a bare state dict) and in the
 robustness library's (the `AttackerModel` state dict, `DataParallel`'s `module.` prefix, under
 `'model'`; or without the prefix under `'state_dict'`). jfail's loaders must give the same logits,
@@ -31,7 +31,7 @@ from jfail.models import (
 
 torch = pytest.importorskip("torch")
 
-from tests.torch_reference import (  # noqa: E402  (needs torch)
+from jfail.testing.torch_reference import (  # noqa: E402  (needs torch)
     RTOL,
     TorchDefuseCNN,
     TorchRobustModel,
@@ -117,12 +117,12 @@ def test_normalized_gradients_match_torch():
     reference = TorchDefuseCNN(3, (32, 32), num_classes=10)
     robust = TorchRobustModel(reference, MEAN, STD).eval()
     module = DefuseCNN(num_classes=10)
-    variables = torch_to_flax(reference, nchw_flatten={"dense0": reference.flat_shape})
+    variables = torch_to_flax(reference)
     x = _images(2, shape=(32, 32, 3))
     weights = np.random.default_rng(1).normal(size=(2, 10)).astype(np.float32)
 
     x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(True)
-    (robust(x_torch)["logits"] * torch.from_numpy(weights)).sum().backward()
+    (robust(x_torch) * torch.from_numpy(weights)).sum().backward()
     want = x_torch.grad.numpy().transpose(0, 2, 3, 1)
 
     logits = normalized_model_fns(module, variables, MEAN, STD).logits

@@ -1,4 +1,4 @@
-"""The PyTorch port of Defuse's networks (`benchmarks/_torch_defuse.py`) computes what jfail does.
+"""The PyTorch twins of Defuse's networks (`jfail.testing.torch_reference`) compute what jfail does.
 
 Random Flax weights are copied into the torch modules; on random inputs the decoder's pixels and
 logits and the classifier's logits must agree with jfail's to 1e-5. The identification benchmark
@@ -16,11 +16,11 @@ from jfail.models import BetaVAE, DefuseCNN, decoder_fn, logits_fn
 
 torch = pytest.importorskip("torch")
 
-from benchmarks._torch_defuse import (  # noqa: E402 (needs torch)
-    random_variables,
+from jfail.testing.torch_reference import (  # noqa: E402 (needs torch)
     torch_classifier,
     torch_decoder,
 )
+from jfail.testing.variables import random_variables  # noqa: E402
 
 ATOL = 1e-5
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _browser import chromium  # noqa: E402
+from browser import chromium  # noqa: E402
 
 from jfail import attribution, demo  # noqa: E402
 from jfail.config import load_config  # noqa: E402

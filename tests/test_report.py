@@ -12,7 +12,7 @@ import pytest
 from jfail.report import build_report, markdown_to_html
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _browser import chromium  # noqa: E402
+from browser import chromium  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 RESULT_SECTIONS = (

@@ -1,11 +1,12 @@
 """jfail's classifiers compute what the same PyTorch models compute, weight for weight.
 
-The PyTorch reference models (`tests/torch_reference.py`) are written with plain `torch.nn` in
-the layouts the paper's code and torchvision use (torchvision itself is not imported). Random
-torch weights, and random BatchNorm running statistics in eval mode, are copied into jfail's Flax
-variables; the logits, the pooled penultimate `features` and the last `feature_map` must then
-agree to 1e-4 relative. The state-dict converter of `jfail.models.convert` must build exactly the
-variables the module-by-module copy builds.
+The PyTorch reference models (`jfail.testing.torch_reference`) are written with plain
+`torch.nn` in the layouts the paper's code and torchvision use (torchvision itself is not
+imported). Random torch weights, and random BatchNorm running statistics in eval mode, are
+copied into jfail's Flax variables; the logits, the pooled penultimate `features` and the last
+`feature_map` must then agree to 1e-4 relative. The state-dict converter of
+`jfail.models.convert` must build exactly the variables the module-by-module copy builds, and the
+copy back into torch must give back the same weights.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from jfail.models import DefuseCNN, init_classifier, model_fns, resnet_variables
 
 torch = pytest.importorskip("torch")
 
-from tests.torch_reference import (  # noqa: E402  (needs torch)
+from jfail.testing.torch_reference import (  # noqa: E402  (needs torch)
     TorchDefuseCNN,
     check_taps,
     jfail_taps,
+    load_flax_variables,
     randomize_batchnorm,
     resnet_pair,
     torch_taps,
@@ -42,7 +44,7 @@ def test_defuse_cnn_matches_torch(image_shape):
     height, width, channels = image_shape
     reference = TorchDefuseCNN(channels, (height, width), num_classes=10)
     module = DefuseCNN(num_classes=10)
-    variables = torch_to_flax(reference, nchw_flatten={"dense0": reference.flat_shape})
+    variables = torch_to_flax(reference)
     _check_against_torch(module, variables, reference, image_shape, batch=4)
 
 
@@ -87,6 +89,20 @@ def test_state_dict_converter_equals_module_copy(name, stem, width, in_channels)
     want = torch_to_flax(reference)
     chex.assert_type(jax.tree_util.tree_leaves(got), np.float32)
     chex.assert_trees_all_equal(got, want)  # the same structure and values
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_copy_back_into_torch_restores_every_tensor(name):
+    """`load_flax_variables` inverts `torch_to_flax`, BatchNorm statistics included."""
+    module, reference = resnet_pair(name, "small", 4, 3, num_classes=7)
+    randomize_batchnorm(reference, seed=3)
+    _, fresh = resnet_pair(name, "small", 4, 3, num_classes=7)
+    load_flax_variables(fresh, torch_to_flax(reference))
+    want, got = reference.state_dict(), fresh.state_dict()
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        if tensor.is_floating_point():
+            assert torch.equal(got[key], tensor), key
 
 
 def _check_against_torch(module, variables, reference, image_shape, batch):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jfail.data.batching import pad_rows_repeating_last
 from jfail.keys import as_key
 from jfail.models.adapter import ModelCallError, StaticModel, call_shape, in_trace, split_model
 from jfail.xla import jit, on_cpu
@@ -148,7 +149,8 @@ def run_chunked(
         stop = min(start + chunk, batch)
         args = [x, target, keys, *per_example]
         if chunk < batch:  # one chunk of the whole batch needs no slicing (keys: one key then)
-            args = [None if a is None else _pad_rows(a[start:stop], chunk) for a in args]
+            args = [None if a is None else pad_rows_repeating_last(a[start:stop], chunk)
+                    for a in args]
         out, summary = call(dynamic, *args, *shared)
         outputs.append(out if chunk == batch else out[: stop - start])
         summaries.append(summary)
@@ -377,11 +379,3 @@ def _input_summary(x, target):
     if target.size == 0:
         return jnp.all(jnp.isfinite(x)), jnp.int32(0), jnp.int32(0)
     return jnp.all(jnp.isfinite(x)), jnp.min(target), jnp.max(target)
-
-
-def _pad_rows(array, rows: int):
-    missing = rows - array.shape[0]
-    if missing == 0:
-        return array
-    pad = jnp.repeat(array[-1:], missing, axis=0)
-    return jnp.concatenate([array, pad], axis=0)

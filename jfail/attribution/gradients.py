@@ -425,11 +425,11 @@ def expected_gradients(
 
 
 def _gradient_kernel(model, x, target, keys):
-    return _target_logit_gradients(model, x, target)
+    return target_logit_gradients(model, x, target)
 
 
 def _input_x_gradient_kernel(model, x, target, keys):
-    return x * _target_logit_gradients(model, x, target)
+    return x * target_logit_gradients(model, x, target)
 
 
 
@@ -524,7 +524,7 @@ def _quadrature(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     return np.linspace(0.0, 1.0, steps), weights
 
 
-def _target_logit_gradients(model, images, target):
+def target_logit_gradients(model, images, target):
     """d logit[target_i] / d images_i for a batch `images: [N, H, W, C]`, `target: [N]`.
 
     On CPU, 4x4/2-like convolutions are differentiated through space-to-depth and convolutions
@@ -543,7 +543,7 @@ def _sample_gradients(model, samples, target, group):
     def evaluate(sample_group):  # [m, b, H, W, C]
         flat = sample_group.reshape((-1,) + sample_group.shape[2:])
         tiled_target = jnp.tile(target, sample_group.shape[0])
-        return _target_logit_gradients(model, flat, tiled_target).reshape(sample_group.shape)
+        return target_logit_gradients(model, flat, tiled_target).reshape(sample_group.shape)
 
     return map_over_samples(evaluate, samples, group)
 

@@ -20,7 +20,13 @@ import numpy as np
 
 from jfail import stats
 from jfail.barlow._checks import check_features_and_errors, check_groups
-from jfail.barlow.trees import FailureTree, Leaf, _integer_group_ids, _plain, group_indices
+from jfail.barlow.trees import (
+    FailureTree,
+    Leaf,
+    group_indices,
+    integer_group_ids,
+    python_scalar,
+)
 
 __all__ = ["LeafEvidence", "leaf_evidence"]
 
@@ -276,11 +282,11 @@ def _heldout_groups(trees: dict, groups, num_rows: int) -> dict[Hashable, np.nda
             f"groups must be a mapping {{group: row indices}} or an array of one group id per "
             f"held-out row, shape ({num_rows},); got shape {assignments.shape}."
         )
-    return group_indices(_integer_group_ids(assignments))
+    return group_indices(integer_group_ids(assignments))
 
 
 def _json_key(name):
-    name = _plain(name)
+    name = python_scalar(name)
     if name is None or isinstance(name, (bool, int, float, str)):
         return name
     return str(name)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jfail.data.batching import pad_rows_repeating_last
 from jfail.data.checks import check_images
 from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape, in_trace, traced_model
@@ -400,7 +401,7 @@ def _map_chunks(kernel, model_fn, images, per_image, batch_size, data_parallel, 
         starts, desc=desc, unit="batch", disable=progress_disabled(progress), leave=False
     ):
         stop = min(start + chunk, len(images))
-        arrays = [_pad_to(a[start:stop], chunk) for a in (images, *per_image)]
+        arrays = [pad_rows_repeating_last(a[start:stop], chunk) for a in (images, *per_image)]
         sharded, _ = data_parallel.shard_batch(*arrays)
         outputs.append(np.asarray(kernel(model_fn, *sharded))[: stop - start])
     return np.concatenate(outputs)
@@ -436,13 +437,6 @@ def _replicate(model_fn, data_parallel: DataParallel):
         else leaf
     )
     return jax.tree_util.tree_map(place, model_fn)
-
-
-def _pad_to(array: np.ndarray, rows: int) -> np.ndarray:
-    """Pads a chunk to `rows` by repeating its last row (a valid image, so no NaN in padding)."""
-    if len(array) == rows:
-        return array
-    return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
 
 
 def _feature_indices(feature_index, num_images: int) -> np.ndarray:

@@ -231,7 +231,7 @@ def failure_trees(
                 f"groups must be a mapping {{name: row indices}} or an array of one group id per "
                 f"example, shape {errors.shape}; got shape {assignments.shape}."
             )
-        mapping = group_indices(_integer_group_ids(assignments))
+        mapping = group_indices(integer_group_ids(assignments))
     return _analyse(
         features,
         errors,
@@ -251,7 +251,7 @@ def failure_trees(
     )
 
 
-def _integer_group_ids(assignments: np.ndarray) -> np.ndarray:
+def integer_group_ids(assignments: np.ndarray) -> np.ndarray:
     """Group ids as integers: integer-valued floats (labels stored as float) are converted; other
     floats would make one group per distinct value, so they raise."""
     if assignments.dtype == bool or not np.issubdtype(assignments.dtype, np.floating):
@@ -280,7 +280,7 @@ def group_indices(assignments, *, min_size: int = 1) -> dict[Hashable, np.ndarra
     order = np.argsort(assignments, kind="stable")
     values, starts, counts = np.unique(assignments[order], return_index=True, return_counts=True)
     return {
-        _plain(value): order[start : start + count]
+        python_scalar(value): order[start : start + count]
         for value, start, count in zip(values, starts, counts)
         if count >= min_size
     }
@@ -644,5 +644,6 @@ def _check_parameters(num_features, max_depth, delta, tau, min_errors, tree_para
         raise ValueError("tree_params may not set max_depth; use the max_depth argument.")
 
 
-def _plain(value):
+def python_scalar(value):
+    """A numpy scalar as the Python scalar it holds (`np.int64(3)` -> `3`); anything else as is."""
     return value.item() if isinstance(value, np.generic) else value

@@ -1,4 +1,5 @@
-"""Mini-batch iteration with per-epoch shuffling that can be resumed exactly.
+"""Mini-batch iteration with per-epoch shuffling that can be resumed exactly, and padding of a
+short last chunk to the fixed row count a compiled program was built for.
 
 The order of epoch ``e`` depends only on ``(key, e, N)``: it is
 ``jax.random.permutation(jax.random.fold_in(key, e), N)``. A run restarted
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jfail.keys import as_key
@@ -95,6 +97,33 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
             )
         return n // batch_size
     return -(-n // batch_size)
+
+
+def pad_rows_with_zeros(array: np.ndarray, rows: int) -> np.ndarray:
+    """`array` `[n, ...]` (numpy) with `rows - n` rows of zeros appended: `[rows, ...]`.
+
+    For rows whose results are dropped or weighted 0 (e.g. `DataParallel.shard_batch`'s
+    padding); returns `array` itself when it already has `rows` rows.
+    """
+    if len(array) == rows:
+        return array
+    pad = np.zeros((rows - len(array), *array.shape[1:]), array.dtype)
+    return np.concatenate([array, pad])
+
+
+def pad_rows_repeating_last(array, rows: int):
+    """`array` `[n, ...]` with its last row repeated `rows - n` times: `[rows, ...]`.
+
+    For chunks fed to a model, where a row of zeros could be an input it was never meant to see
+    (a NaN, a division by zero): the padding is a copy of a real row, and its results are
+    dropped. numpy in, numpy out; JAX arrays (PRNG key arrays included) stay JAX arrays. Returns
+    `array` itself when it already has `rows` rows.
+    """
+    missing = rows - array.shape[0]
+    if missing == 0:
+        return array
+    xp = np if isinstance(array, np.ndarray) else jnp
+    return xp.concatenate([array, xp.repeat(array[-1:], missing, axis=0)], axis=0)
 
 
 def _iterate(images, labels, batch_size, key, per_epoch, first_epoch, epochs):

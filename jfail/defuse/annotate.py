@@ -284,7 +284,7 @@ class FileAnnotator:
             raise ValueError(
                 f"predictions must be [K, Q] = {samples.shape[:2]}, got {predictions.shape}."
             )
-        class_names = _check_class_names(class_names)
+        class_names = check_class_names(class_names)
         if not np.issubdtype(predictions.dtype, np.integer) or not (
             (predictions >= 0) & (predictions < len(class_names))
         ).all():
@@ -323,7 +323,7 @@ class FileAnnotator:
         (`NONE_OF_THE_ABOVE`). Empty labels, unknown names or indices, and missing or repeated
         (scenario, sample) rows raise ValueError naming the rows.
         """
-        class_names = _check_class_names(class_names)
+        class_names = check_class_names(class_names)
         csv_path = Path(directory) / LABELS_FILE
         with open(csv_path, newline="") as handle:
             reader = csv.DictReader(handle)
@@ -494,7 +494,9 @@ def _check_annotations(labels, size: int | None, name: str = "annotator labels")
     return labels.astype(np.int64)
 
 
-def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
+def check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
+    """`class_names` as a tuple of str, checked: not empty, distinct ignoring case, none of
+    them `none` (the annotators' none-of-the-above). Raises ValueError otherwise."""
     names = tuple(str(name) for name in class_names)
     if not names:
         raise ValueError("class_names is empty.")

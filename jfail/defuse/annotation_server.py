@@ -85,8 +85,8 @@ from jfail.defuse.annotate import (
     NONE_OF_THE_ABOVE,
     FileAnnotator,
     Review,
-    _check_class_names,
     annotator_agreement,
+    check_class_names,
     majority_label,
     reviews_from_labels,
 )
@@ -146,7 +146,7 @@ def prepare_annotation(
                 f"{database} already holds {count} vote(s); move or delete it before preparing "
                 "a new annotation round."
             )
-    names = _check_class_names(class_names)
+    names = check_class_names(class_names)
     FileAnnotator.export(directory, samples, predictions, names, overwrite=overwrite)
     (directory / CLASSES_FILE).write_text(json.dumps({"classes": list(names)}, indent=2) + "\n")
     _init_database(database)
@@ -318,7 +318,7 @@ def agreement_figure(reviews, path, *, title: str = "") -> Path:
     per-scenario agreement over failure, non-failure and all scenarios; right: a histogram of
     the per-scenario agreement. Scenarios with NaN agreement (no votes) are left out.
     """
-    from jfail.defuse.plots import _pyplot, _save
+    from jfail.plotting import pyplot, save_figure
 
     if isinstance(reviews, (str, os.PathLike)):
         reviews = annotation_reviews(reviews, allow_missing=True)
@@ -335,7 +335,7 @@ def agreement_figure(reviews, path, *, title: str = "") -> Path:
     groups = [("failure", agreement[failure]), ("non-failure", agreement[~failure]),
               ("all", agreement)]
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (bars, hist) = plt.subplots(1, 2, figsize=(8, 3.4))
     means = [float(g.mean()) if g.size else 0.0 for _, g in groups]
     errors = [float(g.std(ddof=1) / np.sqrt(g.size)) if g.size > 1 else 0.0 for _, g in groups]
@@ -357,7 +357,7 @@ def agreement_figure(reviews, path, *, title: str = "") -> Path:
     hist.legend(fontsize=8)
     hist.set_title("per-scenario agreement", fontsize=9)
     fig.suptitle(title or "annotator agreement (Figure 6)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def _load_layout(run_dir) -> _Layout:
         classes = json.loads(classes_path.read_text())["classes"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{classes_path} must be {{\"classes\": [names]}}: {error}") from None
-    classes = _check_class_names(classes)
+    classes = check_class_names(classes)
     index = {name: i for i, name in enumerate(classes)}
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -29,7 +29,12 @@ from tqdm.auto import tqdm
 
 from jfail.data import Dataset, batches, num_batches
 from jfail.logs import progress_disabled
-from jfail.train.classifier import _check_model_data, _evaluate, _model_and_rest, as_dataset
+from jfail.train.classifier import (
+    as_dataset,
+    check_model_data,
+    evaluate_weights,
+    trainable_and_rest,
+)
 from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["CorrectionConfig", "FinetuneResult", "SweepResult", "finetune", "correct"]
@@ -106,7 +111,7 @@ def finetune(model: Any, *args, **kwargs) -> FinetuneResult:
         classes, a negative or non-finite λ.
       ModelCallError: the model cannot be called on the images.
     """
-    tm, rest = _model_and_rest(model, args, "finetune")
+    tm, rest = trainable_and_rest(model, args, "finetune")
     return _finetune(tm, *rest, **kwargs)
 
 
@@ -143,7 +148,7 @@ def _finetune(
             rows = failure_order[i * config.batch_size : (i + 1) * config.batch_size]
             current, _ = step(current, batch.images, batch.labels,
                               failures.images[rows], failures.labels[rows], lam)
-        scores = _evaluate(apply_fn, current[0], current[1], val,
+        scores = evaluate_weights(apply_fn, current[0], current[1], val,
                            batch_size=config.eval_batch_size)
         history.append({"epoch": epoch, "val_accuracy": scores["accuracy"]})
         if scores["accuracy"] > best_accuracy:
@@ -167,7 +172,7 @@ def correct(model: Any, *args, **kwargs) -> SweepResult:
     Raises:
       The errors of `finetune`, and ValueError for an empty `lambdas`.
     """
-    tm, rest = _model_and_rest(model, args, "correct")
+    tm, rest = trainable_and_rest(model, args, "correct")
     return _correct(tm, *rest, **kwargs)
 
 
@@ -191,7 +196,7 @@ def _correct(
     for lam in lambdas:
         _check(tm, train, failures, val, lam)
     if evaluate_on:
-        _check_model_data(tm, evaluate_on)
+        check_model_data(tm, evaluate_on)
     per_lambda, best = [], None
     for lam in tqdm(lambdas, desc="λ sweep", unit="λ", disable=progress_disabled(progress)):
         result = _finetune(tm, train, failures, val, lam, config, progress=progress,
@@ -199,7 +204,7 @@ def _correct(
         record = {"lambda": lam, "best_epoch": result.best_epoch,
                   "val_accuracy": result.history[result.best_epoch]["val_accuracy"]}
         for name, data in evaluate_on.items():
-            record[f"{name}_accuracy"] = _evaluate(
+            record[f"{name}_accuracy"] = evaluate_weights(
                 tm.apply, result.params, result.state, data, batch_size=config.eval_batch_size
             )["accuracy"]
         log.info("correction %s", record)
@@ -260,4 +265,4 @@ def _check(tm, train: Dataset, failures: Dataset, val: Dataset, lam: float) -> N
         raise ValueError("failure labels must be class indices; drop 'none of the above' samples")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"λ must be a finite non-negative number, got {lam!r}")
-    _check_model_data(tm, {"train": train, "failures": failures, "val": val})
+    check_model_data(tm, {"train": train, "failures": failures, "val": val})

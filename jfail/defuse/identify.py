@@ -25,10 +25,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jfail.models.adapter import split_model
+from jfail.data.batching import pad_rows_with_zeros
 from jfail.keys import as_key
 from jfail.logs import progress_disabled
 from jfail.models.adapter import call_shape, in_trace
-from jfail.train.parallel import DataParallel, _pad_rows
+from jfail.train.parallel import DataParallel
 from jfail.xla import cpu_friendly_gradients, jit
 
 __all__ = ["Draws", "Failures", "identify", "identify_batch", "NOISE_MODES"]
@@ -293,8 +294,8 @@ def identification_chunks(
                 f"{start}:{stop}; check the encoder")
         index = np.arange(start, start + images_per_chunk)  # padded rows are dropped below
         (mu_dev, labels_dev, index_dev), _ = parallel.shard_batch(
-            _pad_rows(mu, images_per_chunk),
-            _pad_rows(labels[start:stop], images_per_chunk),
+            pad_rows_with_zeros(mu, images_per_chunk),
+            pad_rows_with_zeros(labels[start:stop], images_per_chunk),
             index,
         )
         *values, decoded_finite, logits_finite = jax.device_get(

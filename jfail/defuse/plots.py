@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jfail.plotting import pyplot, save_figure
+
 __all__ = ["scenario_grid", "tradeoff_plot", "novelty_figure", "tsne_figure"]
 
 
@@ -14,7 +16,7 @@ def scenario_grid(samples, predictions, labels, class_names: Sequence[str], path
                   columns: int = 8, title: str = "") -> Path:
     """One row per scenario: `samples [S, n, H, W, C]`, the classifier's `predictions [S, n]`
     over each image, the scenario's annotated label `labels [S]` on the left (-1: none)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows, columns = len(samples), min(columns, samples.shape[1])
     fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows + 0.4),
                              squeeze=False)
@@ -28,14 +30,14 @@ def scenario_grid(samples, predictions, labels, class_names: Sequence[str], path
         axes[s, 0].set_ylabel(f"S{s}: {name}", fontsize=7)
     fig.suptitle(title or "failure scenarios (row: annotated label; title: prediction)",
                  fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def tradeoff_plot(curves: dict, path) -> Path:
     """Figure 5: per method, test accuracy against failure-scenario accuracy over λ.
 
     curves: `{method: [{'lambda', 'test_accuracy', 'scenario_accuracy'}, ...]}`."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for method, records in curves.items():
         xs = [r["scenario_accuracy"] for r in records]
@@ -48,14 +50,14 @@ def tradeoff_plot(curves: dict, path) -> Path:
     ax.set_ylabel("test-set accuracy")
     ax.set_title("correction trade-off over λ")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def novelty_figure(queries, query_predictions, neighbours, neighbour_predictions, distances,
                    class_names: Sequence[str], path) -> Path:
     """Seed 003 §4.3: scenario samples (top) and their nearest misclassified training images by
     ℓ2 (bottom), each titled with the classifier's prediction and the distance."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(queries)
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.0), squeeze=False)
     for i in range(n):
@@ -66,12 +68,12 @@ def novelty_figure(queries, query_predictions, neighbours, neighbour_predictions
                              fontsize=7)
     axes[0, 0].set_ylabel("scenario", fontsize=8)
     axes[1, 0].set_ylabel("nearest\ntrain error", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def tsne_figure(embedding, groups, path, *, title: str = "") -> Path:
     """A 2-D embedding `[N, 2]` coloured by `groups [N]` (-1 drawn grey)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     outside = groups < 0
     ax.scatter(*embedding[outside].T, s=2, c="lightgrey", label="dropped component")
@@ -81,7 +83,7 @@ def tsne_figure(embedding, groups, path, *, title: str = "") -> Path:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or "t-SNE of the failures' latents", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _show(ax, image) -> None:
@@ -92,21 +94,3 @@ def _show(ax, image) -> None:
         ax.imshow(np.clip(image, 0, 1))
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -49,7 +49,7 @@ def as_callable(apply_fn: Callable, params: Any) -> jax.tree_util.Partial:
 def model_fns(module: nn.Module, variables: Any) -> ModelFns:
     """Inference callables for a jfail classifier (`DefuseCNN`, `ResNet`) in eval mode."""
     return ModelFns(
-        *(as_callable(_LinenOutput(module, tap), variables) for tap in ModelFns._fields)
+        *(as_callable(LinenOutput(module, tap), variables) for tap in ModelFns._fields)
     )
 
 
@@ -153,7 +153,10 @@ def stateless_apply(fn: Callable) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
-class _LinenOutput:
+class LinenOutput:
+    """One tap (`output`: `logits`, `features` or `feature_map`) of a jfail linen classifier in
+    inference mode, as the `apply(variables, x)` function `as_callable` takes."""
+
     module: nn.Module
     output: str
 

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jfail.models.callables import ModelFns, _LinenOutput, as_callable
+from jfail.models.callables import LinenOutput, ModelFns, as_callable
 from jfail.models.resnet import ResNet, resnet18, resnet50
 
 __all__ = [
@@ -195,7 +195,7 @@ def normalized_model_fns(
     params = {"variables": variables, "mean": mean, "std": std}
     return ModelFns(
         *(
-            as_callable(_NormalizedOutput(_LinenOutput(module, tap), clip), params)
+            as_callable(_NormalizedOutput(LinenOutput(module, tap), clip), params)
             for tap in ModelFns._fields
         )
     )
@@ -208,7 +208,7 @@ def normalized_model_fns(
 class _NormalizedOutput:
     """`fn(params, x)`: one tap of a classifier on `(clip(x) - mean) / std`; hashable, for jit."""
 
-    output: _LinenOutput
+    output: LinenOutput
     clip: bool
 
     def __call__(self, params, x):

@@ -86,6 +86,7 @@ from jfail.models import (
 )
 from jfail.pipelines import command_line
 from jfail.report import render_markdown as render_template
+from jfail.plotting import word_slug as _slug
 from jfail.train import evaluate, fit, predict
 from jfail.train.run import trained_classifier, write_json
 from jfail.xla import jit
@@ -627,11 +628,6 @@ def appendix_g_table(experiment: Experiment, *, after_each: Callable[[dict], Non
 def _grid_inputs(config) -> int:
     """Input columns of the attribution grids."""
     return max(1, min(config.grid_inputs, config.num_inputs))
-
-
-def _slug(text: str) -> str:
-    text = text.replace("→", " to ").lower()
-    return "_".join("".join(c if c.isalnum() else " " for c in text).split())
 
 
 # --- the report -----------------------------------------------------------------------------------

@@ -25,24 +25,21 @@ import time
 from pathlib import Path
 
 import jax
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jfail import jsonfile  # noqa: E402
-from jfail.config import ConfigError, load_config, validate_config  # noqa: E402
-from jfail.data import Dataset, load, train_val_split  # noqa: E402
-from jfail.logs import quiet_libraries  # noqa: E402
-from jfail.models import linen_apply  # noqa: E402
-from jfail.models.user import (  # noqa: E402
+from jfail import jsonfile
+from jfail.config import ConfigError, load_config, validate_config
+from jfail.data import Dataset, load, train_val_split
+from jfail.logs import quiet_libraries
+from jfail.models import linen_apply
+from jfail.models.user import (
     USER_VAL_FRACTION,
     check_user_model,
     user_model_for_data,
 )
-from jfail.pipelines import command_line, user_splits  # noqa: E402
-from jfail.prime import (  # noqa: E402
+from jfail.pipelines import command_line, user_splits
+from jfail.plotting import character_slug, pyplot
+from jfail.prime import (
     PrimeConfig,
     TagMatrix,
     TagSpaceEmbedder,
@@ -62,9 +59,9 @@ from jfail.prime import (  # noqa: E402
     subset_accuracies,
     subset_drop_table,
 )
-from jfail.report import render_markdown  # noqa: E402
-from jfail.train import predict  # noqa: E402
-from jfail.train.run import trained_classifier  # noqa: E402
+from jfail.report import render_markdown
+from jfail.train import predict
+from jfail.train.run import trained_classifier
 
 
 REPORT_TEMPLATE = "prime"
@@ -401,6 +398,7 @@ def _hardest_tag(mode, tags: TagMatrix, problem) -> str:
 
 def _figure4(report: dict, path: Path) -> None:
     points = [m for m in report["modes"] if m["heldout_size"] > 0]
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     split_names = (report["splits"]["search"]["name"], report["splits"]["heldout"]["name"])
     for ax, (key, title) in zip(axes, (("accuracy", "accuracy of the mode"),
@@ -433,6 +431,7 @@ def _figure4(report: dict, path: Path) -> None:
 def _sweep_figure(sweep: list[dict], path: Path) -> None:
     sizes = sorted({row["min_size"] for row in sweep})
     drops = sorted({row["min_drop"] for row in sweep})
+    plt = pyplot()
     fig, axes = plt.subplots(len(sizes), len(drops), figsize=(3.6 * len(drops), 3.4 * len(sizes)),
                              squeeze=False)
     for row in sweep:
@@ -456,6 +455,7 @@ def _sweep_figure(sweep: list[dict], path: Path) -> None:
 def _mode_grids(config, modes, data: Dataset, tags: TagMatrix, correct, class_names, folder: Path):
     """One PNG per class: a row of sample images for each of its modes (red frame: misclassified)."""
     rng = np.random.default_rng(config.seed)
+    plt = pyplot()
     written = {}
     for label in sorted({m.label for m in modes}):
         class_modes = sorted((m for m in modes if m.label == label), key=lambda m: m.accuracy)
@@ -473,7 +473,7 @@ def _mode_grids(config, modes, data: Dataset, tags: TagMatrix, correct, class_na
         fig.suptitle(f"{class_names[label]}: sample images per failure mode (red frame: misclassified)",
                      fontsize=9)
         fig.tight_layout()
-        name = f"modes_{_slug(class_names[label])}.png"
+        name = f"modes_{character_slug(class_names[label])}.png"
         fig.savefig(folder / name, dpi=100)
         plt.close(fig)
         written[class_names[label]] = f"{folder.name}/{name}"
@@ -552,8 +552,6 @@ def _jsonable(value):
     return value
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
 if __name__ == "__main__":

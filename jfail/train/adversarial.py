@@ -121,7 +121,7 @@ def robust_accuracy(
       ModelCallError: the model cannot be called on the images.
       ValueError: empty data or labels outside the model's classes.
     """
-    from jfail.train.classifier import _check_model_data, _inference_model, as_dataset
+    from jfail.train.classifier import as_dataset, check_model_data, inference_model
 
     if len(args) == 4:
         params, state, data, attack = args
@@ -130,8 +130,8 @@ def robust_accuracy(
         data, attack = as_dataset(args[0]), args[1]
         if len(data.labels) == 0:
             raise ValueError("data is empty: there is nothing to attack")
-        tm = _inference_model(model, data.images)
-        _check_model_data(tm, {"data": data})
+        tm = inference_model(model, data.images)
+        check_model_data(tm, {"data": data})
         apply_fn, params, state = tm.apply, tm.params, tm.state
     else:
         raise TypeError(

@@ -210,7 +210,7 @@ def predict(model: Any, *args, batch_size: int = 1000, parallel: DataParallel | 
     elif len(args) == 1:
         images, legacy = args[0], False
         _check_batch(images, "images")
-        tm = _inference_model(model, images)
+        tm = inference_model(model, images)
         apply_fn, params, state = tm.apply, tm.params, tm.state
     else:
         raise TypeError(
@@ -239,15 +239,15 @@ def evaluate(model: Any, *args, batch_size: int = 1000, parallel: DataParallel |
     elif len(args) == 1:
         data = as_dataset(args[0], "data")
         _check_batch(data.images, "data images")
-        tm = _inference_model(model, data.images)
-        _check_model_data(tm, {"data": data})
+        tm = inference_model(model, data.images)
+        check_model_data(tm, {"data": data})
         apply_fn, params, state = tm.apply, tm.params, tm.state
     else:
         raise TypeError(
             "evaluate takes (model, data) or (apply_fn, params, state, data), got "
             f"{1 + len(args)} positional arguments"
         )
-    return _evaluate(apply_fn, params, state, data, batch_size=batch_size, parallel=parallel)
+    return evaluate_weights(apply_fn, params, state, data, batch_size=batch_size, parallel=parallel)
 
 
 def errors(model: Any, data: Any, *, batch_size: int = 1000,
@@ -268,8 +268,8 @@ def errors(model: Any, data: Any, *, batch_size: int = 1000,
     """
     data = as_dataset(data, "data")
     _check_batch(data.images, "data images")
-    tm = _inference_model(model, data.images)
-    _check_model_data(tm, {"data": data})
+    tm = inference_model(model, data.images)
+    check_model_data(tm, {"data": data})
     logits = _predict(tm.apply, tm.params, tm.state, data.images, batch_size=batch_size,
                       parallel=parallel)
     return np.argmax(logits, -1) != np.asarray(data.labels)
@@ -302,7 +302,7 @@ def fit(model: Any, *args, **kwargs) -> FitResult:
       ValueError: empty or malformed data, labels outside the model's classes.
       FloatingPointError: the loss became NaN or infinite.
     """
-    tm, rest = _model_and_rest(model, args, "fit")
+    tm, rest = trainable_and_rest(model, args, "fit")
     return _fit(tm, *rest, **kwargs)
 
 
@@ -328,7 +328,7 @@ def _fit(
                 f"val images {val.images.shape[1:]} differ in shape from train images "
                 f"{train.images.shape[1:]}"
             )
-    _check_model_data(tm, {"train": train, **({"val": val} if val is not None else {})})
+    check_model_data(tm, {"train": train, **({"val": val} if val is not None else {})})
     parallel = parallel or DataParallel()
     steps_per_epoch = num_batches(len(train.labels), config.batch_size, drop_remainder=False)
     tx = make_optimizer(config, steps_per_epoch)
@@ -380,7 +380,7 @@ def _fit(
             "seconds": time.perf_counter() - started,
         }
         if val is not None:
-            scores = _evaluate(
+            scores = evaluate_weights(
                 apply_fn, current.params, current.state, val,
                 batch_size=config.eval_batch_size, parallel=parallel,
             )
@@ -422,8 +422,10 @@ def _predict(apply_fn, params, state, images, *, batch_size: int = 1000,
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
-def _evaluate(apply_fn, params, state, data: Dataset, *, batch_size: int = 1000,
-              parallel: DataParallel | None = None) -> dict:
+def evaluate_weights(apply_fn, params, state, data: Dataset, *, batch_size: int = 1000,
+                     parallel: DataParallel | None = None) -> dict:
+    """Accuracy, mean cross-entropy and count of `apply_fn(params, state, x, False)` on `data`
+    (unchecked: `evaluate` is the checked entry point)."""
     logits = _predict(apply_fn, params, state, data.images, batch_size=batch_size,
                       parallel=parallel)
     labels = np.asarray(data.labels)
@@ -470,7 +472,7 @@ def as_dataset(data: Any, name: str = "data") -> Dataset:
     )
 
 
-def _model_and_rest(model: Any, args: tuple, name: str) -> tuple[TrainableModel, tuple]:
+def trainable_and_rest(model: Any, args: tuple, name: str) -> tuple[TrainableModel, tuple]:
     """The `TrainableModel` of a training entry point's leading arguments, and the rest:
     `(model, ...)` for a model `trainable` knows, `(apply_fn, params, state, ...)` otherwise."""
     if is_trainable_style(model):
@@ -489,7 +491,7 @@ def _data_like(value: Any) -> bool:
     return isinstance(value, Dataset) or (isinstance(value, (tuple, list)) and len(value) == 2)
 
 
-def _inference_model(model: Any, images) -> TrainableModel:
+def inference_model(model: Any, images) -> TrainableModel:
     """Eval-mode view of any model: a trainable style as such, any other callable
     `model(x) -> logits` with every array it reads now as traced weights."""
     if is_trainable_style(model):
@@ -512,7 +514,7 @@ def _check_batch(images, name: str) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(images.shape)} has no examples")
 
 
-def _check_model_data(tm: TrainableModel, datasets: dict[str, Dataset]) -> int:
+def check_model_data(tm: TrainableModel, datasets: dict[str, Dataset]) -> int:
     """The model's number of classes, after checking it can be called on every data set's
     images (`ModelCallError` otherwise) and that their labels are among its classes."""
     first = next(iter(datasets.values()))

@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jfail.data.batching import pad_rows_with_zeros
+
 __all__ = ["DataParallel"]
 
 
@@ -37,7 +39,7 @@ class DataParallel:
         """
         n = len(arrays[0])
         padded = -(-n // self.num_devices) * self.num_devices
-        out = [_pad_rows(np.asarray(a), padded) for a in arrays]
+        out = [pad_rows_with_zeros(np.asarray(a), padded) for a in arrays]
         if with_weight:
             weight = np.zeros(padded, np.float32)
             weight[:n] = 1.0
@@ -52,10 +54,3 @@ class DataParallel:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    if len(array) == rows:
-        return array
-    pad = np.zeros((rows - len(array), *array.shape[1:]), array.dtype)
-    return np.concatenate([array, pad])
