@@ -42,8 +42,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +58,17 @@ from jfail.train import Attack, pgd_attack
 from jfail.xla import cpu_gradients, jit
 
 try:
-    from benchmarks.machine import (
-        cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results,
-    )
     from benchmarks.attribution import check_logits, load_images
+    from benchmarks.machine import (
+        cpu_name,
+        cpu_snapshot,
+        other_cpu_share,
+        provenance,
+        write_results,
+    )
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
     from attribution import check_logits, load_images
+    from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, write_results
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("jfail", "jfail_jax_rules", "torch")

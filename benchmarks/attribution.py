@@ -121,17 +121,16 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+import captum
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torch import nn
 
-import captum
 # Captum exports its Ridge surrogate and LRP rules from private modules only
 from captum._utils.models.linear_model import SkLearnRidge  # noqa: PLC2701
 from captum.attr import (
@@ -147,10 +146,15 @@ from captum.attr import (
     Saliency,
 )
 from captum.attr._utils.lrp_rules import EpsilonRule  # noqa: PLC2701
+from torch import nn
 
 try:
     from benchmarks.machine import (
-        cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls,
+        cpu_name,
+        cpu_snapshot,
+        other_cpu_share,
+        provenance,
+        time_calls,
     )
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
     from machine import cpu_name, cpu_snapshot, other_cpu_share, provenance, time_calls
@@ -160,7 +164,10 @@ from jfail.attribution import METHODS, fit_patterns, method_kwargs, segments
 from jfail.data import DatasetNotFoundError, load
 from jfail.models import DefuseCNN, logits_fn, resnet_variables_from_torch
 from jfail.testing.torch_reference import (
-    TorchDefuseCNN, randomize_batchnorm, resnet_pair, torch_to_flax,
+    TorchDefuseCNN,
+    randomize_batchnorm,
+    resnet_pair,
+    torch_to_flax,
 )
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"

@@ -45,8 +45,8 @@ import platform
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,17 +60,27 @@ from jfail.attribution.gradients import target_logit_gradients
 from jfail.xla import compiler_options, jit
 
 try:
-    from benchmarks.machine import cpu_name, provenance, time_calls, write_results
     from benchmarks.attribution import (
-        NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
-        make_captum_call, make_jfail_call,
+        NUM_BASELINES,
+        BatchInputs,
+        build_models,
+        check_logits,
+        load_images,
+        make_captum_call,
+        make_jfail_call,
     )
+    from benchmarks.machine import cpu_name, provenance, time_calls, write_results
 except ModuleNotFoundError:  # run as `python benchmarks/<name>.py`: this folder is on the path
-    from machine import cpu_name, provenance, time_calls, write_results
     from attribution import (
-        NUM_BASELINES, BatchInputs, build_models, check_logits, load_images,
-        make_captum_call, make_jfail_call,
+        NUM_BASELINES,
+        BatchInputs,
+        build_models,
+        check_logits,
+        load_images,
+        make_captum_call,
+        make_jfail_call,
     )
+    from machine import cpu_name, provenance, time_calls, write_results
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 MODELS = ("defuse_cnn", "resnet18")

@@ -46,7 +46,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jfail.prime import count_frequent_tag_sets, find_failure_modes, frequent_tags, living17_shaped_problem
+from jfail.prime import (
+    count_frequent_tag_sets,
+    find_failure_modes,
+    frequent_tags,
+    living17_shaped_problem,
+)
 from jfail.prime.search import ACCURACY_TOLERANCE
 from jfail.train.run import write_json
 

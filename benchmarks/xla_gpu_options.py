@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name, provenance, time_calls, write_atomic, write_results  # noqa: E402
 from attribution import build_models, load_images  # noqa: E402
+from machine import cpu_name, provenance, time_calls, write_atomic, write_results  # noqa: E402
 
 from jfail import xla  # noqa: E402
 

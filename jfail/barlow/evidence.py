@@ -14,7 +14,7 @@ unfiltered output, are left as they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 

@@ -17,18 +17,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jfail.models.adapter import split_model
 from jfail.data.batching import pad_rows_with_zeros
 from jfail.keys import as_key
 from jfail.logs import progress_disabled
-from jfail.models.adapter import call_shape, in_trace
+from jfail.models.adapter import call_shape, in_trace, split_model
 from jfail.train.parallel import DataParallel
 from jfail.xla import cpu_friendly_gradients, jit
 

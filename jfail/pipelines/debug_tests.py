@@ -47,8 +47,9 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,12 +86,11 @@ from jfail.models import (
     logits_fn,
 )
 from jfail.pipelines import command_line
-from jfail.report import render_markdown as render_template
 from jfail.plotting import word_slug as _slug
+from jfail.report import render_markdown as render_template
 from jfail.train import evaluate, fit, predict
 from jfail.train.run import trained_classifier, write_json
 from jfail.xla import jit
-
 
 REPORT_TEMPLATE = "debug_tests"
 """The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
