@@ -417,7 +417,8 @@ def _attributable(module, variables):
 
 def _fit_cached(module, train, val, train_config, run_dir, progress):
     """`fit` with checkpoints in `run_dir`: a finished run is restored, not retrained."""
-    params, state = init_classifier(module, train.images.shape[1:], jax.random.key(train_config.seed))
+    params, state = init_classifier(module, train.images.shape[1:],
+                                    jax.random.key(train_config.seed))
     return fit(linen_apply(module), params, state, train, val, train_config,
                checkpoint_dir=Path(run_dir).absolute() / "checkpoints", progress=progress)
 
