@@ -545,7 +545,7 @@ def cascading_table(experiment: Experiment) -> dict:
     inputs = ex.test.images[ex.test_inputs()[: ex.config.randomization_inputs]]
     target = ex.predict(ex.normal, inputs)
     curves, cascade = {name: {"ssim": [], "rank": []} for name in ex.methods}, {}
-    for step, (layer, step_params) in enumerate(ex.each(steps, "Figure 7")):
+    for step, (_layer, step_params) in enumerate(ex.each(steps, "Figure 7")):
         model = _attributable(module, {"params": step_params, **state})
         step_patterns = ex.patterns(model, ex.train.images)
         for name in ex.methods:
