@@ -72,10 +72,11 @@ as `compile+first call`) and Captum's first (warm-up) call are made and timed se
 each of `--repeats` repeats times jfail, then Captum, each running back-to-back calls until
 `--min-repeat-seconds` have passed (at least one call); a jfail call ends with
 `jax.block_until_ready` on its output, and with `--torch-device cuda` a Captum call ends with
-`torch.cuda.synchronize()` (and one precedes its first call). Throughput is batch size x calls / seconds, the median over
-repeats; jfail/Captum is the ratio of the medians. jfail's calls include its input checks (one
-host sync) and its eager pre-processing (LIME's fill image); segmentation is outside both. XLA
-uses all cores; torch uses `--torch-threads` (all cores by default). For deterministic methods the
+`torch.cuda.synchronize()` (and one precedes its first call). Throughput is batch size x
+calls / seconds, the median over repeats; jfail/Captum is the ratio of the medians. jfail's calls
+include its input checks (one host sync) and its eager pre-processing (LIME's fill image);
+segmentation is outside both. XLA uses all cores; torch uses `--torch-threads` (all cores by
+default). For deterministic methods the
 last outputs of both are compared (max |difference| / max |Captum|) as a check that both compute
 the same thing. On a GPU both sides compute in full float32: TF32 is switched off in torch
 (cuBLAS and cuDNN) and JAX's default matmul and convolution precision is set to `highest`, since
@@ -817,7 +818,8 @@ def _model_load(record: dict) -> str:
                 f"before each method {min(loads):.2f}-{max(loads):.2f} (in the JSON).")
     after = ", ".join(f"{v:.2f}" for v in record["load_average_after_1_5_15_min"])
     return (f" Load average (1, 5, 15 min) {before} at the start of this model, {after} at its "
-            f"end; 1-minute load before each method {min(loads):.2f}-{max(loads):.2f} (in the JSON).")
+            f"end; 1-minute load before each method {min(loads):.2f}-{max(loads):.2f} "
+            f"(in the JSON).")
 
 
 def _ratio(ratio: float, target: float) -> str:

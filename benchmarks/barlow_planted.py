@@ -267,7 +267,7 @@ def _markdown(result: dict) -> str:
         " the per-seed value.",
         "",
     ]
-    for key, level in result["levels"].items():
+    for level in result["levels"].values():
         lines += [
             f"## Label noise {100 * level['noise']:.0f} %",
             "",
@@ -294,7 +294,7 @@ def _markdown(result: dict) -> str:
 
 def _findings(result: dict) -> list[str]:
     lines = ["## In words", ""]
-    for key, level in result["levels"].items():
+    for level in result["levels"].values():
         valid, significant = level["valid"], level["significant_by"]
         lines.append(
             f"- Noise {100 * level['noise']:.0f} %: the paper's valid leaves have precision"

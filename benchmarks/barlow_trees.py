@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     timings["jfail_rank_warm_s"] = _rank_seconds(data, groups, screen=None, seed=args.seed)
     print(
         f"jfail (every feature): cold {timings['jfail_cold_s']:.1f} s, warm"
-        f" {timings['jfail_warm_s']:.1f} s (mutual information {timings['jfail_rank_warm_s']:.1f} s)",
+        f" {timings['jfail_warm_s']:.1f} s"
+        f" (mutual information {timings['jfail_rank_warm_s']:.1f} s)",
         flush=True,
     )
 
@@ -362,7 +363,8 @@ def _markdown(result: dict) -> str:
         f" | {t['jfail_cold_s']:.1f} s | {result['speedup_cold']:.0f}x |",
         f"| jfail, warm (the same call again) | {t['jfail_warm_s']:.1f} s"
         f" | {result['speedup_warm']:.0f}x |",
-        f"| of which mutual information (`rank_features`, warm) | {t['jfail_rank_warm_s']:.1f} s | |",
+        f"| of which mutual information (`rank_features`, warm)"
+        f" | {t['jfail_rank_warm_s']:.1f} s | |",
         f"| reference loop (`mutual_info_classif` + tree per group), extrapolated"
         f" | {t['reference_extrapolated_s']:.0f} s | 1x |",
         "",

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.loop_images, args.loop_threads)
 
     records = {}
-    for name, (run, images, threads) in runners.items():
+    for name, (_run, images, threads) in runners.items():
         records[name] = {"images": images, "draws_per_image": args.draws,
                          "torch_threads": threads, "seconds_per_repeat": [],
                          "load_average_1min_before": [], "misclassified_per_repeat": [],

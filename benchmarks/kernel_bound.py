@@ -130,7 +130,8 @@ def bound_model(model_name: str, images: np.ndarray, baselines: np.ndarray, args
                                           model_name)
         group = cpu_group_size(inputs_per_image, BATCH) * BATCH
         step = _step_timing(model, images, target, group, args, extra={
-            "jfail": lambda: jax.block_until_ready(jfail_call()), "captum": captum_call})
+            "jfail": lambda call=jfail_call: jax.block_until_ready(call()),
+            "captum": captum_call})
         jfail_seconds, captum_seconds = step.pop("jfail"), step.pop("captum")
         kernel_seconds = sum(k["seconds"] * k["count"] for k in step["kernels"])
         gradients = BATCH * inputs_per_image
@@ -271,7 +272,7 @@ def _kernels(hlo: str) -> list[dict]:
     XLA's dead-code elimination and rewrites), with how often each occurs."""
     shapes = {name: shape for name, shape, _ in _instructions(hlo)}
     found = collections.OrderedDict()
-    for name, shape, (opcode, operands, attributes) in _instructions(hlo):
+    for _name, shape, (opcode, operands, attributes) in _instructions(hlo):
         if opcode not in ("convolution", "dot"):
             continue
         lhs, rhs = (shapes[operand] for operand in re.findall(r"%([\w.-]+)", operands))

@@ -136,7 +136,8 @@ def _run(seed: int, noise: float, prevalence: np.ndarray, args) -> dict:
     kept = {
         "search": [True] * len(modes),
         "mode_test": [e.significant for e in alone],
-        "uncorrected_minimality": [a.significant and all(t.p_value <= args.alpha for t in f.minimality)
+        "uncorrected_minimality": [a.significant
+                                   and all(t.p_value <= args.alpha for t in f.minimality)
                                    for a, f in zip(alone, full)],
         "evidence_bh": [e.significant for e in bh],
         "evidence": [e.significant for e in full],
@@ -216,12 +217,16 @@ def _markdown(report: dict) -> str:
         f"{problem['num_tags']} independent tags (the 10 planted ones on "
         f"{problem['planted_prevalence']:.0%} of the images, the others on "
         f"{problem['other_prevalence']:.0%}), one planted failure mode a class ({planted}), "
-        f"accuracy 0 on its images and {problem['base_accuracy']:.0%} elsewhere. Both splits' tags "
+        f"accuracy 0 on its images and {problem['base_accuracy']:.0%} elsewhere. "
+        "Both splits' tags "
         "are flipped with the given probability (a noisy tagger). The paper's exhaustive search "
-        f"(s = {report['search']['min_size']}, a = {report['search']['min_drop']:.0%}, (b2, b3, b4) = "
+        f"(s = {report['search']['min_size']}, a = {report['search']['min_drop']:.0%}, "
+        "(b2, b3, b4) = "
         f"({', '.join(f'{b:.1%}' for b in report['search']['min_gain'])}), l = "
-        f"{report['search']['max_tags']}) runs on the first split; the evidence is measured on the "
-        f"second, at alpha = {report['alpha']:g}. A reported mode counts as recovered when its class "
+        f"{report['search']['max_tags']}) runs on the first split; "
+        "the evidence is measured on the "
+        f"second, at alpha = {report['alpha']:g}. "
+        "A reported mode counts as recovered when its class "
         "and tag set equal a planted one's.",
         "",
         "Methods:",
@@ -230,7 +235,8 @@ def _markdown(report: dict) -> str:
     lines += [f"- `{name}`: {text}" for name, text in report["methods"].items()]
     lines += [
         "",
-        "| tag noise | method | candidates | tests | reported | precision (mean, min) | recall (mean, min) "
+        "| tag noise | method | candidates | tests | reported | precision (mean, min) "
+        "| recall (mean, min) "
         "| supersets of a planted mode | seeds with nothing reported |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -239,7 +245,8 @@ def _markdown(report: dict) -> str:
             f"| {row['noise']:.0%} | `{row['method']}` | {row['mean_candidates']:.1f} | "
             f"{row['mean_tests']:.1f} | {row['mean_found']:.1f} | "
             f"{_pct(row['mean_precision'])}, {_pct(row['min_precision'])} | "
-            f"{_pct(row['mean_recall'])}, {_pct(row['min_recall'])} | {row['mean_supersets']:.1f} | "
+            f"{_pct(row['mean_recall'])}, {_pct(row['min_recall'])} | "
+            f"{row['mean_supersets']:.1f} | "
             f"{row['seeds_without_report']} |"
         )
     lines += [
@@ -265,12 +272,15 @@ def _findings(report: dict) -> list[str]:
         search, full = by[(noise, "search")], by[(noise, "evidence")]
         alone, loose = by[(noise, "mode_test")], by[(noise, "uncorrected_minimality")]
         lines.append(
-            f"- At {noise:.0%} tag noise the search reports {search['mean_found']:.1f} modes a seed "
+            f"- At {noise:.0%} tag noise the search reports {search['mean_found']:.1f} modes "
+            f"a seed "
             f"(precision {_pct(search['mean_precision'])}, recall {_pct(search['mean_recall'])}, "
-            f"{search['mean_supersets']:.1f} supersets of planted modes); held-out mode tests alone "
+            f"{search['mean_supersets']:.1f} supersets of planted modes); "
+            f"held-out mode tests alone "
             f"keep {alone['mean_found']:.1f} (precision {_pct(alone['mean_precision'])}, "
             f"{alone['mean_supersets']:.1f} supersets); with uncorrected minimality "
-            f"{loose['mean_found']:.1f} (precision {_pct(loose['mean_precision'])}); `mode_evidence` "
+            f"{loose['mean_found']:.1f} (precision {_pct(loose['mean_precision'])}); "
+            f"`mode_evidence` "
             f"keeps {full['mean_found']:.1f} (precision {_pct(full['mean_precision'])}, lowest "
             f"{_pct(full['min_precision'])}; recall {_pct(full['mean_recall'])}, lowest "
             f"{_pct(full['min_recall'])}). Of the planted modes the search found in "

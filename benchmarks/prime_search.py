@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         _sliceline_worker(args.sliceline_worker, args.sliceline_k, args.sliceline_max_l[0],
                           args.sliceline_memory_gib)
         return
-    command = "python benchmarks/prime_search.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    hyper = dict(min_size=30, min_drop=0.30, min_gain=(0.10, 0.05, 0.025), max_tags=4, min_tag_count=50)
+    command = "python benchmarks/prime_search.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    hyper = dict(min_size=30, min_drop=0.30, min_gain=(0.10, 0.05, 0.025), max_tags=4,
+                 min_tag_count=50)
     load_before = os.getloadavg()
 
     t0 = time.perf_counter()
@@ -87,12 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     tags, correct, labels = problem.tags, problem.correct, problem.labels
 
     t0 = time.perf_counter()  # the first call in this process: includes XLA compilation
-    modes = find_failure_modes(tags, errors=~correct, labels=labels, tag_names=problem.tag_names, progress=False, **hyper)
+    modes = find_failure_modes(tags, errors=~correct, labels=labels, tag_names=problem.tag_names,
+                               progress=False, **hyper)
     first_seconds = time.perf_counter() - t0
     repeat_seconds = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        again = find_failure_modes(tags, errors=~correct, labels=labels, tag_names=problem.tag_names, progress=False, **hyper)
+        again = find_failure_modes(tags, errors=~correct, labels=labels,
+                                   tag_names=problem.tag_names, progress=False, **hyper)
         repeat_seconds.append(time.perf_counter() - t0)
     assert [m.tag_indices for m in again] == [m.tag_indices for m in modes]
     jfail_seconds = statistics.median(repeat_seconds)
@@ -101,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     greedy_runs = []
     for _ in range(2):  # the first compiles the kernel for the greedy search's block sizes
         t0 = time.perf_counter()
-        greedy = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy", beam_width=args.beam_width,
-                                    progress=False, **hyper)
+        greedy = find_failure_modes(tags, errors=~correct, labels=labels, method="greedy",
+                                    beam_width=args.beam_width, progress=False, **hyper)
         greedy_runs.append(time.perf_counter() - t0)
-    greedy_report = {"beam_width": args.beam_width, "seconds": greedy_runs[-1], "modes": len(greedy),
+    greedy_report = {"beam_width": args.beam_width, "seconds": greedy_runs[-1],
+                     "modes": len(greedy),
                      "subset_of_exhaustive": {(m.label, m.tag_indices) for m in greedy}
                      <= {(m.label, m.tag_indices) for m in modes}}
     found = sorted((m.label, m.tag_indices) for m in modes)
@@ -127,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                  "load_average_before": load_before, "devices": [str(d) for d in jax.devices()],
                  "jax": jax.__version__, "numpy": np.__version__},
         "problem": {"images": int(len(labels)), "classes": int(labels.max() + 1),
-                    "vocabulary": len(problem.tag_names), "tags_kept_per_class": work["tags_per_class"],
+                    "vocabulary": len(problem.tag_names),
+                    "tags_kept_per_class": work["tags_per_class"],
                     "accuracy": float(correct.mean()), "generate_seconds": generate_seconds},
         "hyperparameters": {**hyper, "min_gain": list(hyper["min_gain"])},
         "work": work,
@@ -146,14 +153,16 @@ def main(argv: list[str] | None = None) -> None:
     print((args.out_dir / "prime_search.md").read_text())
 
 
-def reference_search(tags, correct, labels, *, min_size, min_drop, min_gain, max_tags, min_tag_count):
+def reference_search(tags, correct, labels, *, min_size, min_drop, min_gain, max_tags,
+                     min_tag_count):
     """A straightforward exhaustive search in numpy: sorted (label, tag indices) of every mode."""
     found = []
     for label in np.unique(labels):
         members = labels == label
         class_tags, class_correct = tags[members], correct[members]
         class_accuracy = class_correct.mean()
-        columns = [int(t) for t in np.flatnonzero(class_tags.sum(0) >= max(min_tag_count, min_size))]
+        columns = [int(t) for t in
+                   np.flatnonzero(class_tags.sum(0) >= max(min_tag_count, min_size))]
         counted = {(): (int(members.sum()), int(class_correct.sum()))}
         frontier = {(): np.ones(int(members.sum()), bool)}
         for _ in range(max_tags):
@@ -179,7 +188,8 @@ def reference_search(tags, correct, labels, *, min_size, min_drop, min_gain, max
             if len(tag_set) >= 2:
                 gain = min_gain[len(tag_set) - 2]
                 subsets = [tag_set[:i] + tag_set[i + 1:] for i in range(len(tag_set))]
-                if any(counted[s][1] / counted[s][0] < accuracy + gain - ACCURACY_TOLERANCE for s in subsets):
+                if any(counted[s][1] / counted[s][0] < accuracy + gain - ACCURACY_TOLERANCE
+                       for s in subsets):
                     continue
             found.append((int(label), tag_set))
     return sorted(found)
@@ -190,7 +200,8 @@ def _work(tags, correct, labels, keep, hyper) -> dict:
     for label in np.unique(labels):
         members = labels == label
         counts = count_frequent_tag_sets(tags[members][:, keep[label]], errors=~correct[members],
-                                         min_size=max(hyper["min_size"], 1), max_tags=hyper["max_tags"])
+                                         min_size=max(hyper["min_size"], 1),
+                                         max_tags=hyper["max_tags"])
         for level, sets in enumerate(counts.sets):
             per_level[level] += len(sets)
     return {"tags_per_class": [int(k) for k in keep.sum(1)],
@@ -199,7 +210,8 @@ def _work(tags, correct, labels, keep, hyper) -> dict:
 
 def _sliceline(tags, correct, labels, keep, num_classes, k, max_levels, memory_gib):
     """Time sliceline per class in a child process capped at `memory_gib` of address space (its
-    one-hot lattice can ask for tens of GiB); returns one row per max_l, or None if not installed."""
+    one-hot lattice can ask for tens of GiB); returns one row per max_l, or None if not installed.
+    """
     try:
         version = importlib.metadata.version("sliceline")
     except importlib.metadata.PackageNotFoundError:
@@ -226,7 +238,8 @@ def _sliceline(tags, correct, labels, keep, num_classes, k, max_levels, memory_g
                 last = (result.stderr.strip().splitlines() or ["no output"])[-1]
                 row = {"seconds_run": None, "error": last[-300:]}
             total = len(np.unique(labels))
-            row.update(max_l=max_l, classes_run=len(classes), k=k, version=version, memory_cap_gib=memory_gib)
+            row.update(max_l=max_l, classes_run=len(classes), k=k, version=version,
+                       memory_cap_gib=memory_gib)
             if row["seconds_run"] is not None:
                 row["seconds_all_classes"] = row["seconds_run"] * total / len(classes)
             rows.append(row)
@@ -246,7 +259,8 @@ def _sliceline_worker(path: str, k: int, max_l: int, memory_gib: float) -> None:
         for label in labels:
             x, errors = data[f"x{label}"].astype(np.int64), data[f"e{label}"].astype(np.float64)
             t0 = time.perf_counter()
-            finder = Slicefinder(alpha=0.95, k=k, max_l=max_l, min_sup=30, verbose=False).fit(x, errors)
+            finder = Slicefinder(alpha=0.95, k=k, max_l=max_l, min_sup=30,
+                                 verbose=False).fit(x, errors)
             seconds += time.perf_counter() - t0
             slices += len(finder.top_slices_statistics_ or [])
     print(json.dumps({"seconds_run": seconds, "slices": slices}))
@@ -265,49 +279,64 @@ def _markdown(report: dict) -> str:
         "```",
         "",
         f"Problem: {problem['images']:,} images, {problem['classes']} classes, "
-        f"{min(problem['tags_kept_per_class'])}–{max(problem['tags_kept_per_class'])} tags kept a class "
-        f"(vocabulary {problem['vocabulary']}), overall accuracy {100 * problem['accuracy']:.1f} %; "
-        f"l = 4, s = 30, a = 30 %, (b2, b3, b4) = (10, 5, 2.5) %, tags on fewer than 50 images of a class dropped.",
+        f"{min(problem['tags_kept_per_class'])}–{max(problem['tags_kept_per_class'])} "
+        f"tags kept a class "
+        f"(vocabulary {problem['vocabulary']}), "
+        f"overall accuracy {100 * problem['accuracy']:.1f} %; "
+        f"l = 4, s = 30, a = 30 %, (b2, b3, b4) = (10, 5, 2.5) %, "
+        f"tags on fewer than 50 images of a class dropped.",
         f"Tag sets with at least s images, summed over classes, by size 1/2/3/4: "
         f"{' / '.join(f'{n:,}' for n in work['frequent_sets_per_size'])}.",
-        f"Failure modes: {report['modes']} ({' / '.join(str(v) for v in report['modes_by_size'].values())} with 1/2/3/4 tags).",
+        f"Failure modes: {report['modes']} "
+        f"({' / '.join(str(v) for v in report['modes_by_size'].values())} with 1/2/3/4 tags).",
         "",
         "| search | seconds | vs jfail | result |",
         "| --- | ---: | ---: | --- |",
-        f"| jfail `find_failure_modes` (median of {len(jf['repeat_seconds'])}) | {jf['seconds']:.2f} | 1.0x | {report['modes']} modes |",
+        f"| jfail `find_failure_modes` (median of {len(jf['repeat_seconds'])}) | "
+        f"{jf['seconds']:.2f} | 1.0x | {report['modes']} modes |",
         f"| jfail, first call (with XLA compilation) | {jf['first_call_seconds']:.2f} | "
         f"{jf['first_call_seconds'] / jf['seconds']:.1f}x | same |",
-        f"| jfail greedy search (A.6), beam {report['greedy']['beam_width']} | {report['greedy']['seconds']:.2f} | "
-        f"{report['greedy']['seconds'] / jf['seconds']:.1f}x | {report['greedy']['modes']} modes, all among the "
+        f"| jfail greedy search (A.6), beam {report['greedy']['beam_width']} | "
+        f"{report['greedy']['seconds']:.2f} | "
+        f"{report['greedy']['seconds'] / jf['seconds']:.1f}x | "
+        f"{report['greedy']['modes']} modes, all among the "
         f"exhaustive ones: {report['greedy']['subset_of_exhaustive']} |",
     ]
     if ref:
-        lines.append(f"| reference search in numpy | {ref['seconds']:.2f} | {ref['seconds'] / jf['seconds']:.1f}x | "
+        lines.append(f"| reference search in numpy | {ref['seconds']:.2f} | "
+                     f"{ref['seconds'] / jf['seconds']:.1f}x | "
                      f"{ref['modes']} modes, identical to jfail: {ref['same_modes']} |")
     for row in sl or []:
-        name = f"sliceline {row['version']} (top {row['k']} slices a class, max_l {row['max_l']}, min_sup 30)"
+        name = (f"sliceline {row['version']} (top {row['k']} slices a class, "
+                f"max_l {row['max_l']}, min_sup 30)")
         if row["seconds_run"] is None:
             lines.append(f"| {name} | – | – | failed on {row['classes_run']} classes under a "
                          f"{row['memory_cap_gib']:g} GiB memory cap: `{row['error']}` |")
         else:
             lines.append(
-                f"| {name} | {row['seconds_all_classes']:.2f} | {row['seconds_all_classes'] / jf['seconds']:.1f}x | "
-                f"a different objective; run on {row['classes_run']} of {problem['classes']} classes"
+                f"| {name} | {row['seconds_all_classes']:.2f} | "
+                f"{row['seconds_all_classes'] / jf['seconds']:.1f}x | "
+                f"a different objective; run on {row['classes_run']} of "
+                f"{problem['classes']} classes"
                 f"{', time scaled to all' if row['classes_run'] < problem['classes'] else ''} |"
             )
     if sl is None:
         lines.append("| sliceline | – | – | not installed |")
     lines += [
-        f"| paper (Living17, exhaustive) | < {report['paper']['seconds_upper_bound']} | | {report['paper']['modes']} modes |",
+        f"| paper (Living17, exhaustive) | < {report['paper']['seconds_upper_bound']} | | "
+        f"{report['paper']['modes']} modes |",
         "",
         f"Host: {report['host']['processor']}, {report['host']['cpus']} CPUs, devices "
         f"{', '.join(report['host']['devices'])}; load average before the run "
-        f"{', '.join(f'{x:.2f}' for x in report['host']['load_average_before'])} (other processes share the "
-        "machine and slow all rows alike); jax " + report["host"]["jax"] + ", numpy " + report["host"]["numpy"] + ".",
+        f"{', '.join(f'{x:.2f}' for x in report['host']['load_average_before'])} "
+        "(other processes share the "
+        "machine and slow all rows alike); jax " + report["host"]["jax"]
+        + ", numpy " + report["host"]["numpy"] + ".",
         "",
         "The synthetic tags are not Living17's: the paper's 132 modes come from real RAM tags, "
         "here the count of modes depends on the planted hard tag sets and their supersets. "
-        "The comparable quantity is the work (the tag sets with at least s images, above) and the time.",
+        "The comparable quantity is the work (the tag sets with at least s images, above) "
+        "and the time.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -417,7 +417,8 @@ def _attributable(module, variables):
 
 def _fit_cached(module, train, val, train_config, run_dir, progress):
     """`fit` with checkpoints in `run_dir`: a finished run is restored, not retrained."""
-    params, state = init_classifier(module, train.images.shape[1:], jax.random.key(train_config.seed))
+    params, state = init_classifier(module, train.images.shape[1:],
+                                    jax.random.key(train_config.seed))
     return fit(linen_apply(module), params, state, train, val, train_config,
                checkpoint_dir=Path(run_dir).absolute() / "checkpoints", progress=progress)
 
@@ -544,7 +545,7 @@ def cascading_table(experiment: Experiment) -> dict:
     inputs = ex.test.images[ex.test_inputs()[: ex.config.randomization_inputs]]
     target = ex.predict(ex.normal, inputs)
     curves, cascade = {name: {"ssim": [], "rank": []} for name in ex.methods}, {}
-    for step, (layer, step_params) in enumerate(ex.each(steps, "Figure 7")):
+    for step, (_layer, step_params) in enumerate(ex.each(steps, "Figure 7")):
         model = _attributable(module, {"params": step_params, **state})
         step_patterns = ex.patterns(model, ex.train.images)
         for name in ex.methods:

@@ -17,8 +17,9 @@ __all__ = ["DataParallel"]
 class DataParallel:
     """A one-axis mesh (`'data'`) over `devices` (default: all): batches split, weights replicated.
 
-    On one device this is a no-op placement; with `XLA_FLAGS=--xla_force_host_platform_device_count=8`
-    it splits each batch over eight CPU devices, and XLA inserts the gradient all-reduce.
+    On one device this is a no-op placement; with
+    `XLA_FLAGS=--xla_force_host_platform_device_count=8` it splits each batch over eight CPU
+    devices, and XLA inserts the gradient all-reduce.
     """
 
     def __init__(self, devices: Sequence[jax.Device] | None = None):
