@@ -519,7 +519,8 @@ def test_modified_backpropagation_takes_the_fast_convolutions_with_unchanged_res
     methods["pattern_attribution"] = functools.partial(propagation.pattern_attribution,
                                                        patterns=patterns)
 
-    def program_and_value(kernel, model, x, target, *, batch_size=None, shared=(), **static):
+    def program_and_value(kernel, model, x, target, *, batch_size=None, shared=(), parts=None,
+                          **static):
         run = lambda images: kernel(model, images, target, None, *shared, **static)  # noqa: E731
         return jax.make_jaxpr(run)(x).jaxpr, np.asarray(jax.jit(run)(x))
 
