@@ -256,7 +256,8 @@ class PrimeConfig:
       "train": the images the classifier was fitted on (the paper searches its training data and
                checks unseen data, sections 4 and 4.1), where the model's errors are rarer
                than on unseen data and not those it makes there;
-      "val":   the classifier's validation images (not fitted on, only used to pick the epoch; the default);
+      "val":   the classifier's validation images (not fitted on, only used to pick the epoch;
+               the default);
       "test":  the data set's test split (the default held-out split).
     On the held-out split each mode gets an interval, an exact p-value for its error rate and
     one for each tag's necessity, and q-values under `fdr_method` ("by": Benjamini-Yekutieli,
@@ -326,7 +327,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Any:
         raise ValueError(f"config file {path} must define get_config()")
     config = module.get_config()
     if not dataclasses.is_dataclass(config):
-        raise TypeError(f"{path}: get_config() must return a dataclass, got {type(config).__name__}")
+        raise TypeError(f"{path}: get_config() must return a dataclass, "
+                        f"got {type(config).__name__}")
     check_types(config, where=f"{path}: ")
     return apply_overrides(config, overrides)
 
@@ -377,7 +379,8 @@ def write_config(path: str | Path, config: Any, *, doc: str = "") -> Path:
     """
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         raise TypeError(f"config must be a dataclass instance, got {type(config).__name__}")
-    imports = sorted({(type(c).__module__, type(c).__qualname__) for c in _nested_dataclasses(config)})
+    imports = sorted({(type(c).__module__, type(c).__qualname__)
+                      for c in _nested_dataclasses(config)})
     doc = (doc or f"{type(config).__name__}, written by jfail.").replace('"""', "'''")
     lines = [f'"""{doc}"""', ""]
     lines += [f"from {module} import {name}" for module, name in imports]
@@ -556,7 +559,8 @@ def config_from_dict(cls: type, values: dict) -> Any:
     kwargs = {}
     for name, value in values.items():
         target = _dataclass_in(hints[name])
-        kwargs[name] = config_from_dict(target, value) if target and isinstance(value, dict) else value
+        kwargs[name] = (config_from_dict(target, value) if target and isinstance(value, dict)
+                        else value)
     return cls(**kwargs)
 
 
@@ -594,8 +598,9 @@ def _check_value(value: Any, hint: Any, key: str) -> None:
     if _fits(value, hint):
         return
     options = [h for h in (typing.get_args(hint) if _is_union(hint) else (hint,))]
-    words = " or ".join(_TYPE_WORDS.get(h, "None" if h is type(None) else getattr(h, "__name__", str(h)))
-                        for h in options)
+    words = " or ".join(
+        _TYPE_WORDS.get(h, "None" if h is type(None) else getattr(h, "__name__", str(h)))
+        for h in options)
     raise ConfigError(f"{key} must be {words}, got {value!r} ({type(value).__name__})")
 
 

@@ -57,12 +57,14 @@ __all__ = [
 
 
 def guided_backprop(model: Callable, x, target=None, *, batch_size: int | None = None, key=None):
-    """Guided Backpropagation: gradient with ReLUs passing 1[z > 0] · 1[g > 0] · g. `[B, H, W, C]`."""
+    """Guided Backpropagation: gradient with ReLUs passing 1[z > 0] · 1[g > 0] · g.
+    `[B, H, W, C]`."""
     return propagate(model, x, target, Rules(relu="guided"), batch_size=batch_size)
 
 
 def deconvnet(model: Callable, x, target=None, *, batch_size: int | None = None, key=None):
-    """DeconvNet: gradient with ReLUs passing 1[g > 0] · g, ignoring the forward sign. `[B, H, W, C]`."""
+    """DeconvNet: gradient with ReLUs passing 1[g > 0] · g, ignoring the forward sign.
+    `[B, H, W, C]`."""
     return propagate(model, x, target, Rules(relu="deconv"), batch_size=batch_size)
 
 
@@ -106,7 +108,8 @@ def deep_taylor(model: Callable, x, target=None, *, low: float | None = None,
     `high` (the input domain, e.g. 0 and 1) the input layer uses the z^B rule. `[B, H, W, C]`."""
     input_layer = None
     if (low is None) != (high is None):
-        raise ValueError("deep_taylor needs both low and high for the bounded input rule, or neither.")
+        raise ValueError("deep_taylor needs both low and high for the bounded input rule, "
+                         "or neither.")
     if low is not None:
         if not low < high:
             raise ValueError(f"deep_taylor needs low < high, got low={low}, high={high}.")
@@ -256,7 +259,8 @@ def _pattern_from_statistics(block, weight, stats):
 
     n = to_weight_layout(count)
     safe_n = np.where(n > 0, n, 1.0)
-    covariance = sum_xy / safe_n - (sum_x / safe_n) * to_weight_layout(sum_y / np.where(count > 0, count, 1.0))
+    covariance = sum_xy / safe_n - (sum_x / safe_n) * to_weight_layout(
+        sum_y / np.where(count > 0, count, 1.0))
     denominator = to_weight_layout((weight * covariance).sum(other_axes))
     pattern = np.where((n > 0) & (denominator != 0),
                        covariance / np.where(denominator != 0, denominator, 1.0), 0.0)

@@ -7,9 +7,9 @@ called one at a time:
    source through :func:`jfail.engine.map_dataset` (sharded over every device and host,
    resumable) and stores ``features`` [N, D], ``logits`` [N, K], ``predictions`` [N] and
    ``errors`` [N] (``predictions != labels``).
-2. :func:`jfail.barlow.failure_trees` is fitted on the stored features and errors. Features [N, D] float32 and the [N] vectors are read into
-   memory (1.2 GB for ImageNet's 1.28 M images with D = 2048 float32 is fine; fit on a subset of
-   rows otherwise); images never are.
+2. :func:`jfail.barlow.failure_trees` is fitted on the stored features and errors. Features
+   [N, D] float32 and the [N] vectors are read into memory (1.2 GB for ImageNet's 1.28 M images
+   with D = 2048 float32 is fine; fit on a subset of rows otherwise); images never are.
 3. :func:`feature_panels` builds the visual panel of each group whose leaf of highest importance
    is valid: the most activating images of the leaf's feature among the group (ranked by the
    stored features), their heatmaps and feature attacks, and random failures in the leaf. Only

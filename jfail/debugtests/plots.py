@@ -96,7 +96,8 @@ def cascading_curves(curves, layers, path) -> Path:
     for name, curve in curves.items():
         for ax, metric in zip(axes, ("ssim", "rank")):
             ax.plot(range(len(layers)), [p["mean"] for p in curve[metric]], "o-", ms=3, label=name)
-    for ax, title in zip(axes, ("SSIM to the trained model's map", "Spearman rank correlation (|·|)")):
+    for ax, title in zip(axes, ("SSIM to the trained model's map",
+                                "Spearman rank correlation (|·|)")):
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=45, fontsize=7)
         ax.set_title(title, fontsize=9)

@@ -20,8 +20,8 @@ class DefuseCNN(nn.Module):
     """Figure 7: four 4x4/2 convolutions, two dense layers of 256, a linear classifier.
 
     `__call__(x: [B, H, W, C], train=False, output='logits')`: `output` is `logits` `[B, K]`,
-    `features` (the last hidden layer, `[B, 256]`), `feature_map` (last convolution, `[B, h, w, 64]`)
-    or `taps` (a dict of all three).
+    `features` (the last hidden layer, `[B, 256]`), `feature_map` (last convolution,
+    `[B, h, w, 64]`) or `taps` (a dict of all three).
 
     The network is also a sequence of layers (`jfail.models.layers`): `layer_names` in order
     (`conv0`..., `dense0`..., `classifier`) and `layer(name, x)`, one layer with its ReLU (none

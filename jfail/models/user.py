@@ -26,7 +26,8 @@ USER_VAL_FRACTION = 0.1
 """With a user's model, the "val" split is this stratified share of the data set's training split
 (drawn with the config's seed): jfail does not know which images the model was fitted on."""
 
-_SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
+_SPEC = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)"
+                   r":(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
 
 
 class UserModelError(ValueError):
@@ -112,8 +113,8 @@ def load_user_model(spec: str) -> UserModel:
                 f"attribute {attr!r}; its callables: {', '.join(names) or 'none'}")
         target = getattr(target, part)
     if not callable(target):
-        raise UserModelError(f"{where}: {attr} is of type {type(target).__name__}, not a function; name "
-                             "a function of no arguments that returns the model")
+        raise UserModelError(f"{where}: {attr} is of type {type(target).__name__}, not a "
+                             "function; name a function of no arguments that returns the model")
     try:
         returned = target()
     except TypeError as error:
@@ -266,8 +267,8 @@ def _as_user_model(returned: Any, where: str) -> UserModel:
     elif not isinstance(returned, UserModel):
         if not callable(returned):
             raise UserModelError(
-                f"{where}: returned an object of type {type(returned).__name__}; return the model callable "
-                "model(x) -> logits, or UserModel(classifier=..., features=..., ...) "
+                f"{where}: returned an object of type {type(returned).__name__}; return the model "
+                "callable model(x) -> logits, or UserModel(classifier=..., features=..., ...) "
                 "(jfail.models.user.UserModel), or a dict with those keys")
         returned = UserModel(classifier=returned)
     for name in ("classifier", "features", "encoder", "decoder"):

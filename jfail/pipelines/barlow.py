@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/barlow.p
         "data": {"name": config.dataset, "split": config.split, "images": len(data.labels),
                  "evidence_split": config.evidence_split, "evidence_images": len(heldout.labels),
                  "held_out_from_training": _held_out_from_training(config, runs)},
-        "models": {name: _ARCHITECTURES.get(run[3].model, run[3].model) for name, run in runs.items()},
+        "models": {name: _ARCHITECTURES.get(run[3].model, run[3].model)
+                   for name, run in runs.items()},
         "error_rates": {name: float(e.mean()) for name, e in errors.items()},
         "evidence_error_rates": {name: float(e.mean()) for name, e in measured["errors"].items()},
         "test_metrics": {name: _test_metrics(run[4]) for name, run in runs.items()},

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out-dir", default="results")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--workdir", default=None, help="run directory (default runs/defuse/<name>)")
+    parser.add_argument("--workdir", default=None,
+                        help="run directory (default runs/defuse/<name>)")
     args = parser.parse_args(argv)
     quiet_libraries()
     config: DefuseConfig = load_config(args.config, args.set)
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
     noise_report = {config.noise: _noise_record(failures)}
     if config.compare_noise:
         other = "centred" if config.noise == "paper" else "paper"
-        other_failures, _ = _cached(workdir / f"identify_{other}.pkl", {**stage_key, "noise": other},
+        other_failures, _ = _cached(workdir / f"identify_{other}.pkl",
+                                    {**stage_key, "noise": other},
                                     lambda: run_identify(other, keys["compare"], False))
         noise_report[other] = _noise_record(other_failures)
 
@@ -246,10 +248,12 @@ def main(argv: list[str] | None = None, prog: str = "python experiments/defuse.p
                              **{m: (sw.params, sw.state) for m, sw in sweeps.items()}}.items()
     }
     # --- figures ----------------------------------------------------------------------------------
-    predictions = {name: _predict(apply_fn, p, s, test_images[:, :8].reshape(-1, *test_images.shape[2:]))
+    predictions = {name: _predict(apply_fn, p, s,
+                                  test_images[:, :8].reshape(-1, *test_images.shape[2:]))
                    .reshape(len(failing), -1)
                    for name, (p, s) in (("before", (params, state)),
-                                        ("defuse", (sweeps["defuse"].params, sweeps["defuse"].state)))}
+                                        ("defuse", (sweeps["defuse"].params,
+                                                    sweeps["defuse"].state)))}
     for name, preds in predictions.items():
         plots.scenario_grid(test_images[:, :8], preds, labels, full.class_names,
                             figures / f"scenarios_{name}.png",
@@ -280,7 +284,8 @@ def _annotators(config: DefuseConfig, progress: bool, *, dataset: str | None = N
     models, accuracies = [], []
     for i in range(config.num_annotators):
         run_config = dataclasses.replace(
-            base, name=f"{base.name}_seed{i + 1}", train=dataclasses.replace(base.train, seed=i + 1))
+            base, name=f"{base.name}_seed{i + 1}",
+            train=dataclasses.replace(base.train, seed=i + 1))
         module, p, s, _, metrics = trained_classifier(
             run_config, Path(runs or config.annotator_runs) / f"seed{i + 1}", progress=progress)
         models.append(logits_fn(module, {"params": p, **s}))
@@ -315,8 +320,8 @@ def _baseline_set(annotator, failures, count: int, seed: int, class_names):
         keep = np.sort(rng.choice(keep, count, replace=False))
     info = {"identified": int(len(failures)), "labelled": int(np.sum(labels >= 0)),
             "used": int(len(keep)),
-            "annotator_agrees_with_classifier": float(np.mean(labels[keep] == failures.predictions[keep]))
-            if len(keep) else None}
+            "annotator_agrees_with_classifier":
+                float(np.mean(labels[keep] == failures.predictions[keep])) if len(keep) else None}
     return Dataset(failures.images[keep], labels[keep].astype(np.int32), class_names), info
 
 
@@ -328,8 +333,9 @@ def _novelty(apply_fn, params, state, train, test_images, figures, class_names) 
     query_pred = _predict(apply_fn, params, state, queries)
     nearest, distances = _nearest(queries, train.images[wrong])
     _, nearest_any = _nearest(queries, train.images)
-    plots.novelty_figure(queries, query_pred, train.images[wrong][nearest], train_pred[wrong][nearest],
-                         distances, class_names, figures / "novelty.png")
+    plots.novelty_figure(queries, query_pred, train.images[wrong][nearest],
+                         train_pred[wrong][nearest], distances, class_names,
+                         figures / "novelty.png")
     same_error = train_pred[wrong][nearest] == query_pred
     return {"queries": int(len(queries)), "train_errors": int(len(wrong)),
             "distance_to_nearest_train_error": distances.tolist(),

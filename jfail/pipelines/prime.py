@@ -9,9 +9,10 @@ validation images) and the held-out split (the test split) with the shape tagger
 fitted on the search split); search every class exhaustively with the paper's hyperparameters,
 and greedily (A.6) for comparison; re-evaluate each mode on held-out data by its tags alone
 (section 4.1, Figure 4), with an exact test of its error rate and of each tag's necessity under
-one false-discovery control (`jfail.prime.mode_evidence`), significant modes listed first; compare 3-tag modes with their subsets (section 5.1, Tables 1
-and 2); repeat for a grid of (s, a) (A.5); plot sample images of each mode; score descriptions
-against planted ground truth on a synthetic problem (section 4.3).
+one false-discovery control (`jfail.prime.mode_evidence`), significant modes listed first;
+compare 3-tag modes with their subsets (section 5.1, Tables 1 and 2); repeat for a grid of
+(s, a) (A.5); plot sample images of each mode; score descriptions against planted ground truth
+on a synthetic problem (section 4.3).
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from jfail.prime import (
 from jfail.report import render_markdown
 from jfail.train import predict
 from jfail.train.run import trained_classifier
-
 
 REPORT_TEMPLATE = "prime"
 """The template in jfail/templates that renders this pipeline's JSON as Markdown and HTML."""
@@ -137,7 +137,8 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
     search_measurements = shape_measurements(search.images, ink_threshold=config.ink_threshold)
     heldout_measurements = shape_measurements(heldout.images, ink_threshold=config.ink_threshold)
     tagger = fit_shape_tagger(None, search.labels, measurements=search_measurements,
-                              quantiles=tuple(config.shape_quantiles), ink_threshold=config.ink_threshold)
+                              quantiles=tuple(config.shape_quantiles),
+                              ink_threshold=config.ink_threshold)
     search_tags = tagger.tag_measurements(search_measurements, search.labels)
     heldout_tags = tagger.tag_measurements(heldout_measurements, heldout.labels)
     tagging_seconds = time.perf_counter() - t0
@@ -155,8 +156,9 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
     modes = find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels,
                                **search_kwargs)
     exhaustive_seconds = time.perf_counter() - t0
-    find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels, method="greedy",
-                       beam_width=config.greedy_beam_width, **search_kwargs)  # compile
+    find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels,
+                       method="greedy", beam_width=config.greedy_beam_width,
+                       **search_kwargs)  # compile
     t0 = time.perf_counter()
     greedy = find_failure_modes(search_tags.tags, errors=search_errors, labels=search.labels,
                                 method="greedy",
@@ -170,7 +172,8 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
     order = sorted(range(len(modes)), key=lambda i: (not evidence[i].significant,
                                                     _max_q(evidence[i]), i))
     summary = generalization_summary(heldout_modes)
-    table1 = _table1(modes, heldout_modes, heldout_tags, heldout_correct, heldout.labels, class_names)
+    table1 = _table1(modes, heldout_modes, heldout_tags, heldout_correct, heldout.labels,
+                     class_names)
     table2 = {
         split: _jsonable(subset_drop_table(modes, tags, errors=~corr, labels=labels))
         for split, tags, corr, labels in (
@@ -202,8 +205,10 @@ def run(config: PrimeConfig, figures: Path, *, progress: bool) -> dict:
         },
         "class_names": list(class_names),
         "class_accuracy": {
-            "search": [float(search_correct[search.labels == c].mean()) for c in range(len(class_names))],
-            "heldout": [float(heldout_correct[heldout.labels == c].mean()) for c in range(len(class_names))],
+            "search": [float(search_correct[search.labels == c].mean())
+                       for c in range(len(class_names))],
+            "heldout": [float(heldout_correct[heldout.labels == c].mean())
+                        for c in range(len(class_names))],
         },
         "tags": {
             "names": list(search_tags.names),
@@ -264,7 +269,8 @@ def _classifier(config: PrimeConfig, progress: bool):
 def _splits(config: PrimeConfig, classifier_config) -> dict[str, Dataset]:
     """The classifier's own train / val split (same fraction and seed) and the test split."""
     full = load(config.dataset, "train")
-    train, val = train_val_split(full, classifier_config.val_fraction, key=classifier_config.train.seed)
+    train, val = train_val_split(full, classifier_config.val_fraction,
+                                 key=classifier_config.train.seed)
     return {"train": train, "val": val, "test": load(config.dataset, "test")}
 
 
@@ -290,7 +296,8 @@ def _table1(modes, heldout_modes, tags, correct, labels, class_names) -> dict | 
     }
 
 
-def _sweep(config, search_tags, search_correct, search_labels, heldout_tags, heldout_correct, heldout_labels):
+def _sweep(config, search_tags, search_correct, search_labels, heldout_tags, heldout_correct,
+           heldout_labels):
     rows = []
     for min_size in config.sweep_min_sizes:
         for min_drop in config.sweep_min_drops:
@@ -344,24 +351,29 @@ def _planted_descriptions(config: PrimeConfig, progress: bool) -> dict:
     images = embedder.embed_images(np.arange(len(problem.labels)))
     rows = {}
     if noisy:
-        members = np.stack([mode_members(m, observed, problem.labels, problem.tag_names) for m in noisy])
+        members = np.stack([mode_members(m, observed, problem.labels, problem.tag_names)
+                            for m in noisy])
         labels = [m.label for m in noisy]
         variants = {
             "PRIME (all tags of each mode)": [describe(m, class_names) for m in noisy],
             "one tag (the mode's hardest single tag)": [
-                describe(m._replace(tags=(_hardest_tag(m, observed, problem),)), class_names) for m in noisy
+                describe(m._replace(tags=(_hardest_tag(m, observed, problem),)), class_names)
+                for m in noisy
             ],
             "class name only": [f"a photo of a {class_names[m.label]}" for m in noisy],
         }
         for name, texts in variants.items():
             quality = description_quality(images, embedder.embed_texts(texts), members,
                                           problem.labels, labels, key=quality_key)
-            rows[name] = {"similarity": quality.similarity, "similarity_std": quality.similarity_std,
+            rows[name] = {"similarity": quality.similarity,
+                          "similarity_std": quality.similarity_std,
                           "auroc": quality.auroc, "mean_auroc": quality.mean_auroc}
     truth_members = np.stack([
-        (problem.labels == label) & problem.tags[:, list(tags)].all(axis=1) for label, tags in planted_sets
+        (problem.labels == label) & problem.tags[:, list(tags)].all(axis=1)
+        for label, tags in planted_sets
     ])
-    truth_texts = [f"a photo of a {class_names[label]}, " + ", ".join(problem.tag_names[t] for t in tags)
+    truth_texts = [f"a photo of a {class_names[label]}, "
+                   + ", ".join(problem.tag_names[t] for t in tags)
                    for label, tags in planted_sets]
     quality = description_quality(images, embedder.embed_texts(truth_texts), truth_members,
                                   problem.labels, [label for label, _ in planted_sets],
@@ -376,7 +388,8 @@ def _planted_descriptions(config: PrimeConfig, progress: bool) -> dict:
         "class_accuracy": [float(problem.correct[problem.labels == c].mean()) for c in range(4)],
         "recovery_clean_tags": _jsonable(recovery_scores(clean, problem.planted)),
         "recovery_noisy_tags": _jsonable(recovery_scores(noisy, problem.planted)),
-        "noisy_modes": [{"label": m.label, "tags": list(m.tags), "size": m.size, "accuracy": m.accuracy}
+        "noisy_modes": [{"label": m.label, "tags": list(m.tags), "size": m.size,
+                         "accuracy": m.accuracy}
                         for m in noisy],
         "description_quality": rows,
     }
@@ -408,7 +421,8 @@ def _figure4(report: dict, path: Path) -> None:
         sizes = [10 + 4 * m["heldout_size"] for m in points]
         colors = [len(m["tags"]) for m in points]
         scatter = ax.scatter(xs, ys, s=sizes, c=colors, cmap="viridis", vmin=1,
-                             vmax=report["config"]["max_tags"], alpha=0.8, edgecolors="k", linewidths=0.4)
+                             vmax=report["config"]["max_tags"], alpha=0.8, edgecolors="k",
+                             linewidths=0.4)
         low = min(xs + ys + [0.0])
         high = max(xs + ys + [1.0 if key == "accuracy" else 0.5])
         ax.plot([low, high], [low, high], "k--", linewidth=0.8, label="y = x")
@@ -416,13 +430,15 @@ def _figure4(report: dict, path: Path) -> None:
         ax.set_ylabel(f"{title} on {split_names[1]} (held out)")
         ax.legend(loc="upper left")
         ax.grid(alpha=0.3)
-    fig.colorbar(scatter, ax=axes, label="number of tags", ticks=range(1, report["config"]["max_tags"] + 1))
+    fig.colorbar(scatter, ax=axes, label="number of tags",
+                 ticks=range(1, report["config"]["max_tags"] + 1))
     summary = report["generalization"]
     fig.suptitle(
         f"{len(report['modes'])} failure modes (s = {report['config']['min_size']}, "
         f"a = {report['config']['min_drop']:.0%}); "
         f"{_num(summary['share_heldout_drop_at_least_0.25'], '.0%')} keep a drop >= 25 % on "
-        f"held-out data; {report['evidence']['significant']} significant (marker area: held-out images)"
+        f"held-out data; {report['evidence']['significant']} significant "
+        "(marker area: held-out images)"
     )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -438,12 +454,13 @@ def _sweep_figure(sweep: list[dict], path: Path) -> None:
         ax = axes[sizes.index(row["min_size"])][drops.index(row["min_drop"])]
         points = np.array(row["points"]).reshape(-1, 3)
         if len(points):
-            ax.scatter(points[:, 0], points[:, 1], s=8 + 2 * points[:, 2], alpha=0.7, edgecolors="k",
-                       linewidths=0.3)
+            ax.scatter(points[:, 0], points[:, 1], s=8 + 2 * points[:, 2], alpha=0.7,
+                       edgecolors="k", linewidths=0.3)
         ax.plot([0, 0.8], [0, 0.8], "k--", linewidth=0.8)
         ax.set_xlim(0, 0.8)
         ax.set_ylim(-0.3, 0.9)
-        ax.set_title(f"s = {row['min_size']}, a = {row['min_drop']:.0%}: {row['modes']} modes", fontsize=9)
+        ax.set_title(f"s = {row['min_size']}, a = {row['min_drop']:.0%}: {row['modes']} modes",
+                     fontsize=9)
         ax.set_xlabel("drop on search split", fontsize=8)
         ax.set_ylabel("drop on held-out split", fontsize=8)
         ax.grid(alpha=0.3)
@@ -453,25 +470,28 @@ def _sweep_figure(sweep: list[dict], path: Path) -> None:
 
 
 def _mode_grids(config, modes, data: Dataset, tags: TagMatrix, correct, class_names, folder: Path):
-    """One PNG per class: a row of sample images for each of its modes (red frame: misclassified)."""
+    """One PNG per class: a row of sample images for each of its modes (red frame:
+    misclassified)."""
     rng = np.random.default_rng(config.seed)
     plt = pyplot()
     written = {}
     for label in sorted({m.label for m in modes}):
         class_modes = sorted((m for m in modes if m.label == label), key=lambda m: m.accuracy)
         class_modes = class_modes[: config.max_grid_modes_per_class]
-        fig, axes = plt.subplots(len(class_modes), 1, figsize=(1.3 * config.grid_images, 1.55 * len(class_modes)),
+        fig, axes = plt.subplots(len(class_modes), 1,
+                                 figsize=(1.3 * config.grid_images, 1.55 * len(class_modes)),
                                  squeeze=False)
         for ax, mode in zip(axes[:, 0], class_modes):
             members = np.flatnonzero(mode_members(mode, tags, data.labels, tags.names))
             chosen = rng.choice(members, min(config.grid_images, len(members)), replace=False)
-            ax.imshow(_strip(data.images[chosen], correct[chosen], config.grid_images), interpolation="nearest")
+            ax.imshow(_strip(data.images[chosen], correct[chosen], config.grid_images),
+                      interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{' + '.join(mode.tags)}: {mode.accuracy:.0%} of {mode.size} "
                          f"(class {mode.class_accuracy:.0%})", fontsize=8, loc="left")
-        fig.suptitle(f"{class_names[label]}: sample images per failure mode (red frame: misclassified)",
-                     fontsize=9)
+        fig.suptitle(f"{class_names[label]}: sample images per failure mode "
+                     "(red frame: misclassified)", fontsize=9)
         fig.tight_layout()
         name = f"modes_{character_slug(class_names[label])}.png"
         fig.savefig(folder / name, dpi=100)

@@ -530,7 +530,9 @@ def _from_nhwc(array, spec):
 def _space_to_depth_conv(lhs, rhs, params):
     """The strided convolution as a stride-1 convolution of space-to-depth blocks (in NHWC)."""
     x, w = _to_nhwc_hwio(lhs, rhs, params)
-    (sh, sw), ((ph_lo, ph_hi), (pw_lo, pw_hi)) = params["window_strides"], params["padding"]
+    # The high padding enters only through `out_h, out_w`: the pad below reaches just the rows
+    # and columns the windows read, cutting off any padded tail that no window reaches.
+    (sh, sw), ((ph_lo, _), (pw_lo, _)) = params["window_strides"], params["padding"]
     kh, kw, channels, out_channels = w.shape
     batch, height, width, _ = x.shape
     out_h, out_w = _output_size(params, lhs.shape, rhs.shape)
