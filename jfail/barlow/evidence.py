@@ -97,7 +97,7 @@ class LeafEvidence:
         Args:
           index: the candidate, in `[0, M)`.
           feature_names: names of the feature columns, used to write the rule; None writes
-            `f<index>`.
+            `feature <index>`.
 
         Returns:
           A dict of plain Python values, keyed as above.
