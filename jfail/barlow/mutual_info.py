@@ -265,6 +265,11 @@ def mutual_information_batch(features, errors, *, key, n_neighbors: int = 3) -> 
     Returns:
       [D] float32, the estimates in nats; equal to `mutual_information` on the host to float32
       precision for the same key.
+
+    Raises:
+      ValueError: at trace time, `features` is not 2-D or `errors` is not `[N]`; or `key` is
+        None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     features = jnp.asarray(features, jnp.float32)
     if features.ndim != 2:
