@@ -172,7 +172,7 @@ class LeafEvidence:
           A Markdown table (header and one line per candidate shown), no trailing newline.
 
         Raises:
-          KeyError: a group has no entry in `names`.
+          KeyError, IndexError: a group has no entry in `names`.
         """
         method = self.evidence.method.upper()
         lines = [

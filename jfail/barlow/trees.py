@@ -423,7 +423,7 @@ def failure_table(
       A Markdown table, header and one line per group listed, no trailing newline.
 
     Raises:
-      KeyError: a group has no entry in `names`.
+      KeyError, IndexError: a group has no entry in `names`.
     """
     header = "| Group | Feature index | Decision rule | BER | ER | EC | ALER | valid |"
     lines = [header, "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
