@@ -63,13 +63,35 @@ def _is_jax_array(value) -> bool:
 
 def dumps(value: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None
           ) -> str:
-    """`value` as strict JSON text (see `strict`), ending with a newline when indented."""
+    """`value` as strict JSON text (see `strict`), ending with a newline when indented.
+
+    Args:
+      value: what `strict` accepts.
+      indent: spaces per nesting level; None for one line with no trailing newline.
+      default: called on a value of another type (see `strict`); None to refuse them.
+
+    Returns:
+      The JSON text, NaN and infinities written as null.
+
+    Raises:
+      TypeError: a value of another type and no `default`.
+    """
     text = json.dumps(strict(value, default), indent=indent, allow_nan=False)
     return text + "\n" if indent is not None else text
 
 
 def write(path: str | Path, value: Any, *, default: Callable[[Any], Any] | None = None) -> None:
-    """Write `value` as strict JSON to `path` atomically (a temporary file, then a rename)."""
+    """Write `value` as strict JSON to `path` atomically (a temporary file, then a rename).
+
+    Args:
+      path: the file to write; its folder must exist.
+      value: what `strict` accepts.
+      default: called on a value of another type (see `strict`); None to refuse them.
+
+    Raises:
+      TypeError: a value of another type and no `default`.
+      OSError: the file cannot be written.
+    """
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(dumps(value, default=default))

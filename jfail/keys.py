@@ -58,14 +58,38 @@ def as_key(key, name: str = "key") -> jax.Array:
 
 
 def numpy_generator(key, name: str = "key") -> np.random.Generator:
-    """A NumPy generator determined by `key` (the same key, the same draws)."""
+    """A NumPy generator determined by `key` (the same key, the same draws).
+
+    Args:
+      key: what `as_key` accepts: an int seed, a typed key or a raw uint32 key.
+      name: the argument's name in error messages.
+
+    Returns:
+      A `np.random.Generator` seeded with the key's data.
+
+    Raises:
+      ValueError: `key` is None.
+      TypeError: `key` is not a seed or a key (see `as_key`).
+    """
     data = jax.random.key_data(as_key(key, name))
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
 
 
 def host_seed(key, name: str = "key") -> int:
     """An int seed for host libraries (scikit-learn) from `key`: an int seed as it is, a key a
-    number determined by it."""
+    number determined by it.
+
+    Args:
+      key: what `as_key` accepts: an int seed, a typed key or a raw uint32 key.
+      name: the argument's name in error messages.
+
+    Returns:
+      An int: `key` itself when it is an int, otherwise one in `[0, 2**31 - 1)`.
+
+    Raises:
+      ValueError: `key` is None.
+      TypeError: `key` is not a seed or a key (see `as_key`).
+    """
     if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
         return int(key)
     return int(numpy_generator(key, name).integers(2**31 - 1))

@@ -12,7 +12,10 @@ __all__ = ["quiet_libraries", "progress_disabled", "log_to_file", "stdout_to_fil
 
 
 def quiet_libraries() -> None:
-    """Silence the INFO chatter of orbax/absl and TFDS so jfail's own log stays readable."""
+    """Silence the INFO chatter of orbax/absl and TFDS so jfail's own log stays readable.
+
+    Sets those libraries' loggers to WARNING and the `jfail` logger to INFO; returns nothing.
+    """
     try:
         from absl import logging as absl_logging
 
@@ -26,7 +29,14 @@ def quiet_libraries() -> None:
 
 def progress_disabled(progress: bool | None) -> bool:
     """tqdm's `disable` for a `progress` argument: None shows a bar only when stderr is a
-    terminal."""
+    terminal.
+
+    Args:
+        progress: True to show a bar, False to hide it, None to decide from stderr.
+
+    Returns:
+        True where the bar should be hidden.
+    """
     if progress is None:
         return not sys.stderr.isatty()
     return not progress
@@ -38,6 +48,15 @@ def log_to_file(path: str | Path) -> logging.Handler:
     In a process of a multi-host run other than process 0 (`jfail.engine.is_writer`) the log goes
     to stderr instead, each line prefixed with `process <i>:`, and `path` is not touched: the run
     directory's files are process 0's.
+
+    Args:
+        path: the log file, appended to.
+
+    Returns:
+        The `logging.Handler` added to the `jfail` logger (a file, stderr or null handler).
+
+    Raises:
+        OSError: the file cannot be opened.
     """
     from jfail.engine.distributed import is_writer
 
@@ -64,7 +83,17 @@ def log_to_file(path: str | Path) -> logging.Handler:
 def stdout_to_file(path: str | Path):
     """Append what is printed inside the block (a pipeline's Markdown, "wrote ...") to `path`;
     in a process of a multi-host run other than process 0 (`jfail.engine.is_writer`) it is
-    dropped: process 0 prints the same."""
+    dropped: process 0 prints the same.
+
+    Args:
+        path: the file appended to, line-buffered.
+
+    Yields:
+        None; `sys.stdout` is redirected for the duration of the block.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
     from jfail.engine.distributed import is_writer
 
     with (open(path, "a", buffering=1) if is_writer() else open(os.devnull, "w")) as handle, \

@@ -13,7 +13,14 @@ __all__ = ["pyplot", "save_figure", "word_slug", "character_slug"]
 
 
 def pyplot():
-    """`matplotlib.pyplot`, imported now, with the non-interactive Agg backend selected."""
+    """`matplotlib.pyplot`, imported now, with the non-interactive Agg backend selected.
+
+    Returns:
+        The `matplotlib.pyplot` module.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,6 +31,11 @@ def pyplot():
 
 def save_figure(fig, path, dpi: int = 110) -> Path:
     """Lay `fig` out tightly, write it to `path` (parent folders created), close it.
+
+    Args:
+        fig: a matplotlib figure.
+        path: the file written; its suffix picks the format (`.png`, `.pdf`, ...).
+        dpi: resolution in dots per inch.
 
     Returns:
         `path` as a `Path`.
@@ -41,6 +53,12 @@ def word_slug(text: str) -> str:
 
     A run of characters that are not letters or digits is one separator, so
     `"MNIST → Fashion-MNIST"` -> `"mnist_to_fashion_mnist"`.
+
+    Args:
+        text: any string.
+
+    Returns:
+        The slug, possibly empty.
     """
     text = text.replace("→", " to ").lower()
     return "_".join("".join(c if c.isalnum() else " " for c in text).split())
@@ -52,5 +70,11 @@ def character_slug(text: str) -> str:
 
     One underscore per character, so `"T-shirt/top"` -> `"t_shirt_top"` but `"a - b"` ->
     `"a___b"` (`word_slug` gives `"a_b"`).
+
+    Args:
+        text: any string.
+
+    Returns:
+        The slug, as long as `text` less the stripped ends.
     """
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")

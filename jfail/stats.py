@@ -37,7 +37,19 @@ dependence, at a cost of a factor sum(1/i) in power)."""
 
 def check_options(*, method: str = "by", alpha: float = 0.05, confidence: float = 0.95) -> None:
     """Raise a ValueError for a false-discovery `method` not in `FDR_METHODS`, or an `alpha` or
-    interval `confidence` outside (0, 1): the options every evidence function takes."""
+    interval `confidence` outside (0, 1): the options every evidence function takes.
+
+    Args:
+      method: the false-discovery control, one of `FDR_METHODS`.
+      alpha: the q-value level at which a candidate is significant.
+      confidence: the two-sided level of the intervals.
+
+    Returns:
+      None; it only checks.
+
+    Raises:
+      ValueError: `method` is not in `FDR_METHODS`, or `alpha` or `confidence` is outside (0, 1).
+    """
     if method not in FDR_METHODS:
         raise ValueError(f"method must be one of {FDR_METHODS}, got {method!r}.")
     if not 0 < alpha < 1:
@@ -80,6 +92,17 @@ def clopper_pearson_interval(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact (Clopper-Pearson) interval of a binomial proportion, vectorised; as `wilson_interval`.
 
+    Args:
+      errors: `[M]` counts (or a scalar).
+      size: `[M]` trials, broadcastable with `errors`; where it is 0 the interval is [0, 1].
+      confidence: two-sided level.
+
+    Returns:
+      `(low, high)`, each shaped like the broadcast of `errors` and `size`.
+
+    Raises:
+      ValueError: negative counts, `errors > size`, or a confidence outside (0, 1).
+
     Example:
       >>> low, high = clopper_pearson_interval(3, 10)
       >>> round(float(low), 4), round(float(high), 4)
@@ -102,6 +125,9 @@ def binomial_p_value(errors, size, rate) -> np.ndarray:
     Returns:
       `[M]` p-values in [0, 1] (1 where `size` is 0).
 
+    Raises:
+      ValueError: negative counts, `errors > size`, or a rate outside [0, 1].
+
     Example:
       >>> round(float(binomial_p_value(8, 10, 0.5)), 4)
       0.0547
@@ -123,6 +149,9 @@ def q_values(p_values, *, method: str = "by") -> np.ndarray:
 
     Returns:
       `[M]` q-values; a candidate is a discovery at level alpha where q <= alpha.
+
+    Raises:
+      ValueError: `method` is not in `FDR_METHODS`, or a p-value is not finite or outside [0, 1].
     """
     if method not in FDR_METHODS:
         raise ValueError(f"method must be one of {FDR_METHODS}, got {method!r}.")
@@ -151,7 +180,19 @@ class Evidence:
     alpha: float
 
     def row(self, index: int) -> dict:
-        """One candidate's evidence as plain Python numbers (strict-JSON ready: no NaN)."""
+        """One candidate's evidence as plain Python numbers (strict-JSON ready: no NaN).
+
+        Args:
+          index: the candidate, in `[0, M)`.
+
+        Returns:
+          A dict with `heldout_size`, `heldout_errors`, `heldout_error_rate` (None where the
+          candidate holds no held-out example), `interval` `[low, high]`,
+          `baseline_error_rate`, `p_value`, `q_value` and `significant`.
+
+        Raises:
+          IndexError: `index` is out of range.
+        """
         rate = float(self.heldout_error_rate[index])
         return {
             "heldout_size": int(self.heldout_size[index]),

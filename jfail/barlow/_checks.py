@@ -6,7 +6,19 @@ import numpy as np
 
 
 def check_features_and_errors(features, errors) -> tuple[np.ndarray, np.ndarray]:
-    """features: [N, D] finite numbers -> float32; errors: [N] booleans or 0/1 -> bool."""
+    """features: [N, D] finite numbers -> float32; errors: [N] booleans or 0/1 -> bool.
+
+    Args:
+      features: `[N, D]` numbers, N and D at least 1, all finite.
+      errors: `[N]` booleans or 0/1 (True where the model is wrong).
+
+    Returns:
+      `(features, errors)` as `[N, D]` float32 and `[N]` bool arrays.
+
+    Raises:
+      ValueError: wrong shapes, lengths that differ, no rows or columns, non-numeric or
+        non-finite features, or errors other than booleans or 0/1.
+    """
     features = np.asarray(features)
     errors = np.asarray(errors)
     if features.ndim != 2:
@@ -45,7 +57,19 @@ def check_features_and_errors(features, errors) -> tuple[np.ndarray, np.ndarray]
 
 
 def check_groups(groups, num_rows: int) -> list[np.ndarray]:
-    """Each group: a non-empty 1-D array of row indices in [0, num_rows) -> int64."""
+    """Each group: a non-empty 1-D array of row indices in [0, num_rows) -> int64.
+
+    Args:
+      groups: a sequence of row-index arrays.
+      num_rows: N, the rows the indices point into.
+
+    Returns:
+      A list of 1-D int64 arrays, one per group.
+
+    Raises:
+      ValueError: no groups, or a group that is not 1-D, empty, a boolean mask, not integer, or
+        out of `[0, num_rows)`.
+    """
     checked = []
     for position, members in enumerate(groups):
         members = np.asarray(members)

@@ -49,21 +49,38 @@ class LeafEvidence:
 
     @property
     def num_candidates(self) -> int:
-        """M, every leaf tested (the number the q-values account for)."""
+        """M, every leaf tested (the number the q-values account for).
+
+        Returns:
+          The number of candidate leaves, an int.
+        """
         return len(self.leaves)
 
     @property
     def significant(self) -> np.ndarray:
-        """[M] bool, q <= alpha."""
+        """[M] bool, q <= alpha.
+
+        Returns:
+          `[M]` bool array, True where a candidate's q-value is at most `alpha`.
+        """
         return self.evidence.significant
 
     @property
     def num_significant(self) -> int:
+        """How many candidates are significant (q <= alpha).
+
+        Returns:
+          The count, an int in `[0, M]`.
+        """
         return int(self.evidence.significant.sum())
 
     def order(self) -> np.ndarray:
         """Candidate positions, significant first, then by q-value, p-value and decreasing
-        held-out error rate."""
+        held-out error rate.
+
+        Returns:
+          `[M]` int array, a permutation of `range(M)`; ties keep the trees' order.
+        """
         e = self.evidence
         return np.lexsort(
             (np.arange(self.num_candidates), -e.heldout_error_rate, e.p_value, e.q_value,
@@ -76,6 +93,18 @@ class LeafEvidence:
         Keys: group, rule, conditions, fit (the leaf's metrics on the rows it was fitted to) and
         the held-out evidence (`jfail.stats.Evidence.row`) with `group_heldout_size`;
         `baseline_error_rate` is null where the group has no held-out row.
+
+        Args:
+          index: the candidate, in `[0, M)`.
+          feature_names: names of the feature columns, used to write the rule; None writes
+            `feature <index>`.
+
+        Returns:
+          A dict of plain Python values, keyed as above.
+
+        Raises:
+          IndexError: `index` is out of range, or a condition's feature has no name in
+            `feature_names`.
         """
         leaf = self.leaves[index]
         record = {
@@ -108,7 +137,15 @@ class LeafEvidence:
         self, *, significant_only: bool = False, feature_names: Sequence[str] | None = None
     ) -> list[dict]:
         """Every candidate's `row`, in `order()` (significant first); `significant_only` keeps
-        the filtered output."""
+        the filtered output.
+
+        Args:
+          significant_only: keep only the candidates with q <= alpha.
+          feature_names: names of the feature columns, as for `row`.
+
+        Returns:
+          A list of `row` dicts, possibly empty.
+        """
         return [
             self.row(int(i), feature_names)
             for i in self.order()
@@ -123,7 +160,20 @@ class LeafEvidence:
         limit: int | None = None,
         feature_names: Sequence[str] | None = None,
     ) -> str:
-        """Markdown: one line per candidate in `order()`, at most `limit` lines."""
+        """Markdown: one line per candidate in `order()`, at most `limit` lines.
+
+        Args:
+          names: a display name per group, indexed by the group key; None writes the keys.
+          significant_only: list only the candidates with q <= alpha.
+          limit: the most lines listed; None lists all.
+          feature_names: names of the feature columns, as for `row`.
+
+        Returns:
+          A Markdown table (header and one line per candidate shown), no trailing newline.
+
+        Raises:
+          KeyError, IndexError: a group has no entry in `names`.
+        """
         method = self.evidence.method.upper()
         lines = [
             f"| Group | Decision rule | fit ER / EC | held-out size | held-out ER (95 % CI) | "

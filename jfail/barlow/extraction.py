@@ -67,7 +67,15 @@ _PAPER_DIMENSION = 224 * 224 * 3
 
 
 def attack_settings(image_shape) -> AttackSettings:
-    """The paper's attack rescaled to `image_shape` (H, W, C): same per-pixel budget and step."""
+    """The paper's attack rescaled to `image_shape` (H, W, C): same per-pixel budget and step.
+
+    Args:
+      image_shape: the shape of one image, `(H, W, C)`.
+
+    Returns:
+      An `AttackSettings` whose `epsilon` and `step_size` are `PAPER_ATTACK`'s times
+      `sqrt(H * W * C / (224 * 224 * 3))`, with the same number of steps.
+    """
     dimension = int(np.prod(image_shape))
     scale = math.sqrt(dimension / _PAPER_DIMENSION)
     return AttackSettings(
@@ -286,8 +294,17 @@ def feature_attack(
 def most_activating(activations, feature_index: int, k: int, *, among=None) -> np.ndarray:
     """Rows of the `k` largest values of one feature, largest first.
 
-    activations: [N, D]; among: optional row indices to choose from. Returns up to k rows of
-    `activations`.
+    Args:
+      activations: `[N, D]`.
+      feature_index: the feature (column), in `[0, D)`.
+      k: the most rows returned.
+      among: optional row indices to choose from; None chooses from every row.
+
+    Returns:
+      Up to `k` int row indices of `activations`, largest value first (ties in row order).
+
+    Raises:
+      ValueError: `activations` is not 2-D or `feature_index` is outside `[0, D)`.
     """
     activations = np.asarray(activations)
     if activations.ndim != 2:

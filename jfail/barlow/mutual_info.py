@@ -71,9 +71,20 @@ class FeatureRanking(NamedTuple):
 def mutual_information(features, errors, *, key, n_neighbors: int = 3) -> np.ndarray:
     """Mutual information (nats) between every feature and the errors of one group.
 
-    features: [N, D] real values; errors: [N] booleans (True where the model is wrong);
-    key: the tie-breaking noise. Returns [D], the estimate scikit-learn's
-    `mutual_info_classif(features, errors, n_neighbors=n_neighbors)` computes, in float32.
+    Args:
+      features: `[N, D]` real values.
+      errors: `[N]` booleans (True where the model is wrong).
+      key: the tie-breaking noise (an int seed or a PRNG key).
+      n_neighbors: the neighbours of the Kraskov-style estimator.
+
+    Returns:
+      `[D]`, the estimate scikit-learn's
+      `mutual_info_classif(features, errors, n_neighbors=n_neighbors)` computes, in float32.
+
+    Raises:
+      ValueError: `features` is not a non-empty finite numeric `[N, D]`, `errors` is not `[N]`
+        booleans or 0/1, `n_neighbors < 1`, or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     features, errors = check_features_and_errors(features, errors)
     num_features = features.shape[1]
@@ -106,12 +117,31 @@ def rank_features(
 ) -> FeatureRanking:
     """Top-`num_features` features by mutual information with the errors, for every group at once.
 
-    features: [N, D]; errors: [N] booleans; groups: G integer arrays of row indices into
-    `features` (each non-empty). `screen`: keep only that many candidates per group by the
-    Gaussian moment statistic before the exact estimator (None, the default: no screening, every
-    feature goes through the exact estimator as in the paper). Groups are
-    bucketed by size and processed about `chunk_examples` rows at a time, each chunk split over
-    the devices of `data_parallel` (default: all). Returns [G, min(num_features, D)] arrays.
+    Groups are bucketed by size and processed about `chunk_examples` rows at a time, each chunk
+    split over the devices of `data_parallel` (default: all).
+
+    Args:
+      features: `[N, D]` real values.
+      errors: `[N]` booleans (True where the model is wrong).
+      groups: G integer arrays of row indices into `features` (each non-empty).
+      num_features: the features kept per group.
+      screen: keep only that many candidates per group by the Gaussian moment statistic before
+        the exact estimator (None, the default: no screening, every feature goes through the
+        exact estimator as in the paper).
+      n_neighbors: the neighbours of the Kraskov-style estimator.
+      key: the tie-breaking noise (an int seed or a PRNG key).
+      chunk_examples: about how many rows are estimated per device call.
+      data_parallel: the devices to split each chunk over; None uses all.
+      progress: show a progress bar (None: only when stderr is a terminal).
+
+    Returns:
+      A `FeatureRanking` of `[G, min(num_features, D)]` arrays.
+
+    Raises:
+      ValueError: bad `features` or `errors` (as for `mutual_information`), a group that is
+        empty, not 1-D, a boolean mask or out of range, no groups, `num_features < 1`,
+        `screen < 1` or `n_neighbors < 1`, or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     features, errors = check_features_and_errors(features, errors)
     groups = check_groups(groups, len(features))
@@ -144,8 +174,20 @@ def rank_groups(
 ) -> FeatureRanking:
     """`rank_features` on checked inputs, with each group's errors given separately.
 
-    features: [N, D] float32; groups: G row-index arrays; group_errors: G boolean arrays of the
-    same lengths (a permutation of a group's errors gives the chance level of its ranking).
+    Args:
+      features: `[N, D]` float32, already checked.
+      groups: G row-index arrays, already checked.
+      group_errors: G boolean arrays of the same lengths (a permutation of a group's errors
+        gives the chance level of its ranking).
+      num_features, screen, n_neighbors, key, chunk_examples, data_parallel, progress: as for
+        `rank_features`.
+
+    Returns:
+      A `FeatureRanking` of `[G, min(num_features, D)]` arrays.
+
+    Raises:
+      ValueError: `num_features < 1`, `screen < 1`, `n_neighbors < 1`, or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     dim = features.shape[1]
     if num_features < 1:
@@ -223,6 +265,11 @@ def mutual_information_batch(features, errors, *, key, n_neighbors: int = 3) -> 
     Returns:
       [D] float32, the estimates in nats; equal to `mutual_information` on the host to float32
       precision for the same key.
+
+    Raises:
+      ValueError: at trace time, `features` is not 2-D or `errors` is not `[N]`; or `key` is
+        None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     features = jnp.asarray(features, jnp.float32)
     if features.ndim != 2:

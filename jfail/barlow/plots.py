@@ -32,9 +32,27 @@ def plot_feature_panel(
 ) -> Path:
     """Saves the panel of one feature to `path` (PNG) and returns the path.
 
-    images_top: [K, H, W, C] most activating images in [0, 1]; heatmaps: [K, H, W] in [0, 1]
-    (drawn over `images_top`); attacked: [K2, H, W, C] feature attacks; failures: [K3, H, W, C]
-    misclassified images from the leaf (may be empty). C is 1 (grey) or 3 (RGB).
+    C is 1 (grey) or 3 (RGB); values outside [0, 1] are clipped.
+
+    Args:
+      images_top: `[K, H, W, C]` most activating images in [0, 1].
+      heatmaps: `[K, H, W]` in [0, 1] (drawn over `images_top`).
+      attacked: `[K2, H, W, C]` feature attacks.
+      failures: `[K3, H, W, C]` misclassified images from the leaf (may be empty).
+      title: the figure's title.
+      path: the PNG written (parent folders created).
+      row_titles: the labels of the four rows.
+      heatmap_alpha: the heatmaps' opacity over the images.
+      image_inches: the size of one image in the figure, in inches.
+      dpi: resolution in dots per inch.
+
+    Returns:
+      `path` as a `Path`.
+
+    Raises:
+      ValueError: an image batch that is not `[K, H, W, C]` with C 1 or 3, an empty
+        `images_top` or `attacked`, heatmaps that are not one `[H, W]` map per image of
+        `images_top`, or `row_titles` that do not name 4 rows.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib is slow to import
     from matplotlib.figure import Figure

@@ -47,6 +47,24 @@ def planted_failures(
     groups get `feature > t` with t the group's (1 - leaf_fraction) quantile of that feature, the
     other half `feature <= t` with t its leaf_fraction quantile; `error_rate_in` is drawn per
     group when it is a range.
+
+    Args:
+      key: an int seed or a PRNG key; the same key gives the same data.
+      num_groups: G, the number of groups.
+      group_size: the examples per group, an int or an inclusive (min, max) range.
+      num_features: D, the feature columns.
+      leaf_fraction: the share of a group's examples the planted rule selects.
+      error_rate_in: the error rate inside the planted leaf, a float or a (low, high) range.
+      error_rate_out: the error rate in the rest of the group.
+
+    Returns:
+      A `PlantedFailures`: features `[N, D]` float32 (N the sum of the group sizes), errors
+      `[N]` bool, groups `[N]` int32 group ids and the G planted rules.
+
+    Raises:
+      ValueError: `leaf_fraction` outside (0, 1), a group size below 2 or a range with
+        min > max, or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     if not 0 < leaf_fraction < 1:
         raise ValueError(f"leaf_fraction must be in (0, 1), got {leaf_fraction}.")
@@ -98,7 +116,17 @@ def rule_recovered(
 ) -> bool:
     """Whether the tree's leaf of highest importance is valid and tests `rule`'s feature on the
     same side with a threshold within `quantile_tolerance` of the planted one, measured on the
-    group's own distribution of that feature (its empirical CDF)."""
+    group's own distribution of that feature (its empirical CDF).
+
+    Args:
+      tree: the `FailureTree` fitted to the group, with its `indices`.
+      rule: the group's planted `Condition`.
+      features: `[N, D]`, the features the tree was fitted on.
+      quantile_tolerance: the largest gap allowed between the two thresholds' quantiles.
+
+    Returns:
+      True where the planted rule is recovered.
+    """
     leaf = tree.top_leaf
     if not leaf.valid:
         return False

@@ -59,11 +59,32 @@ class Condition:
     threshold: float
 
     def holds(self, features) -> np.ndarray:
-        """features: [N, D] (the original columns) -> [N] booleans."""
+        """features: [N, D] (the original columns) -> [N] booleans.
+
+        Args:
+          features: `[N, D]`, the columns the tree was fitted on (original indices).
+
+        Returns:
+          `[N]` bool, True where the row passes this test.
+
+        Raises:
+          IndexError: `features` has no column `feature`.
+        """
         values = np.asarray(features, np.float32)[:, self.feature]
         return values <= self.threshold if self.op == "<=" else values > self.threshold
 
     def describe(self, feature_names: Sequence[str] | None = None) -> str:
+        """The test as text, e.g. `feature 3 <= 0.5` or `stripes > 1.2`.
+
+        Args:
+          feature_names: a name per feature column; None writes `feature <index>`.
+
+        Returns:
+          The feature's name, the op and the threshold to 4 significant digits.
+
+        Raises:
+          IndexError: `feature_names` has no entry for this feature.
+        """
         name = f"feature {self.feature}" if feature_names is None else feature_names[self.feature]
         return f"{name} {self.op} {self.threshold:.4g}"
 
@@ -114,21 +135,41 @@ class FailureTree:
 
     @property
     def valid_leaves(self) -> tuple[Leaf, ...]:
-        """Algorithm 1's output L: leaves with ER > BER + delta and EC > tau."""
+        """Algorithm 1's output L: leaves with ER > BER + delta and EC > tau.
+
+        Returns:
+          The valid leaves, by decreasing importance (possibly none).
+        """
         return tuple(leaf for leaf in self.leaves if leaf.valid)
 
     @property
     def top_leaf(self) -> Leaf:
-        """The leaf of highest importance value (the one the paper visualises)."""
+        """The leaf of highest importance value (the one the paper visualises).
+
+        Returns:
+          `leaves[0]`, a `Leaf` (the whole group when no tree was fitted).
+        """
         return self.leaves[0]
 
     @property
     def aler_gain(self) -> float:
-        """ALER - BER, the paper's score of a tree (Figures 15-20)."""
+        """ALER - BER, the paper's score of a tree (Figures 15-20).
+
+        Returns:
+          The difference, a float.
+        """
         return self.aler - self.base_error_rate
 
     def summary(self, name: str | None = None) -> str:
-        """One line in the style of the paper's figure captions."""
+        """One line in the style of the paper's figure captions.
+
+        Args:
+          name: the group's name in the line; None uses `group`.
+
+        Returns:
+          The first valid leaf's rule with its ER, EC, BER and ALER, or `reason` when no leaf is
+          valid.
+        """
         what = f"group {name if name is not None else self.group}"
         if self.reason is not None:
             return f"{what}: BER {self.base_error_rate:.4f}, no valid leaf ({self.reason})"
@@ -165,6 +206,31 @@ def failure_tree(
     errors, or no correct example, no tree is fitted: the group is one leaf and `reason` says
     why. `key` (keyword-only: an int seed or a PRNG key) fixes the tree, the tie-breaking noise
     and the permutation behind "no informative feature".
+
+    Args:
+      features: `[N, D]` finite numbers.
+      errors: `[N]` booleans or 0/1 (True: misclassified).
+      num_features: k, the features the tree may split on.
+      max_depth: the tree's depth.
+      delta: a valid leaf's least error-rate margin over the group's, ER > BER + delta.
+      tau: a valid leaf's least error coverage, EC > tau.
+      min_errors: the fewest errors for which a tree is fitted.
+      screen: candidates per group kept by the Gaussian moment statistic before the exact
+        estimator; None (the default) screens nothing.
+      n_neighbors: the neighbours of the mutual-information estimator.
+      feature_names: a name per feature column, used in the rules; None writes indices.
+      tree_params: extra `DecisionTreeClassifier` arguments (not `max_depth`).
+      key: an int seed or a PRNG key.
+
+    Returns:
+      A `FailureTree` whose `group` is None and whose `indices` are all N rows.
+
+    Raises:
+      ValueError: bad features or errors (wrong shapes, NaN/Inf, no rows), parameters out of
+        range (`num_features`, `max_depth`, `min_errors` below 1, `delta` or `tau` outside
+        [0, 1), `max_depth` in `tree_params`), `feature_names` of the wrong length, or `key`
+        is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     features, errors = check_features_and_errors(features, errors)
     trees = _analyse(
@@ -217,9 +283,23 @@ def failure_trees(
     variance of a feature can be screened out). Leaf and group `indices` are rows of `features`.
     Other arguments as in `failure_tree`.
 
+    Args:
+      features: `[N, D]` finite numbers.
+      errors: `[N]` booleans or 0/1 (True: misclassified).
+      groups: an `[N]` integer array of group ids or a mapping {name: row indices}.
+      num_features, max_depth, delta, tau, min_errors, screen, n_neighbors, feature_names,
+        tree_params, key: as for `failure_tree`.
+      chunk_examples: about how many rows the mutual information is estimated on per call.
+      progress: show a progress bar (None: only when stderr is a terminal).
+
+    Returns:
+      {group: FailureTree}, in the groups' order (sorted ids for an array).
+
     Raises:
       ValueError: mismatched shapes, NaN features, empty or out-of-range groups, or group ids
-        that are floats with a fractional part (integer-valued floats are converted).
+        that are floats with a fractional part (integer-valued floats are converted); the
+        parameter errors of `failure_tree`.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     features, errors = check_features_and_errors(features, errors)
     if isinstance(groups, Mapping):
@@ -253,7 +333,17 @@ def failure_trees(
 
 def integer_group_ids(assignments: np.ndarray) -> np.ndarray:
     """Group ids as integers: integer-valued floats (labels stored as float) are converted; other
-    floats would make one group per distinct value, so they raise."""
+    floats would make one group per distinct value, so they raise.
+
+    Args:
+      assignments: `[N]` group ids.
+
+    Returns:
+      `assignments` itself when not floating, else as int64.
+
+    Raises:
+      ValueError: float ids that are NaN, infinite or not whole numbers.
+    """
     if assignments.dtype == bool or not np.issubdtype(assignments.dtype, np.floating):
         return assignments
     if not np.all(np.isfinite(assignments)):
@@ -271,6 +361,16 @@ def group_indices(assignments, *, min_size: int = 1) -> dict[Hashable, np.ndarra
     """Rows per group for an [N] array of group ids (labels, predictions): {id: rows}, by id.
 
     Groups with fewer than `min_size` rows are left out.
+
+    Args:
+      assignments: `[N]` group ids.
+      min_size: the fewest rows a group needs to be kept.
+
+    Returns:
+      {id: int row indices, increasing}, ids as Python scalars in sorted order.
+
+    Raises:
+      ValueError: `assignments` is not 1-D or is empty.
     """
     assignments = np.asarray(assignments)
     if assignments.ndim != 1:
@@ -287,7 +387,17 @@ def group_indices(assignments, *, min_size: int = 1) -> dict[Hashable, np.ndarra
 
 
 def valid_leaf_fraction(trees: Mapping[Hashable, FailureTree] | Iterable[FailureTree]) -> float:
-    """Table 1's statistic: the fraction of trees whose leaf of highest IV is valid."""
+    """Table 1's statistic: the fraction of trees whose leaf of highest IV is valid.
+
+    Args:
+      trees: `FailureTree`s, or a mapping whose values are.
+
+    Returns:
+      The fraction, a float in [0, 1].
+
+    Raises:
+      ValueError: no trees are given.
+    """
     trees = list(trees.values()) if isinstance(trees, Mapping) else list(trees)
     if not trees:
         raise ValueError("no trees given.")
@@ -301,7 +411,20 @@ def failure_table(
     valid_only: bool = False,
     feature_names: Sequence[str] | None = None,
 ) -> str:
-    """Tables 2-5 as Markdown: per group, the top leaf's rule with BER, ER, EC and ALER."""
+    """Tables 2-5 as Markdown: per group, the top leaf's rule with BER, ER, EC and ALER.
+
+    Args:
+      trees: {group: FailureTree}, as `failure_trees` returns.
+      names: a display name per group key; None writes the keys.
+      valid_only: list only the groups whose top leaf is valid.
+      feature_names: a name per feature column, used in the rules; None writes indices.
+
+    Returns:
+      A Markdown table, header and one line per group listed, no trailing newline.
+
+    Raises:
+      KeyError, IndexError: a group has no entry in `names`.
+    """
     header = "| Group | Feature index | Decision rule | BER | ER | EC | ALER | valid |"
     lines = [header, "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for key, tree in trees.items():
@@ -645,5 +768,12 @@ def _check_parameters(num_features, max_depth, delta, tau, min_errors, tree_para
 
 
 def python_scalar(value):
-    """A numpy scalar as the Python scalar it holds (`np.int64(3)` -> `3`); anything else as is."""
+    """A numpy scalar as the Python scalar it holds (`np.int64(3)` -> `3`); anything else as is.
+
+    Args:
+      value: any value.
+
+    Returns:
+      `value.item()` for a NumPy scalar, otherwise `value` unchanged.
+    """
     return value.item() if isinstance(value, np.generic) else value

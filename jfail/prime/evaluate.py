@@ -54,6 +54,11 @@ class HeldOutMode(NamedTuple):
 
     @property
     def drop(self) -> float:
+        """A'_c - A'_S.
+
+        Returns:
+          The held-out accuracy drop of the mode below its class's (NaN when I'_S is empty).
+        """
         return self.class_accuracy - self.accuracy
 
 
@@ -80,13 +85,39 @@ class DescriptionQuality(NamedTuple):
 
 def describe(mode: FailureMode, class_names: Sequence[str] | None = None,
              template: str = "a photo of a {cls}, {tags}") -> str:
-    """A mode's description as a text prompt: its class name and all its tags (section 3.2)."""
+    """A mode's description as a text prompt: its class name and all its tags (section 3.2).
+
+    Args:
+      mode: the failure mode.
+      class_names: a name per class index; None writes `class <label>`.
+      template: the prompt, with `{cls}` for the class name and `{tags}` for the tags.
+
+    Returns:
+      The prompt, tags joined by ", ".
+
+    Raises:
+      IndexError: `class_names` has no entry for the mode's class.
+    """
     name = class_names[mode.label] if class_names is not None else f"class {mode.label}"
     return template.format(cls=name, tags=", ".join(mode.tags))
 
 
 def mode_members(mode: FailureMode, tags, labels, tag_names: Sequence[str]) -> np.ndarray:
-    """[N] bool: the images of the mode's class that show all its tags (looked up by name)."""
+    """[N] bool: the images of the mode's class that show all its tags (looked up by name).
+
+    Args:
+      mode: the failure mode.
+      tags: `[N, T]` bool (or 0/1, or a `TagMatrix`).
+      labels: `[N]` int classes.
+      tag_names: the T column names of `tags`.
+
+    Returns:
+      `[N]` bool.
+
+    Raises:
+      ValueError: bad tags (see `jfail.prime.tags.as_tag_array`).
+      KeyError: a mode tag is not in `tag_names`.
+    """
     tags = as_tag_array(tags)
     columns = _columns(mode.tags, tag_names)
     return (np.asarray(labels) == mode.label) & tags[:, columns].all(axis=1)
@@ -97,9 +128,21 @@ def evaluate_on_heldout(
 ) -> list[HeldOutMode]:
     """Each mode on other data, by its tags alone (section 4.1).
 
-    tags: [N', T'] bool (or a TagMatrix) of the held-out images, whose columns are found by the
-    modes' tag names; errors (keyword-only): [N'] bool, True where the classifier is wrong;
-    labels (keyword-only): [N'] int.
+    Args:
+      modes: failure modes found on another split; only `label` and `tags` are used.
+      tags: `[N', T']` bool (or 0/1, or a TagMatrix) of the held-out images, whose columns are
+        found by the modes' tag names.
+      errors: `[N']` bool, True where the classifier is wrong.
+      labels: `[N']` int.
+      tag_names: the T' column names (default: the TagMatrix's names, else "tag0", ...).
+
+    Returns:
+      One `HeldOutMode` per mode, in the order of `modes`.
+
+    Raises:
+      ValueError: bad tags, tag names that do not match the columns, errors that are not
+        boolean or 0/1, or tags, errors and labels of different lengths.
+      KeyError: a mode tag is not among the tag names.
     """
     tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     results = []
@@ -128,7 +171,11 @@ class TagEvidence(NamedTuple):
     q_value: float
 
     def row(self) -> dict:
-        """Plain Python values, strict-JSON ready (None for a missing rate)."""
+        """Plain Python values, strict-JSON ready (None for a missing rate).
+
+        Returns:
+          A dict with `tag`, `size`, `errors`, `error_rate`, `p_value` and `q_value`.
+        """
         return {"tag": self.tag, "size": self.size, "errors": self.errors,
                 "error_rate": self.error_rate, "p_value": self.p_value, "q_value": self.q_value}
 
@@ -158,7 +205,19 @@ class ModeEvidence(NamedTuple):
     significant: bool
 
     def row(self, class_names: Sequence[str] | None = None) -> dict:
-        """The mode and its evidence as plain Python values, strict-JSON ready (no NaN)."""
+        """The mode and its evidence as plain Python values, strict-JSON ready (no NaN).
+
+        Args:
+          class_names: a name per class index, written as `class`; None writes null.
+
+        Returns:
+          A dict of the mode's label, class and tags, its held-out counts, rate, interval,
+          class counts, p- and q-value, `minimality` (one `TagEvidence.row` per tag) and
+          `significant`.
+
+        Raises:
+          IndexError: `class_names` has no entry for the mode's class.
+        """
         mode = self.mode
         return {
             "label": int(mode.label),
@@ -317,7 +376,18 @@ def generalization_summary(
     heldout: Sequence[HeldOutMode], drop_thresholds=(0.2, 0.25, 0.3)
 ) -> dict:
     """Figure 4's numbers: how many modes keep a drop of at least each threshold on held-out
-    data, the correlation of search and held-out accuracy, and the mean drops."""
+    data, the correlation of search and held-out accuracy, and the mean drops.
+
+    Args:
+      heldout: `evaluate_on_heldout`'s results; modes with no held-out image are left out of
+        every statistic but the count `modes`.
+      drop_thresholds: the drops whose held-out share is reported.
+
+    Returns:
+      A dict of counts, mean drops and accuracies, `accuracy_correlation` (NaN with fewer than
+      3 modes or constant accuracies) and one `share_heldout_drop_at_least_<t>` per threshold
+      (NaN where no mode has held-out images).
+    """
     valid = [h for h in heldout if h.size > 0]
     search_acc = np.array([h.mode.accuracy for h in valid])
     heldout_acc = np.array([h.accuracy for h in valid])
@@ -343,8 +413,23 @@ def generalization_summary(
 def subset_accuracies(mode: FailureMode, tags, *, errors, labels,
                       tag_names: Sequence[str] | None = None) -> list[SubsetAccuracy]:
     """Table 1: the accuracy of the mode's class on images showing each non-empty subset of its
-    tags, from all tags down to single tags. errors: [N] bool, True where the classifier is
-    wrong; labels: [N] int (both keyword-only)."""
+    tags, from all tags down to single tags.
+
+    Args:
+      mode: the failure mode.
+      tags: `[N, T]` bool (or 0/1, or a TagMatrix).
+      errors: `[N]` bool, True where the classifier is wrong.
+      labels: `[N]` int.
+      tag_names: the T column names (default: the TagMatrix's names, else "tag0", ...).
+
+    Returns:
+      One `SubsetAccuracy` per non-empty subset of the mode's tags, largest subsets first.
+
+    Raises:
+      ValueError: bad tags, tag names that do not match the columns, errors that are not
+        boolean or 0/1, or tags, errors and labels of different lengths.
+      KeyError: a mode tag is not among the tag names.
+    """
     tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     in_class = labels == mode.label
     rows = []
@@ -360,9 +445,24 @@ def subset_drop_table(modes: Sequence[FailureMode], tags, *, errors, labels,
     """Table 2: for modes of k tags, the mean accuracy drop (A'_c - A') of the full tag set and
     of its subsets of k-1, ..., 1 tags, all on the given (held-out) data.
 
-    Returns {k: {"modes": count, "drop": {j: mean drop over the modes' j-subsets}}}; a subset
-    (or a mode) with fewer than `min_images` images is left out of the mean. errors: [N] bool,
-    True where the classifier is wrong; labels: [N] int (both keyword-only).
+    A subset (or a mode) with fewer than `min_images` images is left out of the mean.
+
+    Args:
+      modes: failure modes; those of one tag are skipped.
+      tags: `[N, T]` bool (or 0/1, or a TagMatrix).
+      errors: `[N]` bool, True where the classifier is wrong.
+      labels: `[N]` int.
+      tag_names: the T column names (default: the TagMatrix's names, else "tag0", ...).
+      min_images: the fewest images a mode or subset needs to count.
+
+    Returns:
+      {k: {"modes": count, "drop": {j: mean drop over the modes' j-subsets}}}, NaN where no
+      subset counts.
+
+    Raises:
+      ValueError: bad tags, tag names that do not match the columns, errors that are not
+        boolean or 0/1, or tags, errors and labels of different lengths.
+      KeyError: a mode tag is not among the tag names.
     """
     tags, tag_names, correct, labels = _check_data(tags, errors, labels, tag_names)
     table: dict[int, dict] = {}
@@ -400,11 +500,25 @@ def description_quality(
 ) -> DescriptionQuality:
     """Section 4.3's three metrics.
 
-    image_embeddings: [N, D] unit rows; text_embeddings: [M, D] unit rows, one per mode;
-    members: [M, N] bool, the images of each mode; labels: [N]; mode_labels: [M], each mode's
-    class. Outside images are drawn (with `key`, keyword-only: an int seed or a PRNG key) from
-    the mode's class but not the mode: `num_outside` of them, by default as many as the mode has
-    images.
+    Outside images are drawn (with `key`) from the mode's class but not the mode:
+    `num_outside` of them, by default as many as the mode has images.
+
+    Args:
+      image_embeddings: `[N, D]` unit rows.
+      text_embeddings: `[M, D]` unit rows, one per mode.
+      members: `[M, N]` bool, the images of each mode.
+      labels: `[N]` classes.
+      mode_labels: `[M]`, each mode's class.
+      key: an int seed or a PRNG key for drawing the outside images.
+      num_outside: outside images per mode (at most the class's images outside the mode).
+
+    Returns:
+      A `DescriptionQuality` (NaN metrics and no per-mode rows when M is 0).
+
+    Raises:
+      ValueError: `members` is not `[M, N]`, `mode_labels` is not M long, a mode has no images,
+        or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     image_embeddings = np.asarray(image_embeddings, np.float32)
     text_embeddings = np.asarray(text_embeddings, np.float32)
@@ -451,7 +565,15 @@ def description_quality(
 
 
 def auroc(positive_scores, negative_scores) -> float:
-    """Area under the ROC curve: P(positive > negative) + P(tie) / 2 (NaN if a side is empty)."""
+    """Area under the ROC curve: P(positive > negative) + P(tie) / 2 (NaN if a side is empty).
+
+    Args:
+      positive_scores: scores of the positives, any shape (flattened).
+      negative_scores: scores of the negatives, any shape (flattened).
+
+    Returns:
+      The AUROC, a float in [0, 1] or NaN.
+    """
     positive = np.asarray(positive_scores, np.float64).ravel()
     negative = np.asarray(negative_scores, np.float64).ravel()
     if len(positive) == 0 or len(negative) == 0:
@@ -465,7 +587,17 @@ def auroc(positive_scores, negative_scores) -> float:
 def recovery_scores(
     modes: Sequence[FailureMode], planted: Sequence[tuple[int, Sequence[str]]]
 ) -> dict:
-    """Precision and recall of found modes against planted ones, as (label, tag-name set) pairs."""
+    """Precision and recall of found modes against planted ones, as (label, tag-name set) pairs.
+
+    Args:
+      modes: the found failure modes.
+      planted: the planted modes as `(label, tag names)` pairs.
+
+    Returns:
+      A dict with the counts `found`, `planted`, `recovered`, `precision` and `recall` (NaN when
+      nothing was found or planted), and the sorted `(label, tags)` pairs `missed` and
+      `spurious`.
+    """
     found = {(m.label, frozenset(m.tags)) for m in modes}
     truth = {(int(label), frozenset(tags)) for label, tags in planted}
     hits = found & truth

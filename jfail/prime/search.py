@@ -74,11 +74,25 @@ class FailureMode(NamedTuple):
 
     @property
     def drop(self) -> float:
-        """A_c - A_S."""
+        """A_c - A_S.
+
+        Returns:
+          The accuracy drop of the mode below its class's, a float.
+        """
         return self.class_accuracy - self.accuracy
 
     def describe(self, class_names: Sequence[str] | None = None) -> str:
-        """The paper's description: the class name and all tags of the mode."""
+        """The paper's description: the class name and all tags of the mode.
+
+        Args:
+          class_names: a name per class index; None writes `class <label>`.
+
+        Returns:
+          `"<class>: <tag> + <tag> + ..."`.
+
+        Raises:
+          IndexError: `class_names` has no entry for `label`.
+        """
         name = class_names[self.label] if class_names is not None else f"class {self.label}"
         return f"{name}: {' + '.join(self.tags)}"
 
@@ -115,17 +129,34 @@ def find_failure_modes(
 ) -> list[FailureMode]:
     """All failure modes of every class (section 3.2), sorted by class, number of tags, accuracy.
 
-    tags: [N, T] bool (or 0/1, or a TagMatrix, whose names are then used); errors
-    (keyword-only): [N] bool, True where the classifier is wrong; labels (keyword-only): [N] int,
-    the true classes.
-    min_size, min_drop, min_gain, max_tags: the paper's s, a, (b2, b3, b4, ...) and l;
-    min_gain[k - 2] applies to sets of k tags, so it needs at least max_tags - 1 entries.
-    min_tag_count: per class, tags on fewer images are dropped before the search (section 3.1).
-    method: "exhaustive" (exact) or "greedy" (A.6: only the `beam_width` lowest-accuracy sets of
-    each size are extended).
-    classes: the classes to search (default: every label that occurs, or range(num_classes)).
-    Raises ValueError, before any search, for inputs whose lengths disagree, a searched class
-    without images, or a class with fewer than `min_size` images.
+    Args:
+      tags: `[N, T]` bool (or 0/1, or a TagMatrix, whose names are then used).
+      errors: `[N]` bool, True where the classifier is wrong.
+      labels: `[N]` int, the true classes.
+      tag_names: T names of the tag columns; None uses the TagMatrix's names or `tag<i>`.
+      min_size: the paper's s, the fewest images of a mode.
+      min_drop: the paper's a, the least accuracy drop below the class's.
+      min_gain: the paper's (b2, b3, b4, ...); min_gain[k - 2] applies to sets of k tags, so it
+        needs at least max_tags - 1 entries.
+      max_tags: the paper's l, the most tags of a mode.
+      min_tag_count: per class, tags on fewer images are dropped before the search
+        (section 3.1).
+      method: "exhaustive" (exact) or "greedy" (A.6: only the `beam_width` lowest-accuracy sets
+        of each size are extended).
+      beam_width: the sets of each size the greedy search extends.
+      classes: the classes to search (default: every label that occurs, or range(num_classes)).
+      num_classes: the number of classes; None uses the labels that occur.
+      block_size: candidate tag sets counted per kernel call.
+      progress: show a progress bar over the classes (None: only when stderr is a terminal).
+
+    Returns:
+      A list of `FailureMode`s, sorted by class, number of tags and accuracy (possibly empty).
+
+    Raises:
+      ValueError: before any search, for inputs whose lengths disagree, bad tags, errors or
+        labels, tag names that do not match the columns, hyperparameters out of range, an
+        unknown `method`, `beam_width < 1`, a searched class without images, a class with fewer
+        than `min_size` images, or more tags than the set keys can hold.
     """
     if isinstance(tags, TagMatrix) and tag_names is None:
         tag_names = tags.names
@@ -183,9 +214,20 @@ def count_frequent_tag_sets(
 ) -> TagSetCounts:
     """Image and correct-image counts of every tag set of <= max_tags tags with >= min_size images.
 
-    tags: [n, T] bool for one group of images (e.g. one class); errors (keyword-only): [n] bool,
-    True where the classifier is wrong. This is the exhaustive search's enumeration, without the
-    failure-mode tests.
+    This is the exhaustive search's enumeration, without the failure-mode tests.
+
+    Args:
+      tags: `[n, T]` bool (or 0/1, or a TagMatrix) for one group of images (e.g. one class).
+      errors: `[n]` bool, True where the classifier is wrong.
+      min_size: the fewest images of a counted set.
+      max_tags: the most tags of a counted set.
+      block_size: candidate tag sets counted per kernel call.
+
+    Returns:
+      A `TagSetCounts` of the sets of 1 to `max_tags` tags with at least `min_size` images.
+
+    Raises:
+      ValueError: bad tags or errors, lengths that disagree, or `min_size` or `max_tags` below 1.
     """
     tags = as_tag_array(tags)
     correct = ~_as_bool_vector(errors, "errors")
@@ -199,8 +241,17 @@ def count_frequent_tag_sets(
 def pack_bits(mask: np.ndarray, num_words: int | None = None) -> np.ndarray:
     """Pack booleans along the last axis into little-endian 32-bit words.
 
-    mask: [..., n] bool -> [..., W] uint32 with W = num_words or ceil(n / 32); bit j of word w
-    is mask[..., 32 * w + j]; the padding bits are 0.
+    Bit j of word w is mask[..., 32 * w + j]; the padding bits are 0.
+
+    Args:
+      mask: `[..., n]` bool.
+      num_words: W, the words per row; None uses `max(1, ceil(n / 32))`.
+
+    Returns:
+      `[..., W]` uint32.
+
+    Raises:
+      ValueError: `num_words` words cannot hold n bits.
     """
     mask = np.asarray(mask, dtype=bool)
     n = mask.shape[-1]

@@ -87,11 +87,29 @@ class ShapeTagger:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Tag names, in column order: for each measure its low tag, then its high tag."""
+        """Tag names, in column order: for each measure its low tag, then its high tag.
+
+        Returns:
+          The names of the measures' tags (a measure without a low or high tag has none).
+        """
         return tuple(name for _, _, name in self._columns())
 
     def tag(self, images: np.ndarray, labels: np.ndarray | None = None) -> TagMatrix:
-        """images: [N, H, W, C] in [0, 1]; labels: [N] int (thresholds are per class)."""
+        """images: [N, H, W, C] in [0, 1]; labels: [N] int (thresholds are per class).
+
+        Args:
+          images: `[N, H, W, C]` float in [0, 1].
+          labels: `[N]` int classes, each fitted; required despite the default (the protocol's
+            signature).
+
+        Returns:
+          A `TagMatrix` with `[N, T]` tags, columns as `names`.
+
+        Raises:
+          ValueError: `labels` is None, bad images (not `[N, H, W, C]` floats in [0, 1], empty
+            or not finite), bad labels, or a class the tagger was not fitted on.
+          TypeError: images that are not a numpy or jax array.
+        """
         if labels is None:
             raise ValueError("the shape tagger's thresholds are per class: pass labels")
         measurements = shape_measurements(
@@ -100,7 +118,19 @@ class ShapeTagger:
         return self.tag_measurements(measurements, labels)
 
     def tag_measurements(self, measurements: np.ndarray, labels: np.ndarray) -> TagMatrix:
-        """Tags from precomputed `shape_measurements` ([N, M]) and labels ([N])."""
+        """Tags from precomputed `shape_measurements` ([N, M]) and labels ([N]).
+
+        Args:
+          measurements: `[N, M]`, as `shape_measurements` returns.
+          labels: `[N]` non-negative int classes, each fitted.
+
+        Returns:
+          A `TagMatrix` with `[N, T]` tags, columns as `names`.
+
+        Raises:
+          ValueError: measurements that are not `[N, M]`, labels that are not `[N]`
+            non-negative ints, or a class the tagger was not fitted on.
+        """
         measurements, labels = _check_measurements(measurements, labels, len(self.measures))
         if len(labels) and labels.max() >= len(self.thresholds):
             raise ValueError(f"label {labels.max()} has no thresholds: the tagger was fitted on "
@@ -140,8 +170,25 @@ def fit_shape_tagger(
     """Fit per-class thresholds: a low tag marks the lowest `quantiles[0]` of the class, a high
     tag the top 1 - `quantiles[1]` (but never below the measure's floor).
 
-    images: [N, H, W, C] in [0, 1] (or None when `measurements` ([N, M]) are given); labels: [N].
-    invert: for dark objects on a light background.
+    Args:
+      images: `[N, H, W, C]` in [0, 1] (or None when `measurements` are given).
+      labels: `[N]` non-negative int classes.
+      quantiles: `(low, high)`, the class quantiles of the low and high thresholds.
+      ink_threshold: the intensity above which a pixel is the object.
+      invert: for dark objects on a light background.
+      measures: the tags and floors of the `SHAPE_MEASURES`, in their order.
+      measurements: precomputed `[N, M]` `shape_measurements`; None measures `images`.
+      batch_size: images per jitted chunk.
+
+    Returns:
+      A `ShapeTagger` with `[C, M, 2]` thresholds, C = `labels.max() + 1` (NaN for classes
+      that do not occur).
+
+    Raises:
+      ValueError: quantiles not `0 < low < high < 1`, `measures` of the wrong length, neither
+        images nor measurements, bad images or `ink_threshold`, measurements that are not
+        `[N, M]`, or labels that are not `[N]` non-negative ints.
+      TypeError: images that are not a numpy or jax array.
     """
     low_q, high_q = quantiles
     if not 0 < low_q < high_q < 1:
@@ -172,6 +219,20 @@ def shape_measurements(
 
     Channels are averaged; pixels above `ink_threshold` are the object. Runs jitted, in chunks
     of `batch_size` images.
+
+    Args:
+      images: `[N, H, W, C]` float in [0, 1].
+      ink_threshold: the intensity above which a pixel is the object, in [0, 1).
+      invert: for dark objects on a light background (intensities are flipped first).
+      batch_size: images per jitted chunk.
+
+    Returns:
+      `[N, M]` float32, columns as `SHAPE_MEASURES` (all 0 for an image without ink).
+
+    Raises:
+      ValueError: images that are not `[N, H, W, C]` floats in [0, 1], empty or not finite, or
+        `ink_threshold` outside [0, 1).
+      TypeError: images that are not a numpy or jax array.
     """
     check_images(images)
     if not 0 <= ink_threshold < 1:

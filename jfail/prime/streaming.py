@@ -162,6 +162,12 @@ def tag_source(
 def open_tags(out_dir: str | os.PathLike) -> TagMatrix:
     """The tag matrix a :func:`tag_source` run stored in `out_dir`.
 
+    Args:
+      out_dir: the folder `tag_source` wrote.
+
+    Returns:
+      A `TagMatrix` with the stored `[N, T]` tags and their names, read into memory.
+
     Raises:
       FileNotFoundError: `out_dir` holds no tags.
     """

@@ -35,7 +35,11 @@ class PlantedProblem(NamedTuple):
 
     @property
     def errors(self) -> np.ndarray:
-        """[N] bool, True where the classifier is wrong (the complement of `correct`)."""
+        """[N] bool, True where the classifier is wrong (the complement of `correct`).
+
+        Returns:
+          `[N]` bool, a new array.
+        """
         return ~self.correct
 
 
@@ -52,8 +56,23 @@ def planted_problem(
 ) -> PlantedProblem:
     """Independent Bernoulli tags with planted failure modes.
 
-    tag_prevalence: one probability for all tags or one per tag ([T]); num_tags is needed with a
-    single probability. planted: (label, tag indices) pairs.
+    Args:
+      key: an int seed or a PRNG key; the same key gives the same problem.
+      num_classes: C.
+      images_per_class: images of each class; N = C * images_per_class.
+      tag_prevalence: one probability for all tags or one per tag (`[T]`).
+      planted: (label, tag indices) pairs.
+      num_tags: T; needed with a single probability, ignored with one per tag.
+      base_accuracy: the classifier's accuracy outside the planted modes.
+      mode_accuracy: its accuracy on the images of a planted mode.
+
+    Returns:
+      A `PlantedProblem` with tags named `tag0`, `tag1`, ... and the planted modes by name.
+
+    Raises:
+      ValueError: a single probability without `num_tags`, a planted mode whose label or tags
+        are out of range or whose tag set is empty, or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     prevalence = np.asarray(tag_prevalence, np.float32)
     if prevalence.ndim == 0:
@@ -105,6 +124,27 @@ def living17_shaped_problem(
     the vocabulary are absent from the class. Each class has `hard_sets_per_class` random sets of
     1 to 4 of its tags (drawn among those with prevalence in `hard_prevalence_range`) on whose
     images the accuracy is `hard_accuracy`; elsewhere it is `base_accuracy`.
+
+    Args:
+      key: an int seed or a PRNG key; the same key gives the same problem.
+      num_classes: C.
+      images_per_class: images of each class; N = C * images_per_class.
+      vocabulary_size: T, the tags of the shared vocabulary.
+      tags_per_class: the tags each class uses, at most T.
+      prevalence_range: `(low, high)` of the log-uniform tag prevalences.
+      num_factors: the latent scene factors that correlate the tags.
+      loading_range: `(low, high)` of the uniform factor loadings, in (0, 1).
+      hard_sets_per_class: the planted hard tag sets of each class.
+      hard_prevalence_range: the prevalences among which hard tags are drawn.
+      base_accuracy: the classifier's accuracy off the hard sets.
+      hard_accuracy: its accuracy on the images of a hard set.
+
+    Returns:
+      A `PlantedProblem` with `[N, T]` tags named `tag0`, ... and the hard sets as `planted`.
+
+    Raises:
+      ValueError: `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
     """
     rng = numpy_generator(key)
     n = num_classes * images_per_class
@@ -147,7 +187,20 @@ def living17_shaped_problem(
 
 
 def flip_tags(tags: np.ndarray, flip_probability: float, *, key) -> np.ndarray:
-    """`tags` ([N, T] bool) with each entry flipped independently with `flip_probability`."""
+    """`tags` ([N, T] bool) with each entry flipped independently with `flip_probability`.
+
+    Args:
+      tags: `[N, T]` bool (any shape works).
+      flip_probability: the chance each entry is flipped, in [0, 1].
+      key: an int seed or a PRNG key.
+
+    Returns:
+      A new bool array shaped like `tags`.
+
+    Raises:
+      ValueError: `flip_probability` is outside [0, 1], or `key` is None.
+      TypeError: `key` is not a seed or a PRNG key.
+    """
     if not 0 <= flip_probability <= 1:
         raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability}")
     flips = numpy_generator(key).random(np.shape(tags), dtype=np.float32) < flip_probability

@@ -43,7 +43,17 @@ class TagMatrix(NamedTuple):
     names: tuple[str, ...]
 
     def select(self, names: Sequence[str]) -> TagMatrix:
-        """The columns called `names`, in that order."""
+        """The columns called `names`, in that order.
+
+        Args:
+          names: tag names, each one of `self.names`.
+
+        Returns:
+          A `TagMatrix` with `[N, len(names)]` tags.
+
+        Raises:
+          KeyError: a name is not one of `self.names`.
+        """
         index = {name: i for i, name in enumerate(self.names)}
         missing = [name for name in names if name not in index]
         if missing:
@@ -61,9 +71,21 @@ class Tagger(Protocol):
     """
 
     @property
-    def names(self) -> tuple[str, ...]: ...
+    def names(self) -> tuple[str, ...]:
+        """The T tag names, in column order."""
+        ...
 
-    def tag(self, images: np.ndarray, labels: np.ndarray | None = None) -> TagMatrix: ...
+    def tag(self, images: np.ndarray, labels: np.ndarray | None = None) -> TagMatrix:
+        """Tags of a batch of images.
+
+        Args:
+          images: `[N, H, W, C]` float in [0, 1].
+          labels: `[N]` int classes, or None for taggers that do not need them.
+
+        Returns:
+          A `TagMatrix` with `[N, T]` tags, columns in the order of `names`.
+        """
+        ...
 
 
 def as_tag_array(tags, *, name: str = "tags") -> np.ndarray:
@@ -71,6 +93,16 @@ def as_tag_array(tags, *, name: str = "tags") -> np.ndarray:
 
     Accepts bool arrays and numeric arrays whose values are all 0 or 1; anything else (other
     values, NaN, a wrong number of dimensions) raises ValueError.
+
+    Args:
+      tags: a `TagMatrix` or an `[N, T]` array of bools or 0/1 numbers.
+      name: the argument's name in error messages.
+
+    Returns:
+      The tags as an `[N, T]` bool array (the input itself when already bool).
+
+    Raises:
+      ValueError: not 2-D, not bool or numeric, or a value other than 0 and 1.
     """
     if isinstance(tags, TagMatrix):
         tags = tags.tags
@@ -95,7 +127,17 @@ def frequent_tags(tags, labels, min_count: int, *, num_classes: int | None = Non
     """Which tags each class keeps: `[C, T]` bool, true where the tag is on `>= min_count` images
     of that class (section 3.1 drops rarer tags; the paper uses 50, 100 or 200).
 
-    tags: [N, T] bool; labels: [N] int; C = num_classes or labels.max() + 1.
+    Args:
+      tags: `[N, T]` bool (or 0/1, or a `TagMatrix`).
+      labels: `[N]` int classes.
+      min_count: the fewest images of a class a tag must be on to be kept.
+      num_classes: C; None uses `labels.max() + 1`.
+
+    Returns:
+      `[C, T]` bool.
+
+    Raises:
+      ValueError: bad tags (see `as_tag_array`), labels not `[N]`, or a label >= `num_classes`.
     """
     tags = as_tag_array(tags)
     labels = np.asarray(labels)
@@ -111,7 +153,17 @@ def frequent_tags(tags, labels, min_count: int, *, num_classes: int | None = Non
 
 
 def concat_tags(*matrices: TagMatrix) -> TagMatrix:
-    """Columns of several tag matrices side by side (same images, distinct names)."""
+    """Columns of several tag matrices side by side (same images, distinct names).
+
+    Args:
+      *matrices: `TagMatrix`es of the same N images.
+
+    Returns:
+      A `TagMatrix` with the columns of all, in the order given.
+
+    Raises:
+      ValueError: no matrices, different numbers of images, bad tags, or a name repeated.
+    """
     if not matrices:
         raise ValueError("concat_tags needs at least one TagMatrix")
     rows = {m.tags.shape[0] for m in matrices}
@@ -134,8 +186,23 @@ def tags_from_table(
 
     table: a CSV file path (first row: column names) or an [N, T] array (then `names` names the
     columns). A value > 0 is "on": this reads CUB's 0/1 and CelebA's -1/+1 alike.
-    columns: keep only these columns (by name), in this order.
-    drop_columns: columns that are not attributes, e.g. an image-id column of a CSV.
+    Args:
+      table: a CSV file path (first row: column names) or an `[N, T]` array (then `names`
+        names the columns). A value > 0 is "on": this reads CUB's 0/1 and CelebA's -1/+1 alike.
+      names: the column names of an array table; None names them `attr0`, `attr1`, ...
+      columns: keep only these columns (by name), in this order.
+      drop_columns: columns that are not attributes, e.g. an image-id column of a CSV.
+      delimiter: the CSV file's field separator.
+
+    Returns:
+      A `TagMatrix` with `[N, T']` tags, the kept columns.
+
+    Raises:
+      FileNotFoundError: the CSV file does not exist.
+      ValueError: `names` given with a CSV file, an array that is not 2-D, names that do not
+        match the columns, an empty or ragged CSV file, a value that is not a number, a missing
+        value, or a column name repeated.
+      KeyError: a name in `columns` or `drop_columns` is not a column of the table.
     """
     if isinstance(table, (str, Path)):
         header, values = _read_csv(Path(table), delimiter)
@@ -172,7 +239,16 @@ def tags_from_table(
 def background_tags(backgrounds, background_names: Sequence[str]) -> TagMatrix:
     """One tag per known background of a composited data set (e.g. Waterbirds' land / water).
 
-    backgrounds: [N] int, the background index of each image; background_names: one name each.
+    Args:
+      backgrounds: `[N]` int, the background index of each image.
+      background_names: one name per background index.
+
+    Returns:
+      A `TagMatrix` with `[N, len(background_names)]` tags, one on per row.
+
+    Raises:
+      ValueError: `backgrounds` is not a 1-D integer array, an index is outside
+        `[0, len(background_names))`, or a name is repeated.
     """
     backgrounds = np.asarray(backgrounds)
     if backgrounds.ndim != 1 or not np.issubdtype(backgrounds.dtype, np.integer):

@@ -49,13 +49,38 @@ class ImageTextEmbedder(Protocol):
     embed_images(images [N, H, W, C] in [0, 1]) -> [N, D]; embed_texts(texts) -> [M, D].
     """
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray: ...
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """Embed images.
 
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+        Args:
+          images: `[N, H, W, C]` in [0, 1].
+
+        Returns:
+          `[N, D]` float, unit-norm rows.
+        """
+        ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts.
+
+        Args:
+          texts: M strings.
+
+        Returns:
+          `[M, D]` float, unit-norm rows.
+        """
+        ...
 
 
 def normalize_rows(vectors) -> np.ndarray:
-    """[N, D] -> rows scaled to unit norm (zero rows stay zero)."""
+    """[N, D] -> rows scaled to unit norm (zero rows stay zero).
+
+    Args:
+      vectors: `[N, D]` numbers (any leading shape; the last axis is normalized).
+
+    Returns:
+      float32 array shaped like `vectors`.
+    """
     vectors = np.asarray(vectors, np.float32)
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
@@ -69,9 +94,25 @@ class CallableEmbedder:
     text_fn: Callable[[list[str]], Any]
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """`image_fn(images)`, rows normalized.
+
+        Args:
+          images: `[N, H, W, C]`, passed to `image_fn` as they are.
+
+        Returns:
+          `[N, D]` float32, unit-norm rows.
+        """
         return normalize_rows(np.asarray(self.image_fn(images)))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """`text_fn(list(texts))`, rows normalized.
+
+        Args:
+          texts: M strings.
+
+        Returns:
+          `[M, D]` float32, unit-norm rows.
+        """
         return normalize_rows(np.asarray(self.text_fn(list(texts))))
 
 
@@ -98,7 +139,19 @@ class TransformersClipEmbedder:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> TransformersClipEmbedder:
-        """Load a CLIP checkpoint (a local directory, or a hub name where there is a network)."""
+        """Load a CLIP checkpoint (a local directory, or a hub name where there is a network).
+
+        Args:
+          name_or_path: a local checkpoint directory or a Hugging Face hub name.
+          **kwargs: `mean`, `std`, `batch_size` and `device`, as for the constructor.
+
+        Returns:
+          A `TransformersClipEmbedder` over the loaded model and tokenizer.
+
+        Raises:
+          ImportError: `transformers` or `torch` is not installed.
+          OSError: the checkpoint cannot be found or loaded (from `transformers`).
+        """
         try:
             from transformers import AutoTokenizer, CLIPModel
         except ImportError as error:
@@ -107,6 +160,17 @@ class TransformersClipEmbedder:
                    AutoTokenizer.from_pretrained(name_or_path), **kwargs)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """The model's image features, `batch_size` images per forward pass.
+
+        Args:
+          images: `[N, H, W, C]` in [0, 1], C 1 (grey) or 3 (RGB).
+
+        Returns:
+          `[N, D]` float32, unit-norm rows (`[0, 0]` when N is 0).
+
+        Raises:
+          ValueError: `images` is not `[N, H, W, 1 or 3]`.
+        """
         torch = self._torch
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -127,6 +191,14 @@ class TransformersClipEmbedder:
         return normalize_rows(np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The model's text features, `batch_size` texts per forward pass.
+
+        Args:
+          texts: M strings, tokenized with padding.
+
+        Returns:
+          `[M, D]` float32, unit-norm rows (`[0, 0]` when M is 0).
+        """
         torch = self._torch
         outputs = []
         with torch.no_grad():
@@ -151,6 +223,18 @@ class TagSpaceEmbedder:
     attributes: TagMatrix
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """The attribute vectors of the images, normalized.
+
+        Args:
+          images: `[N]` int row indices into `attributes` (not pixels).
+
+        Returns:
+          `[N, T]` float32, unit-norm rows (zero for an image with no attribute).
+
+        Raises:
+          ValueError: `images` is not a 1-D integer array.
+          IndexError: an index is out of range of `attributes`.
+        """
         rows = np.asarray(images)
         if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
             raise ValueError(
@@ -159,6 +243,14 @@ class TagSpaceEmbedder:
         return normalize_rows(self.attributes.tags[rows].astype(np.float32))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Which attribute names each text mentions, as whole words, ignoring case.
+
+        Args:
+          texts: M strings.
+
+        Returns:
+          `[M, T]` float32, unit-norm rows (zero for a text that names no attribute).
+        """
         patterns = [re.compile(r"(?<![\w-])" + re.escape(name.lower()) + r"(?![\w-])")
                     for name in self.attributes.names]
         vectors = np.array([[bool(p.search(text.lower())) for p in patterns] for text in texts],
@@ -182,10 +274,21 @@ class ZeroShotTagger:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The T tag names: the vocabulary, in order."""
         return tuple(self.vocabulary)
 
     def scores(self, images: np.ndarray) -> np.ndarray:
-        """[N, T] similarity of each image to each tag's prompt minus its similarity to neutral."""
+        """[N, T] similarity of each image to each tag's prompt minus its similarity to neutral.
+
+        Args:
+          images: what the embedder's `embed_images` takes, N of them.
+
+        Returns:
+          `[N, T]` float, columns in the vocabulary's order.
+
+        Raises:
+          ValueError: the vocabulary is empty.
+        """
         if not self.vocabulary:
             raise ValueError("the vocabulary is empty")
         prompts = [self.template.format(tag) for tag in self.vocabulary] + [self.neutral]
@@ -194,6 +297,18 @@ class ZeroShotTagger:
         return similarity[:, :-1] - similarity[:, -1:]
 
     def tag(self, images: np.ndarray, labels: np.ndarray | None = None) -> TagMatrix:
+        """Tags on where `scores` exceeds `margin`.
+
+        Args:
+          images: what the embedder's `embed_images` takes, N of them.
+          labels: ignored; zero-shot tags do not depend on the class.
+
+        Returns:
+          A `TagMatrix` with `[N, T]` tags named by the vocabulary.
+
+        Raises:
+          ValueError: the vocabulary is empty.
+        """
         del labels  # zero-shot tags do not depend on the class
         return TagMatrix(self.scores(images) > self.margin, self.names)
 
