@@ -107,26 +107,29 @@ def load(
 ) -> Dataset:
     """Loads one split of a data set into memory.
 
-    name: one of DATASET_NAMES, ``"imagefolder:<path>"`` (a name with a
-      ``/`` is a path too), ``"tfds:<name>"`` or ``"arrayrecord:<glob>"``;
-      any may end with ``@S`` (SxS images) and then ``[:P%]`` (a fixed
-      stratified P percent of the split), e.g. ``"digits@28[:50%]"``.
-    split: ``"train"`` or ``"test"``; mnist5k, digits and a folder without
-      split folders also accept ``"all"``; a folder with split folders
-      accepts their names; ``tfds:`` names accept any TFDS split
-      (``"train[:10%]"``); ``arrayrecord:`` ignores it.
-    data_dir: for fashion_mnist and mnist, a directory with the IDX files,
-      searched first; for ``tfds:`` names, the TFDS data dir.
-    image_key, label_key: the TFDS features to read (``tfds:`` names only).
+    Args:
+        name: one of DATASET_NAMES, `"imagefolder:<path>"` (a name with a `/` is a path too),
+            `"tfds:<name>"` or `"arrayrecord:<glob>"`; any may end with `@S` (SxS images) and
+            then `[:P%]` (a fixed stratified P percent of the split), e.g. `"digits@28[:50%]"`.
+        split: `"train"` or `"test"`; mnist5k, digits and a folder without split folders also
+            accept `"all"`; a folder with split folders accepts their names; `tfds:` names accept
+            any TFDS split (`"train[:10%]"`); `arrayrecord:` ignores it.
+        data_dir: for fashion_mnist and mnist, a directory with the IDX files, searched first;
+            for `tfds:` names, the TFDS data dir.
+        image_key: the TFDS feature holding the images (`tfds:` names only).
+        label_key: the TFDS feature holding the labels (`tfds:` names only).
 
-    Returns fresh arrays (images: [N, H, W, C] float32, labels: [N] int32):
-    changing them does not affect later calls.
+    Returns:
+        A `Dataset` of fresh arrays (images: `[N, H, W, C]` float32, labels: `[N]` int32) and the
+        class names: changing them does not affect later calls.
 
     Raises:
-      ValueError: unknown name or split.
-      DatasetNotFoundError: the data is not available locally; the message
-        says where it looked and how to get it.
-      ImportError: a ``tfds:`` name without tensorflow_datasets installed.
+        TypeError: if `name` is not a string.
+        ValueError: unknown name or split, or `image_key` / `label_key` given for a name that is
+            not a `tfds:` name.
+        DatasetNotFoundError: the data is not available locally; the message says where it looked
+            and how to get it.
+        ImportError: a `tfds:` name without tensorflow_datasets installed.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}.")
@@ -176,6 +179,14 @@ def check_dataset_name(name: str) -> None:
     Accepted: one of DATASET_NAMES, or a name of `jfail.data.open_source` (`imagefolder:<path>`
     or a path, `tfds:<name>`, `arrayrecord:<glob>`), each optionally with `@S` and `[:P%]`
     suffixes. Nothing is read, except that an image folder's layout is checked (folders only).
+
+    Args:
+        name: the data set name.
+
+    Raises:
+        TypeError: if `name` is not a string.
+        ValueError: if `name` is not a known data set or source name, or names an image folder
+            that is missing or not laid out as one subfolder of images per class.
     """
     if not isinstance(name, str):
         raise TypeError(f"a data set name must be a string, got {type(name).__name__}.")
@@ -204,14 +215,20 @@ def check_dataset_name(name: str) -> None:
 
 def dataset_image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int] | None:
     """`(H, W, C)` of the images `load(name)` returns, found without reading the pixels (an image
-    folder's file headers only); None for a ``tfds:`` or ``arrayrecord:`` name (known only once
+    folder's file headers only); None for a `tfds:` or `arrayrecord:` name (known only once
     read).
 
-    image_size: for an image folder whose name has no ``@S``, the size it is resized to.
+    Args:
+        name: a data set name, as for `load`.
+        image_size: for an image folder whose name has no `@S`, the size it is resized to.
+
+    Returns:
+        `(H, W, C)` ints, or None for a `tfds:` or `arrayrecord:` name.
 
     Raises:
-      ValueError: a name `check_dataset_name` refuses, or an image folder `image_folder_shape`
-        refuses.
+        TypeError: if `name` is not a string.
+        ValueError: a name `check_dataset_name` refuses, or an image folder `image_folder_shape`
+            refuses.
     """
     check_dataset_name(name)
     if _is_source_name(name):
@@ -282,9 +299,13 @@ def train_val_split(
 def fashion_mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
     """Directories searched for Fashion-MNIST IDX files, in order.
 
-    Returns (directory, where it comes from) pairs: ``data_dir``, then
-    ``$JFAIL_DATA_DIR/fashion_mnist``, ``$JFAIL_DATA_DIR/fashion-mnist``,
-    ``$JFAIL_DATA_DIR``, then FASHION_MNIST_SYSTEM_DIRS.
+    Args:
+        data_dir: a directory searched first, or None.
+
+    Returns:
+        `(directory, where it comes from)` pairs: `data_dir`, then
+        `$JFAIL_DATA_DIR/fashion_mnist`, `$JFAIL_DATA_DIR/fashion-mnist`, `$JFAIL_DATA_DIR`, then
+        FASHION_MNIST_SYSTEM_DIRS.
     """
     return _search_dirs(data_dir, ("fashion_mnist", "fashion-mnist")) + [
         (directory, "system package") for directory in FASHION_MNIST_SYSTEM_DIRS
@@ -294,8 +315,12 @@ def fashion_mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
 def mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
     """Directories searched for MNIST IDX files, in order.
 
-    Returns (directory, where it comes from) pairs: ``data_dir``, then
-    ``$JFAIL_DATA_DIR/mnist``, then ``$JFAIL_DATA_DIR``.
+    Args:
+        data_dir: a directory searched first, or None.
+
+    Returns:
+        `(directory, where it comes from)` pairs: `data_dir`, then `$JFAIL_DATA_DIR/mnist`, then
+        `$JFAIL_DATA_DIR`.
     """
     return _search_dirs(data_dir, ("mnist",))
 
