@@ -122,7 +122,11 @@ class ImageSource(Sequence):
         raise NotImplementedError
 
     def labels(self) -> np.ndarray:
-        """[N] int32, the label of every example in order."""
+        """[N] int32, the label of every example in order.
+
+        Returns:
+            `[N]` int32 numpy array, a copy the caller may change.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -163,7 +167,18 @@ class ArraySource(ImageSource):
 
     @classmethod
     def from_dataset(cls, data: Dataset, name: str = "arrays") -> ArraySource:
-        """The source of a :class:`jfail.data.Dataset`."""
+        """The source of a `jfail.data.Dataset`.
+
+        Args:
+            data: the in-memory data set (images `[N, H, W, C]` float32 in [0, 1], labels `[N]`).
+            name: what to call it in messages.
+
+        Returns:
+            An `ArraySource` serving `data`'s examples.
+
+        Raises:
+            ValueError: images and labels of different lengths or bad shapes.
+        """
         return cls(data.images, data.labels, data.class_names, name)
 
     def __len__(self) -> int:
@@ -174,6 +189,7 @@ class ArraySource(ImageSource):
         return {"image": self._images[index], "label": self._labels[index]}
 
     def labels(self) -> np.ndarray:
+        """[N] int32, the label of every example in order (a copy)."""
         return self._labels.copy()
 
 
@@ -277,6 +293,7 @@ class ImageFolderSource(_DecodedSource):
         return len(self.paths)
 
     def labels(self) -> np.ndarray:
+        """[N] int32, the label of every image in order (a copy)."""
         return self._labels.copy()
 
     def _raw(self, index: int):
@@ -327,6 +344,7 @@ class ArrayRecordSource(_DecodedSource):
         return len(self._records)
 
     def labels(self) -> np.ndarray:
+        """[N] int32, the label of every record in order (a copy)."""
         if self._labels is None:
             self._labels = np.asarray(
                 [_split_record(self._records[i], self._where(i))[0] for i in range(len(self))],
@@ -416,6 +434,7 @@ class TfdsSource(_DecodedSource):
         return len(self._source)
 
     def labels(self) -> np.ndarray:
+        """[N] int32, every label in order (a copy; the first call reads them all)."""
         if self._labels is None:
             self._labels = np.asarray(
                 [self._raw(i)[1] for i in range(len(self))], np.int32)
@@ -456,6 +475,7 @@ class SubsetSource(ImageSource):
         return self.parent[int(self.indices[_check_index(index, len(self))])]
 
     def labels(self) -> np.ndarray:
+        """[M] int32, the parent's labels at `indices`, in order."""
         return self.parent.labels()[self.indices]
 
 
@@ -529,12 +549,15 @@ def open_source(
 
 
 def check_source_name(name: str) -> None:
-    """Raises unless :func:`open_source` understands ``name`` (nothing is read or opened).
+    """Raises unless `open_source` understands `name` (nothing is read or opened).
+
+    Args:
+        name: a source name, as for `open_source`.
 
     Raises:
-      TypeError: ``name`` is not a non-empty string.
-      ValueError: an unknown scheme or built-in name, a scheme without its
-        argument, bad ``@S`` or ``[:P%]`` suffixes.
+        TypeError: `name` is not a non-empty string.
+        ValueError: an unknown scheme or built-in name, a scheme without its argument, bad `@S`
+            or `[:P%]` suffixes.
     """
     _parse(name, None)
 
@@ -642,8 +665,15 @@ def read_all(source: ImageSource) -> Dataset:
 
 
 def is_image_folder_name(name: str) -> bool:
-    """Whether ``name`` names an image folder: ``imagefolder:<path>``, or a name with a path
-    separator in it and no ``<scheme>:`` prefix (``./my_images``, ``/data/pets@64``)."""
+    """Whether `name` names an image folder: `imagefolder:<path>`, or a name with a path
+    separator in it and no `<scheme>:` prefix (`./my_images`, `/data/pets@64`).
+
+    Args:
+        name: a data set name (anything that is not a string gives False).
+
+    Returns:
+        True if `name` is read as an image folder.
+    """
     if not isinstance(name, str):
         return False
     if name.startswith("imagefolder:"):
@@ -652,11 +682,18 @@ def is_image_folder_name(name: str) -> bool:
 
 
 def image_folder_name_parts(name: str) -> tuple[str, int | None, float | None]:
-    """``(path, size or None, percent or None)`` of an image-folder name, e.g.
-    ``"imagefolder:pets@64[:10%]"`` -> ``("pets", 64, 10.0)``.
+    """`(path, size or None, percent or None)` of an image-folder name, e.g.
+    `"imagefolder:pets@64[:10%]"` -> `("pets", 64, 10.0)`.
+
+    Args:
+        name: an image-folder name (`imagefolder:<path>` or a path), with optional suffixes.
+
+    Returns:
+        `(path, size, percent)`: the folder, the `@S` size or None, the `[:P%]` percent or None.
 
     Raises:
-      ValueError: ``name`` is not an image-folder name, or has bad suffixes.
+        TypeError: `name` is not a non-empty string.
+        ValueError: `name` is not an image-folder name, or has bad suffixes.
     """
     scheme, path, size, percent = _parse(name, None)
     if scheme != "imagefolder":
@@ -665,13 +702,19 @@ def image_folder_name_parts(name: str) -> tuple[str, int | None, float | None]:
 
 
 def image_folder_classes(path: str | os.PathLike) -> tuple[str, ...]:
-    """The class names of the image folder at ``path`` (sorted class folder names), checking
+    """The class names of the image folder at `path` (sorted class folder names), checking
     its layout without reading any image.
 
+    Args:
+        path: the image folder.
+
+    Returns:
+        The class names, sorted.
+
     Raises:
-      DatasetNotFoundError: ``path`` is not a folder.
-      ValueError: no class folders, a class folder without images, split folders with
-        different classes.
+        DatasetNotFoundError: `path` is not a folder.
+        ValueError: no class folders, a class folder without images, split folders with
+            different classes.
     """
     name = f"imagefolder:{os.fspath(path)}"
     folders = _image_folder_splits(path, name)
@@ -686,16 +729,23 @@ def image_folder_classes(path: str | os.PathLike) -> tuple[str, ...]:
 
 def image_folder_shape(path: str | os.PathLike, image_size: int | None = None
                        ) -> tuple[int, int, int]:
-    """``(H, W, C)`` of every image of the image folder at ``path``, from the files' headers
+    """`(H, W, C)` of every image of the image folder at `path`, from the files' headers
     (no pixel is decoded).
 
     C is the folder's channel rule (1 when every image of every split is grayscale, else 3);
-    ``(image_size, image_size, C)`` when ``image_size`` is given.
+    `(image_size, image_size, C)` when `image_size` is given.
+
+    Args:
+        path: the image folder.
+        image_size: the side the images are resized to, or None to keep their stored size.
+
+    Returns:
+        `(H, W, C)` ints.
 
     Raises:
-      DatasetNotFoundError: ``path`` is not a folder.
-      ValueError: a bad layout (:func:`image_folder_classes`), a file that is not a readable
-        image, or images of different sizes without ``image_size``.
+        DatasetNotFoundError: `path` is not a folder.
+        ValueError: a bad layout (`image_folder_classes`), a file that is not a readable
+            image, or images of different sizes without `image_size`.
     """
     sizes, gray = _image_folder_headers(path, f"imagefolder:{os.fspath(path)}")
     channels = 1 if gray else 3
