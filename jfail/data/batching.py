@@ -1,10 +1,10 @@
 """Mini-batch iteration with per-epoch shuffling that can be resumed exactly, and padding of a
 short last chunk to the fixed row count a compiled program was built for.
 
-The order of epoch ``e`` depends only on ``(key, e, N)``: it is
-``jax.random.permutation(jax.random.fold_in(key, e), N)``. A run restarted
-with ``first_epoch=k`` therefore sees exactly the batches that epochs
-``k, k+1, ...`` of an uninterrupted run would have seen.
+The order of epoch `e` depends only on `(key, e, N)`: it is
+`jax.random.permutation(jax.random.fold_in(key, e), N)`. A run restarted
+with `first_epoch=k` therefore sees exactly the batches that epochs
+`k, k+1, ...` of an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Batch(NamedTuple):
     the last batch of an epoch when drop_remainder is False.
     epoch: the epoch this batch belongs to.
     step: global step index, counting from 0 at the first batch of epoch 0
-      (so ``step == epoch * num_batches(N, batch_size, drop_remainder) + i``).
+      (so `step == epoch * num_batches(N, batch_size, drop_remainder) + i`).
     """
 
     images: np.ndarray

@@ -1,7 +1,7 @@
 """Reader for the IDX file format used by MNIST and Fashion-MNIST.
 
-An IDX file is a 4-byte magic number ``00 00 <dtype code> <ndim>``, then
-``ndim`` big-endian uint32 dimension sizes, then the values in row-major
+An IDX file is a 4-byte magic number `00 00 <dtype code> <ndim>`, then
+`ndim` big-endian uint32 dimension sizes, then the values in row-major
 order, big-endian. Files may be gzip-compressed.
 """
 
