@@ -67,7 +67,27 @@ def influence_scores(
     per-example losses and `H` the Hessian of the mean training loss, all with respect to
     `params` (a pytree, flattened; at most `max_params` entries). Positive: the training point
     raises the test loss (harmful); removing training point i changes test loss j by about
-    `-scores[j, i] / n_train`. train_x `[n_train, ...]`, train_y `[n_train, ...]`, likewise test.
+    `-scores[j, i] / n_train`.
+
+    Args:
+        loss_fn: `loss_fn(params, x [B, ...], y [B, ...]) -> [B]` per-example losses.
+        params: the floating-point pytree the influence is taken over.
+        train_x: `[n_train, ...]` training inputs.
+        train_y: `[n_train, ...]` training targets.
+        test_x: `[n_test, ...]` test inputs.
+        test_y: `[n_test, ...]` test targets.
+        damping: added to the Hessian's diagonal, non-negative.
+        batch_size: examples per gradient pass (None: all at once).
+        max_params: the most parameters the dense Hessian may have.
+
+    Returns:
+        `[n_test, n_train]` float array of influences.
+
+    Raises:
+        ValueError: `loss_fn` is not callable or does not return `[B]` losses, `params` is empty,
+            not floating point or larger than `max_params`, inputs and targets are empty or of
+            different lengths, `damping` is negative, `batch_size` is not positive, or the
+            influences are not finite (a singular Hessian or non-finite losses).
     """
     _checked_params(loss_fn, params, max_params)
     train_x, train_y = _checked_data(loss_fn, params, train_x, train_y, "train")
@@ -93,6 +113,26 @@ def self_influence(
     (default: `[params]`, rates 1; `params` is unused when `params_list` is given; no Hessian,
     so no size limit). Large values mark points the model finds hard to fit, such
     as mislabelled ones.
+
+    Args:
+        loss_fn: `loss_fn(params, x [B, ...], y [B, ...]) -> [B]` per-example losses.
+        params: the floating-point pytree the influence is taken over.
+        x: `[N, ...]` training inputs.
+        y: `[N, ...]` training targets.
+        method: `"influence"` or `"tracin"`.
+        damping: added to the Hessian's diagonal, non-negative (`"influence"` only).
+        params_list: TracIn checkpoints (`"tracin"` only; None for `[params]`).
+        learning_rates: one per checkpoint (`"tracin"` only; None for all 1).
+        batch_size: examples per gradient pass (None: all at once).
+        max_params: the most parameters the dense Hessian may have (`"influence"` only).
+
+    Returns:
+        `[N]` float array of self-influences.
+
+    Raises:
+        ValueError: an unknown `method`, checkpoint arguments with `method="influence"`, no
+            checkpoints or a learning rate count that differs from theirs, or any of the input
+            errors of `influence_scores`.
     """
     if method == "influence":
         if params_list is not None or learning_rates is not None:
@@ -128,10 +168,21 @@ def fraction_checked_to_find(scores, flagged) -> dict[str, float | int]:
     """Check training points in decreasing `scores [N]`: how much must be read to find the
     `flagged [N]` (bool) points.
 
-    Returns `fraction_to_find_all` (rank of the last flagged point / N), `mean_fraction` (mean
-    over flagged points of rank / N: the "average fraction of the training set checked") and
-    `num_flagged`. Ranks start at 1; ties count against the ranking: a point's rank is the
-    number of points scoring at least as high.
+    Ranks start at 1; ties count against the ranking: a point's rank is the number of points
+    scoring at least as high.
+
+    Args:
+        scores: `[N]` finite scores, higher read first.
+        flagged: `[N]` bool, True on the points to find (at least one).
+
+    Returns:
+        A dict with `fraction_to_find_all` (rank of the last flagged point / N), `mean_fraction`
+        (mean over flagged points of rank / N: the "average fraction of the training set
+        checked") and `num_flagged`.
+
+    Raises:
+        ValueError: `scores` and `flagged` are not vectors of one shape, `flagged` is not
+            boolean or flags nothing, or `scores` holds non-finite values.
     """
     scores, flagged = np.asarray(scores), np.asarray(flagged)
     if scores.ndim != 1 or flagged.shape != scores.shape:
@@ -161,9 +212,22 @@ def top_fraction_flagged(
     """`[n_test]`: of the `k = ceil(top * n_train)` (at least 1) most influential training points
     for each test point, the fraction that is `flagged [n_train]` (bool).
 
-    influence: `[n_test, n_train]`, e.g. from `influence_scores`. "Most influential" is by
-    `by="absolute"` value (most helpful and most harmful together, the default), `"harmful"`
-    (largest influence: up-weighting raises the test loss) or `"helpful"` (most negative).
+    "Most influential" is by `by="absolute"` value (most helpful and most harmful together, the
+    default), `"harmful"` (largest influence: up-weighting raises the test loss) or `"helpful"`
+    (most negative).
+
+    Args:
+        influence: `[n_test, n_train]`, e.g. from `influence_scores`.
+        flagged: `[n_train]` bool.
+        top: the share of training points taken per test point, in (0, 1].
+        by: `"absolute"`, `"harmful"` or `"helpful"`.
+
+    Returns:
+        `[n_test]` float array in [0, 1].
+
+    Raises:
+        ValueError: `influence` is not `[n_test, n_train]` or `flagged` not a `[n_train]` bool
+            mask, `top` outside (0, 1], or an unknown `by`.
     """
     influence, flagged = jnp.asarray(influence), np.asarray(flagged)
     if influence.ndim != 2 or flagged.shape != influence.shape[1:]:
