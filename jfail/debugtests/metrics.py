@@ -83,7 +83,14 @@ def spearman(a, b, *, absolute: bool = False) -> jax.Array:
 
 def mean_sem(values) -> dict:
     """The mean and standard error of the mean of the finite `values` (any shape), and their
-    count: `{'mean', 'sem', 'count'}` as plain floats; NaN for a mean of none or an SEM of one."""
+    count: `{'mean', 'sem', 'count'}` as plain floats; NaN for a mean of none or an SEM of one.
+
+    Args:
+        values: numbers of any shape; NaN and Inf are left out.
+
+    Returns:
+        `{'mean': float, 'sem': float, 'count': int}` over the finite values (SEM with ddof=1).
+    """
     values = np.asarray(values, np.float64)
     values = values[np.isfinite(values)]
     sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")

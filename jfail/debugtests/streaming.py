@@ -32,7 +32,13 @@ TARGETS = ("label", "prediction")
 def paper_postprocess(maps):
     """What the paper compares: |maps| summed over channels, scaled to [0, 1] per example.
 
-    [B, H, W, C] -> [B, H, W] (``normalize_unit(reduce_channels(absolute(maps)))``).
+    [B, H, W, C] -> [B, H, W] (`normalize_unit(reduce_channels(absolute(maps)))`).
+
+    Args:
+        maps: `[B, H, W, C]` signed attribution maps.
+
+    Returns:
+        `[B, H, W]` maps in [0, 1].
     """
     from jfail.attribution import absolute, normalize_unit, reduce_channels
 
