@@ -93,7 +93,11 @@ class StoredFailures:
         return self.misclassified_draws / max(self.per_image.size * self.num_draws, 1)
 
     def read(self) -> Failures:
-        """Everything in memory, as the `Failures` that `identify` returns."""
+        """Everything in memory, as the `Failures` that `identify` returns.
+
+        Returns:
+            `Failures` with every array read into a NumPy array.
+        """
         return Failures(
             latents=self.latents[...], images=self.images[...],
             predictions=self.predictions[...], labels=self.labels[...],
@@ -263,6 +267,12 @@ def identify_to_store(
 
 def open_failures(out_dir: str | os.PathLike) -> StoredFailures:
     """Opens the failures written by `identify_to_store`.
+
+    Args:
+        out_dir: the folder of a finished `identify_to_store` run.
+
+    Returns:
+        `StoredFailures` whose arrays are read lazily.
 
     Raises:
         FileNotFoundError: `out_dir` holds no finished `identify_to_store` run.
