@@ -650,8 +650,11 @@ def write_arrayrecord(
 def read_all(source: ImageSource) -> Dataset:
     """Reads a whole source into memory (for small sources only).
 
+    Args:
+        source: any `ImageSource`.
+
     Returns:
-        A `Dataset`: images [N, H, W, C] float32, labels [N] int32.
+        A `Dataset`: images [N, H, W, C] float32, labels [N] int32, and the source's class names.
     """
     images = np.empty((len(source), *source.image_shape), np.float32)
     labels = np.empty(len(source), np.int32)
