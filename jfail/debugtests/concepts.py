@@ -280,28 +280,28 @@ def background_tcav(
     """TCAV of each spurious background (crops of it alone) for each class of a spurious model.
 
     Args:
-      module, variables: the model trained on `data`'s kind of images, a layered linen module
-        (`jfail.models.layers`) and its variables.
-      data: spurious test data (class `c` mostly on background `c`).
-      backgrounds: the textures `data` was composited on, `[Hb, Wb]` each, named
-        `background_names`; class_names: the classes' names, in label order.
-      random_images: `[N, H, W, 1]` data-set images (any class): random concepts are
-        `random_sets` sets of `concept_images` of them composited onto crops of the textures of
-        `jfail.debugtests.BACKGROUNDS` that `data` does not use.
-      layers: where to split the model, among its layers but the last.
-      concept_images: crops per background concept (at least 10); inputs_per_class: `data`'s
-        inputs of each class scored; alpha: the t-test's level (random-vs-random CAVs are the
-        null); control: also on the architecture re-initialized (model contamination).
-      key: PRNG key.
+        module, variables: the model trained on `data`'s kind of images, a layered linen module
+            (`jfail.models.layers`) and its variables.
+        data: spurious test data (class `c` mostly on background `c`).
+        backgrounds: the textures `data` was composited on, `[Hb, Wb]` each, named
+            `background_names`; class_names: the classes' names, in label order.
+        random_images: `[N, H, W, 1]` data-set images (any class): random concepts are
+            `random_sets` sets of `concept_images` of them composited onto crops of the textures of
+            `jfail.debugtests.BACKGROUNDS` that `data` does not use.
+        layers: where to split the model, among its layers but the last.
+        concept_images: crops per background concept (at least 10); inputs_per_class: `data`'s
+            inputs of each class scored; alpha: the t-test's level (random-vs-random CAVs are the
+            null); control: also on the architecture re-initialized (model contamination).
+        key: PRNG key.
 
     Returns:
-      A dict of plain values: `concept_images`, `random_sets`, `random_textures`, `alpha`, and
-      `rows`, one per (model, layer, concept, class) with the TCAV score (mean and std over the
-      concept-vs-random CAVs), the null's mean, the p-value, significance, the CAVs' accuracy
-      and every run's scores; or `{"skipped": why}` when the model cannot be split at `layers`.
+        A dict of plain values: `concept_images`, `random_sets`, `random_textures`, `alpha`, and
+        `rows`, one per (model, layer, concept, class) with the TCAV score (mean and std over the
+        concept-vs-random CAVs), the null's mean, the p-value, significance, the CAVs' accuracy
+        and every run's scores; or `{"skipped": why}` when the model cannot be split at `layers`.
 
     Raises:
-      RuntimeError: a split does not reproduce the model's logits.
+        RuntimeError: a split does not reproduce the model's logits.
     """
     if not is_layered(module):
         return {"skipped": f"TCAV splits a model by layer, and a {type(module).__name__} is not "

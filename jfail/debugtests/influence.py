@@ -258,25 +258,25 @@ def background_influence(
     another class's background (background and object disagree).
 
     Args:
-      module, variables: the spurious model, a linen classifier with `features` output and a
-        final dense layer `classifier` or `fc` (the parameters of the Hessian).
-      train_images `[N, H, W, 1]`, train_labels `[N]`, train_background_ids `[N]`: its
-        training set and the background behind each image.
-      test: spurious test data; test_backgrounds `[M, H, W, 1]`: the background of each test
-        image alone; backgrounds: the textures, indexed by background id.
-      pool_size, test_size: training images drawn for the pool and test inputs of each kind;
-      top: the fraction of the pool counted as most influential; damping: added to the
-        Hessian's diagonal; key: PRNG key.
+        module, variables: the spurious model, a linen classifier with `features` output and a
+            final dense layer `classifier` or `fc` (the parameters of the Hessian).
+        train_images `[N, H, W, 1]`, train_labels `[N]`, train_background_ids `[N]`: its
+            training set and the background behind each image.
+        test: spurious test data; test_backgrounds `[M, H, W, 1]`: the background of each test
+            image alone; backgrounds: the textures, indexed by background id.
+        pool_size, test_size: training images drawn for the pool and test inputs of each kind;
+        top: the fraction of the pool counted as most influential; damping: added to the
+            Hessian's diagonal; key: PRNG key.
 
     Returns:
-      A dict of plain values: the pool and its sizes, and per kind of test input the share of
-      the most influential images on the input's background (`share_own_background`) and with
-      the predicted label (`share_predicted_class`), by absolute value, most helpful and most
-      harmful (mean, SEM), the base rate, and how often the prediction is the background's (and
-      the object's) class; or `{"skipped": why}` without a final dense layer.
+        A dict of plain values: the pool and its sizes, and per kind of test input the share of
+        the most influential images on the input's background (`share_own_background`) and with
+        the predicted label (`share_predicted_class`), by absolute value, most helpful and most
+        harmful (mean, SEM), the base rate, and how often the prediction is the background's (and
+        the object's) class; or `{"skipped": why}` without a final dense layer.
 
     Raises:
-      RuntimeError: the last layer on the features does not reproduce the model's logits.
+        RuntimeError: the last layer on the features does not reproduce the model's logits.
     """
     head_name = _head_name(variables["params"])
     if head_name is None:
@@ -335,23 +335,23 @@ def find_flipped_labels(
     must be checked, in that order, to find the flipped labels.
 
     Args:
-      module, variables: the model trained on `(images, labels)`, a linen classifier with
-        `features` output and a final dense layer `classifier` or `fc`.
-      images `[N, H, W, C]`, labels `[N]`: its training set, labels as trained on (flipped).
-      flipped: the indices of the flipped labels.
-      subset: training examples drawn and ranked; damping: added to the Hessian's diagonal;
-      key: PRNG key.
+        module, variables: the model trained on `(images, labels)`, a linen classifier with
+            `features` output and a final dense layer `classifier` or `fc`.
+        images `[N, H, W, C]`, labels `[N]`: its training set, labels as trained on (flipped).
+        flipped: the indices of the flipped labels.
+        subset: training examples drawn and ranked; damping: added to the Hessian's diagonal;
+        key: PRNG key.
 
     Returns:
-      A dict of plain values: the subset's size, its flipped count, and per ranking
-      (self-influence of the last layer; TracIn over all layers when the model has no state
-      besides its params; the training loss and a random order as baselines) the mean fraction
-      checked per flipped label (mean, SEM), the fraction checked to find 50 %, 90 % and all of
-      them, the share found among the top-k, and the fraction checked for each percent found
-      (`curve`); or `{"skipped": why}`.
+        A dict of plain values: the subset's size, its flipped count, and per ranking
+        (self-influence of the last layer; TracIn over all layers when the model has no state
+        besides its params; the training loss and a random order as baselines) the mean fraction
+        checked per flipped label (mean, SEM), the fraction checked to find 50 %, 90 % and all of
+        them, the share found among the top-k, and the fraction checked for each percent found
+        (`curve`); or `{"skipped": why}`.
 
     Raises:
-      RuntimeError: the last layer on the features does not reproduce the model's logits.
+        RuntimeError: the last layer on the features does not reproduce the model's logits.
     """
     head_name = _head_name(variables["params"])
     if head_name is None:

@@ -87,21 +87,21 @@ def cascading_randomization(
     """Figure 7's cascade: step k re-initializes the top k layers, output layer first.
 
     Args:
-      params: {layer name: trained weights}.
-      fresh: {layer name: re-initialized weights}, the same names.
-      layers: the layers, output first. Default: `forward_layer_order(apply_fn, params, x)`,
-        the order the forward pass uses them (never the mapping's key order, which an optax
-        update or a checkpoint restore sorts by name).
-      apply_fn: `apply_fn(params, x) -> outputs`, needed when `layers` is None.
-      x: one example input batch for `apply_fn`, needed when `layers` is None.
+        params: {layer name: trained weights}.
+        fresh: {layer name: re-initialized weights}, the same names.
+        layers: the layers, output first. Default: `forward_layer_order(apply_fn, params, x)`,
+            the order the forward pass uses them (never the mapping's key order, which an optax
+            update or a checkpoint restore sorts by name).
+        apply_fn: `apply_fn(params, x) -> outputs`, needed when `layers` is None.
+        x: one example input batch for `apply_fn`, needed when `layers` is None.
 
     Returns:
-      `[(last layer re-initialized, params), ...]`, one entry per layer.
+        `[(last layer re-initialized, params), ...]`, one entry per layer.
 
     Raises:
-      ValueError: neither `layers` nor (`apply_fn`, `x`) is given, or the forward pass leaves a
-        layer unused.
-      KeyError: a layer is missing from `params` or `fresh`.
+        ValueError: neither `layers` nor (`apply_fn`, `x`) is given, or the forward pass leaves a
+            layer unused.
+        KeyError: a layer is missing from `params` or `fresh`.
     """
     layers = _checked_layers(params, fresh, layers, apply_fn, x, "cascading_randomization")
     steps, current = [], dict(params)

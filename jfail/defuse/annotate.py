@@ -101,22 +101,22 @@ def review_scenarios(
     """Have `annotator` label the samples of every scenario and compare with `classifier`.
 
     Args:
-      annotator: an `Annotator`; if it has `votes(images) -> [N, V]`, each review's `agreement`
-        is computed from them.
-      classifier: any JAX callable `classifier(x [B, H, W, C]) -> logits [B, K]` (a closure,
-        `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...); the
-        weights it holds now make the predictions.
-      samples: `[S, Q, H, W, C]` the decoded images of `S` scenarios, `Q` each.
-      rho: see `reviews_from_labels`.
-      batch_size: images per jitted classifier call.
+        annotator: an `Annotator`; if it has `votes(images) -> [N, V]`, each review's `agreement`
+            is computed from them.
+        classifier: any JAX callable `classifier(x [B, H, W, C]) -> logits [B, K]` (a closure,
+            `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...); the
+            weights it holds now make the predictions.
+        samples: `[S, Q, H, W, C]` the decoded images of `S` scenarios, `Q` each.
+        rho: see `reviews_from_labels`.
+        batch_size: images per jitted classifier call.
 
     Returns:
-      One `Review` per scenario.
+        One `Review` per scenario.
 
     Raises:
-      ValueError: `samples` is not `[S, Q, H, W, C]` or empty, the classifier does not return
-        `[B, K]` logits or returns NaN, or the annotator's labels are malformed.
-      ModelCallError: the classifier cannot take images of this size or channels.
+        ValueError: `samples` is not `[S, Q, H, W, C]` or empty, the classifier does not return
+            `[B, K]` logits or returns NaN, or the annotator's labels are malformed.
+        ModelCallError: the classifier cannot take images of this size or channels.
     """
     samples = np.asarray(samples, np.float32)
     if samples.ndim != 5:

@@ -99,17 +99,17 @@ def finetune(model: Any, *args, **kwargs) -> FinetuneResult:
     `apply_fn(params, state, x, train) -> (logits, state)`.
 
     Args:
-      train, failures, val: `Dataset`s or `(images [N, H, W, C], labels [N])` tuples;
-        `failures` holds the failure instances with their annotated labels.
-      lam: λ ≥ 0, the weight of the failure set's cross-entropy.
+        train, failures, val: `Dataset`s or `(images [N, H, W, C], labels [N])` tuples;
+            `failures` holds the failure instances with their annotated labels.
+        lam: λ ≥ 0, the weight of the failure set's cross-entropy.
 
     Returns:
-      A `FinetuneResult`; `.model` is the selected weights in the caller's style.
+        A `FinetuneResult`; `.model` is the selected weights in the caller's style.
 
     Raises:
-      ValueError: an empty failure set, shapes that differ, labels outside the model's
-        classes, a negative or non-finite λ.
-      ModelCallError: the model cannot be called on the images.
+        ValueError: an empty failure set, shapes that differ, labels outside the model's
+            classes, a negative or non-finite λ.
+        ModelCallError: the model cannot be called on the images.
     """
     tm, rest = trainable_and_rest(model, args, "finetune")
     return _finetune(tm, *rest, **kwargs)

@@ -174,19 +174,19 @@ def sample_scenarios(
     """Sample and decode every scenario.
 
     Args:
-      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`; the weights it holds
-        now decode the samples.
-      scenarios: the `Scenarios` of `distill`.
-      key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
-      num_samples: samples per scenario; tau: the covariance scale (`sample_latents`);
-      batch_size: decodes per jitted call.
+        decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`; the weights it holds
+            now decode the samples.
+        scenarios: the `Scenarios` of `distill`.
+        key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+        num_samples: samples per scenario; tau: the covariance scale (`sample_latents`);
+        batch_size: decodes per jitted call.
 
     Returns:
-      `(z [S, n, Z], images [S, n, H, W, C])` (images as NumPy).
+        `(z [S, n, Z], images [S, n, H, W, C])` (images as NumPy).
 
     Raises:
-      ModelCallError: the decoder cannot take the scenarios' `[n, Z]` latents.
-      ValueError: the decoder's output is not `[n, H, W, C]`, or holds NaN or infinite values.
+        ModelCallError: the decoder cannot take the scenarios' `[n, Z]` latents.
+        ValueError: the decoder's output is not `[n, H, W, C]`, or holds NaN or infinite values.
     """
     if not callable(decoder):
         raise TypeError(f"decoder must be a callable JAX model, got {type(decoder).__name__}.")

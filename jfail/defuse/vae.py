@@ -177,19 +177,20 @@ def encode(encoder, images, *, batch_size: int = 4096) -> tuple[np.ndarray, np.n
     """The encoder's `(mu, logvar)` of every image, `batch_size` images per jitted call.
 
     Args:
-      encoder: any JAX callable `encoder(x [n, H, W, C]) -> (mu [n, Z], logvar [n, Z])` (a
-        closure, `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...);
-        the weights it holds now are traced arguments of the compiled program.
-      images: [N, H, W, C].
-      batch_size: images per jitted call.
+        encoder: any JAX callable `encoder(x [n, H, W, C]) -> (mu [n, Z], logvar [n, Z])` (a
+            closure, `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox
+            module, ...); the weights it holds now are traced arguments of the compiled
+            program.
+        images: [N, H, W, C].
+        batch_size: images per jitted call.
 
     Returns:
-      `(mu [N, Z], logvar [N, Z])` as NumPy arrays.
+        `(mu [N, Z], logvar [N, Z])` as NumPy arrays.
 
     Raises:
-      ValueError: `images` is empty or not `[N, H, W, C]`, the encoder does not return a pair of
-        `[n, Z]` arrays, or it returned NaN or infinite values.
-      ModelCallError: the encoder cannot take images of this size or channels.
+        ValueError: `images` is empty or not `[N, H, W, C]`, the encoder does not return a pair of
+            `[n, Z]` arrays, or it returned NaN or infinite values.
+        ModelCallError: the encoder cannot take images of this size or channels.
     """
     if not callable(encoder):
         raise TypeError(f"encoder must be a callable JAX model, got {type(encoder).__name__}.")
