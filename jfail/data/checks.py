@@ -11,11 +11,18 @@ PIXEL_RANGE_TOLERANCE = 1e-6
 
 
 def check_images(images, *, name: str = "images", expect_channels: int | None = None) -> None:
-    """Raises ValueError unless ``images`` is a valid float batch in [0, 1].
+    """Raises ValueError unless `images` is a valid float batch in [0, 1].
 
-    images: [N, H, W, C], a floating numpy or jax array with N >= 1, all
-    values finite and within [0, 1] up to PIXEL_RANGE_TOLERANCE.
-    expect_channels: if given, C must equal it.
+    Args:
+        images: `[N, H, W, C]`, a floating numpy or jax array with N >= 1, all values finite and
+            within [0, 1] up to PIXEL_RANGE_TOLERANCE.
+        name: what the array is called in error messages.
+        expect_channels: if given, C must equal it.
+
+    Raises:
+        TypeError: if `images` is not a numpy or jax array.
+        ValueError: if `images` is not 4-D, is empty, has the wrong number of channels, is not
+            floating point, holds NaN/Inf, or has values outside [0, 1].
     """
     _require_array(images, name)
     shape = tuple(images.shape)
@@ -54,10 +61,18 @@ def check_images(images, *, name: str = "images", expect_channels: int | None = 
 
 
 def check_labels(labels, num_examples: int, num_classes: int | None = None) -> None:
-    """Raises ValueError unless ``labels`` are valid integer class indices.
+    """Raises ValueError unless `labels` are valid integer class indices.
 
-    labels: [num_examples], integer dtype, values in [0, num_classes) when
-    num_classes is given (otherwise only >= 0 is required).
+    Args:
+        labels: `[num_examples]`, integer dtype, values in [0, num_classes) when num_classes is
+            given (otherwise only >= 0 is required).
+        num_examples: the number of examples the labels belong to.
+        num_classes: the number of classes, or None to check only that labels are >= 0.
+
+    Raises:
+        TypeError: if `labels` is not a numpy or jax array.
+        ValueError: if `labels` is not 1-D, has another length than `num_examples`, is not of an
+            integer dtype, or has a value below 0 or at least `num_classes`.
     """
     _require_array(labels, "labels")
     shape = tuple(labels.shape)

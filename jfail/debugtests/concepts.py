@@ -80,12 +80,25 @@ def concept_activation_vector(
 ) -> tuple[jax.Array, float]:
     """CAV of a concept at one layer.
 
-    concept_acts: `[Nc, ...]`, random_acts: `[Nr, ...]` activations (flattened to `[., D]`).
     A linear classifier (`classifier="sgd"`: `SGDClassifier(alpha=0.01, max_iter=1000,
     tol=1e-3)`, TCAV's default; `"logistic"`: `LogisticRegression`) is fit on a stratified
-    split, seeded by `key` (keyword-only: an int seed or a PRNG key). Returns
-    `(cav [D], accuracy)`: the unit normal of its boundary, pointing toward the concept, and its
-    accuracy on the held-out `test_fraction`.
+    split, seeded by `key`.
+
+    Args:
+        concept_acts: `[Nc, ...]` activations of concept examples (flattened to `[Nc, D]`).
+        random_acts: `[Nr, ...]` activations of random examples (flattened to `[Nr, D]`).
+        key: an int seed or a PRNG key for the split and the classifier.
+        classifier: `"sgd"` or `"logistic"`.
+        test_fraction: the held-out share used to measure the accuracy, in (0, 1).
+
+    Returns:
+        `(cav [D], accuracy)`: the unit normal of the classifier's boundary, pointing toward the
+        concept, and its accuracy on the held-out `test_fraction`.
+
+    Raises:
+        ValueError: activations that are not `[N, ...]`, hold non-finite values or differ in
+            size, fewer than 3 examples of either kind, a `test_fraction` outside (0, 1), an
+            unknown `classifier`, or a classifier that learned a zero weight vector.
     """
     from sklearn.model_selection import train_test_split
 
@@ -122,8 +135,24 @@ def directional_derivatives(
 ) -> jax.Array:
     """`[N]`: d logit_target / d activations at `features(x)`, dotted with `cav [D]`.
 
-    x: `[N, ...]` inputs; the gradient is taken per example (vmap), so the head may mix nothing
-    across the batch. `batch_size` bounds how many inputs go through the model at once.
+    The gradient is taken per example (vmap), so the head may mix nothing across the batch.
+
+    Args:
+        features: `features(x) -> activations [B, ...]`, the model up to the layer.
+        head: `head(activations) -> logits [B, K]`, the rest of the model.
+        x: `[N, ...]` inputs.
+        target: the class whose logit is differentiated, in [0, K).
+        cav: `[D]`, a concept activation vector of the layer (D activations per example).
+        batch_size: bounds how many inputs go through the model at once (None: all).
+
+    Returns:
+        `[N]` float array of directional derivatives.
+
+    Raises:
+        TypeError: `features` or `head` is not callable.
+        ValueError: `cav` is not a vector or does not match the layer's size, `x` is an empty
+            batch, the head does not return `[B, K]` logits, `target` is out of range, or
+            `batch_size` is not positive.
     """
     cav = jnp.asarray(cav)
     if cav.ndim != 1:
@@ -135,7 +164,22 @@ def directional_derivatives(
 def tcav_score(
     features: Features, head: Head, x, target: int, cav, *, batch_size: int | None = None
 ) -> float:
-    """Fraction of inputs `x [N, ...]` whose target logit increases along `cav [D]`."""
+    """Fraction of inputs `x [N, ...]` whose target logit increases along `cav [D]`.
+
+    Args:
+        features: `features(x) -> activations [B, ...]`, the model up to the layer.
+        head: `head(activations) -> logits [B, K]`, the rest of the model.
+        x: `[N, ...]` inputs.
+        target: the class whose logit is differentiated, in [0, K).
+        cav: `[D]`, a concept activation vector of the layer.
+        batch_size: bounds how many inputs go through the model at once (None: all).
+
+    Returns:
+        The TCAV score, a float in [0, 1].
+
+    Raises:
+        TypeError, ValueError: as for `directional_derivatives`.
+    """
     derivatives = directional_derivatives(features, head, x, target, cav, batch_size=batch_size)
     return float(_positive_fraction(derivatives))
 
@@ -147,11 +191,33 @@ def tcav(
 ) -> TCAVResult:
     """TCAV of one concept for class `target`, with a random-vs-random null.
 
-    x: `[N, ...]` inputs of the target class; concept_images: `[Nc, ...]`; random_image_sets:
-    a list of `[Nr_i, ...]` arrays (at least 2). Run r trains the concept against one random
-    set (`num_runs` distinct sets, chosen with `key`; default all of them) and, for the null,
-    one random set against another. A two-sided t-test of the concept's scores against the
-    null's gives the p-value; the result is significant when `p < alpha`.
+    Run r trains the concept against one random set (`num_runs` distinct sets, chosen with
+    `key`; default all of them) and, for the null, one random set against another. A two-sided
+    t-test of the concept's scores against the null's gives the p-value; the result is
+    significant when `p < alpha`.
+
+    Args:
+        features: `features(x) -> activations [B, ...]`, the model up to the layer.
+        head: `head(activations) -> logits [B, K]`, the rest of the model.
+        x: `[N, ...]` inputs of the target class.
+        target: the class tested, in [0, K).
+        concept_images: `[Nc, ...]` examples of the concept.
+        random_image_sets: a list of `[Nr_i, ...]` arrays (at least 2).
+        key: PRNG key (or int seed) choosing the random sets and seeding the classifiers.
+        num_runs: how many concept CAVs, in [2, len(random_image_sets)]; None for all sets.
+        alpha: the significance level, in (0, 1).
+        classifier: `"sgd"` or `"logistic"` (see `concept_activation_vector`).
+        batch_size: bounds how many inputs go through the model at once (None: all).
+
+    Returns:
+        `TCAVResult` with `[R]` scores, null scores and accuracies, `[R, D]` CAVs, their mean and
+        std, the p-value and whether it is significant (R = `num_runs`).
+
+    Raises:
+        TypeError: `features` or `head` is not callable.
+        ValueError: fewer than 2 random sets, `num_runs` or `alpha` out of range, or inputs,
+            activations, target or classifier that `concept_activation_vector` or
+            `directional_derivatives` refuse.
     """
     from scipy.stats import ttest_ind
 
@@ -214,28 +280,28 @@ def background_tcav(
     """TCAV of each spurious background (crops of it alone) for each class of a spurious model.
 
     Args:
-      module, variables: the model trained on `data`'s kind of images, a layered linen module
-        (`jfail.models.layers`) and its variables.
-      data: spurious test data (class `c` mostly on background `c`).
-      backgrounds: the textures `data` was composited on, `[Hb, Wb]` each, named
-        `background_names`; class_names: the classes' names, in label order.
-      random_images: `[N, H, W, 1]` data-set images (any class): random concepts are
-        `random_sets` sets of `concept_images` of them composited onto crops of the textures of
-        `jfail.debugtests.BACKGROUNDS` that `data` does not use.
-      layers: where to split the model, among its layers but the last.
-      concept_images: crops per background concept (at least 10); inputs_per_class: `data`'s
-        inputs of each class scored; alpha: the t-test's level (random-vs-random CAVs are the
-        null); control: also on the architecture re-initialized (model contamination).
-      key: PRNG key.
+        module, variables: the model trained on `data`'s kind of images, a layered linen module
+            (`jfail.models.layers`) and its variables.
+        data: spurious test data (class `c` mostly on background `c`).
+        backgrounds: the textures `data` was composited on, `[Hb, Wb]` each, named
+            `background_names`; class_names: the classes' names, in label order.
+        random_images: `[N, H, W, 1]` data-set images (any class): random concepts are
+            `random_sets` sets of `concept_images` of them composited onto crops of the textures of
+            `jfail.debugtests.BACKGROUNDS` that `data` does not use.
+        layers: where to split the model, among its layers but the last.
+        concept_images: crops per background concept (at least 10); inputs_per_class: `data`'s
+            inputs of each class scored; alpha: the t-test's level (random-vs-random CAVs are the
+            null); control: also on the architecture re-initialized (model contamination).
+        key: PRNG key.
 
     Returns:
-      A dict of plain values: `concept_images`, `random_sets`, `random_textures`, `alpha`, and
-      `rows`, one per (model, layer, concept, class) with the TCAV score (mean and std over the
-      concept-vs-random CAVs), the null's mean, the p-value, significance, the CAVs' accuracy
-      and every run's scores; or `{"skipped": why}` when the model cannot be split at `layers`.
+        A dict of plain values: `concept_images`, `random_sets`, `random_textures`, `alpha`, and
+        `rows`, one per (model, layer, concept, class) with the TCAV score (mean and std over the
+        concept-vs-random CAVs), the null's mean, the p-value, significance, the CAVs' accuracy
+        and every run's scores; or `{"skipped": why}` when the model cannot be split at `layers`.
 
     Raises:
-      RuntimeError: a split does not reproduce the model's logits.
+        RuntimeError: a split does not reproduce the model's logits.
     """
     if not is_layered(module):
         return {"skipped": f"TCAV splits a model by layer, and a {type(module).__name__} is not "

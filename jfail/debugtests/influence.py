@@ -67,7 +67,27 @@ def influence_scores(
     per-example losses and `H` the Hessian of the mean training loss, all with respect to
     `params` (a pytree, flattened; at most `max_params` entries). Positive: the training point
     raises the test loss (harmful); removing training point i changes test loss j by about
-    `-scores[j, i] / n_train`. train_x `[n_train, ...]`, train_y `[n_train, ...]`, likewise test.
+    `-scores[j, i] / n_train`.
+
+    Args:
+        loss_fn: `loss_fn(params, x [B, ...], y [B, ...]) -> [B]` per-example losses.
+        params: the floating-point pytree the influence is taken over.
+        train_x: `[n_train, ...]` training inputs.
+        train_y: `[n_train, ...]` training targets.
+        test_x: `[n_test, ...]` test inputs.
+        test_y: `[n_test, ...]` test targets.
+        damping: added to the Hessian's diagonal, non-negative.
+        batch_size: examples per gradient pass (None: all at once).
+        max_params: the most parameters the dense Hessian may have.
+
+    Returns:
+        `[n_test, n_train]` float array of influences.
+
+    Raises:
+        ValueError: `loss_fn` is not callable or does not return `[B]` losses, `params` is empty,
+            not floating point or larger than `max_params`, inputs and targets are empty or of
+            different lengths, `damping` is negative, `batch_size` is not positive, or the
+            influences are not finite (a singular Hessian or non-finite losses).
     """
     _checked_params(loss_fn, params, max_params)
     train_x, train_y = _checked_data(loss_fn, params, train_x, train_y, "train")
@@ -93,6 +113,26 @@ def self_influence(
     (default: `[params]`, rates 1; `params` is unused when `params_list` is given; no Hessian,
     so no size limit). Large values mark points the model finds hard to fit, such
     as mislabelled ones.
+
+    Args:
+        loss_fn: `loss_fn(params, x [B, ...], y [B, ...]) -> [B]` per-example losses.
+        params: the floating-point pytree the influence is taken over.
+        x: `[N, ...]` training inputs.
+        y: `[N, ...]` training targets.
+        method: `"influence"` or `"tracin"`.
+        damping: added to the Hessian's diagonal, non-negative (`"influence"` only).
+        params_list: TracIn checkpoints (`"tracin"` only; None for `[params]`).
+        learning_rates: one per checkpoint (`"tracin"` only; None for all 1).
+        batch_size: examples per gradient pass (None: all at once).
+        max_params: the most parameters the dense Hessian may have (`"influence"` only).
+
+    Returns:
+        `[N]` float array of self-influences.
+
+    Raises:
+        ValueError: an unknown `method`, checkpoint arguments with `method="influence"`, no
+            checkpoints or a learning rate count that differs from theirs, or any of the input
+            errors of `influence_scores`.
     """
     if method == "influence":
         if params_list is not None or learning_rates is not None:
@@ -128,10 +168,21 @@ def fraction_checked_to_find(scores, flagged) -> dict[str, float | int]:
     """Check training points in decreasing `scores [N]`: how much must be read to find the
     `flagged [N]` (bool) points.
 
-    Returns `fraction_to_find_all` (rank of the last flagged point / N), `mean_fraction` (mean
-    over flagged points of rank / N: the "average fraction of the training set checked") and
-    `num_flagged`. Ranks start at 1; ties count against the ranking: a point's rank is the
-    number of points scoring at least as high.
+    Ranks start at 1; ties count against the ranking: a point's rank is the number of points
+    scoring at least as high.
+
+    Args:
+        scores: `[N]` finite scores, higher read first.
+        flagged: `[N]` bool, True on the points to find (at least one).
+
+    Returns:
+        A dict with `fraction_to_find_all` (rank of the last flagged point / N), `mean_fraction`
+        (mean over flagged points of rank / N: the "average fraction of the training set
+        checked") and `num_flagged`.
+
+    Raises:
+        ValueError: `scores` and `flagged` are not vectors of one shape, `flagged` is not
+            boolean or flags nothing, or `scores` holds non-finite values.
     """
     scores, flagged = np.asarray(scores), np.asarray(flagged)
     if scores.ndim != 1 or flagged.shape != scores.shape:
@@ -161,9 +212,22 @@ def top_fraction_flagged(
     """`[n_test]`: of the `k = ceil(top * n_train)` (at least 1) most influential training points
     for each test point, the fraction that is `flagged [n_train]` (bool).
 
-    influence: `[n_test, n_train]`, e.g. from `influence_scores`. "Most influential" is by
-    `by="absolute"` value (most helpful and most harmful together, the default), `"harmful"`
-    (largest influence: up-weighting raises the test loss) or `"helpful"` (most negative).
+    "Most influential" is by `by="absolute"` value (most helpful and most harmful together, the
+    default), `"harmful"` (largest influence: up-weighting raises the test loss) or `"helpful"`
+    (most negative).
+
+    Args:
+        influence: `[n_test, n_train]`, e.g. from `influence_scores`.
+        flagged: `[n_train]` bool.
+        top: the share of training points taken per test point, in (0, 1].
+        by: `"absolute"`, `"harmful"` or `"helpful"`.
+
+    Returns:
+        `[n_test]` float array in [0, 1].
+
+    Raises:
+        ValueError: `influence` is not `[n_test, n_train]` or `flagged` not a `[n_train]` bool
+            mask, `top` outside (0, 1], or an unknown `by`.
     """
     influence, flagged = jnp.asarray(influence), np.asarray(flagged)
     if influence.ndim != 2 or flagged.shape != influence.shape[1:]:
@@ -194,25 +258,25 @@ def background_influence(
     another class's background (background and object disagree).
 
     Args:
-      module, variables: the spurious model, a linen classifier with `features` output and a
-        final dense layer `classifier` or `fc` (the parameters of the Hessian).
-      train_images `[N, H, W, 1]`, train_labels `[N]`, train_background_ids `[N]`: its
-        training set and the background behind each image.
-      test: spurious test data; test_backgrounds `[M, H, W, 1]`: the background of each test
-        image alone; backgrounds: the textures, indexed by background id.
-      pool_size, test_size: training images drawn for the pool and test inputs of each kind;
-      top: the fraction of the pool counted as most influential; damping: added to the
-        Hessian's diagonal; key: PRNG key.
+        module, variables: the spurious model, a linen classifier with `features` output and a
+            final dense layer `classifier` or `fc` (the parameters of the Hessian).
+        train_images `[N, H, W, 1]`, train_labels `[N]`, train_background_ids `[N]`: its
+            training set and the background behind each image.
+        test: spurious test data; test_backgrounds `[M, H, W, 1]`: the background of each test
+            image alone; backgrounds: the textures, indexed by background id.
+        pool_size, test_size: training images drawn for the pool and test inputs of each kind;
+        top: the fraction of the pool counted as most influential; damping: added to the
+            Hessian's diagonal; key: PRNG key.
 
     Returns:
-      A dict of plain values: the pool and its sizes, and per kind of test input the share of
-      the most influential images on the input's background (`share_own_background`) and with
-      the predicted label (`share_predicted_class`), by absolute value, most helpful and most
-      harmful (mean, SEM), the base rate, and how often the prediction is the background's (and
-      the object's) class; or `{"skipped": why}` without a final dense layer.
+        A dict of plain values: the pool and its sizes, and per kind of test input the share of
+        the most influential images on the input's background (`share_own_background`) and with
+        the predicted label (`share_predicted_class`), by absolute value, most helpful and most
+        harmful (mean, SEM), the base rate, and how often the prediction is the background's (and
+        the object's) class; or `{"skipped": why}` without a final dense layer.
 
     Raises:
-      RuntimeError: the last layer on the features does not reproduce the model's logits.
+        RuntimeError: the last layer on the features does not reproduce the model's logits.
     """
     head_name = _head_name(variables["params"])
     if head_name is None:
@@ -271,23 +335,23 @@ def find_flipped_labels(
     must be checked, in that order, to find the flipped labels.
 
     Args:
-      module, variables: the model trained on `(images, labels)`, a linen classifier with
-        `features` output and a final dense layer `classifier` or `fc`.
-      images `[N, H, W, C]`, labels `[N]`: its training set, labels as trained on (flipped).
-      flipped: the indices of the flipped labels.
-      subset: training examples drawn and ranked; damping: added to the Hessian's diagonal;
-      key: PRNG key.
+        module, variables: the model trained on `(images, labels)`, a linen classifier with
+            `features` output and a final dense layer `classifier` or `fc`.
+        images `[N, H, W, C]`, labels `[N]`: its training set, labels as trained on (flipped).
+        flipped: the indices of the flipped labels.
+        subset: training examples drawn and ranked; damping: added to the Hessian's diagonal;
+        key: PRNG key.
 
     Returns:
-      A dict of plain values: the subset's size, its flipped count, and per ranking
-      (self-influence of the last layer; TracIn over all layers when the model has no state
-      besides its params; the training loss and a random order as baselines) the mean fraction
-      checked per flipped label (mean, SEM), the fraction checked to find 50 %, 90 % and all of
-      them, the share found among the top-k, and the fraction checked for each percent found
-      (`curve`); or `{"skipped": why}`.
+        A dict of plain values: the subset's size, its flipped count, and per ranking
+        (self-influence of the last layer; TracIn over all layers when the model has no state
+        besides its params; the training loss and a random order as baselines) the mean fraction
+        checked per flipped label (mean, SEM), the fraction checked to find 50 %, 90 % and all of
+        them, the share found among the top-k, and the fraction checked for each percent found
+        (`curve`); or `{"skipped": why}`.
 
     Raises:
-      RuntimeError: the last layer on the features does not reproduce the model's logits.
+        RuntimeError: the last layer on the features does not reproduce the model's logits.
     """
     head_name = _head_name(variables["params"])
     if head_name is None:

@@ -33,14 +33,14 @@ def ssim(a, b, *, data_range: float = 1.0) -> jax.Array:
     """Mean structural similarity per example.
 
     Args:
-      a, b: maps `[B, H, W]` or `[B, H, W, C]` of one shape, at least 11x11 pixels.
-      data_range: the maps' value range (a float > 0, or a traced scalar inside a jit).
+        a, b: maps `[B, H, W]` or `[B, H, W, C]` of one shape, at least 11x11 pixels.
+        data_range: the maps' value range (a float > 0, or a traced scalar inside a jit).
 
     Returns:
-      `[B]` SSIM in [-1, 1], 1 for identical maps.
+        `[B]` SSIM in [-1, 1], 1 for identical maps.
 
     Raises:
-      ValueError: different shapes, a wrong rank, maps under 11x11, or `data_range <= 0`.
+        ValueError: different shapes, a wrong rank, maps under 11x11, or `data_range <= 0`.
     """
     a, b = _paired(a, b, "ssim")
     if a.ndim == 3:
@@ -61,14 +61,14 @@ def spearman(a, b, *, absolute: bool = False) -> jax.Array:
     """Spearman rank correlation per example of the flattened maps.
 
     Args:
-      a, b: maps `[B, ...]` of one shape.
-      absolute: rank `|a|` and `|b|` instead.
+        a, b: maps `[B, ...]` of one shape.
+        absolute: rank `|a|` and `|b|` instead.
 
     Returns:
-      `[B]` correlations in [-1, 1]; NaN where a map is constant (as SciPy).
+        `[B]` correlations in [-1, 1]; NaN where a map is constant (as SciPy).
 
     Raises:
-      ValueError: different shapes, or fewer than 2 dimensions.
+        ValueError: different shapes, or fewer than 2 dimensions.
     """
     a, b = _paired(a, b, "spearman")
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -83,7 +83,14 @@ def spearman(a, b, *, absolute: bool = False) -> jax.Array:
 
 def mean_sem(values) -> dict:
     """The mean and standard error of the mean of the finite `values` (any shape), and their
-    count: `{'mean', 'sem', 'count'}` as plain floats; NaN for a mean of none or an SEM of one."""
+    count: `{'mean', 'sem', 'count'}` as plain floats; NaN for a mean of none or an SEM of one.
+
+    Args:
+        values: numbers of any shape; NaN and Inf are left out.
+
+    Returns:
+        `{'mean': float, 'sem': float, 'count': int}` over the finite values (SEM with ddof=1).
+    """
     values = np.asarray(values, np.float64)
     values = values[np.isfinite(values)]
     sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")

@@ -24,13 +24,32 @@ __all__ = [
 
 def layer_order(params: Mapping[str, Any]) -> list[str]:
     """The mapping's keys reversed. Only right when the keys are in forward order; a sorted
-    mapping (after an optax update or a checkpoint restore) is not: use `forward_layer_order`."""
+    mapping (after an optax update or a checkpoint restore) is not: use `forward_layer_order`.
+
+    Args:
+        params: {layer name: weights}, its keys in forward order.
+
+    Returns:
+        The layer names, last key first.
+    """
     return list(params)[::-1]
 
 
 def forward_layer_order(apply_fn: Callable, params: Mapping[str, Any], x) -> list[str]:
     """Layer names from the output layer down to the input layer, in the order the forward pass
-    `apply_fn(params, x)` first uses each layer's weights (read from its jaxpr)."""
+    `apply_fn(params, x)` first uses each layer's weights (read from its jaxpr).
+
+    Args:
+        apply_fn: `apply_fn(params, x) -> outputs`.
+        params: {layer name: weights}.
+        x: an example input batch for `apply_fn` (only its shape and dtype matter).
+
+    Returns:
+        The layer names, the one the forward pass uses last first.
+
+    Raises:
+        ValueError: the forward pass does not use the weights of some layer.
+    """
     names = list(params)
     structures = [jax.tree_util.tree_structure(params[name]) for name in names]
     leaves = [jax.tree_util.tree_leaves(params[name]) for name in names]
@@ -68,21 +87,21 @@ def cascading_randomization(
     """Figure 7's cascade: step k re-initializes the top k layers, output layer first.
 
     Args:
-      params: {layer name: trained weights}.
-      fresh: {layer name: re-initialized weights}, the same names.
-      layers: the layers, output first. Default: `forward_layer_order(apply_fn, params, x)`,
-        the order the forward pass uses them (never the mapping's key order, which an optax
-        update or a checkpoint restore sorts by name).
-      apply_fn: `apply_fn(params, x) -> outputs`, needed when `layers` is None.
-      x: one example input batch for `apply_fn`, needed when `layers` is None.
+        params: {layer name: trained weights}.
+        fresh: {layer name: re-initialized weights}, the same names.
+        layers: the layers, output first. Default: `forward_layer_order(apply_fn, params, x)`,
+            the order the forward pass uses them (never the mapping's key order, which an optax
+            update or a checkpoint restore sorts by name).
+        apply_fn: `apply_fn(params, x) -> outputs`, needed when `layers` is None.
+        x: one example input batch for `apply_fn`, needed when `layers` is None.
 
     Returns:
-      `[(last layer re-initialized, params), ...]`, one entry per layer.
+        `[(last layer re-initialized, params), ...]`, one entry per layer.
 
     Raises:
-      ValueError: neither `layers` nor (`apply_fn`, `x`) is given, or the forward pass leaves a
-        layer unused.
-      KeyError: a layer is missing from `params` or `fresh`.
+        ValueError: neither `layers` nor (`apply_fn`, `x`) is given, or the forward pass leaves a
+            layer unused.
+        KeyError: a layer is missing from `params` or `fresh`.
     """
     layers = _checked_layers(params, fresh, layers, apply_fn, x, "cascading_randomization")
     steps, current = [], dict(params)
@@ -105,6 +124,23 @@ def independent_randomization(
     Layers in the order given, or (default) from the forward pass of `apply_fn(params, x)`,
     output first, as in `cascading_randomization`; without either, in the mapping's order
     (each step changes one layer, so the order only orders the list).
+
+    Args:
+        params: {layer name: trained weights}.
+        fresh: {layer name: re-initialized weights}, the same names.
+        layers: the layers, in the order of the steps; None for the forward pass's order or,
+            without `apply_fn` and `x`, the mapping's order.
+        apply_fn: `apply_fn(params, x) -> outputs`, to read the layer order from.
+        x: one example input batch for `apply_fn`.
+
+    Returns:
+        `[(layer re-initialized, params), ...]`, one entry per layer.
+
+    Raises:
+        ValueError: only one of `apply_fn` and `x` is given without `layers`, or the forward pass
+            leaves a layer unused.
+        TypeError: `apply_fn` is not callable.
+        KeyError: a layer is missing from `params` or `fresh`.
     """
     if layers is None and apply_fn is None and x is None:
         layers = list(params)

@@ -1,16 +1,16 @@
 """Attributions and the randomization tests' similarities over a data set never loaded whole.
 
-Both run through :func:`jfail.engine.map_dataset` (sharded over every device and host,
+Both run through `jfail.engine.map_dataset` (sharded over every device and host,
 resumable): the attribution method is the engine's batch function. A randomized method draws
-example `i`'s noise from ``fold_in(key, i)`` (`i` its position in the source), one example at a
+example `i`'s noise from `fold_in(key, i)` (`i` its position in the source), one example at a
 time under `vmap`, so the stored maps do not depend on the batch size or the device count;
-``attributions_to_store(...)[i]`` equals ``method(model, x[i:i+1], t[i:i+1],
+`attributions_to_store(...)[i]` equals ``method(model, x[i:i+1], t[i:i+1],
 key=fold_in(key, i))``. A deterministic method runs on the whole batch and equals
-``method(model, x, t)``.
+`method(model, x, t)`.
 
-:func:`randomization_similarity_to_store` computes, per batch, the maps of a reference model
+`randomization_similarity_to_store` computes, per batch, the maps of a reference model
 and of each randomized model (cascading or independent re-initialization, see
-:mod:`jfail.debugtests.randomization`) with the same targets and keys, and stores only the
+`jfail.debugtests.randomization`) with the same targets and keys, and stores only the
 per-example SSIM and Spearman rank correlation [N, R]: the maps themselves never reach the host.
 """
 
@@ -32,7 +32,13 @@ TARGETS = ("label", "prediction")
 def paper_postprocess(maps):
     """What the paper compares: |maps| summed over channels, scaled to [0, 1] per example.
 
-    [B, H, W, C] -> [B, H, W] (``normalize_unit(reduce_channels(absolute(maps)))``).
+    [B, H, W, C] -> [B, H, W] (`normalize_unit(reduce_channels(absolute(maps)))`).
+
+    Args:
+        maps: `[B, H, W, C]` signed attribution maps.
+
+    Returns:
+        `[B, H, W]` maps in [0, 1].
     """
     from jfail.attribution import absolute, normalize_unit, reduce_channels
 
@@ -56,29 +62,29 @@ def attributions_to_store(
     """The attribution maps of every image of a source, stored on disk.
 
     Args:
-      method: a name in `jfail.attribution.METHODS` or a function
-        ``method(model, x, target, *, key=None, **hparams) -> [B, H, W, C]``.
-      model: the classifier, any JAX callable `[B, H, W, C] -> logits [B, K]`.
-      source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`.
-      out_dir: a new or empty folder, or that of an interrupted run of the same call.
-      key: a PRNG key or int seed, folded with each example's position (randomized methods
-        need one; None runs the method on whole batches without a key).
-      target: ``"label"`` (the source's labels) or ``"prediction"`` (the model's class).
-      postprocess: applied to each batch's maps inside the program (e.g.
-        :func:`paper_postprocess`); None stores the raw maps.
-      batch_size: examples per global batch, a multiple of the device count.
-      split: the split, when `source` is a name.
-      progress: show a progress bar (None: when stderr is a terminal).
-      **hparams: the method's settings (``num_samples=``, ``baselines=``, ...).
+        method: a name in `jfail.attribution.METHODS` or a function
+            `method(model, x, target, *, key=None, **hparams) -> [B, H, W, C]`.
+        model: the classifier, any JAX callable `[B, H, W, C] -> logits [B, K]`.
+        source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`.
+        out_dir: a new or empty folder, or that of an interrupted run of the same call.
+        key: a PRNG key or int seed, folded with each example's position (randomized methods
+            need one; None runs the method on whole batches without a key).
+        target: `"label"` (the source's labels) or `"prediction"` (the model's class).
+        postprocess: applied to each batch's maps inside the program (e.g.
+            `paper_postprocess`); None stores the raw maps.
+        batch_size: examples per global batch, a multiple of the device count.
+        split: the split, when `source` is a name.
+        progress: show a progress bar (None: when stderr is a terminal).
+        **hparams: the method's settings (`num_samples=`, `baselines=`, ...).
 
     Returns:
-      `jfail.engine.MappedOutputs` with ``"attributions"``: [N, H, W, C] (or what
-      `postprocess` returns per example).
+        `jfail.engine.MappedOutputs` with `"attributions"`: [N, H, W, C] (or what
+        `postprocess` returns per example).
 
     Raises:
-      ValueError: an unknown `target`; the engine's errors.
-      KeyError: an unknown method name.
-      ModelCallError: the model cannot take the source's images.
+        ValueError: an unknown `target`; the engine's errors.
+        KeyError: an unknown method name.
+        ModelCallError: the model cannot take the source's images.
     """
     from jfail.engine import map_dataset
 
@@ -111,28 +117,28 @@ def randomization_similarity_to_store(
 
     For each batch: the maps of `model` and of every model in `randomized` (same targets, same
     per-example keys), post-processed, then `jfail.debugtests.ssim` and
-    ``jfail.debugtests.spearman(..., absolute=True)`` of each randomized map against the
-    reference map. Averages over the data set are ``outputs["ssim"][...].mean(0)``.
+    `jfail.debugtests.spearman(..., absolute=True)` of each randomized map against the
+    reference map. Averages over the data set are `outputs["ssim"][...].mean(0)`.
 
     Args:
-      method, key, postprocess, batch_size, split, progress, **hparams: as for
-        :func:`attributions_to_store` (`postprocess` defaults to :func:`paper_postprocess`;
-        SSIM needs maps of at least 11x11 pixels).
-      model: the trained classifier, `[B, H, W, C] -> logits [B, K]`.
-      randomized: R classifiers of the same inputs (e.g. ``Partial(apply, params)`` for each
-        step of `cascading_randomization`).
-      source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`.
-      out_dir: a new or empty folder, or that of an interrupted run of the same call.
-      target: ``"prediction"`` (the trained model's class, for every model, as the paper) or
-        ``"label"``.
+        method, key, postprocess, batch_size, split, progress, **hparams: as for
+            `attributions_to_store` (`postprocess` defaults to `paper_postprocess`;
+            SSIM needs maps of at least 11x11 pixels).
+        model: the trained classifier, `[B, H, W, C] -> logits [B, K]`.
+        randomized: R classifiers of the same inputs (e.g. `Partial(apply, params)` for each
+            step of `cascading_randomization`).
+        source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`.
+        out_dir: a new or empty folder, or that of an interrupted run of the same call.
+        target: `"prediction"` (the trained model's class, for every model, as the paper) or
+            `"label"`.
 
     Returns:
-      `jfail.engine.MappedOutputs` with ``"ssim"`` and ``"spearman"``, [N, R] float32.
+        `jfail.engine.MappedOutputs` with `"ssim"` and `"spearman"`, [N, R] float32.
 
     Raises:
-      ValueError: no randomized models, an unknown `target`, maps too small for SSIM; the
-        engine's errors.
-      KeyError: an unknown method name.
+        ValueError: no randomized models, an unknown `target`, maps too small for SSIM; the
+            engine's errors.
+        KeyError: an unknown method name.
     """
     from jfail.engine import map_dataset
 

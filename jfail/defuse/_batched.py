@@ -22,10 +22,20 @@ def map_batches(fn: Callable, x, batch_size: int, *, name: str = "model") -> Any
     program (new weights of the same shapes reuse it). The last chunk is padded by repeating its
     last row, so every chunk has the compiled shape.
 
+    Args:
+        fn: any JAX callable `fn(x [b, ...]) -> pytree of [b, ...] arrays`.
+        x: `[N, ...]` inputs, N >= 1.
+        batch_size: rows per call, a positive integer.
+        name: what the messages call `fn`.
+
+    Returns:
+        `fn`'s output pytree with every leaf a `[N, ...]` numpy array.
+
     Raises:
-      ValueError: `x` is empty, `batch_size` is not a positive integer, or `fn` returned NaN or
-        infinite values (`name` names the model in the message).
-      ModelCallError: `fn` cannot be called on rows shaped like `x`'s.
+        ValueError: `x` is empty, `batch_size` is not a positive integer, `fn` does not return
+            one row per input, or `fn` returned NaN or infinite values (`name` names the model in
+            the message).
+        ModelCallError: `fn` cannot be called on rows shaped like `x`'s.
     """
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
             or batch_size < 1:

@@ -58,6 +58,14 @@ class Annotator(Protocol):
     """
 
     def label(self, images: np.ndarray) -> np.ndarray:
+        """The annotator's label of every image.
+
+        Args:
+            images: `[N, H, W, C]` in [0, 1].
+
+        Returns:
+            `[N]` int, each a class index or `NONE_OF_THE_ABOVE`.
+        """
         ...
 
 
@@ -93,22 +101,22 @@ def review_scenarios(
     """Have `annotator` label the samples of every scenario and compare with `classifier`.
 
     Args:
-      annotator: an `Annotator`; if it has `votes(images) -> [N, V]`, each review's `agreement`
-        is computed from them.
-      classifier: any JAX callable `classifier(x [B, H, W, C]) -> logits [B, K]` (a closure,
-        `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...); the
-        weights it holds now make the predictions.
-      samples: `[S, Q, H, W, C]` the decoded images of `S` scenarios, `Q` each.
-      rho: see `reviews_from_labels`.
-      batch_size: images per jitted classifier call.
+        annotator: an `Annotator`; if it has `votes(images) -> [N, V]`, each review's `agreement`
+            is computed from them.
+        classifier: any JAX callable `classifier(x [B, H, W, C]) -> logits [B, K]` (a closure,
+            `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...); the
+            weights it holds now make the predictions.
+        samples: `[S, Q, H, W, C]` the decoded images of `S` scenarios, `Q` each.
+        rho: see `reviews_from_labels`.
+        batch_size: images per jitted classifier call.
 
     Returns:
-      One `Review` per scenario.
+        One `Review` per scenario.
 
     Raises:
-      ValueError: `samples` is not `[S, Q, H, W, C]` or empty, the classifier does not return
-        `[B, K]` logits or returns NaN, or the annotator's labels are malformed.
-      ModelCallError: the classifier cannot take images of this size or channels.
+        ValueError: `samples` is not `[S, Q, H, W, C]` or empty, the classifier does not return
+            `[B, K]` logits or returns NaN, or the annotator's labels are malformed.
+        ModelCallError: the classifier cannot take images of this size or channels.
     """
     samples = np.asarray(samples, np.float32)
     if samples.ndim != 5:
@@ -146,10 +154,20 @@ def reviews_from_labels(
 ) -> list[Review]:
     """One `Review` per scenario from given sample labels (e.g. `FileAnnotator.load`).
 
-    sample_labels: [K, Q] int, class indices or `NONE_OF_THE_ABOVE`; predictions: [K, Q] int,
-    the classifier's classes; rho: in [0, 1], a scenario is a failure when strictly more than
-    this fraction of its samples disagree with the classifier (exactly `rho` is not a failure);
-    agreement: optional [K] per-scenario annotator agreement, else NaN.
+    Args:
+        sample_labels: `[K, Q]` int, class indices or `NONE_OF_THE_ABOVE`.
+        predictions: `[K, Q]` int, the classifier's classes.
+        rho: in [0, 1], a scenario is a failure when strictly more than this fraction of its
+            samples disagree with the classifier (exactly `rho` is not a failure).
+        agreement: optional `[K]` per-scenario annotator agreement, else NaN.
+
+    Returns:
+        One `Review` per scenario, in order.
+
+    Raises:
+        ValueError: `sample_labels` not `[K, Q]` integers of class indices or
+            `NONE_OF_THE_ABOVE`, `predictions` of another shape or not non-negative integers,
+            `rho` outside [0, 1], or `agreement` not `[K]`.
     """
     sample_labels = _check_annotations(sample_labels, None, name="sample_labels")
     predictions = np.asarray(predictions)
@@ -191,8 +209,15 @@ def reviews_from_labels(
 def majority_label(votes) -> np.ndarray:
     """The label a strict majority of voters gave, per sample.
 
-    votes: [N, V] int, one label per voter. Returns [N] int: the label more than `V / 2` voters
-    agree on, else `NONE_OF_THE_ABOVE` (e.g. 3 of 5 -> that label; 2-2-1 -> none).
+    Args:
+        votes: `[N, V]` int, one label per voter (N, V >= 1).
+
+    Returns:
+        `[N]` int: the label more than `V / 2` voters agree on, else `NONE_OF_THE_ABOVE` (e.g. 3
+        of 5 -> that label; 2-2-1 -> none).
+
+    Raises:
+        ValueError: `votes` is not a non-empty `[N, V]` integer array.
     """
     votes = _check_votes(votes)
     return np.asarray(_majority(jnp.asarray(votes))).astype(np.int64)
@@ -201,7 +226,14 @@ def majority_label(votes) -> np.ndarray:
 def annotator_agreement(votes) -> float:
     """Mean over samples of the fraction of voters that gave the sample's most common label.
 
-    votes: [N, V] int. 1.0 when all voters agree on every sample; `1 / V` at the least.
+    Args:
+        votes: `[N, V]` int, one label per voter (N, V >= 1).
+
+    Returns:
+        A float: 1.0 when all voters agree on every sample; `1 / V` at the least.
+
+    Raises:
+        ValueError: `votes` is not a non-empty `[N, V]` integer array.
     """
     votes = _check_votes(votes)
     counts = (votes[:, :, None] == votes[:, None, :]).sum(-1)
@@ -234,15 +266,39 @@ class MajorityVote:
 
     @property
     def num_voters(self) -> int:
+        """The number of classifiers that vote, V."""
         return len(self.classifiers)
 
     def votes(self, images) -> np.ndarray:
-        """Each classifier's argmax: images [N, H, W, C] -> [N, num_voters] int."""
+        """Each classifier's argmax: images [N, H, W, C] -> [N, num_voters] int.
+
+        Args:
+            images: `[N, H, W, C]`, a non-empty batch.
+
+        Returns:
+            `[N, num_voters]` int64, classifier v's predicted class in column v.
+
+        Raises:
+            ValueError: `images` is not a non-empty 4-D batch, a classifier does not return `[B, K]`
+                logits or returns NaN or infinite ones.
+            TypeError: called inside `jax.jit`, `vmap` or `grad` (annotation runs on the host).
+            ModelCallError: a classifier cannot take images of this size or channels.
+        """
         images = _check_batch(images)
         return _map_batches("votes", self.classifiers, images, self.batch_size)
 
     def label(self, images) -> np.ndarray:
-        """The strict-majority class per image, else `NONE_OF_THE_ABOVE`: [N, H, W, C] -> [N]."""
+        """The strict-majority class per image, else `NONE_OF_THE_ABOVE`: [N, H, W, C] -> [N].
+
+        Args:
+            images: `[N, H, W, C]`, a non-empty batch.
+
+        Returns:
+            `[N]` int64 labels, `majority_label(votes(images))`.
+
+        Raises:
+            ValueError, TypeError, ModelCallError: as for `votes`.
+        """
         images = _check_batch(images)
         return _map_batches("label", self.classifiers, images, self.batch_size)
 
@@ -267,9 +323,22 @@ class FileAnnotator:
     ) -> Path:
         """Write the samples and an unfilled `labels.csv`; returns the CSV's path.
 
-        samples: [K, Q, H, W, C] in [0, 1], C = 1 (grey) or 3 (RGB); predictions: [K, Q] int, the
-        classifier's classes, written by name. An existing `labels.csv` (perhaps already filled
-        in) is only replaced with `overwrite=True`.
+        An existing `labels.csv` (perhaps already filled in) is only replaced with `overwrite=True`.
+
+        Args:
+            directory: the folder to write (created if missing).
+            samples: `[K, Q, H, W, C]` in [0, 1], C = 1 (grey) or 3 (RGB).
+            predictions: `[K, Q]` int, the classifier's classes, written by name.
+            class_names: one name per class (see `check_class_names`).
+            overwrite: replace an existing `labels.csv`.
+
+        Returns:
+            The path of `labels.csv`.
+
+        Raises:
+            ValueError: `samples` not `[K, Q, H, W, C]` floats in [0, 1] with C = 1 or 3,
+                `predictions` not `[K, Q]` class indices, or bad `class_names`.
+            FileExistsError: `labels.csv` exists and `overwrite` is False.
         """
         from PIL import Image
 
@@ -320,8 +389,20 @@ class FileAnnotator:
         """The filled-in labels of `directory/labels.csv` as [K, Q] int.
 
         A label is a class name (case and surrounding spaces ignored), a class index, or `none`
-        (`NONE_OF_THE_ABOVE`). Empty labels, unknown names or indices, and missing or repeated
-        (scenario, sample) rows raise ValueError naming the rows.
+        (`NONE_OF_THE_ABOVE`).
+
+        Args:
+            directory: the folder `export` wrote.
+            class_names: the class names given to `export`.
+
+        Returns:
+            `[K, Q]` int64 labels, ready for `reviews_from_labels`.
+
+        Raises:
+            FileNotFoundError: there is no `labels.csv` in `directory`.
+            ValueError: bad `class_names`, missing columns, no rows, empty labels, unknown names
+                or indices, and missing or repeated (scenario, sample) rows; the message names
+                the rows.
         """
         class_names = check_class_names(class_names)
         csv_path = Path(directory) / LABELS_FILE
@@ -496,7 +577,17 @@ def _check_annotations(labels, size: int | None, name: str = "annotator labels")
 
 def check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     """`class_names` as a tuple of str, checked: not empty, distinct ignoring case, none of
-    them `none` (the annotators' none-of-the-above). Raises ValueError otherwise."""
+    them `none` (the annotators' none-of-the-above). Raises ValueError otherwise.
+
+    Args:
+        class_names: one name per class.
+
+    Returns:
+        The names as a tuple of str.
+
+    Raises:
+        ValueError: no names, names equal up to case, or a name `none`.
+    """
     names = tuple(str(name) for name in class_names)
     if not names:
         raise ValueError("class_names is empty.")

@@ -131,11 +131,25 @@ def prepare_annotation(
 ) -> Path:
     """Write `run_dir/annotation/` for the page; returns that folder.
 
-    samples: [K, Q, H, W, C] in [0, 1] (C = 1 or 3), the decoded samples of K scenarios;
-    predictions: [K, Q] int, the classifier's classes; class_names: [C'] the classes shown as
-    buttons. Writes the PNGs and `labels.csv` (`FileAnnotator.export`), `classes.json` and an
-    empty vote database. A folder whose database already holds votes is never replaced (move
-    or delete `votes.sqlite` first); an existing `labels.csv` only with `overwrite=True`.
+    Writes the PNGs and `labels.csv` (`FileAnnotator.export`), `classes.json` and an empty vote
+    database. A folder whose database already holds votes is never replaced (move or delete
+    `votes.sqlite` first); an existing `labels.csv` only with `overwrite=True`.
+
+    Args:
+        run_dir: the run directory; the folder `annotation/` is made in it.
+        samples: `[K, Q, H, W, C]` in [0, 1] (C = 1 or 3), the decoded samples of K scenarios.
+        predictions: `[K, Q]` int, the classifier's classes.
+        class_names: `[C']` the classes shown as buttons.
+        overwrite: replace an existing `labels.csv` (never a database holding votes).
+
+    Returns:
+        The path of `run_dir/annotation`.
+
+    Raises:
+        FileExistsError: the vote database already holds votes, or `labels.csv` exists and
+            `overwrite` is False.
+        ValueError: bad samples, predictions or class names (see `FileAnnotator.export` and
+            `check_class_names`).
     """
     directory = Path(run_dir) / ANNOTATION_DIR
     database = directory / VOTES_FILE
@@ -170,6 +184,7 @@ class AnnotationServer:
 
     @property
     def url(self) -> str:
+        """`http://HOST:PORT/`, the address of the annotation page."""
         return _url(self.host, self.port)
 
     def shutdown(self) -> None:
@@ -193,12 +208,23 @@ def serve(
 ) -> AnnotationServer:
     """Serve the annotation page of `run_dir` in a background thread; returns once it listens.
 
-    host: a loopback address (`127.0.0.1`, `::1` or `localhost`), anything else is a
-    ValueError; port: 0 picks a free port (see `.port` / `.url`), outside [0, 65535] a
-    ValueError, and a port that cannot be bound (in use, privileged) an OSError whose message
-    says so. timeout: seconds a client may keep the server waiting: for a request head on a
-    new or kept-alive connection (then the connection is closed) and for a vote's body (then
-    408); a positive number.
+    Args:
+        run_dir: a run directory prepared by `prepare_annotation`.
+        host: a loopback address (`127.0.0.1`, `::1` or `localhost`).
+        port: the port to listen on; 0 picks a free port (see `.port` / `.url`).
+        timeout: seconds a client may keep the server waiting: for a request head on a new or
+            kept-alive connection (then the connection is closed) and for a vote's body (then
+            408); a positive number.
+
+    Returns:
+        The running `AnnotationServer`; call `shutdown()` or use it as a context manager.
+
+    Raises:
+        ValueError: a host that is not a loopback address, a port outside [0, 65535], a timeout
+            that is not a positive number, or a malformed `classes.json` or `labels.csv`.
+        FileNotFoundError: `run_dir` has no prepared annotation round.
+        OSError: the port cannot be bound (in use, privileged); the message says so.
+        RuntimeError: the server did not start.
     """
     return _start(run_dir, host, port, timeout)
 
@@ -209,8 +235,18 @@ def run_annotation_server(
 ) -> None:
     """Serve the annotation page of `run_dir` until Ctrl-C or SIGTERM (`jfail annotate RUN_DIR`).
 
-    Prints the URL to open (and opens it with `open_browser=True`); see `serve` for `host`,
-    `port` and `timeout` and the errors raised before serving starts.
+    Prints the URL to open (and opens it with `open_browser=True`).
+
+    Args:
+        run_dir: a run directory prepared by `prepare_annotation`.
+        host: a loopback address, as for `serve`.
+        port: the port to listen on (0 picks a free one).
+        open_browser: open the page in the default web browser.
+        timeout: seconds a client may keep the server waiting, as for `serve`.
+
+    Raises:
+        ValueError, FileNotFoundError, OSError, RuntimeError: as for `serve`, before serving
+            starts.
     """
     running = _start(run_dir, host, port, timeout)
     app = running._app
@@ -251,6 +287,17 @@ def load_votes(run_dir) -> list[list[np.ndarray]]:
 
     Each vote is a class index or `NONE_OF_THE_ABOVE`; V_kq = 0 for a sample nobody labelled
     yet. K, Q come from `run_dir/annotation/labels.csv`.
+
+    Args:
+        run_dir: a run directory prepared by `prepare_annotation`.
+
+    Returns:
+        A `K`-long list of `Q`-long lists of `[V_kq]` int64 arrays.
+
+    Raises:
+        FileNotFoundError: `run_dir` has no prepared annotation round.
+        ValueError: a malformed `classes.json` or `labels.csv`, or a stored vote outside the
+            round's scenarios, samples or classes.
     """
     layout = _load_layout(run_dir)
     return _read_votes(layout)
@@ -264,13 +311,26 @@ def annotation_reviews(
     A sample's label is the label a strict majority of its voters gave, else
     `NONE_OF_THE_ABOVE` (`majority_label`, for any number of voters per sample); a scenario's
     agreement is the mean over its samples of the fraction of voters that gave the sample's most
-    common label (`annotator_agreement`, the paper's Figure 6). predictions: [K, Q] int, the
-    classifier's classes, by default those in `labels.csv`; rho: see `reviews_from_labels`.
+    common label (`annotator_agreement`, the paper's Figure 6).
 
     A sample without votes is a ValueError naming how many are missing, unless
     `allow_missing=True`: then unvoted samples are left out of their scenario's review (its
     `sample_labels` and `predictions` get shorter), and a scenario with no voted sample gets
     label `NONE_OF_THE_ABOVE`, NaN disagreement and agreement, and is no failure.
+
+    Args:
+        run_dir: a run directory prepared by `prepare_annotation`.
+        predictions: `[K, Q]` int, the classifier's classes, by default those in `labels.csv`.
+        rho: see `reviews_from_labels`.
+        allow_missing: review only the voted samples instead of raising.
+
+    Returns:
+        One `Review` per scenario, in order.
+
+    Raises:
+        FileNotFoundError: `run_dir` has no prepared annotation round.
+        ValueError: `predictions` not `[K, Q]`, a sample without votes (unless `allow_missing`),
+            a malformed round, or bad `rho` (see `reviews_from_labels`).
     """
     layout = _load_layout(run_dir)
     shape = (layout.num_scenarios, layout.per_scenario)
@@ -313,10 +373,23 @@ def annotation_reviews(
 def agreement_figure(reviews, path, *, title: str = "") -> Path:
     """The paper's Figure 6 for the annotation page's votes; saves a PNG and returns its path.
 
-    reviews: a list of `Review` (e.g. `annotation_reviews`), or a run directory whose votes are
-    read with `annotation_reviews(..., allow_missing=True)`. Left: mean ± standard error of the
-    per-scenario agreement over failure, non-failure and all scenarios; right: a histogram of
-    the per-scenario agreement. Scenarios with NaN agreement (no votes) are left out.
+    Left: mean ± standard error of the per-scenario agreement over failure, non-failure and all
+    scenarios; right: a histogram of the per-scenario agreement. Scenarios with NaN agreement (no
+    votes) are left out.
+
+    Args:
+        reviews: a list of `Review` (e.g. `annotation_reviews`), or a run directory whose votes
+            are read with `annotation_reviews(..., allow_missing=True)`.
+        path: the PNG to write.
+        title: the figure's title (empty: "annotator agreement (Figure 6)").
+
+    Returns:
+        The path of the saved PNG.
+
+    Raises:
+        TypeError: `reviews` is neither a list of `Review` nor a run directory.
+        ValueError: no scenario has an agreement value.
+        FileNotFoundError: a run directory without a prepared annotation round.
     """
     from jfail.plotting import pyplot, save_figure
 

@@ -99,17 +99,17 @@ def finetune(model: Any, *args, **kwargs) -> FinetuneResult:
     `apply_fn(params, state, x, train) -> (logits, state)`.
 
     Args:
-      train, failures, val: `Dataset`s or `(images [N, H, W, C], labels [N])` tuples;
-        `failures` holds the failure instances with their annotated labels.
-      lam: λ ≥ 0, the weight of the failure set's cross-entropy.
+        train, failures, val: `Dataset`s or `(images [N, H, W, C], labels [N])` tuples;
+            `failures` holds the failure instances with their annotated labels.
+        lam: λ ≥ 0, the weight of the failure set's cross-entropy.
 
     Returns:
-      A `FinetuneResult`; `.model` is the selected weights in the caller's style.
+        A `FinetuneResult`; `.model` is the selected weights in the caller's style.
 
     Raises:
-      ValueError: an empty failure set, shapes that differ, labels outside the model's
-        classes, a negative or non-finite λ.
-      ModelCallError: the model cannot be called on the images.
+        ValueError: an empty failure set, shapes that differ, labels outside the model's
+            classes, a negative or non-finite λ.
+        ModelCallError: the model cannot be called on the images.
     """
     tm, rest = trainable_and_rest(model, args, "finetune")
     return _finetune(tm, *rest, **kwargs)
@@ -165,12 +165,20 @@ def correct(model: Any, *args, **kwargs) -> SweepResult:
     `correct(apply_fn, params, state, train, failures, val, lambdas, config, ...)`. Data
     arguments (and `evaluate_on`'s values) are `Dataset`s or `(images, labels)` tuples.
 
+    Args:
+        model: the classifier in any model style, or `apply_fn` followed by `params, state`.
+        *args: `train, failures, val, lambdas[, config]` after the model, as above: the data
+            sets, the λ values (λ >= 0 each, at least one) and a `CorrectionConfig`.
+        **kwargs: `config`, `evaluate_on` (name -> data set scored for every λ) and `progress`.
+
     Returns:
-      A `SweepResult`: per λ `{'lambda', 'best_epoch', 'val_accuracy', '<name>_accuracy' for
-      evaluate_on}`, and `.model`, the best λ's weights in the caller's style.
+        A `SweepResult`: per λ `{'lambda', 'best_epoch', 'val_accuracy', '<name>_accuracy' for
+        evaluate_on}`, and `.model`, the best λ's weights in the caller's style.
 
     Raises:
-      The errors of `finetune`, and ValueError for an empty `lambdas`.
+        ValueError: an empty `lambdas`, and the errors of `finetune` (an empty failure set,
+            shapes that differ, labels outside the model's classes, a negative or non-finite λ).
+        ModelCallError: the model cannot be called on the images.
     """
     tm, rest = trainable_and_rest(model, args, "correct")
     return _correct(tm, *rest, **kwargs)

@@ -59,7 +59,23 @@ def distill(
 
     More than `max_points` latents are down-sampled uniformly at random (key-driven) before the
     fit; `assignments` still covers every input latent. `max_iter` is scikit-learn's default.
-    `key`: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+
+    Args:
+        latents: `[F, Z]` finite latent codes of the failures (F >= 1).
+        key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+        max_components: the truncation of the Dirichlet process, at most `min(F, max_points)`.
+        min_weight: components of this weight or less are dropped, in [0, 1).
+        max_points: the most latents the mixture is fitted on.
+        max_iter: the most EM iterations.
+
+    Returns:
+        `Scenarios`: the kept components' means `[S, Z]`, covariances `[S, Z, Z]` and weights
+        `[S]`, heaviest first, and every latent's scenario `[F]` (-1 for a dropped component).
+
+    Raises:
+        ValueError: `latents` not `[F, Z]` or holding NaN/Inf, no latents, a setting out of range
+            or `max_components` above the number of points fitted, or no component heavier than
+            `min_weight`.
     """
     latents = _check_latents(latents, max_components, min_weight, max_points)
     fit_key, mixture_seed = jax.random.split(as_key(key))
@@ -115,8 +131,21 @@ def sample_latents(scenarios: Scenarios, *, key, num_samples: int = 256, tau: fl
     """`z ~ N(μ_j, τ·Σ_j)`: [S, num_samples, Z], `num_samples` per scenario.
 
     τ scales the covariance (seed 001 uses τ = 0.5 for MNIST, 0.01 for SVHN and German signs).
-    `key`: an int seed, `jax.random.key(seed)` or a raw uint32 key. Usable inside `jax.jit` (with
-    the scenarios' arrays as values or tracers; `num_samples` stays a Python int).
+    Usable inside `jax.jit` (with the scenarios' arrays as values or tracers; `num_samples` stays
+    a Python int).
+
+    Args:
+        scenarios: the `Scenarios` of `distill` (means `[S, Z]`, covariances `[S, Z, Z]`).
+        key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+        num_samples: samples per scenario, a positive integer.
+        tau: the covariance scale τ, positive.
+
+    Returns:
+        `[S, num_samples, Z]` JAX array of latents.
+
+    Raises:
+        ValueError: `num_samples` not a positive integer, `tau` not positive, scenarios without
+            `[S, Z]` means and `[S, Z, Z]` covariances, or no scenario.
     """
     if not (isinstance(num_samples, (int, np.integer)) and num_samples > 0):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -145,19 +174,19 @@ def sample_scenarios(
     """Sample and decode every scenario.
 
     Args:
-      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`; the weights it holds
-        now decode the samples.
-      scenarios: the `Scenarios` of `distill`.
-      key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
-      num_samples: samples per scenario; tau: the covariance scale (`sample_latents`);
-      batch_size: decodes per jitted call.
+        decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`; the weights it holds
+            now decode the samples.
+        scenarios: the `Scenarios` of `distill`.
+        key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+        num_samples: samples per scenario; tau: the covariance scale (`sample_latents`);
+        batch_size: decodes per jitted call.
 
     Returns:
-      `(z [S, n, Z], images [S, n, H, W, C])` (images as NumPy).
+        `(z [S, n, Z], images [S, n, H, W, C])` (images as NumPy).
 
     Raises:
-      ModelCallError: the decoder cannot take the scenarios' `[n, Z]` latents.
-      ValueError: the decoder's output is not `[n, H, W, C]`, or holds NaN or infinite values.
+        ModelCallError: the decoder cannot take the scenarios' `[n, Z]` latents.
+        ValueError: the decoder's output is not `[n, H, W, C]`, or holds NaN or infinite values.
     """
     if not callable(decoder):
         raise TypeError(f"decoder must be a callable JAX model, got {type(decoder).__name__}.")

@@ -102,22 +102,22 @@ def identify_batch(
     by op); shapes are checked, values are not (see `identify` for the host-side checks).
 
     Args:
-      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`.
-      classifier: any JAX callable `classifier(images [n, H, W, C]) -> logits [n, K]`.
-      mu: [B, Z] encoder means.
-      labels: [B] int, each image's class.
-      key: PRNG key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
-      num_draws: `Q`, draws per image (a Python int).
-      a, b: the Beta noise parameters.
-      noise: `"paper"` adds `ε ~ Beta(a, b)`; `"centred"` adds `ε − a / (a + b)`.
-      index: [B] int, the images' indices that select their noise (default `arange(B)`).
+        decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]`.
+        classifier: any JAX callable `classifier(images [n, H, W, C]) -> logits [n, K]`.
+        mu: [B, Z] encoder means.
+        labels: [B] int, each image's class.
+        key: PRNG key: an int seed, `jax.random.key(seed)` or a raw uint32 key.
+        num_draws: `Q`, draws per image (a Python int).
+        a, b: the Beta noise parameters.
+        noise: `"paper"` adds `ε ~ Beta(a, b)`; `"centred"` adds `ε − a / (a + b)`.
+        index: [B] int, the images' indices that select their noise (default `arange(B)`).
 
     Returns:
-      `Draws` with `[B, Q, ...]` arrays.
+        `Draws` with `[B, Q, ...]` arrays.
 
     Raises:
-      ValueError: bad shapes or settings, or a decoder output that is not `[n, H, W, C]`.
-      ModelCallError: the decoder cannot take `[n, Z]` latents, or the classifier its images.
+        ValueError: bad shapes or settings, or a decoder output that is not `[n, H, W, C]`.
+        ModelCallError: the decoder cannot take `[n, Z]` latents, or the classifier its images.
     """
     _check_settings(num_draws, a, b, 1, noise)
     mu = jnp.asarray(mu)
@@ -168,32 +168,32 @@ def identify(
     traced arguments of that program, and the result does not depend on `draws_per_chunk`.
 
     Args:
-      decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]` (a closure, a
-        `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...).
-      classifier: any JAX callable `classifier(images [n, H, W, C]) -> logits [n, K]`.
-      mu: [N, Z] encoder means.
-      labels: [N] int in `[0, K)`.
-      key: PRNG key: an int seed, `jax.random.key(seed)` or a raw uint32 key (`key=0` and
-        `key=jax.random.key(0)` give the same draws).
-      num_draws: draws per image.
-      a, b: the Beta noise parameters. `noise="paper"` adds `ε ~ Beta(a, b)` as written
-        (Beta(50, 50) has mean 0.5, so every latent dimension shifts by about +0.5, as in the
-        authors' code); `"centred"` adds `ε − a / (a + b)`.
-      max_per_image: misclassified draws kept per image.
-      draws_per_chunk: decodes per jitted call.
-      keep_images: keep the failures' decoded images (else `images` is `[F, 0]`).
-      progress: show a progress bar (None: jfail's default).
+        decoder: any JAX callable `decoder(z [n, Z]) -> images [n, H, W, C]` (a closure, a
+            `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...).
+        classifier: any JAX callable `classifier(images [n, H, W, C]) -> logits [n, K]`.
+        mu: [N, Z] encoder means.
+        labels: [N] int in `[0, K)`.
+        key: PRNG key: an int seed, `jax.random.key(seed)` or a raw uint32 key (`key=0` and
+            `key=jax.random.key(0)` give the same draws).
+        num_draws: draws per image.
+        a, b: the Beta noise parameters. `noise="paper"` adds `ε ~ Beta(a, b)` as written
+            (Beta(50, 50) has mean 0.5, so every latent dimension shifts by about +0.5, as in the
+            authors' code); `"centred"` adds `ε − a / (a + b)`.
+        max_per_image: misclassified draws kept per image.
+        draws_per_chunk: decodes per jitted call.
+        keep_images: keep the failures' decoded images (else `images` is `[F, 0]`).
+        progress: show a progress bar (None: jfail's default).
 
     Returns:
-      `Failures`.
+        `Failures`.
 
     Raises:
-      ValueError: empty or non-finite `mu`, labels of the wrong shape or outside the
-        classifier's `K` classes, bad settings, a decoder output that is not `[n, H, W, C]`, or a
-        decoder or classifier that returned NaN or infinite values.
-      ModelCallError: the decoder cannot take `[n, Z]` latents, or the classifier cannot take
-        the decoder's images.
-      TypeError: called inside `jax.jit`/`vmap`/`grad` (use `identify_batch` there).
+        ValueError: empty or non-finite `mu`, labels of the wrong shape or outside the
+            classifier's `K` classes, bad settings, a decoder output that is not
+            `[n, H, W, C]`, or a decoder or classifier that returned NaN or infinite values.
+        ModelCallError: the decoder cannot take `[n, Z]` latents, or the classifier cannot take
+            the decoder's images.
+        TypeError: called inside `jax.jit`/`vmap`/`grad` (use `identify_batch` there).
     """
     if in_trace(decoder, classifier, mu, labels, key):
         raise TypeError(
@@ -246,20 +246,20 @@ def identification_chunks(
     """`identify`'s loop over chunks of images, one chunk at a time (host memory: one chunk).
 
     Args:
-      read_mu: `read_mu(start, stop)` -> [stop - start, Z] float32 encoder means of those images
-        (a slice of an array, or a read from an on-disk store).
-      labels: [N] int32 in the classifier's classes.
-      latent_dim: Z.
-      Others: as for `identify` (settings already checked).
+        read_mu: `read_mu(start, stop)` -> [stop - start, Z] float32 encoder means of those images
+            (a slice of an array, or a read from an on-disk store).
+        labels: [N] int32 in the classifier's classes.
+        latent_dim: Z.
+        Others: as for `identify` (settings already checked).
 
     Yields:
-      `(start, stop, z [b, k, Z], x [b, k, H, W, C] (or [b, k, 0]), predictions [b, k],
-      valid [b, k] bool, misclassified [b])` per chunk of images `start:stop`, in order:
-      the first `k = min(max_per_image, num_draws)` misclassified draws of each image, `valid`
-      marking the real ones.
+        `(start, stop, z [b, k, Z], x [b, k, H, W, C] (or [b, k, 0]), predictions [b, k],
+        valid [b, k] bool, misclassified [b])` per chunk of images `start:stop`, in order:
+        the first `k = min(max_per_image, num_draws)` misclassified draws of each image, `valid`
+        marking the real ones.
 
     Raises:
-      ValueError: as `identify`; non-finite means of a chunk, or NaN decodes or logits.
+        ValueError: as `identify`; non-finite means of a chunk, or NaN decodes or logits.
     """
     if not isinstance(draws_per_chunk, (int, np.integer)) or draws_per_chunk < 1:
         raise ValueError(f"draws_per_chunk must be a positive integer, got {draws_per_chunk!r}")

@@ -15,7 +15,21 @@ __all__ = ["scenario_grid", "tradeoff_plot", "novelty_figure", "tsne_figure"]
 def scenario_grid(samples, predictions, labels, class_names: Sequence[str], path, *,
                   columns: int = 8, title: str = "") -> Path:
     """One row per scenario: `samples [S, n, H, W, C]`, the classifier's `predictions [S, n]`
-    over each image, the scenario's annotated label `labels [S]` on the left (-1: none)."""
+    over each image, the scenario's annotated label `labels [S]` on the left (-1: none).
+
+    Args:
+        samples: `[S, n, H, W, C]` in [0, 1], C = 1 or 3.
+        predictions: `[S, n]` int, the classifier's class of each sample (red when it differs
+            from the scenario's label).
+        labels: `[S]` int, each scenario's annotated label, -1 for none.
+        class_names: one name per class.
+        path: the PNG to write.
+        columns: the most samples shown per row.
+        title: the figure's title (empty: a default that explains the layout).
+
+    Returns:
+        The path of the saved PNG.
+    """
     plt = pyplot()
     rows, columns = len(samples), min(columns, samples.shape[1])
     fig, axes = plt.subplots(rows, columns, figsize=(1.2 * columns, 1.35 * rows + 0.4),
@@ -36,7 +50,13 @@ def scenario_grid(samples, predictions, labels, class_names: Sequence[str], path
 def tradeoff_plot(curves: dict, path) -> Path:
     """Figure 5: per method, test accuracy against failure-scenario accuracy over λ.
 
-    curves: `{method: [{'lambda', 'test_accuracy', 'scenario_accuracy'}, ...]}`."""
+    Args:
+        curves: `{method: [{'lambda', 'test_accuracy', 'scenario_accuracy'}, ...]}`.
+        path: the PNG to write.
+
+    Returns:
+        The path of the saved PNG.
+    """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for method, records in curves.items():
@@ -56,7 +76,20 @@ def tradeoff_plot(curves: dict, path) -> Path:
 def novelty_figure(queries, query_predictions, neighbours, neighbour_predictions, distances,
                    class_names: Sequence[str], path) -> Path:
     """Seed 003 §4.3: scenario samples (top) and their nearest misclassified training images by
-    ℓ2 (bottom), each titled with the classifier's prediction and the distance."""
+    ℓ2 (bottom), each titled with the classifier's prediction and the distance.
+
+    Args:
+        queries: `[n, H, W, C]` scenario samples.
+        query_predictions: `[n]` int, the classifier's class of each sample.
+        neighbours: `[n, H, W, C]`, each sample's nearest misclassified training image.
+        neighbour_predictions: `[n]` int, the classifier's class of each neighbour.
+        distances: `[n]`, the ℓ2 distance of each pair.
+        class_names: one name per class.
+        path: the PNG to write.
+
+    Returns:
+        The path of the saved PNG.
+    """
     plt = pyplot()
     n = len(queries)
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.0), squeeze=False)
@@ -72,7 +105,17 @@ def novelty_figure(queries, query_predictions, neighbours, neighbour_predictions
 
 
 def tsne_figure(embedding, groups, path, *, title: str = "") -> Path:
-    """A 2-D embedding `[N, 2]` coloured by `groups [N]` (-1 drawn grey)."""
+    """A 2-D embedding `[N, 2]` coloured by `groups [N]` (-1 drawn grey).
+
+    Args:
+        embedding: `[N, 2]` points, e.g. a t-SNE of the failures' latents.
+        groups: `[N]` int numpy array, each point's scenario, -1 for a dropped component.
+        path: the PNG to write.
+        title: the figure's title (empty: "t-SNE of the failures' latents").
+
+    Returns:
+        The path of the saved PNG.
+    """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     outside = groups < 0

@@ -1,18 +1,18 @@
 """Defuse over a data set that is never loaded whole: encoding, identification and distillation
 from and to on-disk arrays.
 
-1. :func:`encode_to_store`: the VAE encoder over a source through
-   :func:`jfail.engine.map_dataset` (sharded, resumable): ``mu`` and ``logvar`` [N, Z].
-2. :func:`identify_to_store`: Algorithm 1's draws for every image, chunk by chunk (the same
-   chunks, keys and programs as :func:`jfail.defuse.identify`), the kept failures appended to
+1. `encode_to_store`: the VAE encoder over a source through
+   `jfail.engine.map_dataset` (sharded, resumable): `mu` and `logvar` [N, Z].
+2. `identify_to_store`: Algorithm 1's draws for every image, chunk by chunk (the same
+   chunks, keys and programs as `jfail.defuse.identify`), the kept failures appended to
    on-disk arrays as they are found: host memory holds one chunk of draws, never every decode.
-3. :func:`distill_stored`: the Dirichlet-process mixture fitted on at most `max_points` stored
-   latents, the same seeded subsample as :func:`jfail.defuse.distill` reads (only those rows are
+3. `distill_stored`: the Dirichlet-process mixture fitted on at most `max_points` stored
+   latents, the same seeded subsample as `jfail.defuse.distill` reads (only those rows are
    read), then every latent assigned to its scenario chunk by chunk.
 
-Each step equals its in-memory function on the same data: ``identify_to_store(...).read()``
-equals ``identify(...)`` and ``distill_stored(stored.latents, ...)`` equals
-``distill(stored.latents[...], ...)``.
+Each step equals its in-memory function on the same data: `identify_to_store(...).read()`
+equals `identify(...)` and `distill_stored(stored.latents, ...)` equals
+`distill(stored.latents[...], ...)`.
 
 Layout of an `identify_to_store` folder::
 
@@ -59,18 +59,18 @@ _ARRAYS = ("latents", "images", "predictions", "labels", "sources")
 
 @dataclasses.dataclass(frozen=True)
 class StoredFailures:
-    """The failures found by :func:`identify_to_store`, on disk (the fields of
-    :class:`jfail.defuse.Failures`, arrays read lazily).
+    """The failures found by `identify_to_store`, on disk (the fields of
+    `jfail.defuse.Failures`, arrays read lazily).
 
     Attributes:
-      out_dir: where they are.
-      latents: [F, Z] `jfail.engine.LazyArray`.
-      images: [F, H, W, C] decodes, or [F, 0] without `keep_images`.
-      predictions: [F] the classifier's class.
-      labels: [F] the source image's label.
-      sources: [F] the source image's index.
-      per_image: [N] kept draws per image (in memory).
-      num_draws, noise, misclassified_draws: as in `Failures`.
+        out_dir: where they are.
+        latents: [F, Z] `jfail.engine.LazyArray`.
+        images: [F, H, W, C] decodes, or [F, 0] without `keep_images`.
+        predictions: [F] the classifier's class.
+        labels: [F] the source image's label.
+        sources: [F] the source image's index.
+        per_image: [N] kept draws per image (in memory).
+        num_draws, noise, misclassified_draws: as in `Failures`.
     """
 
     out_dir: str
@@ -93,7 +93,11 @@ class StoredFailures:
         return self.misclassified_draws / max(self.per_image.size * self.num_draws, 1)
 
     def read(self) -> Failures:
-        """Everything in memory, as the `Failures` that `identify` returns."""
+        """Everything in memory, as the `Failures` that `identify` returns.
+
+        Returns:
+            `Failures` with every array read into a NumPy array.
+        """
         return Failures(
             latents=self.latents[...], images=self.images[...],
             predictions=self.predictions[...], labels=self.labels[...],
@@ -115,21 +119,21 @@ def encode_to_store(
     """The encoder's means and log-variances of every image of a source, stored on disk.
 
     Args:
-      encoder: any JAX callable `encoder(x [B, H, W, C]) -> (mu [B, Z], logvar [B, Z])`; its
-        weights are read now.
-      source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`.
-      out_dir: a new or empty folder, or that of an interrupted run of the same call.
-      batch_size: images per global batch, a multiple of the device count.
-      split: the split, when `source` is a name.
-      progress: show a progress bar (None: when stderr is a terminal).
+        encoder: any JAX callable `encoder(x [B, H, W, C]) -> (mu [B, Z], logvar [B, Z])`; its
+            weights are read now.
+        source: a `jfail.data.ImageSource` or a name for `jfail.data.open_source`.
+        out_dir: a new or empty folder, or that of an interrupted run of the same call.
+        batch_size: images per global batch, a multiple of the device count.
+        split: the split, when `source` is a name.
+        progress: show a progress bar (None: when stderr is a terminal).
 
     Returns:
-      `jfail.engine.MappedOutputs` with ``"mu"`` and ``"logvar"``, [N, Z] each (the same values
-      as `jfail.defuse.encode` on the images).
+        `jfail.engine.MappedOutputs` with `"mu"` and `"logvar"`, [N, Z] each (the same values
+        as `jfail.defuse.encode` on the images).
 
     Raises:
-      ValueError: the encoder does not return a pair of [B, Z] arrays; the engine's errors.
-      ModelCallError: the encoder cannot take the source's images.
+        ValueError: the encoder does not return a pair of [B, Z] arrays; the engine's errors.
+        ModelCallError: the encoder cannot take the source's images.
     """
     from jfail.data.sources import open_source
     from jfail.engine import map_dataset
@@ -174,30 +178,30 @@ def identify_to_store(
 ) -> StoredFailures:
     """Algorithm 1 on every image, the failures written to disk as they are found.
 
-    The same draws, cap and order as :func:`jfail.defuse.identify` with the same arguments
-    (``identify_to_store(...).read()`` equals ``identify(...)``), but `mu` is read and the
+    The same draws, cap and order as `jfail.defuse.identify` with the same arguments
+    (`identify_to_store(...).read()` equals `identify(...)`), but `mu` is read and the
     failures are written one chunk of `draws_per_chunk` decodes at a time. It runs in this
     process, on its devices (as `identify`); a killed run is started again in a new folder
     (the encoding, the long pass over the images, is the resumable step).
 
     Args:
-      decoder: `decoder(z [n, Z]) -> images [n, H, W, C]`, any JAX callable.
-      classifier: `classifier(images [n, H, W, C]) -> logits [n, K]`, any JAX callable.
-      mu: [N, Z] encoder means: an array or a `jfail.engine.LazyArray` (e.g.
-        ``encode_to_store(...)["mu"]``), read one chunk at a time.
-      labels: [N] int in `[0, K)` (e.g. ``source.labels()``).
-      out_dir: a new or empty folder (layout in the module doc).
-      key, num_draws, a, b, max_per_image, noise, draws_per_chunk, keep_images, progress: as
-        for `identify`.
+        decoder: `decoder(z [n, Z]) -> images [n, H, W, C]`, any JAX callable.
+        classifier: `classifier(images [n, H, W, C]) -> logits [n, K]`, any JAX callable.
+        mu: [N, Z] encoder means: an array or a `jfail.engine.LazyArray` (e.g.
+            `encode_to_store(...)["mu"]`), read one chunk at a time.
+        labels: [N] int in `[0, K)` (e.g. `source.labels()`).
+        out_dir: a new or empty folder (layout in the module doc).
+        key, num_draws, a, b, max_per_image, noise, draws_per_chunk, keep_images, progress: as
+            for `identify`.
 
     Returns:
-      :class:`StoredFailures`.
+        `StoredFailures`.
 
     Raises:
-      ValueError: as `identify`; an `out_dir` that is not empty; `mu` not [N, Z] or of another
-        length than `labels`.
-      ModelCallError: the decoder cannot take [n, Z] latents, or the classifier its images.
-      TypeError: called inside `jax.jit`/`vmap`/`grad`.
+        ValueError: as `identify`; an `out_dir` that is not empty; `mu` not [N, Z] or of another
+            length than `labels`.
+        ModelCallError: the decoder cannot take [n, Z] latents, or the classifier its images.
+        TypeError: called inside `jax.jit`/`vmap`/`grad`.
     """
     from jfail.engine import create_array
 
@@ -262,10 +266,16 @@ def identify_to_store(
 
 
 def open_failures(out_dir: str | os.PathLike) -> StoredFailures:
-    """Opens the failures written by :func:`identify_to_store`.
+    """Opens the failures written by `identify_to_store`.
+
+    Args:
+        out_dir: the folder of a finished `identify_to_store` run.
+
+    Returns:
+        `StoredFailures` whose arrays are read lazily.
 
     Raises:
-      FileNotFoundError: `out_dir` holds no finished `identify_to_store` run.
+        FileNotFoundError: `out_dir` holds no finished `identify_to_store` run.
     """
     import json
 
@@ -297,24 +307,24 @@ def distill_stored(
     max_iter: int = 100,
     chunk_rows: int = 65_536,
 ) -> Scenarios:
-    """:func:`jfail.defuse.distill` on latents that stay on disk.
+    """`jfail.defuse.distill` on latents that stay on disk.
 
     The mixture is fitted on the same seeded subsample of at most `max_points` latents that
     `distill` draws (only those rows are read), with the paper's settings otherwise; every
     latent is then assigned to its scenario `chunk_rows` rows at a time. The result equals
-    ``distill(np.asarray(latents), ...)``.
+    `distill(np.asarray(latents), ...)`.
 
     Args:
-      latents: [F, Z]: a `jfail.engine.LazyArray` (``StoredFailures.latents``) or an array.
-      key, max_components, min_weight, max_points, max_iter: as for `distill`.
-      chunk_rows: latents read at once for the assignments.
+        latents: [F, Z]: a `jfail.engine.LazyArray` (`StoredFailures.latents`) or an array.
+        key, max_components, min_weight, max_points, max_iter: as for `distill`.
+        chunk_rows: latents read at once for the assignments.
 
     Returns:
-      `jfail.defuse.Scenarios` (``assignments``: [F], in memory).
+        `jfail.defuse.Scenarios` (`assignments`: [F], in memory).
 
     Raises:
-      ValueError: as `distill` (no latents, non-finite latents, bad settings, fewer points
-        than components, no component above `min_weight`), or `latents` not [F, Z].
+        ValueError: as `distill` (no latents, non-finite latents, bad settings, fewer points
+            than components, no component above `min_weight`), or `latents` not [F, Z].
     """
     shape = tuple(getattr(latents, "shape", ()))
     if len(shape) != 2:

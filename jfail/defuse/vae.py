@@ -63,7 +63,17 @@ class VAEResult(NamedTuple):
 def vae_loss(vae, variables, x, key, beta, kl_weight):
     """Mean over the batch of `(reconstruction + β·kl_weight·KL, reconstruction, KL)`.
 
-    x: [B, H, W, C] in [0, 1] (Bernoulli targets); key draws the reparameterized z.
+    Args:
+        vae: a module with `apply(variables, x, key) -> (logits, mu, logvar)`.
+        variables: the module's variables (`{'params': ...}`).
+        x: `[B, H, W, C]` in [0, 1] (Bernoulli targets).
+        key: PRNG key that draws the reparameterized z.
+        beta: the KL weight β.
+        kl_weight: the annealing factor in [0, 1] multiplying β.
+
+    Returns:
+        `(loss, (reconstruction, kl))`, scalars averaged over the batch, as `jax.value_and_grad`
+        with `has_aux=True` expects.
     """
     logits, mu, logvar = vae.apply(variables, x, key)
     reconstruction = optax.sigmoid_binary_cross_entropy(logits, x).reshape(len(x), -1).sum(-1)
@@ -88,6 +98,23 @@ def train_vae(
     `on_epoch_end(epoch, record)` is called after each epoch with its history record
     (`loss`, the β-weighted loss; `reconstruction`; `kl`; `seconds`), e.g. the writer of
     `jfail.train.summaries.epoch_summaries` for TensorBoard curves.
+
+    Args:
+        vae: the module to train.
+        images: `[N, H, W, C]` float in [0, 1].
+        config: the optimization settings (`VAEConfig`).
+        checkpoint_dir: a folder to checkpoint each epoch to and resume from; None for none.
+        progress: show a progress bar (None: when stderr is a terminal).
+        on_epoch_end: called as `on_epoch_end(epoch, record)` after each epoch.
+
+    Returns:
+        `VAEResult`: the trained variables and one history record per epoch.
+
+    Raises:
+        TypeError: `images` is not a numpy or jax array.
+        ValueError: `images` is not a non-empty `[N, H, W, C]` float batch of finite values in
+            [0, 1].
+        FloatingPointError: the loss became NaN or infinite.
     """
     check_images(images, name="images")
     images = np.asarray(images, np.float32)
@@ -150,19 +177,20 @@ def encode(encoder, images, *, batch_size: int = 4096) -> tuple[np.ndarray, np.n
     """The encoder's `(mu, logvar)` of every image, `batch_size` images per jitted call.
 
     Args:
-      encoder: any JAX callable `encoder(x [n, H, W, C]) -> (mu [n, Z], logvar [n, Z])` (a
-        closure, `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox module, ...);
-        the weights it holds now are traced arguments of the compiled program.
-      images: [N, H, W, C].
-      batch_size: images per jitted call.
+        encoder: any JAX callable `encoder(x [n, H, W, C]) -> (mu [n, Z], logvar [n, Z])` (a
+            closure, `functools.partial`, `jax.tree_util.Partial`, a Flax NNX or Equinox
+            module, ...); the weights it holds now are traced arguments of the compiled
+            program.
+        images: [N, H, W, C].
+        batch_size: images per jitted call.
 
     Returns:
-      `(mu [N, Z], logvar [N, Z])` as NumPy arrays.
+        `(mu [N, Z], logvar [N, Z])` as NumPy arrays.
 
     Raises:
-      ValueError: `images` is empty or not `[N, H, W, C]`, the encoder does not return a pair of
-        `[n, Z]` arrays, or it returned NaN or infinite values.
-      ModelCallError: the encoder cannot take images of this size or channels.
+        ValueError: `images` is empty or not `[N, H, W, C]`, the encoder does not return a pair of
+            `[n, Z]` arrays, or it returned NaN or infinite values.
+        ModelCallError: the encoder cannot take images of this size or channels.
     """
     if not callable(encoder):
         raise TypeError(f"encoder must be a callable JAX model, got {type(encoder).__name__}.")

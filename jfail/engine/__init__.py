@@ -1,13 +1,13 @@
 """The data-set engine: a batch function over a whole source, on every device of every host.
 
-- :func:`map_dataset` runs a jitted ``fn(images) -> pytree of [B, ...] arrays``
+- `map_dataset` runs a jitted `fn(images) -> pytree of [B, ...] arrays`
   over a source in globally sharded batches and writes the outputs to a
-  chunked zarr store that a killed run resumes; :func:`open_outputs` reads a
-  finished run back; :func:`create_array` and :func:`open_array` are the same
+  chunked zarr store that a killed run resumes; `open_outputs` reads a
+  finished run back; `create_array` and `open_array` are the same
   on-disk arrays for outputs a caller writes itself (variable-length ones).
-- :func:`initialize_distributed` joins a multi-host JAX run; :func:`is_writer`
+- `initialize_distributed` joins a multi-host JAX run; `is_writer`
   says whether this process writes the run's shared files (process 0 does);
-  :func:`batch_mesh` is the 1-D mesh of all devices the engine shards over.
+  `batch_mesh` is the 1-D mesh of all devices the engine shards over.
 """
 
 from jfail.engine.distributed import (

@@ -1,9 +1,9 @@
 """Many hosts: JAX's multi-controller runtime and the 1-D batch mesh the engine shards over.
 
-Every host runs the same program; :func:`initialize_distributed` connects
-them (once, before any JAX computation), after which ``jax.devices()`` lists
-the devices of every host and ``jax.process_index()`` says which host this
-is. :func:`batch_mesh` lays all those devices on one ``"batch"`` axis, host
+Every host runs the same program; `initialize_distributed` connects
+them (once, before any JAX computation), after which `jax.devices()` lists
+the devices of every host and `jax.process_index()` says which host this
+is. `batch_mesh` lays all those devices on one `"batch"` axis, host
 after host, so each host owns one contiguous block of rows of every global
 batch and reads only those examples.
 """
@@ -17,11 +17,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BATCH_AXIS = "batch"
-"""Name of the one axis of :func:`batch_mesh`."""
+"""Name of the one axis of `batch_mesh`."""
 
 
 class NoClusterError(RuntimeError):
-    """:func:`initialize_distributed` without arguments found no multi-process launch in the
+    """`initialize_distributed` without arguments found no multi-process launch in the
     environment: a plain single-process run, which needs no initialization."""
 
 
@@ -31,6 +31,9 @@ def is_writer() -> bool:
     True in a process that has not joined a multi-host run, and in process 0
     of one; every other process writes only what the engine needs (its own
     shards). Never starts JAX's backends in a process that has joined no run.
+
+    Returns:
+        True in a single-process run and in process 0 of a multi-host run, else False.
     """
     import jax
 
@@ -47,33 +50,33 @@ def initialize_distributed(
     local_device_ids=None,
     timeout_s: int = 300,
 ) -> tuple[int, int]:
-    """Joins this process to a multi-host JAX run (``jax.distributed.initialize``).
+    """Joins this process to a multi-host JAX run (`jax.distributed.initialize`).
 
     Call it first thing in every process, before any JAX computation. With
     no arguments JAX detects the cluster from the environment (Cloud TPU
     pods, SLURM, Open MPI, Kubernetes jobs); on any other cluster give all
-    three of ``coordinator``, ``num_processes`` and ``process_id``. On CPU
+    three of `coordinator`, `num_processes` and `process_id`. On CPU
     hosts JAX's collectives go through Gloo (the default of
-    ``jax_cpu_collectives_implementation``). Calling it again in an
+    `jax_cpu_collectives_implementation`). Calling it again in an
     initialized process does nothing.
 
     Args:
-      coordinator: ``"host:port"`` of process 0, reachable from every process.
-      num_processes: how many processes take part.
-      process_id: this process's number in ``[0, num_processes)``.
-      local_device_ids: restrict this process to these local devices.
-      timeout_s: how long to wait for every process to join.
+        coordinator: `"host:port"` of process 0, reachable from every process.
+        num_processes: how many processes take part.
+        process_id: this process's number in `[0, num_processes)`.
+        local_device_ids: restrict this process to these local devices.
+        timeout_s: how long to wait for every process to join.
 
     Returns:
-      ``(process_index, process_count)`` of this process.
+        `(process_index, process_count)` of this process.
 
     Raises:
-      ValueError: arguments that do not fit together (a process id outside
-        the range, a coordinator without a port, only some of the three).
-      NoClusterError: called without arguments and JAX found no cluster in
-        the environment (a plain single-process run).
-      RuntimeError: JAX could not join the cluster, or was already in use
-        before this call; the message says what to do.
+        ValueError: arguments that do not fit together (a process id outside
+            the range, a coordinator without a port, only some of the three).
+        NoClusterError: called without arguments and JAX found no cluster in
+            the environment (a plain single-process run).
+        RuntimeError: JAX could not join the cluster, or was already in use
+            before this call; the message says what to do.
     """
     import jax
 
@@ -125,14 +128,14 @@ def initialize_distributed(
 
 
 def batch_mesh(devices=None):
-    """A 1-D mesh over ``devices`` (default every device of every process), host by host.
+    """A 1-D mesh over `devices` (default every device of every process), host by host.
 
     Args:
-      devices: the devices, or None for ``jax.devices()``.
+        devices: the devices, or None for `jax.devices()`.
 
     Returns:
-      A ``jax.sharding.Mesh`` with one axis, ``BATCH_AXIS``; devices sorted
-      by (process index, id), so each process's devices are adjacent.
+        A `jax.sharding.Mesh` with one axis, `BATCH_AXIS`; devices sorted
+        by (process index, id), so each process's devices are adjacent.
     """
     import jax
     from jax.sharding import Mesh

@@ -1,20 +1,20 @@
 """Run a batch function over a whole source, on every device, into a resumable on-disk store.
 
-:func:`map_dataset` is the engine: it reads a source in global batches,
+`map_dataset` is the engine: it reads a source in global batches,
 shards each batch over every device of every process, runs a jitted
-``fn(images) -> pytree of [B, ...] arrays`` and writes each output leaf to
+`fn(images) -> pytree of [B, ...] arrays` and writes each output leaf to
 a zarr array (tensorstore), chunk by chunk. A run that is killed continues,
 when started again with the same arguments, at the first chunk that was not
 finished, and ends with the same bytes as a run that was never stopped.
 
-Layout of ``out_dir``::
+Layout of `out_dir`:
 
   engine.json          what was run: source, sizes, the output arrays (process 0 writes it)
   arrays/<name>/       one zarr array per output leaf, [N, ...]; <name> is the leaf's path
                        in the output pytree ("logits", "features/0"), "output" for a bare array
   done/<chunk>.json    one marker per finished chunk, written after its data is on disk
 
-Chunks: each global batch of ``batch_size`` examples is split into one
+Chunks: each global batch of `batch_size` examples is split into one
 block of rows per process (one block in a single-process run); that block
 is one zarr chunk along axis 0, written by the process that computed it,
 so processes never write the same chunk.
@@ -44,7 +44,7 @@ from jfail.xla import jit
 log = logging.getLogger(__name__)
 
 FORMAT = "jfail-engine-v1"
-"""The ``format`` field of ``engine.json``."""
+"""The `format` field of `engine.json`."""
 
 METADATA_FILE = "engine.json"
 ARRAYS_DIR = "arrays"
@@ -57,13 +57,13 @@ MAX_PENDING_WRITES = 2
 class LazyArray:
     """An on-disk output array, read when indexed.
 
-    ``array[i:j]`` (any NumPy basic index) reads just those elements into a
-    NumPy array; ``np.asarray(array)`` reads it all.
+    `array[i:j]` (any NumPy basic index) reads just those elements into a
+    NumPy array; `np.asarray(array)` reads it all.
 
     Attributes:
-      name: the output leaf's name.
-      shape: [N, ...] of the whole array.
-      dtype: its NumPy dtype.
+        name: the output leaf's name.
+        shape: [N, ...] of the whole array.
+        dtype: its NumPy dtype.
     """
 
     def __init__(self, name: str, store):
@@ -74,6 +74,7 @@ class LazyArray:
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions, `len(shape)`."""
         return len(self.shape)
 
     def __len__(self) -> int:
@@ -92,14 +93,14 @@ class LazyArray:
 
 @dataclasses.dataclass(frozen=True)
 class MappedOutputs:
-    """The outputs of a finished :func:`map_dataset` run.
+    """The outputs of a finished `map_dataset` run.
 
     Attributes:
-      out_dir: where they are stored.
-      num_examples: N, the length of every array.
-      arrays: leaf name -> :class:`LazyArray` [N, ...].
-      tree: the arrays arranged like ``fn``'s output pytree (None when
-        opened with :func:`open_outputs`, which does not know ``fn``).
+        out_dir: where they are stored.
+        num_examples: N, the length of every array.
+        arrays: leaf name -> `LazyArray` [N, ...].
+        tree: the arrays arranged like `fn`'s output pytree (None when
+            opened with `open_outputs`, which does not know `fn`).
     """
 
     out_dir: str
@@ -114,7 +115,12 @@ class MappedOutputs:
             raise KeyError(f"no output {name!r}; the outputs are {sorted(self.arrays)}.") from None
 
     def read(self):
-        """Every output as NumPy arrays: ``fn``'s pytree when known, else a dict by name."""
+        """Every output as NumPy arrays: `fn`'s pytree when known, else a dict by name.
+
+        Returns:
+            `fn`'s output pytree with every leaf an `[N, ...]` NumPy array, or, when the tree
+            is not known (`open_outputs`), a dict leaf name -> `[N, ...]` NumPy array.
+        """
         import jax
 
         if self.tree is None:
@@ -126,22 +132,22 @@ class MappedOutputs:
 def create_array(path: str | os.PathLike, shape, dtype, *, chunk_rows: int):
     """A new zarr array on disk (replacing one there), for outputs written by the caller.
 
-    The same format as the engine's outputs, so :func:`open_array` reads it as a
-    :class:`LazyArray`. Write rows with ``array[i:j].write(values).result()``; a
-    leading dimension may later be shrunk (``array.resize(exclusive_max=[F, ...],
-    resize_metadata_only=True).result()``).
+    The same format as the engine's outputs, so `open_array` reads it as a
+    `LazyArray`. Write rows with `array[i:j].write(values).result()`; a
+    leading dimension may later be shrunk (`array.resize(exclusive_max=[F, ...],
+    resize_metadata_only=True).result()`).
 
     Args:
-      path: the array's folder.
-      shape: [N, ...] (a capacity: only written chunks take disk space).
-      dtype: a NumPy dtype (or ``"bfloat16"``).
-      chunk_rows: rows per chunk along axis 0.
+        path: the array's folder.
+        shape: [N, ...] (a capacity: only written chunks take disk space).
+        dtype: a NumPy dtype (or `"bfloat16"`).
+        chunk_rows: rows per chunk along axis 0.
 
     Returns:
-      The open ``tensorstore.TensorStore``.
+        The open `tensorstore.TensorStore`.
 
     Raises:
-      ValueError: ``chunk_rows`` is not a positive integer.
+        ValueError: `chunk_rows` is not a positive integer.
     """
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) \
             or chunk_rows < 1:
@@ -153,10 +159,17 @@ def create_array(path: str | os.PathLike, shape, dtype, *, chunk_rows: int):
 
 
 def open_array(path: str | os.PathLike, name: str | None = None) -> LazyArray:
-    """A zarr array written by :func:`create_array` (or an engine output), read lazily.
+    """A zarr array written by `create_array` (or an engine output), read lazily.
+
+    Args:
+        path: the array's folder.
+        name: the name the `LazyArray` carries; None for the folder's base name.
+
+    Returns:
+        A `LazyArray` `[N, ...]` over the stored array.
 
     Raises:
-      FileNotFoundError: there is no array at ``path``.
+        FileNotFoundError: there is no array at `path`.
     """
     path = os.fspath(path)
     try:
@@ -179,62 +192,62 @@ def map_dataset(
     devices=None,
     with_labels: bool = False,
 ) -> MappedOutputs:
-    """Applies ``fn`` to every example of ``source`` in sharded batches and stores the outputs.
+    """Applies `fn` to every example of `source` in sharded batches and stores the outputs.
 
-    Every global batch of ``batch_size`` examples becomes one ``jax.Array``
-    [B, H, W, C] sharded along B over all ``devices`` (a 1-D mesh, see
-    :func:`jfail.engine.batch_mesh`); each process reads only its own rows
+    Every global batch of `batch_size` examples becomes one `jax.Array`
+    [B, H, W, C] sharded along B over all `devices` (a 1-D mesh, see
+    `jfail.engine.batch_mesh`); each process reads only its own rows
     of it. The last batch is padded with copies of the last example, and
-    the padding's outputs are dropped. Outputs go to ``out_dir`` (layout in
+    the padding's outputs are dropped. Outputs go to `out_dir` (layout in
     the module doc) from a writer thread while the devices compute the next
     batches, each chunk followed by a marker once it is on disk; a
-    run started again over the same ``out_dir`` with the same arguments
+    run started again over the same `out_dir` with the same arguments
     skips the finished chunks and gives the same bytes as one uninterrupted
-    run (``fn`` must be the same deterministic function: the engine cannot
-    check that). Host memory holds about ``prefetch`` + 2 batches of inputs
-    and outputs (inputs: ``prefetch`` + 2; outputs: MAX_PENDING_WRITES + 1),
+    run (`fn` must be the same deterministic function: the engine cannot
+    check that). Host memory holds about `prefetch` + 2 batches of inputs
+    and outputs (inputs: `prefetch` + 2; outputs: MAX_PENDING_WRITES + 1),
     whatever the size of the data set.
 
-    In a multi-host run (:func:`jfail.engine.initialize_distributed`) every
-    process calls this with the same arguments and ``out_dir`` on a file
+    In a multi-host run (`jfail.engine.initialize_distributed`) every
+    process calls this with the same arguments and `out_dir` on a file
     system they share; process 0 writes the metadata and shows progress.
 
     Args:
-      fn: ``fn(images) -> pytree of arrays`` with images [B, H, W, C]
-        float32 in [0, 1] and every output leaf [B, ...] (logits [B, K],
-        features [B, D], attributions [B, H, W, C], ...): any JAX callable
-        (closure, ``Partial``, NNX or Equinox module). It is jitted with its
-        weights, as they are at this call, as traced arguments replicated
-        on every device (``jfail.models.adapter.traced_model``), not as
-        constants baked into the program.
-      source: an :class:`~jfail.data.ImageSource`, or a name for
-        :func:`jfail.data.open_source` (``"imagefolder:/data/pets@64"``).
-      out_dir: the folder of the outputs; a new or empty folder, or that of
-        an earlier run with the same arguments (which is then continued).
-      batch_size: examples per global batch, a multiple of the number of devices.
-      split: the split, when ``source`` is a name.
-      prefetch: batches read ahead of the devices, per process (each on its
-        own thread).
-      num_threads: threads reading and decoding the examples of one batch, per process.
-      progress: show a progress bar with throughput and time left (None: when
-        stderr is a terminal).
-      devices: the devices to shard over (default: every device of every process).
-      with_labels: call ``fn(images, labels, indices)`` instead, with labels [B]
-        int32 (the source's labels) and indices [B] int32 (each example's
-        position in the source; padding rows repeat the last position), sharded
-        like the images: for functions that need the true class (errors,
-        attribution targets) or a per-example PRNG key
-        (``jax.random.fold_in(key, index)``, which does not depend on the batch size).
+        fn: `fn(images) -> pytree of arrays` with images [B, H, W, C]
+            float32 in [0, 1] and every output leaf [B, ...] (logits [B, K],
+            features [B, D], attributions [B, H, W, C], ...): any JAX callable
+            (closure, `Partial`, NNX or Equinox module). It is jitted with its
+            weights, as they are at this call, as traced arguments replicated
+            on every device (`jfail.models.adapter.traced_model`), not as
+            constants baked into the program.
+        source: an `jfail.data.ImageSource`, or a name for
+            `jfail.data.open_source` (`"imagefolder:/data/pets@64"`).
+        out_dir: the folder of the outputs; a new or empty folder, or that of
+            an earlier run with the same arguments (which is then continued).
+        batch_size: examples per global batch, a multiple of the number of devices.
+        split: the split, when `source` is a name.
+        prefetch: batches read ahead of the devices, per process (each on its
+            own thread).
+        num_threads: threads reading and decoding the examples of one batch, per process.
+        progress: show a progress bar with throughput and time left (None: when
+            stderr is a terminal).
+        devices: the devices to shard over (default: every device of every process).
+        with_labels: call `fn(images, labels, indices)` instead, with labels [B]
+            int32 (the source's labels) and indices [B] int32 (each example's
+            position in the source; padding rows repeat the last position), sharded
+            like the images: for functions that need the true class (errors,
+            attribution targets) or a per-example PRNG key
+            (`jax.random.fold_in(key, index)`, which does not depend on the batch size).
 
     Returns:
-      :class:`MappedOutputs`, reading the stored arrays lazily.
+        `MappedOutputs`, reading the stored arrays lazily.
 
     Raises:
-      ValueError: a batch size that is not a positive multiple of the device
-        count, an output leaf without the batch axis, an ``out_dir`` that
-        holds something else or a run with other arguments.
-      TypeError: ``fn`` is not callable.
-      jfail.models.ModelCallError: ``fn`` cannot be called on a batch of the source's images.
+        ValueError: a batch size that is not a positive multiple of the device
+            count, an output leaf without the batch axis, an `out_dir` that
+            holds something else or a run with other arguments.
+        TypeError: `fn` is not callable.
+        jfail.models.ModelCallError: `fn` cannot be called on a batch of the source's images.
     """
     import jax
     from jax.sharding import NamedSharding
@@ -338,17 +351,17 @@ def map_dataset(
 
 
 def open_outputs(out_dir: str | os.PathLike) -> MappedOutputs:
-    """Opens the outputs of a finished :func:`map_dataset` run.
+    """Opens the outputs of a finished `map_dataset` run.
 
     Args:
-      out_dir: the run's folder.
+        out_dir: the run's folder.
 
     Returns:
-      :class:`MappedOutputs` with ``tree=None`` (arrays by name).
+        `MappedOutputs` with `tree=None` (arrays by name).
 
     Raises:
-      FileNotFoundError: ``out_dir`` holds no engine run.
-      ValueError: the run is not finished (the message says how far it got).
+        FileNotFoundError: `out_dir` holds no engine run.
+        ValueError: the run is not finished (the message says how far it got).
     """
     out_dir = os.fspath(out_dir)
     meta = _read_meta(out_dir)
