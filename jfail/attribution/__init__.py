@@ -102,6 +102,23 @@ def method_kwargs(name: str, *, train_images=None, patterns=None, key=None,
                   num_baselines: int = 200) -> dict:
     """Extra keyword arguments `METHODS[name]` needs: a `key` for randomized methods, the
     paper's 200 training `baselines` for expected gradients, `patterns` for PatternNet/-Attribution.
+
+    Args:
+        name: a key of `METHODS`.
+        train_images: training images `[N, H, W, C]`; the first `num_baselines` are the
+            baselines of expected gradients (needed only for it).
+        patterns: the result of `fit_patterns(model, train_images)` (needed only for
+            PatternNet and PatternAttribution).
+        key: a PRNG key (needed only for the methods in `RANDOMIZED`).
+        num_baselines: how many training images expected gradients uses as baselines.
+
+    Returns:
+        dict of keyword arguments to pass to `METHODS[name]` (empty when it needs none).
+
+    Raises:
+        KeyError: if `name` is not a known method.
+        ValueError: if a randomized method gets no `key`, expected gradients no
+            `train_images`, or PatternNet / PatternAttribution no `patterns`.
     """
     if name not in METHODS:
         raise KeyError(f"unknown attribution method {name!r}; known: {sorted(METHODS)}")

@@ -16,14 +16,30 @@ _REDUCTIONS = ("sum", "mean", "max_abs")
 
 
 def absolute(attributions) -> jax.Array:
-    """Element-wise `|a|`, same shape (e.g. the paper's Grad map is `absolute(gradient)`)."""
+    """Element-wise `|a|`, same shape (e.g. the paper's Grad map is `absolute(gradient)`).
+
+    Args:
+        attributions: array-like `[B, ...]` of signed attributions.
+
+    Returns:
+        `jax.Array` of `|attributions|`, shape `[B, ...]`.
+    """
     return jnp.abs(jnp.asarray(attributions))
 
 
 def reduce_channels(attributions, how: str = "sum") -> jax.Array:
     """`[B, H, W, C] -> [B, H, W]` over the last (channel) axis.
 
-    how: "sum" (signed), "mean" (signed), or "max_abs" (the largest `|a|` over channels, >= 0).
+    Args:
+        attributions: array-like `[B, H, W, C]`.
+        how: "sum" (signed), "mean" (signed), or "max_abs" (the largest `|a|` over channels,
+            >= 0).
+
+    Returns:
+        `jax.Array` `[B, H, W]`.
+
+    Raises:
+        ValueError: if `attributions` is not 4-D or `how` is not one of the three reductions.
     """
     attributions = jnp.asarray(attributions)
     if attributions.ndim != 4:
@@ -38,7 +54,14 @@ def reduce_channels(attributions, how: str = "sum") -> jax.Array:
 
 
 def normalize_unit(attributions) -> jax.Array:
-    """Per-example min-max scaling to [0, 1], same shape `[B, ...]`; a constant map gives 0."""
+    """Per-example min-max scaling to [0, 1], same shape `[B, ...]`; a constant map gives 0.
+
+    Args:
+        attributions: array-like `[B, ...]`.
+
+    Returns:
+        float32 `jax.Array` `[B, ...]` with values in [0, 1].
+    """
     attributions = jnp.asarray(attributions, jnp.float32)
     axes = tuple(range(1, attributions.ndim))
     low = attributions.min(axis=axes, keepdims=True)
@@ -48,7 +71,14 @@ def normalize_unit(attributions) -> jax.Array:
 
 def normalize_signed(attributions) -> jax.Array:
     """Per-example division by `max |a|`, into [-1, 1] keeping signs, same shape `[B, ...]`;
-    an all-zero map stays 0."""
+    an all-zero map stays 0.
+
+    Args:
+        attributions: array-like `[B, ...]`.
+
+    Returns:
+        float32 `jax.Array` `[B, ...]` with values in [-1, 1].
+    """
     attributions = jnp.asarray(attributions, jnp.float32)
     axes = tuple(range(1, attributions.ndim))
     scale = jnp.abs(attributions).max(axis=axes, keepdims=True)

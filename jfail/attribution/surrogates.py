@@ -46,8 +46,19 @@ def segment(image, num_segments: int = 50, *, compactness: float | None = None) 
     The image is min-max scaled to [0, 1] first (so the labels do not depend on how it was
     normalised); 3 channels are segmented in Lab colour as SLIC does for RGB, 1 channel as a
     grey image, other channel counts as raw channels. `S` is about `num_segments`.
-    compactness: None = 10 for Lab colour (values up to 100), 0.1 for the [0, 1] intensities of
-    other channel counts (the same balance of colour and space).
+
+    Args:
+        image: one image `[H, W, C]`.
+        num_segments: the approximate number of superpixels (a positive integer).
+        compactness: SLIC's balance of colour and space; None = 10 for Lab colour (values up
+            to 100), 0.1 for the [0, 1] intensities of other channel counts (the same balance
+            of colour and space).
+
+    Returns:
+        int32 labels `[H, W]`, contiguous from 0.
+
+    Raises:
+        ValueError: if `image` is not `[H, W, C]` or `num_segments` is not a positive integer.
     """
     image = np.asarray(image, np.float64)
     if image.ndim != 3:
@@ -68,7 +79,19 @@ def segment(image, num_segments: int = 50, *, compactness: float | None = None) 
 
 
 def segments(x, num_segments: int = 50, *, compactness: float | None = None) -> np.ndarray:
-    """`segment` of every image of `x: [B, H, W, C]` -> int32 labels `[B, H, W]`."""
+    """`segment` of every image of `x: [B, H, W, C]` -> int32 labels `[B, H, W]`.
+
+    Args:
+        x: images `[B, H, W, C]`.
+        num_segments: the approximate number of superpixels per image.
+        compactness: as in `segment`.
+
+    Returns:
+        int32 labels `[B, H, W]`, each image's contiguous from 0.
+
+    Raises:
+        ValueError: if `x` is not `[B, H, W, C]` or `num_segments` is not a positive integer.
+    """
     x = np.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"segments: x must be [B, H, W, C], got shape {x.shape}.")
@@ -103,6 +126,31 @@ def lime(
       default `Ridge(alpha=1)`), of the target logit (lime is usually fed probabilities) on all
       segments (lime-image's default `num_features=100000` keeps them all).
     The attribution of a pixel is the coefficient of its segment. Needs a PRNG `key`.
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: a PRNG key for the keep-masks (required).
+        batch_size: examples per jitted chunk (None: all at once).
+        num_segments: the approximate number of SLIC superpixels when `segments` is None.
+        num_samples: perturbations per example.
+        kernel_width: width of the exponential kernel on the cosine distance (> 0).
+        segments: int labels `[B, H, W]` or `[H, W]`; None = `segments(x, num_segments)`.
+        baseline: the fill of hidden segments: None (per-segment mean colour), a float, or an
+            array broadcastable to `x`.
+        sample_batch_size: perturbations per model call and example (None: all at once).
+
+    Returns:
+        `[B, H, W, C]` float array, each pixel the ridge coefficient of its segment.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `key` is missing, `kernel_width`, `num_samples`, `num_segments` or
+            `batch_size` is out of range, `x` is not a non-empty `[B, H, W, C]` batch of
+            finite values, a target is out of range, `segments` or `baseline` do not fit `x`,
+            or the model cannot be called on `x`.
     """
     if not np.isscalar(kernel_width) or not kernel_width > 0:
         raise ValueError(f"lime: kernel_width must be a float > 0, got {kernel_width!r}.")
@@ -151,6 +199,30 @@ def kernel_shap(
       optional l1 feature selection.
     For a model linear in the segments' keep-masks this recovers the exact Shapley values. The
     attribution of a pixel is the Shapley value of its segment. Needs a PRNG `key`.
+
+    Args:
+        model: any JAX callable `model(x) -> logits [B, K]`.
+        x: images `[B, H, W, C]` (float, finite).
+        target: the class attributed per example: `[B]` ints, an int, or None for the
+            predicted class.
+        key: a PRNG key for the sampled coalitions (required).
+        batch_size: examples per jitted chunk (None: all at once).
+        num_segments: the approximate number of SLIC superpixels when `segments` is None.
+        num_samples: sampled coalitions per example (besides the empty and full ones).
+        segments: int labels `[B, H, W]` or `[H, W]`; None = `segments(x, num_segments)`.
+        baseline: the fill of hidden segments: None (the image's mean colour), a float, or an
+            array broadcastable to `x`.
+        sample_batch_size: coalitions per model call and example (None: all at once).
+
+    Returns:
+        `[B, H, W, C]` float array, each pixel the Shapley value of its segment.
+
+    Raises:
+        TypeError: if `model` is not callable or `x` / `target` have the wrong type.
+        ValueError: if `key` is missing, `num_samples`, `num_segments` or `batch_size` is not
+            a positive integer, `x` is not a non-empty `[B, H, W, C]` batch of finite values, a
+            target is out of range, `segments` or `baseline` do not fit `x`, or the model
+            cannot be called on `x`.
     """
     x, target, segment_map, count, fill = _prepare(
         "kernel_shap", model, x, target, key, num_samples, num_segments, segments, baseline,

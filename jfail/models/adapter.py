@@ -53,7 +53,16 @@ class ModelCallError(ValueError):
     @classmethod
     def wrap(cls, fn, args, error: Exception) -> ModelCallError:
         """The jfail error for `error`, raised by calling `fn(*args)`: it names the input
-        shapes, the original error's first line, and a hint where one applies."""
+        shapes, the original error's first line, and a hint where one applies.
+
+        Args:
+          fn: the callable that failed.
+          args: the arguments it was called with (their shapes go into the message).
+          error: the exception the call raised.
+
+        Returns:
+          A `ModelCallError` (not raised; the caller raises it `from error`).
+        """
         return _call_error(fn, args, error)
 
 
@@ -88,7 +97,14 @@ def as_model(model: Callable, *, per_example: bool = False, channels_first: bool
 
 def in_trace(*trees) -> bool:
     """Whether any leaf of `trees` is a tracer: the call happens inside the caller's `jit`,
-    `vmap` or `grad`, where values cannot be checked on the host."""
+    `vmap` or `grad`, where values cannot be checked on the host.
+
+    Args:
+      *trees: any pytrees.
+
+    Returns:
+      True if at least one leaf is a `jax.core.Tracer`.
+    """
     return any(
         isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees)
     )
@@ -126,6 +142,14 @@ def needs_tracing(model: Callable, leaves: list) -> bool:
     """Whether `traced_model` must trace `model` to find its weights, given its pytree `leaves`
     (a driver that flattens the model anyway passes them, so the check costs one pass).
 
+    Args:
+      model: any JAX callable.
+      leaves: `jax.tree_util.tree_leaves(model)`.
+
+    Returns:
+      True if a leaf is a Python function, method, partial or other callable that may read
+      arrays JAX does not see.
+
     Raises:
       ModelCallError: `model` is (or is a method of) an NNX module in training mode.
     """
@@ -142,6 +166,18 @@ def split_model(model: Any, *example) -> tuple[list, StaticModel]:
     model that is not a pytree is traced to find the arrays it reads
     (`traced_model`). Without it the model is split as it is (inside a
     trace, where whatever a closure reads is already part of the caller's computation).
+
+    Args:
+      model: any JAX callable.
+      *example: arguments of one valid call (arrays or `jax.ShapeDtypeStruct`s), optional.
+
+    Returns:
+      `(dynamic, static)`: a list with the array leaves (None elsewhere), and a hashable
+      `StaticModel` whose `rebuild(dynamic)` gives the model back.
+
+    Raises:
+      ModelCallError: tracing the model on `example` failed, or it is a Flax NNX module in
+        training mode.
     """
     leaves, treedef = jax.tree_util.tree_flatten(model)
     if example and needs_tracing(model, leaves):
@@ -153,7 +189,18 @@ def split_model(model: Any, *example) -> tuple[list, StaticModel]:
 
 def call_shape(model: Callable, *example):
     """`jax.eval_shape(model, *example)`, with a failing call turned into a `ModelCallError`
-    that names the input shapes."""
+    that names the input shapes.
+
+    Args:
+      model: any JAX callable.
+      *example: arrays or `jax.ShapeDtypeStruct`s of the call.
+
+    Returns:
+      The pytree of `jax.ShapeDtypeStruct`s of the model's output.
+
+    Raises:
+      ModelCallError: the model cannot be called on `example`.
+    """
     try:
         return jax.eval_shape(model, *example)
     except ModelCallError:
@@ -200,6 +247,14 @@ class StaticModel:
             self._hash = hash((treedef, tuple(id(leaf) for leaf in static_leaves)))
 
     def rebuild(self, dynamic):
+        """The model back from its array leaves.
+
+        Args:
+          dynamic: the list `split_model` returned (or traced arrays in its place).
+
+        Returns:
+          The model, with `dynamic`'s arrays as its leaves.
+        """
         leaves = [s if d is None else d for d, s in zip(dynamic, self.static_leaves)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 

@@ -42,12 +42,29 @@ class ModelFns(NamedTuple):
 
 
 def as_callable(apply_fn: Callable, params: Any) -> jax.tree_util.Partial:
-    """`apply_fn(params, x)` -> a pytree callable `model(x)` holding `params` as its leaves."""
+    """`apply_fn(params, x)` -> a pytree callable `model(x)` holding `params` as its leaves.
+
+    Args:
+      apply_fn: `apply_fn(params, x) -> output`, hashable (it is the Partial's static part).
+      params: any pytree of arrays.
+
+    Returns:
+      `model(x) = apply_fn(params, x)`, a `jax.tree_util.Partial`.
+    """
     return jax.tree_util.Partial(apply_fn, params)
 
 
 def model_fns(module: nn.Module, variables: Any) -> ModelFns:
-    """Inference callables for a jfail classifier (`DefuseCNN`, `ResNet`) in eval mode."""
+    """Inference callables for a jfail classifier (`DefuseCNN`, `ResNet`) in eval mode.
+
+    Args:
+      module: a jfail classifier whose `__call__(x, train, output)` takes an `output` tap.
+      variables: its variables (`{"params": ..., "batch_stats": ...}`).
+
+    Returns:
+      `ModelFns(logits, features, feature_map)`: `[B, K]`, `[B, D]` and `[B, h, w, C]`
+      callables of images `[B, H, W, C]`.
+    """
     return ModelFns(
         *(as_callable(LinenOutput(module, tap), variables) for tap in ModelFns._fields)
     )
@@ -110,17 +127,41 @@ def linen_model(
 
 def logits_fn(module: nn.Module, variables: Any) -> jax.tree_util.Partial:
     """`model(x) -> logits` for any Flax linen module whose `__call__(x)` returns logits; a
-    `train`-style argument is set for inference (see `linen_model`)."""
+    `train`-style argument is set for inference (see `linen_model`).
+
+    Args:
+      module: a linen module returning logits.
+      variables: its variables.
+
+    Returns:
+      `model(x: [B, H, W, C]) -> [B, K]`, a `jax.tree_util.Partial`.
+    """
     return linen_model(module, variables)
 
 
 def decoder_fn(vae: nn.Module, variables: Any) -> jax.tree_util.Partial:
-    """`decoder(z: [B, Z]) -> images [B, H, W, C]` in [0, 1] (sigmoid of the Bernoulli logits)."""
+    """`decoder(z: [B, Z]) -> images [B, H, W, C]` in [0, 1] (sigmoid of the Bernoulli logits).
+
+    Args:
+      vae: a linen VAE with a `decode(z)` method returning Bernoulli logits.
+      variables: its variables.
+
+    Returns:
+      The decoder, a `jax.tree_util.Partial`.
+    """
     return as_callable(_LinenMethod(vae, "decode", sigmoid=True), variables)
 
 
 def encoder_fn(vae: nn.Module, variables: Any) -> jax.tree_util.Partial:
-    """`encoder(x: [B, H, W, C]) -> (mu [B, Z], logvar [B, Z])`."""
+    """`encoder(x: [B, H, W, C]) -> (mu [B, Z], logvar [B, Z])`.
+
+    Args:
+      vae: a linen VAE with an `encode(x)` method.
+      variables: its variables.
+
+    Returns:
+      The encoder, a `jax.tree_util.Partial`.
+    """
     return as_callable(_LinenMethod(vae, "encode"), variables)
 
 
@@ -130,6 +171,12 @@ def linen_apply(module: nn.Module) -> Callable:
 
     `state` holds the non-trainable collections (e.g. `{'batch_stats': ...}` for BatchNorm); it is
     updated only when `train` is true.
+
+    Args:
+      module: a linen module whose `__call__(x, train)` returns logits.
+
+    Returns:
+      `apply_fn(params, state, x, train) -> (logits, state)`.
     """
 
     def apply_fn(params, state, x, train):
@@ -143,7 +190,15 @@ def linen_apply(module: nn.Module) -> Callable:
 
 
 def stateless_apply(fn: Callable) -> Callable:
-    """Adapt `fn(params, x) -> logits` to `apply_fn(params, state, x, train) -> (logits, state)`."""
+    """Adapt `fn(params, x) -> logits` to `apply_fn(params, state, x, train) -> (logits, state)`.
+
+    Args:
+      fn: `fn(params, x) -> logits`, a model with no state and no train mode.
+
+    Returns:
+      `apply_fn(params, state, x, train) -> (logits, state)`, `state` passed through unchanged
+      and `train` ignored.
+    """
 
     def apply_fn(params, state, x, train):
         del train

@@ -95,6 +95,18 @@ def resnet_variables_from_torch(state_dict: Mapping[str, Any], module: ResNet) -
     every variable of `module` must be filled and every key except `*.num_batches_tracked` used,
     with the shapes `module` needs. Otherwise a `ValueError` names the missing and unexpected keys
     and the shape mismatches (e.g. a ResNet-18 state dict for a ResNet-50 module).
+
+    Args:
+        state_dict: torch names -> torch tensors or NumPy arrays, torchvision's layout.
+        module: the jfail `ResNet` the variables are for.
+
+    Returns:
+        dict `{'params': ..., 'batch_stats': ...}` of float32 `jax.Array`s.
+
+    Raises:
+        TypeError: if `module` is not a jfail `ResNet` or `state_dict` is not a mapping.
+        ValueError: if keys are missing or unexpected, a shape does not fit `module`, or a
+            weight is not floating point.
     """
     if not isinstance(module, ResNet):
         raise TypeError(f"module must be a jfail ResNet, got {type(module).__name__}")
@@ -122,6 +134,20 @@ def load_torchvision_resnet(
     `torch.load(path, map_location='cpu', weights_only=True)`. Inputs to the returned model are
     what the torch model takes (for torchvision's ImageNet weights: images in [0, 1] normalized
     with `IMAGENET_MEAN`/`IMAGENET_STD`, which `normalized_model_fns` can do).
+
+    Args:
+        path_or_state_dict: a `.pth` file's path, or the state dict itself.
+        arch: "resnet18" or "resnet50".
+        num_classes: the classifier's outputs; None = the rows of `fc.weight`.
+
+    Returns:
+        `(module, variables)`: the jfail `ResNet` and its Flax variables.
+
+    Raises:
+        TypeError: if `path_or_state_dict` is neither a path nor a mapping.
+        ImportError: if a file must be read and torch is not installed.
+        ValueError: if `arch` is unknown, the file holds no mapping, or the state dict does not
+            fit the architecture (see `resnet_variables_from_torch`).
     """
     state_dict = _as_mapping(path_or_state_dict, "state dict")
     if num_classes is None:
@@ -145,6 +171,22 @@ def load_robustness_checkpoint(
     normalizer. `num_classes` is the rows of `fc.weight`.
 
     Use `normalized_model_fns(module, variables, *normalizer)` for callables on images in [0, 1].
+
+    Args:
+        path_or_dict: a checkpoint file's path, the loaded checkpoint, or its state dict.
+        arch: "resnet18" or "resnet50".
+
+    Returns:
+        `(module, variables, normalizer)`: the jfail `ResNet`, its Flax variables and the
+        input `Normalizer`.
+
+    Raises:
+        TypeError: if `path_or_dict` is neither a path nor a mapping.
+        ImportError: if a file must be read and torch is not installed.
+        ValueError: if the checkpoint has no classifier weights, keys outside the known groups,
+            a mixed `module.` prefix, disagreeing `model.*` / `attacker.model.*` weights or
+            normalizers, an incomplete or non-positive normalizer, an unknown `arch`, or
+            weights that do not fit the architecture.
     """
     checkpoint = _as_mapping(path_or_dict, "checkpoint")
     state_dict = _strip_module_prefix(_robustness_state_dict(checkpoint))
@@ -187,6 +229,19 @@ def normalized_model_fns(
     drops the clamp. Like `torch.clamp`, the clamp passes gradients for pixels in [0, 1], bounds
     included, and zeroes those outside. `variables`, `mean` and `std` (`[C]`) are the pytree
     leaves of the returned `jax.tree_util.Partial`s.
+
+    Args:
+        module: a jfail classifier (e.g. from `load_robustness_checkpoint`).
+        variables: its Flax variables.
+        mean: per-channel mean `[C]`.
+        std: per-channel standard deviation `[C]`.
+        clip: clamp inputs to [0, 1] before normalizing.
+
+    Returns:
+        `ModelFns(logits, features, feature_map)` of images `[B, H, W, C]` in [0, 1].
+
+    Raises:
+        ValueError: if `mean` and `std` are not both `[C]` of one shape.
     """
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)

@@ -25,12 +25,25 @@ __all__ = ["is_layered", "layer_names", "layer_span", "split_at"]
 
 
 def is_layered(module: nn.Module) -> bool:
-    """Whether `module` names its layers (`layer_names`) and applies them one by one (`layer`)."""
+    """Whether `module` names its layers (`layer_names`) and applies them one by one (`layer`).
+
+    Args:
+      module: any Flax linen module.
+
+    Returns:
+      True if it has `layer_names` and a callable `layer`.
+    """
     return hasattr(module, "layer_names") and callable(getattr(module, "layer", None))
 
 
 def layer_names(module: nn.Module) -> tuple[str, ...]:
     """The layers of `module` in the order they apply, e.g. `('conv0', ..., 'classifier')`.
+
+    Args:
+      module: a layered module.
+
+    Returns:
+      tuple of layer names.
 
     Raises:
       TypeError: `module` is not layered (has no `layer_names` and `layer(name, x)`).

@@ -19,7 +19,19 @@ MODEL_NAMES = ("defuse_cnn", "mlp", "resnet18", "resnet50")
 
 def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """`defuse_cnn`, `mlp`, `resnet18` or `resnet50`; `kwargs` go to the constructor
-    (`hidden` for `mlp`, `stem` and `width` for the ResNets)."""
+    (`hidden` for `mlp`, `stem` and `width` for the ResNets).
+
+    Args:
+        name: one of `MODEL_NAMES`.
+        num_classes: the number of logits `K`.
+        **kwargs: passed to the model's constructor.
+
+    Returns:
+        The (uninitialized) Flax linen module.
+
+    Raises:
+        ValueError: if `name` is not one of `MODEL_NAMES`.
+    """
     if name == "defuse_cnn":
         return DefuseCNN(num_classes=num_classes, **kwargs)
     if name == "mlp":
@@ -32,7 +44,17 @@ def build_classifier(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 def init_classifier(module: nn.Module, image_shape, key) -> tuple[Any, dict]:
-    """Initialize on a `[1, H, W, C]` dummy input; returns `(params, state)`."""
+    """Initialize on a `[1, H, W, C]` dummy input; returns `(params, state)`.
+
+    Args:
+        module: a classifier whose `__call__(x, train)` takes a `train` flag.
+        image_shape: `(H, W, C)`.
+        key: a PRNG key for the initial weights.
+
+    Returns:
+        `(params, state)`: the `params` collection and a dict of the other collections
+        (e.g. `{'batch_stats': ...}`), as `jax.Array`s.
+    """
     variables = module.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     params = variables.pop("params")

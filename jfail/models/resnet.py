@@ -96,12 +96,30 @@ class Bottleneck(nn.Module):
 
 
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", width: int = 64) -> ResNet:
-    """ResNet-18: basic blocks (2, 2, 2, 2); penultimate features `[B, 8 * width]`."""
+    """ResNet-18: basic blocks (2, 2, 2, 2); penultimate features `[B, 8 * width]`.
+
+    Args:
+        num_classes: the number of logits `K`.
+        stem: "imagenet" (7x7/2 convolution and max-pool) or "small" (one 3x3/1 convolution).
+        width: channels of the first stage (doubled at each later stage).
+
+    Returns:
+        The `ResNet` module (a bad `stem` raises a ValueError when it is first called).
+    """
     return ResNet((2, 2, 2, 2), False, num_classes, stem, width)
 
 
 def resnet50(num_classes: int = 1000, stem: str = "imagenet", width: int = 64) -> ResNet:
-    """ResNet-50: bottleneck blocks (3, 4, 6, 3); penultimate features `[B, 32 * width]`."""
+    """ResNet-50: bottleneck blocks (3, 4, 6, 3); penultimate features `[B, 32 * width]`.
+
+    Args:
+        num_classes: the number of logits `K`.
+        stem: "imagenet" (7x7/2 convolution and max-pool) or "small" (one 3x3/1 convolution).
+        width: channels of the first stage (the bottlenecks output 4 times as many).
+
+    Returns:
+        The `ResNet` module (a bad `stem` raises a ValueError when it is first called).
+    """
     return ResNet((3, 4, 6, 3), True, num_classes, stem, width)
 
 

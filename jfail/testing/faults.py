@@ -100,7 +100,19 @@ def try_bad_configs(configs_dir: Path, scratch: Path, *, env=None) -> list[Confi
     """Run every entry of `BAD_CONFIGS` as a `jfail` subprocess and record what it answered.
 
     The commands run in the folder above `configs_dir` and name their config relative to it
-    (`configs/<name>.py`), as a user in a checkout would."""
+    (`configs/<name>.py`), as a user in a checkout would.
+
+    Args:
+        configs_dir: the `configs/` folder holding the configs `BAD_CONFIGS` names.
+        scratch: a folder for the work directories the commands must not create.
+        env: the subprocesses' environment (None: this process's).
+
+    Returns:
+        One `ConfigTrial` per entry of `BAD_CONFIGS`, in order.
+
+    Raises:
+        subprocess.TimeoutExpired: a command ran for more than 300 seconds.
+    """
     configs_dir = Path(configs_dir).absolute()
     trials = []
     for index, (command, config, overrides, expected) in enumerate(BAD_CONFIGS):
@@ -119,7 +131,17 @@ def try_bad_configs(configs_dir: Path, scratch: Path, *, env=None) -> list[Confi
 
 
 def run_killed(argv: Sequence[str], delay: float, *, env=None, cwd=None) -> bool:
-    """Start `argv`, SIGKILL it after `delay` seconds; True if it was still running then."""
+    """Start `argv`, SIGKILL it after `delay` seconds; True if it was still running then.
+
+    Args:
+        argv: the command line.
+        delay: seconds to wait before the kill.
+        env: its environment (None: this process's).
+        cwd: its working directory (None: this process's).
+
+    Returns:
+        True if the command was killed, False if it had already exited.
+    """
     process = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -148,8 +170,22 @@ def kill_and_resume(
     reference, the killed runs and their reruns all find the same caches filled (a JAX
     compilation cache named in `env`): the kill moments are shares of a run like theirs.
 
+    Args:
+        command: `command(workdir) -> argv`.
+        at: the kill moments, as shares of the reference run's wall time.
+        fingerprint: `fingerprint(workdir) -> str`, equal for runs that ended alike.
+        workdir: `workdir(i) -> Path`: trial `i`'s directory; -1 is the reference's, -2 the
+            warm-up's.
+        env: the commands' environment (None: this process's).
+        timeout: seconds any one complete run may take.
+        warm_up: run the command once, untimed, before the reference.
+
+    Returns:
+        `(reference, trials)`: the reference's fingerprint and one `KillTrial` per moment.
+
     Raises:
-      RuntimeError: the reference (or warm-up) run failed.
+        RuntimeError: the reference (or warm-up) run failed.
+        subprocess.TimeoutExpired: a complete run took more than `timeout` seconds.
     """
     if warm_up:
         done = subprocess.run(command(workdir(-2)), env=env, capture_output=True, text=True,
@@ -196,7 +232,15 @@ class DiskFullTrial:
 
 
 def mount_tmpfs(path: Path, size: str) -> str:
-    """Mount a tmpfs of `size` (e.g. "3m") on `path` (made here); "" or why it failed."""
+    """Mount a tmpfs of `size` (e.g. "3m") on `path` (made here); "" or why it failed.
+
+    Args:
+        path: the mount point, created if missing.
+        size: the tmpfs size, as `mount -o size=` takes it.
+
+    Returns:
+        "" on success, else the reason the mount failed.
+    """
     Path(path).mkdir(parents=True, exist_ok=True)
     try:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
@@ -208,14 +252,31 @@ def mount_tmpfs(path: Path, size: str) -> str:
 
 def small_train_command(workdir: Path) -> list[str]:
     """`jfail train` of the annotator MLP on scikit-learn's digits for 2 epochs into `workdir`:
-    a run that writes checkpoints within seconds (the full-disk trial's command)."""
+    a run that writes checkpoints within seconds (the full-disk trial's command).
+
+    Args:
+        workdir: the run's work directory.
+
+    Returns:
+        The argv, run with this Python interpreter.
+    """
     config = Path(__file__).resolve().parents[2] / "configs" / "annotator_mlp_mnist5k.py"
     return [sys.executable, "-m", "jfail.cli", "train", "--config", str(config), "--set",
             "dataset=digits", "--set", "train.epochs=2", "--workdir", str(workdir)]
 
 
 def is_trained_run(workdir: Path) -> bool:
-    """Whether `workdir` holds a finished `jfail train` run (a selected epoch, a test accuracy)."""
+    """Whether `workdir` holds a finished `jfail train` run (a selected epoch, a test accuracy).
+
+    Args:
+        workdir: a `jfail train` work directory.
+
+    Returns:
+        True if its `metrics.json` has a best epoch >= 0 and a test accuracy in (0, 1].
+
+    Raises:
+        FileNotFoundError: `workdir` has no `metrics.json`.
+    """
     metrics = json.loads((Path(workdir) / "metrics.json").read_text())
     return metrics["best_epoch"] >= 0 and 0 < metrics["test_accuracy"] <= 1
 
@@ -232,7 +293,25 @@ def full_disk_and_rerun(
     timeout: float = 300,
 ) -> DiskFullTrial:
     """Run `command(disk / "run")` on a tmpfs of `size` mounted on `disk`, remount it with
-    `room`, run the same command again and `check(disk / "run")`; unmounts at the end."""
+    `room`, run the same command again and `check(disk / "run")`; unmounts at the end.
+
+    Args:
+        command: `command(workdir) -> argv`.
+        disk: the mount point of the tmpfs.
+        size: the full disk's size (e.g. "3m").
+        room: the size it is remounted with for the rerun.
+        check: `check(workdir) -> bool`, run after a rerun that exited 0.
+        env: the commands' environment (None: this process's).
+        cwd: their working directory (None: this process's).
+        timeout: seconds each run may take.
+
+    Returns:
+        A `DiskFullTrial`; `skipped` says why when the tmpfs could not be mounted.
+
+    Raises:
+        subprocess.CalledProcessError: the remount failed.
+        subprocess.TimeoutExpired: a run took more than `timeout` seconds.
+    """
     disk = Path(disk)
     reason = mount_tmpfs(disk, size)
     if reason:
@@ -257,7 +336,14 @@ def full_disk_and_rerun(
 
 
 def arrays_digest(tree) -> str:
-    """SHA-256 of every array leaf of a pytree, bytes and shapes, in tree order."""
+    """SHA-256 of every array leaf of a pytree, bytes and shapes, in tree order.
+
+    Args:
+        tree: a pytree of arrays.
+
+    Returns:
+        The hex digest.
+    """
     import jax
     import numpy as np
 
@@ -270,7 +356,17 @@ def arrays_digest(tree) -> str:
 
 
 def train_run_fingerprint(run_dir: Path) -> str:
-    """A `jfail train` run directory: its selected weights and its metrics, less timings."""
+    """A `jfail train` run directory: its selected weights and its metrics, less timings.
+
+    Args:
+        run_dir: a finished `jfail train` work directory.
+
+    Returns:
+        The weights' digest followed by the SHA-256 of the metrics without timings.
+
+    Raises:
+        FileNotFoundError: the run is not finished (no config, weights or metrics).
+    """
     from jfail.train.run import load_trained_classifier
 
     _, params, state, _ = load_trained_classifier(run_dir)
@@ -284,7 +380,17 @@ def train_run_fingerprint(run_dir: Path) -> str:
 
 
 def vae_run_fingerprint(run_dir: Path) -> str:
-    """A `python -m jfail.testing.faults vae` work directory: its final weights' digest."""
+    """A `python -m jfail.testing.faults vae` work directory: its final weights' digest.
+
+    Args:
+        run_dir: the work directory.
+
+    Returns:
+        The `arrays_digest` of the final weights, from `result.json`.
+
+    Raises:
+        FileNotFoundError: the run is not finished (no `result.json`).
+    """
     return json.loads((Path(run_dir) / "result.json").read_text())["weights"]
 
 
@@ -306,6 +412,14 @@ def _train_small_vae(workdir: Path, epochs: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jfail.testing.faults vae WORKDIR [--epochs N]`: a small resumable β-VAE run.
+
+    Args:
+        argv: the arguments after the program name (None: `sys.argv[1:]`).
+
+    Returns:
+        0, the exit status (argparse exits with status 2 on bad arguments).
+    """
     parser = argparse.ArgumentParser(prog="python -m jfail.testing.faults")
     sub = parser.add_subparsers(dest="command", required=True)
     vae = sub.add_parser("vae", help="a small resumable beta-VAE run on digits")

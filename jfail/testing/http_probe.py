@@ -57,7 +57,23 @@ class UnexpectedStatus(RuntimeError):
 
 def request(port: int, method: str, path: str, body=None, headers=None, *, timeout=10.0):
     """(status, parsed JSON or raw bytes, response headers) of one request on a fresh connection;
-    a dict or list `body` is sent as JSON."""
+    a dict or list `body` is sent as JSON.
+
+    Args:
+      port: the server's port on 127.0.0.1.
+      method: the HTTP method.
+      path: the request target.
+      body: None, bytes or str, or a dict or list sent as JSON.
+      headers: extra request headers.
+      timeout: the socket timeout in seconds.
+
+    Returns:
+      `(status, data, headers)`: `data` parsed when the response is JSON, else its bytes.
+
+    Raises:
+      OSError: the connection failed or timed out.
+      http.client.HTTPException: the response was not valid HTTP.
+    """
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         if isinstance(body, (dict, list)):
@@ -79,6 +95,18 @@ def exchange(port: int, data: bytes, *, half_close: bool = False, wait: float = 
     Reads one response (or up to the server closing the connection); status None means the
     server closed the connection without answering. `half_close` shuts the sending side after
     `data`; `wait` is the socket timeout in seconds.
+
+    Args:
+      port: the server's port on 127.0.0.1.
+      data: the raw request bytes.
+      half_close: shut the sending side after `data`.
+      wait: the socket timeout in seconds.
+
+    Returns:
+      `(status, headers, body, seconds)`: header names lower-cased.
+
+    Raises:
+      OSError: the connection failed or a read timed out.
     """
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as connection:
@@ -115,21 +143,49 @@ def exchange(port: int, data: bytes, *, half_close: bool = False, wait: float = 
 
 def raw_request(port: int, method: str, target: str, *, host=None, headers=(),
                 body: bytes = b"") -> bytes:
-    """The bytes of an HTTP/1.1 request; `host` None is this server's, "" leaves Host out."""
+    """The bytes of an HTTP/1.1 request; `host` None is this server's, "" leaves Host out.
+
+    Args:
+      port: the server's port (for the default Host).
+      method: the HTTP method.
+      target: the request target.
+      host: the Host header's value; None for `127.0.0.1:port`, "" for none.
+      headers: further header lines, without line ends.
+      body: the body bytes (no Content-Length is added).
+
+    Returns:
+      The request bytes.
+    """
     host = f"127.0.0.1:{port}" if host is None else host
     lines = [f"{method} {target} HTTP/1.1"] + ([f"Host: {host}"] if host else []) + list(headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def vote_bytes(port: int, body: bytes, *extra: str) -> bytes:
-    """A POST /api/vote of `body` as JSON with its Content-Length and `extra` header lines."""
+    """A POST /api/vote of `body` as JSON with its Content-Length and `extra` header lines.
+
+    Args:
+      port: the server's port.
+      body: the body bytes.
+      *extra: further header lines.
+
+    Returns:
+      The request bytes.
+    """
     return raw_request(port, "POST", "/api/vote", body=body, headers=[
         "Content-Type: application/json", f"Content-Length: {len(body)}", *extra])
 
 
 def hostile(port: int) -> list[tuple[str, bytes, int]]:
     """(name, bytes, expected status) of hostile requests: each must get that status (a 4xx, or
-    200 where the documentation allows it) and record no vote."""
+    200 where the documentation allows it) and record no vote.
+
+    Args:
+      port: the server's port.
+
+    Returns:
+      list of `(name, request bytes, expected status)`.
+    """
     good = json.dumps(GOOD).encode()
     return [
         ("two Host headers", raw_request(port, "GET", "/api/summary",
@@ -210,7 +266,14 @@ def hostile(port: int) -> list[tuple[str, bytes, int]]:
 
 def truncated(port: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of requests cut short; sent with `half_close=True` the server must close
-    the connection without an answer."""
+    the connection without an answer.
+
+    Args:
+      port: the server's port.
+
+    Returns:
+      list of `(name, request bytes)`.
+    """
     return [
         ("request line cut short", b"GET /api/sum"),
         ("request head cut short", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
@@ -220,7 +283,17 @@ def truncated(port: int) -> list[tuple[str, bytes]]:
 
 def voting_jobs(annotators: int = 8, k: int = 10, q: int = 2, num_classes: int = 4) -> list:
     """One vote `(annotator, scenario, sample, label)` of each of `annotators` on each of `k x q`
-    images, labels spread over the classes and "none of the above" (-1)."""
+    images, labels spread over the classes and "none of the above" (-1).
+
+    Args:
+      annotators: the number of annotators.
+      k: scenarios.
+      q: samples per scenario.
+      num_classes: labels are in `[0, num_classes)`, or -1.
+
+    Returns:
+      list of `annotators * k * q` jobs.
+    """
     return [(f"annotator-{i}", s, t, (i + s + t) % num_classes - (i == t == 1))
             for i in range(annotators) for s in range(k) for t in range(q)]
 
@@ -231,6 +304,15 @@ def vote_until_acknowledged(port_of: Callable, job, deadline: float, *, pause: f
     port_of(job) names the port of each attempt (a restarted server may have moved). A refused
     or cut-off connection and 503 (too many connections) are retried until the
     `time.monotonic()` deadline.
+
+    Args:
+      port_of: `port_of(job) -> int`, the port of each attempt.
+      job: `(annotator, scenario, sample, label)`.
+      deadline: the `time.monotonic()` time to give up at.
+      pause: seconds between attempts.
+
+    Returns:
+      `(status, attempts)`: 200 or 201, and the number of attempts made.
 
     Raises:
       UnexpectedStatus: another status came back.
@@ -275,6 +357,18 @@ class ServerProcess:
         self.stdout = ""
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
+        """Start the server and wait until it prints its URL.
+
+        Args:
+          timeout: seconds to wait for the URL.
+
+        Returns:
+          self, with `.port` the bound port.
+
+        Raises:
+          RuntimeError: the server exited before printing its URL.
+          TimeoutError: no URL within `timeout` (the process is then killed).
+        """
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
@@ -295,10 +389,18 @@ class ServerProcess:
 
     @property
     def stderr(self) -> str:
+        """The text the process wrote on stderr so far ("" before it started).
+
+        Returns:
+          The stderr file's text.
+        """
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def kill(self) -> None:
-        """SIGKILL: no chance to finish requests or close the database."""
+        """SIGKILL: no chance to finish requests or close the database.
+
+        Waits for the process to end; does nothing if it was never started.
+        """
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         if self.process is not None:
@@ -306,7 +408,14 @@ class ServerProcess:
             self.process.stdout.close()
 
     def stop(self, timeout: float = 30.0) -> int:
-        """Ctrl-C and wait; the exit status (the process is killed past `timeout`)."""
+        """Ctrl-C and wait; the exit status (the process is killed past `timeout`).
+
+        Args:
+          timeout: seconds to wait for a clean exit before SIGKILL.
+
+        Returns:
+          The process's exit status.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         try:

@@ -120,6 +120,15 @@ class TorchDefuseCNN(nn.Module):
         self.classifier = nn.Linear(sizes[-1], num_classes)
 
     def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs jfail's `model_fns` computes, in torch's layout.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            dict of `logits [B, K]`, `features [B, D]` (the last hidden layer) and
+            `feature_map [B, C', h, w]` (the last convolution's output).
+        """
         for i in range(self.num_convs):
             x = getattr(self, f"relu{i}")(getattr(self, f"conv{i}")(x))
         feature_map, h = x, torch.flatten(x, 1)
@@ -128,6 +137,14 @@ class TorchDefuseCNN(nn.Module):
         return {"logits": self.classifier(h), "features": h, "feature_map": feature_map}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            logits `[B, K]`.
+        """
         return self.taps(x)["logits"]
 
 
@@ -164,7 +181,14 @@ class TorchVAEDecoder(nn.Module):
             setattr(self, f"deconv{i}", nn.ConvTranspose2d(size_in, size_out, 4, 2, 1))
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        """`z: [B, Z]` -> Bernoulli logits `[B, C, H, W]`."""
+        """`z: [B, Z]` -> Bernoulli logits `[B, C, H, W]`.
+
+        Args:
+            z: latent codes `[B, Z]`.
+
+        Returns:
+            Bernoulli logits `[B, C, H, W]`.
+        """
         h = z
         for i in range(self.num_dense):
             h = torch.relu(getattr(self, f"dense{i}")(h))
@@ -178,6 +202,14 @@ class TorchVAEDecoder(nn.Module):
         return x[:, :, top : top + height, left : left + width]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """The pixel means, `sigmoid(logits(z))`.
+
+        Args:
+            z: latent codes `[B, Z]`.
+
+        Returns:
+            images `[B, C, H, W]` in [0, 1].
+        """
         return torch.sigmoid(self.logits(z))
 
 
@@ -197,6 +229,14 @@ class TorchBasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
 
     def forward(self, x):
+        """The block's output.
+
+        Args:
+            x: feature map `[B, C_in, h, w]`.
+
+        Returns:
+            feature map `[B, C, h / stride, w / stride]`.
+        """
         y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         return self.relu2(y + (x if self.downsample is None else self.downsample(x)))
 
@@ -220,6 +260,14 @@ class TorchBottleneck(nn.Module):
         self.relu3 = nn.ReLU()
 
     def forward(self, x):
+        """The block's output.
+
+        Args:
+            x: feature map `[B, C_in, h, w]`.
+
+        Returns:
+            feature map `[B, 4 C, h / stride, w / stride]`.
+        """
         y = self.relu1(self.bn1(self.conv1(x)))
         y = self.relu2(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
@@ -255,6 +303,14 @@ class TorchResNet(nn.Module):
         self.fc = nn.Linear(channels_in, num_classes)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            feature map `[B, D, h, w]`.
+        """
         x = self.relu(self.bn1(self.conv1(x)))
         if self.maxpool is not None:
             x = self.maxpool(x)
@@ -263,14 +319,38 @@ class TorchResNet(nn.Module):
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate features, the global average of `feature_map`.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            features `[B, D]`.
+        """
         return self.feature_map(x).mean(dim=(2, 3))
 
     def taps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs jfail's `model_fns` computes, in torch's layout.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            dict of `logits [B, K]`, `features [B, D]` and `feature_map [B, D, h, w]`.
+        """
         feature_map = self.feature_map(x)
         features = feature_map.mean(dim=(2, 3))
         return {"logits": self.fc(features), "features": features, "feature_map": feature_map}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            logits `[B, K]`.
+        """
         return self.fc(self.features(x))
 
 
@@ -286,6 +366,14 @@ class TorchInputNormalize(nn.Module):
         self.register_buffer("new_std", torch.as_tensor(std, dtype=torch.float32)[:, None, None])
 
     def forward(self, x):
+        """The normalized images.
+
+        Args:
+            x: images `[B, C, H, W]`.
+
+        Returns:
+            `(clamp(x, 0, 1) - new_mean) / new_std`, `[B, C, H, W]`.
+        """
         return (torch.clamp(x, 0, 1) - self.new_mean) / self.new_std
 
 
@@ -314,14 +402,44 @@ class TorchRobustModel(nn.Module):
         self.attacker = TorchAttacker(model, mean, std)
 
     def taps(self, x):
+        """The classifier's taps on the normalized images.
+
+        Args:
+            x: images `[B, C, H, W]` in [0, 1].
+
+        Returns:
+            dict of `logits`, `features` and `feature_map`, as the classifier's `taps`.
+        """
         return self.model.taps(self.normalizer(x))
 
     def forward(self, x):
+        """The classifier's logits on the normalized images.
+
+        Args:
+            x: images `[B, C, H, W]` in [0, 1].
+
+        Returns:
+            logits `[B, K]`.
+        """
         return self.model(self.normalizer(x))
 
 
 def resnet_pair(name: str, stem: str, width: int, in_channels: int, num_classes: int):
-    """jfail's `resnet18`/`resnet50` module and the torch model of the same configuration."""
+    """jfail's `resnet18`/`resnet50` module and the torch model of the same configuration.
+
+    Args:
+        name: "resnet18" or "resnet50".
+        stem: "imagenet" or "small".
+        width: channels of the first stage.
+        in_channels: image channels `C`.
+        num_classes: the number of logits `K`.
+
+    Returns:
+        `(module, reference)`: the jfail `ResNet` and the `TorchResNet`.
+
+    Raises:
+        KeyError: if `name` is neither architecture.
+    """
     build, block, layers = {
         "resnet18": (resnet18, TorchBasicBlock, (2, 2, 2, 2)),
         "resnet50": (resnet50, TorchBottleneck, (3, 4, 6, 3)),
@@ -334,7 +452,19 @@ def resnet_pair(name: str, stem: str, width: int, in_channels: int, num_classes:
 def torch_classifier(module: DefuseCNN, variables: Mapping[str, Any],
                      image_shape: Sequence[int]) -> TorchDefuseCNN:
     """The torch twin of `logits_fn(module, variables)` on `image_shape` `[H, W, C]` images
-    (eval mode, parameters frozen)."""
+    (eval mode, parameters frozen).
+
+    Args:
+        module: the jfail `DefuseCNN`.
+        variables: its variables.
+        image_shape: `(H, W, C)`.
+
+    Returns:
+        The `TorchDefuseCNN` holding those weights.
+
+    Raises:
+        ValueError: if `variables` do not fit the module's configuration.
+    """
     height, width, channels = image_shape
     model = TorchDefuseCNN(channels, (height, width), module.num_classes, module.conv_features,
                            module.hidden)
@@ -343,7 +473,18 @@ def torch_classifier(module: DefuseCNN, variables: Mapping[str, Any],
 
 def torch_decoder(vae, variables: Mapping[str, Any]) -> TorchVAEDecoder:
     """The torch twin of `decoder_fn(vae, variables)` for a `BetaVAE` (or a bare `VAEDecoder`
-    with its own variables); eval mode, parameters frozen."""
+    with its own variables); eval mode, parameters frozen.
+
+    Args:
+        vae: a jfail `BetaVAE` or `VAEDecoder`.
+        variables: its variables.
+
+    Returns:
+        The `TorchVAEDecoder` holding the decoder's weights.
+
+    Raises:
+        ValueError: if `variables` do not fit the decoder's configuration.
+    """
     if isinstance(vae, VAEDecoder):
         params = variables["params"]
         latent_dim = np.shape(params["dense0"]["kernel"])[0]
@@ -356,7 +497,12 @@ def torch_decoder(vae, variables: Mapping[str, Any]) -> TorchVAEDecoder:
 
 def randomize_batchnorm(model: nn.Module, seed: int) -> None:
     """Random BatchNorm scales, shifts and running statistics, so that inference-mode BatchNorm
-    is not close to the identity."""
+    is not close to the identity.
+
+    Args:
+        model: a torch module; its `BatchNorm2d` layers are changed in place.
+        seed: the torch generator's seed.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.modules():
@@ -561,7 +707,15 @@ def _copy(target: torch.Tensor, value: np.ndarray, torch_name: str) -> None:
 
 
 def torch_taps(reference: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
-    """`reference.taps` (eval mode, no grad) on NHWC `x`, the feature map back in NHWC."""
+    """`reference.taps` (eval mode, no grad) on NHWC `x`, the feature map back in NHWC.
+
+    Args:
+        reference: a torch model with `taps` (put in eval mode here).
+        x: float32 images `[B, H, W, C]`.
+
+    Returns:
+        dict of NumPy `logits [B, K]`, `features [B, D]` and `feature_map [B, h, w, D]`.
+    """
     reference.eval()
     with torch.no_grad():
         out = reference.taps(torch.from_numpy(x.transpose(0, 3, 1, 2)))
@@ -573,18 +727,46 @@ def torch_taps(reference: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
 
 @jax.jit
 def jfail_taps(fns, x):
-    """All of a `ModelFns`' outputs on `x`, in one compiled program per model configuration."""
+    """All of a `ModelFns`' outputs on `x`, in one compiled program per model configuration.
+
+    Args:
+        fns: a `ModelFns`.
+        x: images `[B, H, W, C]`.
+
+    Returns:
+        dict of `logits [B, K]`, `features [B, D]` and `feature_map [B, h, w, D]`.
+    """
     return {name: fn(x) for name, fn in fns._asdict().items()}
 
 
 def max_relative_error(got, want) -> float:
-    """`max |got - want| / max |want|`: the error relative to the output's scale."""
+    """`max |got - want| / max |want|`: the error relative to the output's scale.
+
+    Args:
+        got: array-like.
+        want: array-like of the same shape, not all zero.
+
+    Returns:
+        The relative error, a float.
+    """
     want = np.asarray(want)
     return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
 def check_taps(got: dict, expected: dict) -> dict[str, float]:
-    """Every tap of `got` equals `expected`'s to `RTOL`; returns the max relative errors."""
+    """Every tap of `got` equals `expected`'s to `RTOL`; returns the max relative errors.
+
+    Args:
+        got: tap name -> array (e.g. `jfail_taps`).
+        expected: tap name -> array (e.g. `torch_taps`).
+
+    Returns:
+        tap name -> `max_relative_error`.
+
+    Raises:
+        AssertionError: if the tap names differ, a tap of `expected` is all zero, or a tap
+            differs beyond `RTOL`.
+    """
     assert set(got) == set(expected)
     errors = {}
     for name, want in expected.items():

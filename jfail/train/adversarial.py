@@ -48,6 +48,11 @@ class Attack:
 
     @property
     def alpha(self) -> float:
+        """The step size: `step_size`, or 2.5 · ε / steps when it is None.
+
+        Returns:
+          The PGD step size, a float.
+        """
         return self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
 
 
@@ -117,7 +122,21 @@ def robust_accuracy(
     `robust_accuracy(apply_fn, params, state, data, attack, *, key)`; `data` is a `Dataset` or
     `(images, labels)`; `key` a typed or raw PRNG key or an int seed.
 
+    Args:
+      model: the model, or `apply_fn(params, state, x, train) -> (logits, state)`.
+      *args: `(data, attack)`, or `(params, state, data, attack)` after an `apply_fn`; `data`
+        holds images `[N, H, W, C]` in [0, 1] and labels `[N]`, `attack` is an `Attack`.
+      key: the random starts' PRNG key (each chunk folds in its index).
+      batch_size: examples per compiled call.
+      parallel: the devices to shard batches over (None: all local devices).
+
+    Returns:
+      dict `{'clean': float, 'robust': float, 'count': int}`: accuracy on the clean and on the
+      attacked images, and the number of examples.
+
     Raises:
+      TypeError: a wrong number of positional arguments, or `data` is not a `Dataset` or an
+        `(images, labels)` pair.
       ModelCallError: the model cannot be called on the images.
       ValueError: empty data or labels outside the model's classes.
     """

@@ -30,9 +30,22 @@ class RunCheckpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The step of the newest checkpoint under `directory`.
+
+        Returns:
+            The step, or None if there is no checkpoint yet.
+        """
         return self._manager.latest_step()
 
     def save(self, step: int, arrays: Any, record: dict) -> None:
+        """Write the checkpoint of `step` and wait until it is on disk (older ones beyond
+        `max_to_keep` are removed).
+
+        Args:
+            step: the step (epoch) number; an existing checkpoint of that step is replaced.
+            arrays: a pytree of arrays.
+            record: a JSON-serialisable dict saved alongside.
+        """
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -43,7 +56,19 @@ class RunCheckpointer:
         self._manager.wait_until_finished()
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restore into the structure, shapes and shardings of `like`."""
+        """Restore into the structure, shapes and shardings of `like`.
+
+        Args:
+            like: a pytree of arrays with the structure, shapes, dtypes and shardings to
+                restore into (its values are not read).
+            step: the step to restore; None for the latest.
+
+        Returns:
+            `(arrays, record)`: the restored pytree and the JSON record.
+
+        Raises:
+            FileNotFoundError: if `step` is None and there is no checkpoint.
+        """
         step = self._manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -57,4 +82,5 @@ class RunCheckpointer:
         return restored["arrays"], dict(restored["record"])
 
     def close(self) -> None:
+        """Release the checkpoint manager's resources; the checkpoints stay on disk."""
         self._manager.close()

@@ -121,7 +121,16 @@ class FitResult(NamedTuple):
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """The optax transformation named by `config` (Adam, Adadelta or SGD with momentum), or
-    `config.optimizer` itself when it is a transformation."""
+    `config.optimizer` itself when it is a transformation.
+
+    Args:
+      config: the `TrainConfig` (optimizer, learning rate, schedule, momentum, weight decay,
+        epochs).
+      steps_per_epoch: optimizer steps per epoch, the length of the cosine schedule's epoch.
+
+    Returns:
+      The `optax.GradientTransformation`.
+    """
     if isinstance(config.optimizer, optax.GradientTransformation):
         return config.optimizer
     learning_rate: Any = config.learning_rate
@@ -149,13 +158,20 @@ def make_train_step(
 ) -> Callable:
     """`step(train_state, x [B,H,W,C], y [B], weight [B]) -> (train_state, metrics)`, jitted.
 
-    apply_fn: `(params, state, x, train) -> (logits, state)` (a `TrainableModel`'s `apply`).
-    key: the attack's PRNG key (a typed or raw key, or an int seed).
-
     `weight` masks padding rows (0) so a batch padded to a multiple of the device count gives
     the same loss and gradient as the unpadded batch. With `attack`, the batch is first replaced
     by its PGD attack against the current weights (BatchNorm in training mode, running statistics
     left untouched by the attack), with noise keyed by `(key, step)`.
+
+    Args:
+      apply_fn: `(params, state, x, train) -> (logits, state)` (a `TrainableModel`'s `apply`).
+      tx: the optimizer.
+      attack: None, or the PGD `Attack` of adversarial training.
+      key: the attack's PRNG key (a typed or raw key, or an int seed).
+
+    Returns:
+      The jitted `step`; its metrics are `{'loss', 'correct', 'count'}` (mean weighted loss,
+      weighted correct count, weight total) as scalars.
     """
     attack_key = jax.random.fold_in(as_key(key), 0x5EED)
     differentiable_apply = cpu_friendly_gradients(apply_fn)  # fast strided-conv gradients on CPU
@@ -229,7 +245,18 @@ def evaluate(model: Any, *args, batch_size: int = 1000, parallel: DataParallel |
     Call as `evaluate(model, data)` (any model style) or
     `evaluate(apply_fn, params, state, data)`; `data` is a `Dataset` or `(images, labels)`.
 
+    Args:
+      model: the model, or `apply_fn(params, state, x, train) -> (logits, state)`.
+      *args: `(data,)`, or `(params, state, data)` after an `apply_fn`.
+      batch_size: rows per compiled call.
+      parallel: the devices to shard batches over (None: all local devices).
+
+    Returns:
+      dict `{'accuracy': float, 'loss': float, 'count': int}` (mean cross-entropy).
+
     Raises:
+      TypeError: a wrong number of positional arguments, or `data` or its images of the wrong
+        type.
       ModelCallError: the model cannot be called on these images.
       ValueError: empty data, or labels that are not classes of the model.
     """
@@ -426,7 +453,19 @@ def _predict(apply_fn, params, state, images, *, batch_size: int = 1000,
 def evaluate_weights(apply_fn, params, state, data: Dataset, *, batch_size: int = 1000,
                      parallel: DataParallel | None = None) -> dict:
     """Accuracy, mean cross-entropy and count of `apply_fn(params, state, x, False)` on `data`
-    (unchecked: `evaluate` is the checked entry point)."""
+    (unchecked: `evaluate` is the checked entry point).
+
+    Args:
+      apply_fn: `apply_fn(params, state, x, train) -> (logits, state)`.
+      params: its trainable weights.
+      state: its non-trainable state.
+      data: a `Dataset` with images `[N, H, W, C]` and labels `[N]`.
+      batch_size: rows per compiled call.
+      parallel: the devices to shard batches over (None: all local devices).
+
+    Returns:
+      dict `{'accuracy': float, 'loss': float, 'count': int}` (mean cross-entropy).
+    """
     logits = _predict(apply_fn, params, state, data.images, batch_size=batch_size,
                       parallel=parallel)
     labels = np.asarray(data.labels)
@@ -457,6 +496,13 @@ def _check_dataset(data: Dataset, name: str) -> None:
 def as_dataset(data: Any, name: str = "data") -> Dataset:
     """`data` as a `Dataset`: a `Dataset` as it is, an `(images, labels)` pair wrapped.
 
+    Args:
+      data: a `Dataset` or an `(images [N, H, W, C], labels [N])` pair.
+      name: what the error message calls `data`.
+
+    Returns:
+      The `Dataset` (with no class names when wrapped).
+
     Raises:
       TypeError: anything else.
     """
@@ -475,7 +521,20 @@ def as_dataset(data: Any, name: str = "data") -> Dataset:
 
 def trainable_and_rest(model: Any, args: tuple, name: str) -> tuple[TrainableModel, tuple]:
     """The `TrainableModel` of a training entry point's leading arguments, and the rest:
-    `(model, ...)` for a model `trainable` knows, `(apply_fn, params, state, ...)` otherwise."""
+    `(model, ...)` for a model `trainable` knows, `(apply_fn, params, state, ...)` otherwise.
+
+    Args:
+      model: the entry point's first argument.
+      args: its other positional arguments.
+      name: the entry point's name, for the error message.
+
+    Returns:
+      `(tm, rest)`: the `TrainableModel` and the positional arguments after the model's.
+
+    Raises:
+      TypeError: `model` holds no trainable weights and is not followed by `params, state`
+        and data.
+    """
     if is_trainable_style(model):
         return trainable(model), args
     if len(args) < 3 or isinstance(args[0], Dataset) or not _data_like(args[2]):
@@ -494,7 +553,18 @@ def _data_like(value: Any) -> bool:
 
 def inference_model(model: Any, images) -> TrainableModel:
     """Eval-mode view of any model: a trainable style as such, any other callable
-    `model(x) -> logits` with every array it reads now as traced weights."""
+    `model(x) -> logits` with every array it reads now as traced weights.
+
+    Args:
+      model: any model style, or any JAX callable `model(x) -> logits`.
+      images: images `[N, H, W, C]` (only their per-example shape is used, to trace `model`).
+
+    Returns:
+      A `TrainableModel` whose `apply(params, state, x, False)` gives the model's logits.
+
+    Raises:
+      ModelCallError: tracing the model failed, or it is a Flax NNX module in training mode.
+    """
     if is_trainable_style(model):
         return trainable(model)
     example = jax.ShapeDtypeStruct((1, *images.shape[1:]), jnp.float32)
@@ -517,7 +587,21 @@ def _check_batch(images, name: str) -> None:
 
 def check_model_data(tm: TrainableModel, datasets: dict[str, Dataset]) -> int:
     """The model's number of classes, after checking it can be called on every data set's
-    images (`ModelCallError` otherwise) and that their labels are among its classes."""
+    images (`ModelCallError` otherwise) and that their labels are among its classes.
+
+    Args:
+      tm: the model.
+      datasets: data sets by name (the name goes into error messages); the first one's image
+        shape is the one checked.
+
+    Returns:
+      The number of classes `K`.
+
+    Raises:
+      ModelCallError: the model cannot be called on the images.
+      ValueError: the model does not return logits `[B, K]`, or labels are malformed or not in
+        `[0, K)`.
+    """
     first = next(iter(datasets.values()))
     example = jax.ShapeDtypeStruct((1, *first.images.shape[1:]), jnp.float32)
     out = call_shape(lambda x: tm.apply(tm.params, tm.state, x, False)[0], example)

@@ -50,6 +50,21 @@ def run_classifier(
     an error rather than a silent mix of two runs. In a multi-host run every process calls it
     (the steps and checkpoints are collective) and process 0 writes `config.json`, `train.log`
     and `metrics.json`.
+
+    Args:
+      config: the run's dataset, model, training and validation settings.
+      run_dir: the run directory (created if missing): config, log, TensorBoard summaries,
+        checkpoints, the best weights under `model/` and `metrics.json`.
+      progress: show a progress bar per epoch.
+
+    Returns:
+      The metrics dict written to `metrics.json` (accuracies, best epoch, history, timings,
+      devices).
+
+    Raises:
+      ValueError: `run_dir` holds a run with a different config, or the data or model are
+        malformed (see `fit`).
+      FloatingPointError: the training loss became NaN or infinite.
     """
     run_dir = Path(run_dir).absolute()
     if is_writer():  # on many hosts process 0 writes the run directory's files
@@ -128,7 +143,18 @@ def run_classifier(
 
 
 def load_trained_classifier(run_dir: str | Path) -> tuple[Any, Any, Any, ClassifierRunConfig]:
-    """`(module, params, state, config)` of a finished `run_classifier` run directory."""
+    """`(module, params, state, config)` of a finished `run_classifier` run directory.
+
+    Args:
+      run_dir: the directory `run_classifier` wrote.
+
+    Returns:
+      `(module, params, state, config)`: the Flax module, its best weights and non-trainable
+      state, and the run's `ClassifierRunConfig`.
+
+    Raises:
+      FileNotFoundError: `run_dir` has no `config.json` (or no saved weights).
+    """
     run_dir = Path(run_dir).absolute()
     raw = json.loads((run_dir / "config.json").read_text())
     config = config_from_dict(ClassifierRunConfig, raw)
@@ -147,7 +173,19 @@ def trained_classifier(
     config: ClassifierRunConfig, run_dir: str | Path, *, progress: bool = False
 ) -> tuple[Any, Any, Any, ClassifierRunConfig, dict]:
     """`(module, params, state, config, metrics)` of `run_dir`, training `config` there first
-    when the directory holds no finished run (no `metrics.json`)."""
+    when the directory holds no finished run (no `metrics.json`).
+
+    Args:
+      config: the run to train if `run_dir` has none.
+      run_dir: the run directory.
+      progress: show a progress bar per epoch while training.
+
+    Returns:
+      `(module, params, state, config, metrics)`; `config` is the one stored in `run_dir`.
+
+    Raises:
+      ValueError: `run_dir` holds an unfinished run with a different config.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").exists():
         log.info("no finished run in %s: training %s", run_dir, config.name)
@@ -160,7 +198,16 @@ def trained_classifier(
 def learning_rate(config: TrainConfig, steps_per_epoch: int, epoch: int) -> float | None:
     """The learning rate of the last step of `epoch` (0-based) under `make_optimizer(config,
     steps_per_epoch)`; None when `config.optimizer` is an optax transformation (its rate is
-    not known from outside)."""
+    not known from outside).
+
+    Args:
+      config: the training config.
+      steps_per_epoch: optimizer steps per epoch.
+      epoch: the 0-based epoch.
+
+    Returns:
+      The learning rate as a float, or None.
+    """
     if isinstance(config.optimizer, optax.GradientTransformation):
         return None
     if config.schedule == "cosine":
@@ -173,7 +220,12 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int, epoch: int) -> floa
 
 def write_json(path: str | Path, payload: Any) -> None:
     """Write strict JSON atomically (`jfail.jsonfile.write`); other objects (a config's paths)
-    as their `str`."""
+    as their `str`.
+
+    Args:
+      path: the file to write.
+      payload: a JSON-serialisable object; other objects are written as their `str`.
+    """
     jsonfile.write(path, payload, default=str)
 
 

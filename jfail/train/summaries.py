@@ -25,7 +25,15 @@ NOT_SCALARS = ("epoch", "seconds")
 def scalar_tag(key: str, prefix: str = "") -> str:
     """The TensorBoard tag of a record entry: `train_loss` -> `train/loss`, `val_accuracy` ->
     `val/accuracy` (TensorBoard groups tags by what comes before the slash); any other key is
-    `prefix + key`, e.g. `vae/kl` for `kl` with `prefix="vae/"`."""
+    `prefix + key`, e.g. `vae/kl` for `kl` with `prefix="vae/"`.
+
+    Args:
+      key: the record entry's name.
+      prefix: put before keys that do not start with `train_`, `val_` or `test_`.
+
+    Returns:
+      The tag, a str.
+    """
     for split in ("train", "val", "test"):
         if key.startswith(split + "_"):
             return f"{prefix}{split}/{key[len(split) + 1:]}"

@@ -65,7 +65,15 @@ class TrainableModel:
         return self.apply(self.params, self.state, x, False)[0]
 
     def replace(self, params: Any = None, state: Any = _NO_STATE) -> TrainableModel:
-        """The same model with other weights (`None`/omitted: keep this one's)."""
+        """The same model with other weights (`None`/omitted: keep this one's).
+
+        Args:
+          params: the new trainable weights, or None to keep these.
+          state: the new non-trainable state (omit to keep this one; None is a state).
+
+        Returns:
+          A new `TrainableModel` with the same `apply`.
+        """
         return TrainableModel(
             self.apply,
             self.params if params is None else params,
@@ -74,21 +82,47 @@ class TrainableModel:
         )
 
     def rebuild(self, params: Any, state: Any) -> Any:
-        """The model in its caller's style with weights `(params, state)`."""
+        """The model in its caller's style with weights `(params, state)`.
+
+        Args:
+          params: the trainable weights.
+          state: the non-trainable state.
+
+        Returns:
+          A new NNX or Equinox module for those styles, else a `TrainableModel`.
+        """
         if self._rebuild is None:
             return self.replace(params, state)
         return self._rebuild(params, state)
 
     @property
     def model(self) -> Any:
-        """This model in its caller's style: an NNX or Equinox module, else `self`."""
+        """This model in its caller's style: an NNX or Equinox module, else `self`.
+
+        Returns:
+          A new module with these weights, or an equal `TrainableModel`.
+        """
         return self.rebuild(self.params, self.state)
 
     def tree_flatten(self):
+        """JAX pytree protocol: the children `(params, state)` and the static rest.
+
+        Returns:
+          `((params, state), (apply, rebuild))`.
+        """
         return (self.params, self.state), (self.apply, self._rebuild)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        """JAX pytree protocol: the inverse of `tree_flatten`.
+
+        Args:
+          aux: `(apply, rebuild)`.
+          children: `(params, state)`.
+
+        Returns:
+          The `TrainableModel`.
+        """
         return cls(aux[0], children[0], children[1], aux[1])
 
     def __repr__(self):
@@ -134,7 +168,14 @@ def trainable(model: Any, params: Any = None, state: Any = _NO_STATE) -> Trainab
 
 def is_trainable_style(model: Any) -> bool:
     """Whether `trainable(model)` needs no `params`: a `TrainableModel`, an NNX module, or a
-    callable pytree holding floating-point arrays."""
+    callable pytree holding floating-point arrays.
+
+    Args:
+      model: anything.
+
+    Returns:
+      True for those styles; False for plain functions and pytrees without float arrays.
+    """
     if isinstance(model, TrainableModel):
         return True
     nnx = _nnx_module_type()
