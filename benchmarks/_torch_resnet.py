@@ -68,3 +68,56 @@ def randomize_batchnorm(model: nn.Module, seed: int) -> None:
                 layer.bias.copy_(0.2 * torch.randn(size, generator=generator))
                 layer.running_mean.copy_(0.2 * torch.randn(size, generator=generator))
                 layer.running_var.copy_(0.5 + torch.rand(size, generator=generator))
+
+
+class TorchBottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5: the stride on the 3x3 convolution), 4x expansion."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, channels * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels * 4)
+        self.relu = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or in_channels != channels * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels * 4, 1, stride, bias=False),
+                nn.BatchNorm2d(channels * 4))
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet50(nn.Module):
+    """torchvision's `resnet50()` architecture and module names (7x7/2 stem, 3x3/2 max-pool,
+    bottleneck stages (3, 4, 6, 3)), for machines without torchvision."""
+
+    def __init__(self, num_classes: int = 1000, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = width
+        for stage, blocks in enumerate((3, 4, 6, 3)):
+            out = width * 2**stage
+            layers = []
+            for block in range(blocks):
+                layers.append(TorchBottleneck(channels, out, 2 if stage and not block else 1))
+                channels = out * 4
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in range(1, 5):
+            x = getattr(self, f"layer{stage}")(x)
+        return self.fc(self.avgpool(x).flatten(1))
