@@ -87,6 +87,7 @@ RESUME_TARGET = 1.10
 ENGINE_TARGET = 0.85
 SMALL_WIDTH = 8
 SAMPLE_SECONDS = 0.05
+CALL_STARTED = "call-started"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         return _child(args)
     started = cpu_snapshot()
     sizes = sorted(args.sizes)
-    folder_size = max(max(sizes), args.resnet_images)
+    folder_size = max(args.folder_images, max(sizes), args.resnet_images)
     data_dir = args.data_dir or _image_folder.default_folder(folder_size, args.seed)
     _say(f"image folder: {data_dir} ({folder_size} images)")
     t0 = time.perf_counter()
@@ -194,12 +195,16 @@ def _run_features(args, data_dir, folder_size, n, out_dir, kill_at_half: bool = 
                     killed_at = {"chunks_done": done, "chunks": total}
                     break
                 time.sleep(0.1)
+        killed_time = time.time()
         code = process.wait()
         wall = time.perf_counter() - started
         stdout.seek(0)
         lines = stdout.read().strip().splitlines()
     if killed_at is not None:
+        call_started = [float(line.split()[1]) for line in lines
+                        if line.startswith(CALL_STARTED)]
         return {"wall_seconds": wall, "killed": True, **killed_at,
+                "seconds_in_call": killed_time - call_started[0] if call_started else None,
                 "load_average_1min_before": load}
     if code != 0 or not lines:
         raise RuntimeError(f"{shlex.join(command)} failed with exit status {code}.")
@@ -231,13 +236,17 @@ def _resume(args, data_dir, folder_size, n, work, uninterrupted) -> dict:
     a = np.asarray(open_outputs(work / f"features-{n}")["features"])
     b = np.asarray(open_outputs(store)["features"])
     total = first["wall_seconds"] + second["wall_seconds"]
-    ratio = total / uninterrupted["wall_seconds"]
+    in_call = first["seconds_in_call"] + second["seconds_in_call"]
+    ratio = in_call / uninterrupted["seconds_in_call"]
     return {
         "images": n, "uninterrupted_seconds": uninterrupted["wall_seconds"],
+        "uninterrupted_seconds_in_call": uninterrupted["seconds_in_call"],
         "killed_run": first, "restarted_run": {key: second[key] for key in (
             "wall_seconds", "seconds_in_call", "peak_rss_bytes", "load_average_1min_before")},
-        "killed_plus_restarted_seconds": total, "ratio": ratio, "target": RESUME_TARGET,
-        "met": ratio <= RESUME_TARGET, "features_shape": list(a.shape),
+        "killed_plus_restarted_seconds": total,
+        "killed_plus_restarted_seconds_in_call": in_call,
+        "ratio": ratio, "process_ratio": total / uninterrupted["wall_seconds"],
+        "target": RESUME_TARGET, "met": ratio <= RESUME_TARGET, "features_shape": list(a.shape),
         "outputs_identical": bool(a.shape == b.shape and np.array_equal(a, b)),
     }
 
@@ -300,6 +309,7 @@ def _child_features(args) -> dict:
 
     feature_fn = _small_feature_fn(args.seed)
     rss_ready = _status_bytes("VmRSS")
+    print(CALL_STARTED, time.time(), flush=True)  # lets the parent time a killed call
     started = time.perf_counter()
     outputs = features_to_store(feature_fn, args.source, args.store, batch_size=args.batch_size,
                                 progress=False)
@@ -509,10 +519,16 @@ def format_markdown(results: dict) -> str:
     sizes = settings["sizes"]
     default = settings["default_sizes"]
     if sizes != default:
-        why = ("--quick was given (a smoke run)" if settings["quick"]
-               else "--sizes was given")
+        why = ("--quick was given (a smoke run)" if settings["quick"] else
+               "--sizes was given, to fit the run into the time there was on this loaded "
+               "machine")
+        largest = memory["rows"][-1]
+        projected = (default[-1] - largest["images"]) / largest["images_per_second"]
         lines += [f"Sizes run: {', '.join(f'{n:,}' for n in sizes)} images, not the default "
-                  f"{', '.join(f'{n:,}' for n in default)}, because {why}.", ""]
+                  f"{', '.join(f'{n:,}' for n in default)}, because {why}. At the "
+                  f"{largest['images_per_second']:.1f} images/s of the {largest['images']:,}-image "
+                  f"row, a {default[-1]:,}-image row would take about {projected / 60:.0f} "
+                  "minutes more.", ""]
     lines += [
         "## Peak resident memory",
         "",
@@ -545,14 +561,18 @@ def format_markdown(results: dict) -> str:
     killed = resume["killed_run"]
     met = "met" if resume["met"] else "MISSED"
     lines += [
-        f"Over {resume['images']:,} images: the uninterrupted run took "
-        f"{resume['uninterrupted_seconds']:.1f} s; a run killed (SIGKILL) after "
-        f"{killed['wall_seconds']:.1f} s, with {killed['chunks_done']} of {killed['chunks']} "
-        f"chunks done, then restarted over the same store and finished in "
-        f"{resume['restarted_run']['wall_seconds']:.1f} s, "
-        f"{resume['killed_plus_restarted_seconds']:.1f} s in all: {resume['ratio']:.2f}x the "
-        f"uninterrupted run (target: at most {resume['target']:.1f}x, {met}). Times are from "
-        "starting each process to its exit, so the restart's imports and compilation count.",
+        f"Over {resume['images']:,} images: the uninterrupted `features_to_store` call took "
+        f"{resume['uninterrupted_seconds_in_call']:.1f} s; a call killed (SIGKILL) after "
+        f"{killed['seconds_in_call']:.1f} s, with {killed['chunks_done']} of "
+        f"{killed['chunks']} chunks done, then started again over the same store finished in "
+        f"{resume['restarted_run']['seconds_in_call']:.1f} s, "
+        f"{resume['killed_plus_restarted_seconds_in_call']:.1f} s in all: "
+        f"{resume['ratio']:.2f}x the uninterrupted call (target: at most "
+        f"{resume['target']:.1f}x, {met}). These times include the compilation in each call. "
+        f"Counting whole processes instead (Python, JAX and the model's initialisation paid "
+        f"twice): {resume['uninterrupted_seconds']:.1f} s against "
+        f"{killed['wall_seconds']:.1f} + {resume['restarted_run']['wall_seconds']:.1f} s, "
+        f"{resume['process_ratio']:.2f}x.",
         "",
         ("The two stores' features are identical" if resume["outputs_identical"]
          else "The two stores' features DIFFER")
@@ -571,7 +591,7 @@ def format_markdown(results: dict) -> str:
         "| what | seconds | images/s |",
         "| --- | ---: | ---: |",
         f"| decoding alone (read + JPEG decode, {r['workers']} threads) "
-        f"| {r['decode_seconds']:.1f} | {r['decode_images_per_second']:.1f} |",
+        f"| {r['decode_seconds']:.2f} | {r['decode_images_per_second']:.1f} |",
         f"| jitted model on batches in memory | {r['memory_seconds']:.1f} "
         f"| {r['memory_images_per_second']:.2f} |",
         f"| `map_dataset` streaming (read, decode, model, write) | {r['stream_seconds']:.1f} "
@@ -589,7 +609,7 @@ def format_markdown(results: dict) -> str:
     if r["decode_share_of_gap"] is not None:
         lines[-1] += (
             f" The gap is {r['gap_seconds']:.1f} s; decoding the same images alone takes "
-            f"{r['decode_seconds']:.1f} s, {min(r['decode_share_of_gap'], 9.99):.0%} of the gap"
+            f"{r['decode_seconds']:.2f} s, {min(r['decode_share_of_gap'], 9.99):.0%} of the gap"
             + (": on these cores the decoding cannot run beside the model for free, and it "
                "accounts for the whole gap." if r["decode_share_of_gap"] >= 0.9 else
                ", the rest is the engine's own overhead (sharding, writing, threads)."))
@@ -635,6 +655,9 @@ def _parse_args(argv):
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="reading threads / DataLoader workers / folder writers "
                              "(default: the CPU count)")
+    parser.add_argument("--folder-images", type=int, default=None,
+                        help="images in the generated folder, of which the sizes are subsets "
+                             f"(default {max(DEFAULT_SIZES)}; --quick {max(QUICK_SIZES)})")
     parser.add_argument("--data-dir", default=None,
                         help="the image folder's cache (default: "
                              "$XDG_CACHE_HOME/jfail/scale-imagefolder-<N>-seed<seed>)")
@@ -654,6 +677,7 @@ def _parse_args(argv):
     args = parser.parse_args(argv)
     quick = args.quick
     args.sizes = args.sizes or list(QUICK_SIZES if quick else DEFAULT_SIZES)
+    args.folder_images = args.folder_images or max(QUICK_SIZES if quick else DEFAULT_SIZES)
     args.batch_size = args.batch_size or (32 if quick else 128)
     args.resnet_images = args.resnet_images or (16 if quick else 96)
     args.resnet_batch = args.resnet_batch or (8 if quick else 16)
