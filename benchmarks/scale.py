@@ -551,8 +551,8 @@ def format_markdown(results: dict) -> str:
     met = "met" if memory["met"] else "MISSED"
     lines += [
         "",
-        f"The largest peak is {memory['spread']:.1%} above the smallest over a "
-        f"{sizes[-1] / sizes[0]:.0f}x range of images (target: within "
+        f"The largest peak is {memory['spread']:.1%} above the smallest, from {sizes[0]:,} to "
+        f"{sizes[-1]:,} images (target: within "
         f"{memory['tolerance']:.0%}, {met}).",
         "",
         "## Killed half way and restarted",
