@@ -60,7 +60,8 @@ def make_image_folder(root: str, count: int, *, seed: int = 0, workers: int = 2)
       ValueError: count below NUM_CLASSES, or root holding a different finished folder.
     """
     if count < NUM_CLASSES:
-        raise ValueError(f"count must be at least {NUM_CLASSES} (one image per class), got {count}.")
+        raise ValueError(
+            f"count must be at least {NUM_CLASSES} (one image per class), got {count}.")
     manifest = read_manifest(root)
     wanted = {"format": FORMAT, "count": count, "seed": seed, "classes": NUM_CLASSES,
               "image_size": IMAGE_SIZE}

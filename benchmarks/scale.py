@@ -105,7 +105,8 @@ CALL_STARTED = "call-started"
 def main(argv: list[str] | None = None) -> dict:
     load_before = LOAD_BEFORE if argv is None else list(os.getloadavg())
     args = _parse_args(argv)
-    command = shlex.join(["python", "benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "benchmarks/scale.py", *given])
     if args.child:
         return _child(args)
     started = cpu_snapshot()
@@ -469,9 +470,11 @@ def _child_torch(args) -> dict:
     try:
         import torchvision
 
-        model, name = torchvision.models.resnet50(), f"torchvision {torchvision.__version__} resnet50()"
+        model = torchvision.models.resnet50()
+        name = f"torchvision {torchvision.__version__} resnet50()"
     except ImportError:
-        model, name = TorchResNet50(), "benchmarks/_torch_resnet.py TorchResNet50 (torchvision is not installed)"
+        model = TorchResNet50()
+        name = "benchmarks/_torch_resnet.py TorchResNet50 (torchvision is not installed)"
     model.fc = torch.nn.Identity()  # penultimate features [B, 2048], as on the jfail side
     model.eval()
     torch.set_num_threads(os.cpu_count() or 1)
