@@ -81,7 +81,7 @@ def test_with_labels_passes_labels_and_positions_and_folded_keys_ignore_the_batc
 
 def test_barlow_on_a_source_recovers_a_planted_failure_reading_only_the_panel_images(tmp_path):
     name = _image_folder(tmp_path / "images")
-    source = Counting(open_source(name))
+    source = Counting(open_source(name, "all"))  # a flat folder: every image
     found = barlow.analyze_source(wrong_on_b, features, source, tmp_path / "run",
                                   feature_map_fn=feature_map, grouping="prediction",
                                   batch_size=8, panel_images=4, steps=3, key=0, progress=False)
@@ -103,7 +103,7 @@ def test_barlow_on_a_source_recovers_a_planted_failure_reading_only_the_panel_im
     assert set(panel.failure_indices) <= set(np.flatnonzero(labels == 1))
 
     # Every stage equals the in-memory functions on the same images.
-    data = read_all(open_source(name))
+    data = read_all(open_source(name, "all"))
     memory_features = barlow.features(features, data.images, progress=False)
     predictions = np.asarray(jnp.argmax(wrong_on_b(data.images), -1))
     np.testing.assert_allclose(found.outputs["features"][...], memory_features, rtol=1e-6)
