@@ -63,8 +63,11 @@ def test_two_processes_train_as_one_and_only_process_0_writes_the_run(tmp_path):
     assert "process 1: " in err1 and "INFO jfail.train: test accuracy" in err1
     train_log = (two / "train.log").read_text()
     assert train_log.count("test accuracy") == 1 and "process 1" not in train_log
-    assert sorted(os.listdir(two)) == [  # what one process writes, and the CLI's log
-        "checkpoints", "config.json", "jfail.log", "metrics.json", "model", "train.log"]
+    written = sorted(os.listdir(two))
+    events = [name for name in written if name.startswith("events.out.tfevents")]
+    assert len(events) == 1  # TensorBoard's curves, from process 0 alone
+    assert [name for name in written if name not in events] == [  # the rest one process writes,
+        "checkpoints", "config.json", "jfail.log", "metrics.json", "model", "train.log"]  # + log
 
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (two, one)]
     for name in ("best_epoch", "val_accuracy", "test_accuracy"):
